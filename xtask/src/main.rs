@@ -1,0 +1,2 @@
+//! `cargo xtask`: Vireo's host command line.
+fn main() {}
