@@ -1,0 +1,597 @@
+//! The kernel command line (`-append`): parsing and validation into a [`Config`].
+//!
+//! The guest contract (README): space-separated `key=value` words and flags.
+//! `ip=A.B.C.D/N` (default 10.0.2.15/24), `gw=A.B.C.D` (default 10.0.2.2), `mode=irq|poll|adaptive`
+//! (default adaptive), `log=error|warn|info|debug` (default info), and the flag `selftest`.
+//! The command line is untrusted input: every problem is reported through a callback as one
+//! [`CmdlineError`] (which names the key and value) and the default is kept. Parsing never
+//! panics and never allocates.
+
+use core::fmt;
+
+/// An IPv4 address as four octets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4(pub [u8; 4]);
+
+impl Ipv4 {
+    fn to_u32(self) -> u32 {
+        u32::from_be_bytes(self.0)
+    }
+}
+
+impl fmt::Display for Ipv4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d] = self.0;
+        write!(f, "{a}.{b}.{c}.{d}")
+    }
+}
+
+/// An interface address with its prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    /// The address.
+    pub address: Ipv4,
+    /// The prefix length, 1..=32.
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    /// Whether `other` lies in this address's subnet.
+    pub fn contains(&self, other: Ipv4) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+        self.address.to_u32() & mask == other.to_u32() & mask
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+/// How the network loop waits for received packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Interrupt driven, NAPI style: poll to empty, re-arm, halt.
+    Irq,
+    /// Busy-poll the used ring with receive interrupts disarmed.
+    Poll,
+    /// Poll while traffic is recent, otherwise arm interrupts and halt.
+    Adaptive,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Irq => "irq",
+            Self::Poll => "poll",
+            Self::Adaptive => "adaptive",
+        })
+    }
+}
+
+/// Console log verbosity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The boot log (default).
+    Info,
+    /// Everything.
+    Debug,
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+        })
+    }
+}
+
+/// The kernel's configuration after parsing the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Interface address (`ip=`).
+    pub ip: Ipv4Cidr,
+    /// Default gateway (`gw=`); `None` when it would not be on-link.
+    pub gateway: Option<Ipv4>,
+    /// Receive mode (`mode=`).
+    pub mode: Mode,
+    /// Log level (`log=`).
+    pub log_level: LogLevel,
+    /// Run the in-kernel self test and exit (`selftest`).
+    pub selftest: bool,
+}
+
+/// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
+pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr { address: Ipv4([10, 0, 2, 15]), prefix_len: 24 };
+/// The default gateway, 10.0.2.2.
+pub const DEFAULT_GATEWAY: Ipv4 = Ipv4([10, 0, 2, 2]);
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ip: DEFAULT_IP,
+            gateway: Some(DEFAULT_GATEWAY),
+            mode: Mode::Adaptive,
+            log_level: LogLevel::Info,
+            selftest: false,
+        }
+    }
+}
+
+/// Why a value was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueProblem {
+    /// Not `A.B.C.D` with decimal octets 0..=255.
+    NotAnAddress,
+    /// `ip=` needs a `/N` prefix length.
+    MissingPrefix,
+    /// The prefix length is not 1..=32.
+    PrefixOutOfRange,
+    /// Unspecified, loopback, multicast, broadcast or reserved: not usable as a host address.
+    NotAHostAddress,
+    /// Not one of the listed words.
+    NotOneOf(&'static [&'static str]),
+    /// The flag takes no value.
+    UnexpectedValue,
+    /// The key needs a value (`key=value`).
+    MissingValue,
+}
+
+impl fmt::Display for ValueProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotAnAddress => f.write_str("expected an IPv4 address A.B.C.D"),
+            Self::MissingPrefix => f.write_str("expected A.B.C.D/N with a prefix length"),
+            Self::PrefixOutOfRange => f.write_str("prefix length must be 1..=32"),
+            Self::NotAHostAddress => {
+                f.write_str("not a usable host address (0/8, loopback, multicast or broadcast)")
+            }
+            Self::NotOneOf(words) => {
+                f.write_str("expected one of ")?;
+                for (index, word) in words.iter().enumerate() {
+                    if index > 0 {
+                        f.write_str("|")?;
+                    }
+                    f.write_str(word)?;
+                }
+                Ok(())
+            }
+            Self::UnexpectedValue => f.write_str("this flag takes no value"),
+            Self::MissingValue => f.write_str("expected key=value"),
+        }
+    }
+}
+
+/// Bytes from the command line, shown escaped and truncated so that hostile input stays one
+/// readable line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shown<'a>(pub &'a [u8]);
+
+/// At most this many bytes of a key or value are echoed back in an error.
+const MAX_SHOWN: usize = 48;
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = &self.0[..self.0.len().min(MAX_SHOWN)];
+        write!(f, "{}", shown.escape_ascii())?;
+        if self.0.len() > MAX_SHOWN {
+            write!(f, "...({} bytes)", self.0.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// One problem found on the command line. Each is reported, and the default stays in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    /// A key Vireo does not know.
+    UnknownKey {
+        /// The key as written.
+        key: Shown<'a>,
+    },
+    /// A known key with a bad value.
+    InvalidValue {
+        /// The key.
+        key: &'static str,
+        /// The value as written.
+        value: Shown<'a>,
+        /// What is wrong with it.
+        problem: ValueProblem,
+        /// The value kept instead, for the message.
+        kept: Kept,
+    },
+    /// A key given twice; the later value wins.
+    Duplicate {
+        /// The key.
+        key: &'static str,
+    },
+    /// The gateway is not inside the interface's subnet, so there is no default route.
+    GatewayNotOnLink {
+        /// The gateway.
+        gateway: Ipv4,
+        /// The interface address.
+        ip: Ipv4Cidr,
+    },
+}
+
+/// The value kept after a rejected one, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// An address with prefix.
+    Cidr(Ipv4Cidr),
+    /// An address, or none.
+    Address(Option<Ipv4>),
+    /// A mode.
+    Mode(Mode),
+    /// A log level.
+    Level(LogLevel),
+    /// A flag's state.
+    Flag(bool),
+}
+
+impl fmt::Display for Kept {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cidr(cidr) => write!(f, "{cidr}"),
+            Self::Address(Some(address)) => write!(f, "{address}"),
+            Self::Address(None) => f.write_str("none"),
+            Self::Mode(mode) => write!(f, "{mode}"),
+            Self::Level(level) => write!(f, "{level}"),
+            Self::Flag(on) => write!(f, "{}", if *on { "on" } else { "off" }),
+        }
+    }
+}
+
+impl fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownKey { key } => write!(f, "unknown key '{key}' ignored"),
+            Self::InvalidValue { key, value, problem, kept } => {
+                write!(f, "invalid {key}= value '{value}': {problem}; using {kept}")
+            }
+            Self::Duplicate { key } => write!(f, "{key}= given more than once; the last one wins"),
+            Self::GatewayNotOnLink { gateway, ip } => {
+                write!(f, "gateway {gateway} is not inside {ip}; no default route")
+            }
+        }
+    }
+}
+
+const MODES: &[&str] = &["irq", "poll", "adaptive"];
+const LEVELS: &[&str] = &["error", "warn", "info", "debug"];
+
+/// Parses a command line. Every problem is passed to `report`; parsing goes on with the default.
+pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) -> Config {
+    let mut config = Config::default();
+    let mut seen_ip = false;
+    let mut seen_gw = false;
+    let mut seen_mode = false;
+    let mut seen_log = false;
+    let mut seen_selftest = false;
+    let mut explicit_gateway = false;
+
+    for word in cmdline.split(|byte| byte.is_ascii_whitespace() || *byte == 0) {
+        if word.is_empty() {
+            continue;
+        }
+        let (key, value) = match word.iter().position(|&byte| byte == b'=') {
+            Some(at) => (&word[..at], Some(&word[at + 1..])),
+            None => (word, None),
+        };
+        let mut check_duplicate = |seen: &mut bool, name: &'static str| {
+            if core::mem::replace(seen, true) {
+                report(CmdlineError::Duplicate { key: name });
+            }
+        };
+        match key {
+            b"ip" => {
+                check_duplicate(&mut seen_ip, "ip");
+                match value.ok_or(ValueProblem::MissingValue).and_then(parse_cidr) {
+                    Ok(cidr) => config.ip = cidr,
+                    Err(problem) => report(invalid("ip", value, problem, Kept::Cidr(config.ip))),
+                }
+            }
+            b"gw" => {
+                check_duplicate(&mut seen_gw, "gw");
+                match value.ok_or(ValueProblem::MissingValue).and_then(parse_host_address) {
+                    Ok(gateway) => {
+                        config.gateway = Some(gateway);
+                        explicit_gateway = true;
+                    }
+                    Err(problem) => {
+                        report(invalid("gw", value, problem, Kept::Address(config.gateway)))
+                    }
+                }
+            }
+            b"mode" => {
+                check_duplicate(&mut seen_mode, "mode");
+                match value.ok_or(ValueProblem::MissingValue).and_then(parse_mode) {
+                    Ok(mode) => config.mode = mode,
+                    Err(problem) => report(invalid("mode", value, problem, Kept::Mode(config.mode))),
+                }
+            }
+            b"log" => {
+                check_duplicate(&mut seen_log, "log");
+                match value.ok_or(ValueProblem::MissingValue).and_then(parse_level) {
+                    Ok(level) => config.log_level = level,
+                    Err(problem) => {
+                        report(invalid("log", value, problem, Kept::Level(config.log_level)))
+                    }
+                }
+            }
+            b"selftest" => {
+                check_duplicate(&mut seen_selftest, "selftest");
+                match value {
+                    None => config.selftest = true,
+                    Some(_) => report(invalid(
+                        "selftest",
+                        value,
+                        ValueProblem::UnexpectedValue,
+                        Kept::Flag(config.selftest),
+                    )),
+                }
+            }
+            _ => report(CmdlineError::UnknownKey { key: Shown(key) }),
+        }
+    }
+
+    if let Some(gateway) = config.gateway
+        && !config.ip.contains(gateway)
+    {
+        // The default gateway only makes sense with the default subnet; an explicit one that is
+        // off-link is an error worth a line.
+        if explicit_gateway || config.ip != DEFAULT_IP {
+            report(CmdlineError::GatewayNotOnLink { gateway, ip: config.ip });
+        }
+        config.gateway = None;
+    }
+    config
+}
+
+fn invalid<'a>(
+    key: &'static str,
+    value: Option<&'a [u8]>,
+    problem: ValueProblem,
+    kept: Kept,
+) -> CmdlineError<'a> {
+    CmdlineError::InvalidValue { key, value: Shown(value.unwrap_or(b"")), problem, kept }
+}
+
+fn parse_octet(text: &[u8]) -> Option<u8> {
+    if text.is_empty() || text.len() > 3 || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let value = text.iter().fold(0u16, |acc, digit| acc * 10 + u16::from(digit - b'0'));
+    u8::try_from(value).ok()
+}
+
+fn parse_address(text: &[u8]) -> Result<Ipv4, ValueProblem> {
+    let mut octets = [0u8; 4];
+    let mut parts = text.split(|&byte| byte == b'.');
+    for octet in &mut octets {
+        *octet = parts.next().and_then(parse_octet).ok_or(ValueProblem::NotAnAddress)?;
+    }
+    if parts.next().is_some() {
+        return Err(ValueProblem::NotAnAddress);
+    }
+    Ok(Ipv4(octets))
+}
+
+fn parse_host_address(text: &[u8]) -> Result<Ipv4, ValueProblem> {
+    let address = parse_address(text)?;
+    let first = address.0[0];
+    if first == 0 || first == 127 || first >= 224 {
+        return Err(ValueProblem::NotAHostAddress);
+    }
+    Ok(address)
+}
+
+fn parse_cidr(text: &[u8]) -> Result<Ipv4Cidr, ValueProblem> {
+    let slash = text.iter().position(|&byte| byte == b'/').ok_or(ValueProblem::MissingPrefix)?;
+    let address = parse_host_address(&text[..slash])?;
+    let prefix_len = parse_octet(&text[slash + 1..]).ok_or(ValueProblem::PrefixOutOfRange)?;
+    if !(1..=32).contains(&prefix_len) {
+        return Err(ValueProblem::PrefixOutOfRange);
+    }
+    let cidr = Ipv4Cidr { address, prefix_len };
+    // The subnet's broadcast address is not a host address (prefixes of 31 and 32 have none).
+    if prefix_len < 31 {
+        let host_mask = u32::MAX >> prefix_len;
+        if address.to_u32() & host_mask == host_mask || address.to_u32() & host_mask == 0 {
+            return Err(ValueProblem::NotAHostAddress);
+        }
+    }
+    Ok(cidr)
+}
+
+fn parse_mode(text: &[u8]) -> Result<Mode, ValueProblem> {
+    match text {
+        b"irq" => Ok(Mode::Irq),
+        b"poll" => Ok(Mode::Poll),
+        b"adaptive" => Ok(Mode::Adaptive),
+        _ => Err(ValueProblem::NotOneOf(MODES)),
+    }
+}
+
+fn parse_level(text: &[u8]) -> Result<LogLevel, ValueProblem> {
+    match text {
+        b"error" => Ok(LogLevel::Error),
+        b"warn" => Ok(LogLevel::Warn),
+        b"info" => Ok(LogLevel::Info),
+        b"debug" => Ok(LogLevel::Debug),
+        _ => Err(ValueProblem::NotOneOf(LEVELS)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    fn parse_collect(line: &str) -> (Config, Vec<String>) {
+        let mut errors = Vec::new();
+        let config = parse(line.as_bytes(), |error| errors.push(error.to_string()));
+        (config, errors)
+    }
+
+    #[test]
+    fn empty_command_line_gives_the_documented_defaults() {
+        let (config, errors) = parse_collect("");
+        assert!(errors.is_empty());
+        assert_eq!(config.ip.to_string(), "10.0.2.15/24");
+        assert_eq!(config.gateway, Some(Ipv4([10, 0, 2, 2])));
+        assert_eq!(config.mode, Mode::Adaptive);
+        assert_eq!(config.log_level, LogLevel::Info);
+        assert!(!config.selftest);
+    }
+
+    #[test]
+    fn every_key_is_parsed() {
+        let (config, errors) =
+            parse_collect("  ip=192.168.7.2/28\tgw=192.168.7.1 mode=poll log=debug selftest ");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.ip, Ipv4Cidr { address: Ipv4([192, 168, 7, 2]), prefix_len: 28 });
+        assert_eq!(config.gateway, Some(Ipv4([192, 168, 7, 1])));
+        assert_eq!(config.mode, Mode::Poll);
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert!(config.selftest);
+        assert_eq!(parse_collect("mode=irq").0.mode, Mode::Irq);
+        assert_eq!(parse_collect("mode=adaptive").0.mode, Mode::Adaptive);
+        assert_eq!(parse_collect("log=warn").0.log_level, LogLevel::Warn);
+        assert_eq!(parse_collect("log=error").0.log_level, LogLevel::Error);
+    }
+
+    #[test]
+    fn bad_values_are_named_and_the_default_is_kept() {
+        let (config, errors) = parse_collect("ip=300.1.1.1/24 mode=turbo log=loud bogus=1");
+        assert_eq!(config, Config::default());
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            "invalid ip= value '300.1.1.1/24': expected an IPv4 address A.B.C.D; using 10.0.2.15/24"
+        );
+        assert_eq!(
+            errors[1],
+            "invalid mode= value 'turbo': expected one of irq|poll|adaptive; using adaptive"
+        );
+        assert_eq!(
+            errors[2],
+            "invalid log= value 'loud': expected one of error|warn|info|debug; using info"
+        );
+        assert_eq!(errors[3], "unknown key 'bogus' ignored");
+    }
+
+    #[test]
+    fn malformed_addresses_are_rejected() {
+        for bad in [
+            "ip=10.0.2.15",
+            "ip=10.0.2/24",
+            "ip=10.0.2.15.1/24",
+            "ip=10.0.2.15/33",
+            "ip=10.0.2.15/0",
+            "ip=10.0.2.15/",
+            "ip=10.0.2.15/-1",
+            "ip=+10.0.2.15/24",
+            "ip=10.0.2.0015/24",
+            "ip=10..2.15/24",
+            "ip=0.0.0.0/8",
+            "ip=127.0.0.1/8",
+            "ip=224.0.0.1/4",
+            "ip=255.255.255.255/32",
+            "ip=10.0.2.255/24",
+            "ip=10.0.2.0/24",
+            "ip=",
+            "ip",
+            "gw=1.2.3",
+            "gw=",
+        ] {
+            let (config, errors) = parse_collect(bad);
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert_eq!(config.ip, DEFAULT_IP, "{bad}");
+            assert!(errors[0].starts_with("invalid "), "{bad}: {errors:?}");
+        }
+    }
+
+    #[test]
+    fn point_to_point_prefixes_are_allowed() {
+        assert_eq!(parse_collect("ip=10.9.9.9/32").0.ip.prefix_len, 32);
+        assert_eq!(parse_collect("ip=10.9.9.8/31").0.ip.prefix_len, 31);
+    }
+
+    #[test]
+    fn an_off_link_gateway_is_reported_and_dropped() {
+        let (config, errors) = parse_collect("ip=192.168.1.5/24 gw=10.0.2.2");
+        assert_eq!(config.gateway, None);
+        assert_eq!(errors, ["gateway 10.0.2.2 is not inside 192.168.1.5/24; no default route"]);
+        // Changing the subnet without a gw= drops the default gateway too, and says so.
+        let (config, errors) = parse_collect("ip=192.168.1.5/24");
+        assert_eq!(config.gateway, None);
+        assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn duplicates_are_reported_and_the_last_wins() {
+        let (config, errors) = parse_collect("mode=irq mode=poll");
+        assert_eq!(config.mode, Mode::Poll);
+        assert_eq!(errors, ["mode= given more than once; the last one wins"]);
+    }
+
+    #[test]
+    fn selftest_is_a_flag_without_value() {
+        let (config, errors) = parse_collect("selftest=yes");
+        assert!(!config.selftest);
+        assert_eq!(errors, ["invalid selftest= value 'yes': this flag takes no value; using off"]);
+    }
+
+    #[test]
+    fn hostile_bytes_are_escaped_and_truncated() {
+        let mut line = b"\xff\xfe\x1b[2J=1 ip=\x00\x01 ".to_vec();
+        line.extend(std::iter::repeat_n(b'A', 5000));
+        let mut errors = Vec::new();
+        let config = parse(&line, |error| errors.push(error.to_string()));
+        assert_eq!(config, Config::default());
+        assert!(errors.iter().all(|e| e.len() < 200 && e.is_ascii() && !e.contains('\x1b')));
+        assert!(errors[0].contains("\\xff\\xfe\\x1b[2J"), "{errors:?}");
+        assert!(errors.last().is_some_and(|e| e.contains("(5000 bytes)")), "{errors:?}");
+    }
+
+    #[test]
+    fn random_input_never_panics() {
+        // A small xorshift generator: deterministic, no dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let alphabet = b"ipgwmodelstf=./0123456789 \t\x00\xffaq";
+        for _ in 0..20_000 {
+            let mut line = Vec::new();
+            for _ in 0..(state % 40) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                line.push(alphabet[(state % alphabet.len() as u64) as usize]);
+            }
+            state = state.wrapping_add(1);
+            let mut count = 0;
+            let config = parse(&line, |_| count += 1);
+            assert!((1..=32).contains(&config.ip.prefix_len));
+            assert!(count <= line.len());
+        }
+    }
+
+    #[test]
+    fn subnet_membership() {
+        let cidr = Ipv4Cidr { address: Ipv4([10, 1, 2, 3]), prefix_len: 16 };
+        assert!(cidr.contains(Ipv4([10, 1, 255, 1])));
+        assert!(!cidr.contains(Ipv4([10, 2, 0, 1])));
+        let host = Ipv4Cidr { address: Ipv4([10, 1, 2, 3]), prefix_len: 32 };
+        assert!(host.contains(Ipv4([10, 1, 2, 3])));
+        assert!(!host.contains(Ipv4([10, 1, 2, 4])));
+    }
+}
