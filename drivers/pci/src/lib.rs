@@ -5,10 +5,39 @@
 //! live in the kernel's `src/pci.rs`), the walk of the capability list with loop protection, and
 //! decoding and sizing of Base Address Registers. Everything here runs in host tests against fake
 //! configuration spaces. References are to the PCI Local Bus Specification 3.0 (PCI LB 3.0).
+//!
+//! - this file: the [`ConfigSpace`] seam, [`PciAddress`], register offsets and the capability
+//!   list walk;
+//! - [`bar`]: BAR decoding and sizing;
+//! - [`command`]: command register helpers;
+//! - [`function`]: a function's decoded header and its lspci-like `Display`;
+//! - [`enumerate`](mod@enumerate): the walk of the bus hierarchy;
+//! - [`msix`]: the MSI-X capability, Message Control and the x86 message encoding.
+//!
+//! Configuration space is untrusted input: nothing here panics or loops on what it reads.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
+extern crate alloc;
+
 use core::fmt;
+
+pub mod bar;
+pub mod command;
+pub mod enumerate;
+#[cfg(test)]
+mod fake;
+pub mod function;
+pub mod msix;
+
+pub use bar::{Bar, BarError, Bars, ProbedBars, probe_bars};
+pub use command::{
+    disable_intx, enable_bus_mastering, enable_io_space, enable_memory_space, read_command,
+    update_command, write_command,
+};
+pub use enumerate::{Enumeration, EnumerationError, enumerate, enumerate_with_errors, is_present};
+pub use function::{BridgeBuses, Function, HeaderType, Subsystem, class_name};
+pub use msix::{MsiMessage, MsixCapability, MsixError, MsixStructure, x86_msi_message};
 
 /// A PCI function's address: segment group, bus, device (0..32) and function (0..8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,13 +55,22 @@ pub struct PciAddress {
 impl PciAddress {
     /// A function on segment 0.
     pub const fn new(bus: u8, device: u8, function: u8) -> Self {
-        Self { segment: 0, bus, device, function }
+        Self {
+            segment: 0,
+            bus,
+            device,
+            function,
+        }
     }
 }
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{}", self.segment, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.segment, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -133,7 +171,10 @@ impl fmt::Display for CapabilityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::PointerOutOfRange { pointer } => {
-                write!(f, "capability pointer {pointer:#04x} is outside 0x40..=0xfc")
+                write!(
+                    f,
+                    "capability pointer {pointer:#04x} is outside 0x40..=0xfc"
+                )
             }
             Self::Loop { at } => write!(f, "capability list loops (gave up at {at:#04x})"),
         }
@@ -165,7 +206,13 @@ impl<'a, C: ConfigSpace + ?Sized> Capabilities<'a, C> {
         } else {
             0
         };
-        Self { config, address, next, visited: 0, failed: false }
+        Self {
+            config,
+            address,
+            next,
+            visited: 0,
+            failed: false,
+        }
     }
 }
 
@@ -180,42 +227,156 @@ impl<C: ConfigSpace + ?Sized> Iterator for Capabilities<'_, C> {
         let pointer = self.next & !3;
         if pointer < 0x40 {
             self.failed = true;
-            return Some(Err(CapabilityError::PointerOutOfRange { pointer: self.next }));
+            return Some(Err(CapabilityError::PointerOutOfRange {
+                pointer: self.next,
+            }));
         }
         if self.visited >= MAX_CAPABILITIES {
             self.failed = true;
-            return Some(Err(CapabilityError::Loop { at: u16::from(pointer) }));
+            return Some(Err(CapabilityError::Loop {
+                at: u16::from(pointer),
+            }));
         }
         self.visited += 1;
         let offset = u16::from(pointer);
         let header = self.config.read16(self.address, offset);
         self.next = (header >> 8) as u8;
-        Some(Ok(Capability { id: header as u8, offset }))
+        Some(Ok(Capability {
+            id: header as u8,
+            offset,
+        }))
     }
 }
 
-/// A decoded and sized Base Address Register (PCI LB 3.0 §6.2.5.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bar {
-    /// A memory BAR.
-    Memory {
-        /// Physical base address.
-        address: u64,
-        /// Size in bytes (a power of two).
-        size: u64,
-        /// Prefetchable memory.
-        prefetchable: bool,
-        /// A 64-bit BAR, which also occupies the next BAR slot.
-        is_64bit: bool,
-    },
-    /// An I/O-space BAR.
-    Io {
-        /// Port base.
-        port: u32,
-        /// Size in ports.
-        size: u32,
-    },
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeConfig, FakeFunction};
 
-/// The six BAR slots of a type-0 function; the upper half of a 64-bit BAR reads as `None`.
-pub type Bars = [Option<Bar>; 6];
+    const ADDR: PciAddress = PciAddress::new(0, 1, 0);
+
+    fn walk(function: FakeFunction) -> Vec<Result<Capability, CapabilityError>> {
+        let config = FakeConfig::new();
+        config.insert(ADDR, function);
+        Capabilities::new(&config, ADDR).collect()
+    }
+
+    fn device() -> FakeFunction {
+        FakeFunction::endpoint(0x1af4, 0x1041, 0x020000, 1)
+    }
+
+    #[test]
+    fn walks_a_well_formed_list() {
+        let caps = walk(
+            device()
+                .capability(0x84, 0x70, cap_id::VENDOR_SPECIFIC)
+                .capability(0x70, 0x98, cap_id::VENDOR_SPECIFIC)
+                .capability(0x98, 0x00, cap_id::MSIX)
+                .with_capabilities_pointer(0x84),
+        );
+        assert_eq!(
+            caps,
+            [
+                Ok(Capability {
+                    id: cap_id::VENDOR_SPECIFIC,
+                    offset: 0x84
+                }),
+                Ok(Capability {
+                    id: cap_id::VENDOR_SPECIFIC,
+                    offset: 0x70
+                }),
+                Ok(Capability {
+                    id: cap_id::MSIX,
+                    offset: 0x98
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_list_when_status_bit_is_clear() {
+        // A pointer is present but the status register says there is no list.
+        assert_eq!(
+            walk(
+                device()
+                    .capability(0x40, 0, cap_id::MSIX)
+                    .dword(0x34, 0x40, 0)
+            ),
+            []
+        );
+    }
+
+    #[test]
+    fn reserved_pointer_bits_are_masked() {
+        let caps = walk(
+            device()
+                .capability(0x40, 0x00, cap_id::MSI)
+                .with_capabilities_pointer(0x43),
+        );
+        assert_eq!(
+            caps,
+            [Ok(Capability {
+                id: cap_id::MSI,
+                offset: 0x40
+            })]
+        );
+    }
+
+    #[test]
+    fn loop_is_reported_once_and_ends_the_walk() {
+        let caps = walk(
+            device()
+                .capability(0x40, 0x50, cap_id::MSI)
+                .capability(0x50, 0x40, cap_id::MSIX)
+                .with_capabilities_pointer(0x40),
+        );
+        assert_eq!(
+            caps.len(),
+            MAX_CAPABILITIES + 1,
+            "bounded by what fits in config space"
+        );
+        assert!(caps[..MAX_CAPABILITIES].iter().all(Result::is_ok));
+        assert_eq!(caps.last(), Some(&Err(CapabilityError::Loop { at: 0x40 })));
+
+        // A capability that points at itself.
+        let caps = walk(
+            device()
+                .capability(0xfc, 0xfc, cap_id::MSI)
+                .with_capabilities_pointer(0xfc),
+        );
+        assert_eq!(caps.last(), Some(&Err(CapabilityError::Loop { at: 0xfc })));
+    }
+
+    #[test]
+    fn pointer_into_header_is_reported() {
+        let caps = walk(
+            device()
+                .capability(0x40, 0x10, cap_id::MSI)
+                .with_capabilities_pointer(0x40),
+        );
+        assert_eq!(
+            caps,
+            [
+                Ok(Capability {
+                    id: cap_id::MSI,
+                    offset: 0x40
+                }),
+                Err(CapabilityError::PointerOutOfRange { pointer: 0x10 }),
+            ]
+        );
+        let caps = walk(device().with_capabilities_pointer(0x3c));
+        assert_eq!(
+            caps,
+            [Err(CapabilityError::PointerOutOfRange { pointer: 0x3c })]
+        );
+        assert_eq!(
+            CapabilityError::PointerOutOfRange { pointer: 0x10 }.to_string(),
+            "capability pointer 0x10 is outside 0x40..=0xfc"
+        );
+    }
+
+    #[test]
+    fn address_display() {
+        assert_eq!(PciAddress::new(0, 0x1f, 3).to_string(), "0000:00:1f.3");
+    }
+}
