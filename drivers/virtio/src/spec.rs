@@ -1,0 +1,423 @@
+//! Constants and wire layouts from the virtio 1.2 specification, and nothing else.
+//!
+//! This module owns the numbers: device status bits (§2.1), feature bits (§6 and §5.1.3), the
+//! PCI identifiers (§4.1.2), the vendor capability layout and `cfg_type` values (§4.1.4), the
+//! common configuration register block (§4.1.4.3) and the ISR bits (§4.1.4.5). Behaviour lives
+//! in `transport` and `pci`. The `#[repr(C)]` structs are never overlaid on device memory (the
+//! crate has no `unsafe`): they are the declarative source of the register offsets, which are
+//! derived with `offset_of!` and checked at compile time against the spec's tables.
+
+use core::mem::{offset_of, size_of};
+
+/// PCI vendor id of every virtio device (§4.1.2).
+pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+/// Modern (virtio 1.x only) PCI device ids are this plus the virtio device type (§4.1.2).
+pub const MODERN_DEVICE_ID_BASE: u16 = 0x1040;
+/// Last modern PCI device id (§4.1.2: 0x1040 through 0x107f).
+pub const MODERN_DEVICE_ID_LAST: u16 = 0x107f;
+/// First transitional PCI device id; the device type is in the subsystem id (§4.1.2.3).
+pub const TRANSITIONAL_DEVICE_ID_FIRST: u16 = 0x1000;
+/// Last transitional PCI device id (§4.1.2.3).
+pub const TRANSITIONAL_DEVICE_ID_LAST: u16 = 0x103f;
+
+/// "No MSI-X vector": written to unmap an event, read back when the device refused a vector
+/// (§4.1.4.3, §4.1.5.1.2).
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Largest queue size any virtqueue format allows (§2.6 split, §2.7 packed: 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Device status bits (§2.1).
+pub mod status {
+    /// The guest OS has found the device and recognised it as a valid virtio device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest OS knows how to drive the device.
+    pub const DRIVER: u8 = 2;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u8 = 4;
+    /// The driver has acknowledged all the features it understands; negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device has experienced an error from which it cannot recover.
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    /// Something went wrong in the guest and it has given up on the device.
+    pub const FAILED: u8 = 128;
+}
+
+/// Device-independent feature bits (§6 "Reserved Feature Bits"), as bit numbers.
+pub mod feature {
+    /// The driver can use descriptors with VIRTQ_DESC_F_INDIRECT (§2.6.5.3, §2.7.7).
+    pub const INDIRECT_DESC: u32 = 28;
+    /// Enables the used_event and avail_event fields (§2.6.7, §2.6.8).
+    pub const EVENT_IDX: u32 = 29;
+    /// Compliance with virtio 1.x; a modern transport requires it (§6.1).
+    pub const VERSION_1: u32 = 32;
+    /// The device is behind an IOMMU or otherwise needs platform DMA translation (§6).
+    pub const ACCESS_PLATFORM: u32 = 33;
+    /// Support for the packed virtqueue layout (§2.7).
+    pub const RING_PACKED: u32 = 34;
+    /// The device uses buffers in the order in which they are made available (§6).
+    pub const IN_ORDER: u32 = 35;
+    /// Memory accesses by driver and device are ordered by the platform (§6).
+    pub const ORDER_PLATFORM: u32 = 36;
+    /// The device supports single root I/O virtualization (§6).
+    pub const SR_IOV: u32 = 37;
+    /// The driver passes extra data in its device notifications (§2.9).
+    pub const NOTIFICATION_DATA: u32 = 38;
+    /// The driver writes queue_notify_data instead of the queue index (§4.1.4.3).
+    pub const NOTIF_CONFIG_DATA: u32 = 39;
+    /// The driver can reset a queue individually (§2.6.1).
+    pub const RING_RESET: u32 = 40;
+
+    /// The feature mask of one bit number.
+    pub const fn bit(number: u32) -> u64 {
+        1u64 << number
+    }
+}
+
+/// Network device feature bits (§5.1.3), as bit numbers.
+pub mod net_feature {
+    /// Device handles packets with partial checksum (checksum offload).
+    pub const CSUM: u32 = 0;
+    /// Driver handles packets with partial checksum.
+    pub const GUEST_CSUM: u32 = 1;
+    /// Control channel offloads reconfiguration support.
+    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
+    /// Device maximum MTU reporting (`mtu` config field).
+    pub const MTU: u32 = 3;
+    /// Device has given a MAC address (`mac` config field).
+    pub const MAC: u32 = 5;
+    /// Driver can receive TSOv4.
+    pub const GUEST_TSO4: u32 = 7;
+    /// Driver can receive TSOv6.
+    pub const GUEST_TSO6: u32 = 8;
+    /// Driver can receive TSO with ECN.
+    pub const GUEST_ECN: u32 = 9;
+    /// Driver can receive UFO.
+    pub const GUEST_UFO: u32 = 10;
+    /// Device can receive TSOv4.
+    pub const HOST_TSO4: u32 = 11;
+    /// Device can receive TSOv6.
+    pub const HOST_TSO6: u32 = 12;
+    /// Device can receive TSO with ECN.
+    pub const HOST_ECN: u32 = 13;
+    /// Device can receive UFO.
+    pub const HOST_UFO: u32 = 14;
+    /// Driver can merge receive buffers (`num_buffers` header field).
+    pub const MRG_RXBUF: u32 = 15;
+    /// Configuration status field (link up, announce) is available.
+    pub const STATUS: u32 = 16;
+    /// Control channel is available.
+    pub const CTRL_VQ: u32 = 17;
+    /// Control channel RX mode support.
+    pub const CTRL_RX: u32 = 18;
+    /// Control channel VLAN filtering.
+    pub const CTRL_VLAN: u32 = 19;
+    /// Control channel RX extra mode support.
+    pub const CTRL_RX_EXTRA: u32 = 20;
+    /// Driver can send gratuitous packets.
+    pub const GUEST_ANNOUNCE: u32 = 21;
+    /// Device supports multiqueue with automatic receive steering.
+    pub const MQ: u32 = 22;
+    /// Set MAC address through the control channel.
+    pub const CTRL_MAC_ADDR: u32 = 23;
+    /// Device supports notification coalescing.
+    pub const NOTF_COAL: u32 = 53;
+    /// Driver can receive USOv4 packets.
+    pub const GUEST_USO4: u32 = 54;
+    /// Driver can receive USOv6 packets.
+    pub const GUEST_USO6: u32 = 55;
+    /// Device can receive USO packets.
+    pub const HOST_USO: u32 = 56;
+    /// Device can report per-packet hash value and type.
+    pub const HASH_REPORT: u32 = 57;
+    /// Driver can provide the exact `hdr_len` value.
+    pub const GUEST_HDRLEN: u32 = 59;
+    /// Device supports RSS (receive-side scaling).
+    pub const RSS: u32 = 60;
+    /// Device can process duplicated ACKs and report coalesced segments.
+    pub const RSC_EXT: u32 = 61;
+    /// Device may act as a standby for a primary device with the same MAC.
+    pub const STANDBY: u32 = 62;
+    /// Device reports speed and duplex.
+    pub const SPEED_DUPLEX: u32 = 63;
+}
+
+/// Virtio device types (§5), as carried in the PCI device or subsystem id.
+pub mod device_type {
+    /// Network card (§5.1).
+    pub const NET: u16 = 1;
+    /// Block device (§5.2).
+    pub const BLOCK: u16 = 2;
+    /// Console (§5.3).
+    pub const CONSOLE: u16 = 3;
+    /// Entropy source (§5.4).
+    pub const ENTROPY: u16 = 4;
+    /// Traditional memory balloon (§5.5).
+    pub const BALLOON: u16 = 5;
+    /// SCSI host (§5.6).
+    pub const SCSI: u16 = 8;
+    /// GPU (§5.7).
+    pub const GPU: u16 = 16;
+    /// Input device (§5.8).
+    pub const INPUT: u16 = 18;
+    /// Socket device (§5.10).
+    pub const VSOCK: u16 = 19;
+}
+
+/// `cfg_type` values of the virtio vendor capability (§4.1.4).
+pub mod cfg_type {
+    /// Common configuration (§4.1.4.3).
+    pub const COMMON: u8 = 1;
+    /// Notifications (§4.1.4.4).
+    pub const NOTIFY: u8 = 2;
+    /// ISR status (§4.1.4.5).
+    pub const ISR: u8 = 3;
+    /// Device-specific configuration (§4.1.4.6).
+    pub const DEVICE: u8 = 4;
+    /// PCI configuration access window; this driver does not use it (§4.1.4).
+    pub const PCI: u8 = 5;
+    /// Shared memory region; this driver does not use it (§4.1.4).
+    pub const SHARED_MEMORY: u8 = 8;
+    /// Vendor-specific data; this driver does not use it (§4.1.4).
+    pub const VENDOR: u8 = 9;
+}
+
+/// ISR status bits (§4.1.4.5).
+pub mod isr {
+    /// A used buffer notification (queue interrupt) is pending.
+    pub const QUEUE: u8 = 1;
+    /// A configuration change notification is pending.
+    pub const DEVICE_CONFIG: u8 = 2;
+}
+
+/// The virtio vendor capability in PCI configuration space, `struct virtio_pci_cap` (§4.1.4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioPciCap {
+    /// Generic PCI field: PCI_CAP_ID_VNDR, 0x09 (§4.1.4).
+    pub cap_vndr: u8,
+    /// Generic PCI field: next capability pointer (§4.1.4).
+    pub cap_next: u8,
+    /// Length of this capability structure, including this header (§4.1.4).
+    pub cap_len: u8,
+    /// Which structure this capability locates, a `cfg_type` value (§4.1.4).
+    pub cfg_type: u8,
+    /// Which BAR holds the structure, 0..=5; other values are reserved (§4.1.4).
+    pub bar: u8,
+    /// Identifies multiple capabilities of the same type (§4.1.4).
+    pub id: u8,
+    /// Pads to a full dword (§4.1.4).
+    pub padding: [u8; 2],
+    /// Offset of the structure within the BAR, little-endian (§4.1.4).
+    pub offset: u32,
+    /// Length of the structure in bytes, little-endian (§4.1.4).
+    pub length: u32,
+}
+
+/// The notification capability, `struct virtio_pci_notify_cap` (§4.1.4.4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioPciNotifyCap {
+    /// The generic virtio capability header (§4.1.4).
+    pub cap: VirtioPciCap,
+    /// Multiplier for queue_notify_off, 0 (one shared doorbell) or an even power of 2
+    /// (§4.1.4.4).
+    pub notify_off_multiplier: u32,
+}
+
+/// Byte offsets of the fields of [`VirtioPciCap`] and [`VirtioPciNotifyCap`] in config space,
+/// relative to the capability's first byte.
+pub mod cap_offset {
+    use super::{VirtioPciCap, VirtioPciNotifyCap};
+    use core::mem::offset_of;
+
+    /// `cap_len` (u8).
+    pub const CAP_LEN: u16 = offset_of!(VirtioPciCap, cap_len) as u16;
+    /// `cfg_type` (u8).
+    pub const CFG_TYPE: u16 = offset_of!(VirtioPciCap, cfg_type) as u16;
+    /// `bar` (u8).
+    pub const BAR: u16 = offset_of!(VirtioPciCap, bar) as u16;
+    /// `id` (u8).
+    pub const ID: u16 = offset_of!(VirtioPciCap, id) as u16;
+    /// `offset` (le32).
+    pub const OFFSET: u16 = offset_of!(VirtioPciCap, offset) as u16;
+    /// `length` (le32).
+    pub const LENGTH: u16 = offset_of!(VirtioPciCap, length) as u16;
+    /// `notify_off_multiplier` (le32), notification capability only.
+    pub const NOTIFY_OFF_MULTIPLIER: u16 =
+        offset_of!(VirtioPciNotifyCap, notify_off_multiplier) as u16;
+}
+
+const _: () = assert!(size_of::<VirtioPciCap>() == 16);
+const _: () = assert!(offset_of!(VirtioPciCap, cap_len) == 2);
+const _: () = assert!(offset_of!(VirtioPciCap, cfg_type) == 3);
+const _: () = assert!(offset_of!(VirtioPciCap, bar) == 4);
+const _: () = assert!(offset_of!(VirtioPciCap, id) == 5);
+const _: () = assert!(offset_of!(VirtioPciCap, offset) == 8);
+const _: () = assert!(offset_of!(VirtioPciCap, length) == 12);
+const _: () = assert!(size_of::<VirtioPciNotifyCap>() == 20);
+const _: () = assert!(offset_of!(VirtioPciNotifyCap, notify_off_multiplier) == 16);
+
+/// The common configuration structure, `struct virtio_pci_common_cfg` (§4.1.4.3).
+///
+/// The 64-bit queue addresses are declared as two little-endian 32-bit halves, low first,
+/// because that is how the driver accesses them (§4.1.3.1 allows it; QEMU decodes only 32-bit
+/// accesses). The `queue_*` fields refer to the queue chosen by `queue_select`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommonCfg {
+    /// le32, driver-written: selects which 32-bit half of `device_feature` reads (§4.1.4.3).
+    pub device_feature_select: u32,
+    /// le32, device-written: the device's feature bits selected above (§4.1.4.3).
+    pub device_feature: u32,
+    /// le32, driver-written: selects which 32-bit half of `driver_feature` writes (§4.1.4.3).
+    pub driver_feature_select: u32,
+    /// le32, driver-written: the accepted feature bits selected above (§4.1.4.3).
+    pub driver_feature: u32,
+    /// le16, MSI-X vector for configuration change notifications; NO_VECTOR if none (§4.1.4.3).
+    pub config_msix_vector: u16,
+    /// le16, device-written: the maximum number of virtqueues supported (§4.1.4.3).
+    pub num_queues: u16,
+    /// u8, the device status field (§2.1); writing 0 resets the device (§4.1.4.3).
+    pub device_status: u8,
+    /// u8, device-written: changes whenever the device configuration changes (§4.1.4.3).
+    pub config_generation: u8,
+    /// le16, driver-written: the queue the `queue_*` fields below refer to (§4.1.4.3).
+    pub queue_select: u16,
+    /// le16, reads the maximum queue size (0: unavailable); the driver may write a smaller one
+    /// (§4.1.4.3).
+    pub queue_size: u16,
+    /// le16, MSI-X vector for this queue's notifications; NO_VECTOR if none (§4.1.4.3).
+    pub queue_msix_vector: u16,
+    /// le16, writing 1 enables the queue; reads whether it is enabled (§4.1.4.3).
+    pub queue_enable: u16,
+    /// le16, device-written: this queue's offset in the notification structure (§4.1.4.3).
+    pub queue_notify_off: u16,
+    /// le64, physical address of the descriptor area, as [low, high] halves (§4.1.4.3).
+    pub queue_desc: [u32; 2],
+    /// le64, physical address of the driver area (available ring), as [low, high] (§4.1.4.3).
+    pub queue_driver: [u32; 2],
+    /// le64, physical address of the device area (used ring), as [low, high] (§4.1.4.3).
+    pub queue_device: [u32; 2],
+    /// le16, device-written: data for notifications with VIRTIO_F_NOTIF_CONFIG_DATA
+    /// (§4.1.4.3).
+    pub queue_notify_data: u16,
+    /// le16, writing 1 resets the queue with VIRTIO_F_RING_RESET (§4.1.4.3).
+    pub queue_reset: u16,
+}
+
+/// Byte offsets of the [`CommonCfg`] registers within the common configuration region.
+pub mod common_cfg {
+    use super::CommonCfg;
+    use core::mem::offset_of;
+
+    /// `device_feature_select` (32 bits).
+    pub const DEVICE_FEATURE_SELECT: u64 = offset_of!(CommonCfg, device_feature_select) as u64;
+    /// `device_feature` (32 bits).
+    pub const DEVICE_FEATURE: u64 = offset_of!(CommonCfg, device_feature) as u64;
+    /// `driver_feature_select` (32 bits).
+    pub const DRIVER_FEATURE_SELECT: u64 = offset_of!(CommonCfg, driver_feature_select) as u64;
+    /// `driver_feature` (32 bits).
+    pub const DRIVER_FEATURE: u64 = offset_of!(CommonCfg, driver_feature) as u64;
+    /// `config_msix_vector` (16 bits).
+    pub const CONFIG_MSIX_VECTOR: u64 = offset_of!(CommonCfg, config_msix_vector) as u64;
+    /// `num_queues` (16 bits).
+    pub const NUM_QUEUES: u64 = offset_of!(CommonCfg, num_queues) as u64;
+    /// `device_status` (8 bits).
+    pub const DEVICE_STATUS: u64 = offset_of!(CommonCfg, device_status) as u64;
+    /// `config_generation` (8 bits).
+    pub const CONFIG_GENERATION: u64 = offset_of!(CommonCfg, config_generation) as u64;
+    /// `queue_select` (16 bits).
+    pub const QUEUE_SELECT: u64 = offset_of!(CommonCfg, queue_select) as u64;
+    /// `queue_size` (16 bits).
+    pub const QUEUE_SIZE: u64 = offset_of!(CommonCfg, queue_size) as u64;
+    /// `queue_msix_vector` (16 bits).
+    pub const QUEUE_MSIX_VECTOR: u64 = offset_of!(CommonCfg, queue_msix_vector) as u64;
+    /// `queue_enable` (16 bits).
+    pub const QUEUE_ENABLE: u64 = offset_of!(CommonCfg, queue_enable) as u64;
+    /// `queue_notify_off` (16 bits).
+    pub const QUEUE_NOTIFY_OFF: u64 = offset_of!(CommonCfg, queue_notify_off) as u64;
+    /// `queue_desc`, low half (32 bits); the high half follows at +4.
+    pub const QUEUE_DESC: u64 = offset_of!(CommonCfg, queue_desc) as u64;
+    /// `queue_driver`, low half (32 bits); the high half follows at +4.
+    pub const QUEUE_DRIVER: u64 = offset_of!(CommonCfg, queue_driver) as u64;
+    /// `queue_device`, low half (32 bits); the high half follows at +4.
+    pub const QUEUE_DEVICE: u64 = offset_of!(CommonCfg, queue_device) as u64;
+    /// `queue_notify_data` (16 bits).
+    pub const QUEUE_NOTIFY_DATA: u64 = offset_of!(CommonCfg, queue_notify_data) as u64;
+    /// `queue_reset` (16 bits).
+    pub const QUEUE_RESET: u64 = offset_of!(CommonCfg, queue_reset) as u64;
+
+    /// Length of the virtio 1.0 layout (through `queue_device`), which is all this driver
+    /// touches; a common region shorter than this is unusable.
+    pub const LEN_V1_0: u64 = QUEUE_NOTIFY_DATA;
+}
+
+const _: () = assert!(offset_of!(CommonCfg, device_feature_select) == 0x00);
+const _: () = assert!(offset_of!(CommonCfg, device_feature) == 0x04);
+const _: () = assert!(offset_of!(CommonCfg, driver_feature_select) == 0x08);
+const _: () = assert!(offset_of!(CommonCfg, driver_feature) == 0x0c);
+const _: () = assert!(offset_of!(CommonCfg, config_msix_vector) == 0x10);
+const _: () = assert!(offset_of!(CommonCfg, num_queues) == 0x12);
+const _: () = assert!(offset_of!(CommonCfg, device_status) == 0x14);
+const _: () = assert!(offset_of!(CommonCfg, config_generation) == 0x15);
+const _: () = assert!(offset_of!(CommonCfg, queue_select) == 0x16);
+const _: () = assert!(offset_of!(CommonCfg, queue_size) == 0x18);
+const _: () = assert!(offset_of!(CommonCfg, queue_msix_vector) == 0x1a);
+const _: () = assert!(offset_of!(CommonCfg, queue_enable) == 0x1c);
+const _: () = assert!(offset_of!(CommonCfg, queue_notify_off) == 0x1e);
+const _: () = assert!(offset_of!(CommonCfg, queue_desc) == 0x20);
+const _: () = assert!(offset_of!(CommonCfg, queue_driver) == 0x28);
+const _: () = assert!(offset_of!(CommonCfg, queue_device) == 0x30);
+const _: () = assert!(offset_of!(CommonCfg, queue_notify_data) == 0x38);
+const _: () = assert!(offset_of!(CommonCfg, queue_reset) == 0x3a);
+const _: () = assert!(size_of::<CommonCfg>() == 0x3c);
+
+/// The virtio-net device configuration layout, `struct virtio_net_config` (§5.1.4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    /// MAC address, valid with VIRTIO_NET_F_MAC (§5.1.4).
+    pub mac: [u8; 6],
+    /// le16, VIRTIO_NET_S_LINK_UP (1) and VIRTIO_NET_S_ANNOUNCE (2), with VIRTIO_NET_F_STATUS
+    /// (§5.1.4).
+    pub status: u16,
+    /// le16, maximum number of receive/transmit queue pairs, with VIRTIO_NET_F_MQ (§5.1.4).
+    pub max_virtqueue_pairs: u16,
+    /// le16, maximum MTU the driver should use, with VIRTIO_NET_F_MTU (§5.1.4).
+    pub mtu: u16,
+    /// le32, link speed in Mbit/s, with VIRTIO_NET_F_SPEED_DUPLEX (§5.1.4).
+    pub speed: u32,
+    /// u8, 0x00 half duplex, 0x01 full duplex, with VIRTIO_NET_F_SPEED_DUPLEX (§5.1.4).
+    pub duplex: u8,
+}
+
+/// Byte offsets of the [`NetConfig`] fields within the device configuration region.
+pub mod net_config {
+    use super::NetConfig;
+    use core::mem::offset_of;
+
+    /// `mac` (6 bytes).
+    pub const MAC: u32 = offset_of!(NetConfig, mac) as u32;
+    /// `status` (16 bits).
+    pub const STATUS: u32 = offset_of!(NetConfig, status) as u32;
+    /// `max_virtqueue_pairs` (16 bits).
+    pub const MAX_VIRTQUEUE_PAIRS: u32 = offset_of!(NetConfig, max_virtqueue_pairs) as u32;
+    /// `mtu` (16 bits).
+    pub const MTU: u32 = offset_of!(NetConfig, mtu) as u32;
+    /// `speed` (32 bits).
+    pub const SPEED: u32 = offset_of!(NetConfig, speed) as u32;
+    /// `duplex` (8 bits).
+    pub const DUPLEX: u32 = offset_of!(NetConfig, duplex) as u32;
+    /// Link status bit of `status` (§5.1.4).
+    pub const STATUS_LINK_UP: u16 = 1;
+    /// Announce-request bit of `status` (§5.1.4).
+    pub const STATUS_ANNOUNCE: u16 = 2;
+}
+
+const _: () = assert!(offset_of!(NetConfig, mac) == 0);
+const _: () = assert!(offset_of!(NetConfig, status) == 6);
+const _: () = assert!(offset_of!(NetConfig, max_virtqueue_pairs) == 8);
+const _: () = assert!(offset_of!(NetConfig, mtu) == 10);
+const _: () = assert!(offset_of!(NetConfig, speed) == 12);
+const _: () = assert!(offset_of!(NetConfig, duplex) == 16);
