@@ -38,7 +38,9 @@ pub struct Ipv4Cidr {
 impl Ipv4Cidr {
     /// Whether `other` lies in this address's subnet.
     pub fn contains(&self, other: Ipv4) -> bool {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
         self.address.to_u32() & mask == other.to_u32() & mask
     }
 }
@@ -110,7 +112,10 @@ pub struct Config {
 }
 
 /// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
-pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr { address: Ipv4([10, 0, 2, 15]), prefix_len: 24 };
+pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr {
+    address: Ipv4([10, 0, 2, 15]),
+    prefix_len: 24,
+};
 /// The default gateway, 10.0.2.2.
 pub const DEFAULT_GATEWAY: Ipv4 = Ipv4([10, 0, 2, 2]);
 
@@ -254,7 +259,12 @@ impl fmt::Display for CmdlineError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownKey { key } => write!(f, "unknown key '{key}' ignored"),
-            Self::InvalidValue { key, value, problem, kept } => {
+            Self::InvalidValue {
+                key,
+                value,
+                problem,
+                kept,
+            } => {
                 write!(f, "invalid {key}= value '{value}': {problem}; using {kept}")
             }
             Self::Duplicate { key } => write!(f, "{key}= given more than once; the last one wins"),
@@ -301,7 +311,10 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
             }
             b"gw" => {
                 check_duplicate(&mut seen_gw, "gw");
-                match value.ok_or(ValueProblem::MissingValue).and_then(parse_host_address) {
+                match value
+                    .ok_or(ValueProblem::MissingValue)
+                    .and_then(parse_host_address)
+                {
                     Ok(gateway) => {
                         config.gateway = Some(gateway);
                         explicit_gateway = true;
@@ -315,16 +328,24 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                 check_duplicate(&mut seen_mode, "mode");
                 match value.ok_or(ValueProblem::MissingValue).and_then(parse_mode) {
                     Ok(mode) => config.mode = mode,
-                    Err(problem) => report(invalid("mode", value, problem, Kept::Mode(config.mode))),
+                    Err(problem) => {
+                        report(invalid("mode", value, problem, Kept::Mode(config.mode)))
+                    }
                 }
             }
             b"log" => {
                 check_duplicate(&mut seen_log, "log");
-                match value.ok_or(ValueProblem::MissingValue).and_then(parse_level) {
+                match value
+                    .ok_or(ValueProblem::MissingValue)
+                    .and_then(parse_level)
+                {
                     Ok(level) => config.log_level = level,
-                    Err(problem) => {
-                        report(invalid("log", value, problem, Kept::Level(config.log_level)))
-                    }
+                    Err(problem) => report(invalid(
+                        "log",
+                        value,
+                        problem,
+                        Kept::Level(config.log_level),
+                    )),
                 }
             }
             b"selftest" => {
@@ -349,7 +370,10 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
         // The default gateway only makes sense with the default subnet; an explicit one that is
         // off-link is an error worth a line.
         if explicit_gateway || config.ip != DEFAULT_IP {
-            report(CmdlineError::GatewayNotOnLink { gateway, ip: config.ip });
+            report(CmdlineError::GatewayNotOnLink {
+                gateway,
+                ip: config.ip,
+            });
         }
         config.gateway = None;
     }
@@ -362,14 +386,21 @@ fn invalid<'a>(
     problem: ValueProblem,
     kept: Kept,
 ) -> CmdlineError<'a> {
-    CmdlineError::InvalidValue { key, value: Shown(value.unwrap_or(b"")), problem, kept }
+    CmdlineError::InvalidValue {
+        key,
+        value: Shown(value.unwrap_or(b"")),
+        problem,
+        kept,
+    }
 }
 
 fn parse_octet(text: &[u8]) -> Option<u8> {
     if text.is_empty() || text.len() > 3 || !text.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let value = text.iter().fold(0u16, |acc, digit| acc * 10 + u16::from(digit - b'0'));
+    let value = text
+        .iter()
+        .fold(0u16, |acc, digit| acc * 10 + u16::from(digit - b'0'));
     u8::try_from(value).ok()
 }
 
@@ -377,7 +408,10 @@ fn parse_address(text: &[u8]) -> Result<Ipv4, ValueProblem> {
     let mut octets = [0u8; 4];
     let mut parts = text.split(|&byte| byte == b'.');
     for octet in &mut octets {
-        *octet = parts.next().and_then(parse_octet).ok_or(ValueProblem::NotAnAddress)?;
+        *octet = parts
+            .next()
+            .and_then(parse_octet)
+            .ok_or(ValueProblem::NotAnAddress)?;
     }
     if parts.next().is_some() {
         return Err(ValueProblem::NotAnAddress);
@@ -395,13 +429,19 @@ fn parse_host_address(text: &[u8]) -> Result<Ipv4, ValueProblem> {
 }
 
 fn parse_cidr(text: &[u8]) -> Result<Ipv4Cidr, ValueProblem> {
-    let slash = text.iter().position(|&byte| byte == b'/').ok_or(ValueProblem::MissingPrefix)?;
+    let slash = text
+        .iter()
+        .position(|&byte| byte == b'/')
+        .ok_or(ValueProblem::MissingPrefix)?;
     let address = parse_host_address(&text[..slash])?;
     let prefix_len = parse_octet(&text[slash + 1..]).ok_or(ValueProblem::PrefixOutOfRange)?;
     if !(1..=32).contains(&prefix_len) {
         return Err(ValueProblem::PrefixOutOfRange);
     }
-    let cidr = Ipv4Cidr { address, prefix_len };
+    let cidr = Ipv4Cidr {
+        address,
+        prefix_len,
+    };
     // The subnet's broadcast address is not a host address (prefixes of 31 and 32 have none).
     if prefix_len < 31 {
         let host_mask = u32::MAX >> prefix_len;
@@ -459,7 +499,13 @@ mod tests {
         let (config, errors) =
             parse_collect("  ip=192.168.7.2/28\tgw=192.168.7.1 mode=poll log=debug selftest ");
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(config.ip, Ipv4Cidr { address: Ipv4([192, 168, 7, 2]), prefix_len: 28 });
+        assert_eq!(
+            config.ip,
+            Ipv4Cidr {
+                address: Ipv4([192, 168, 7, 2]),
+                prefix_len: 28
+            }
+        );
         assert_eq!(config.gateway, Some(Ipv4([192, 168, 7, 1])));
         assert_eq!(config.mode, Mode::Poll);
         assert_eq!(config.log_level, LogLevel::Debug);
@@ -531,7 +577,10 @@ mod tests {
     fn an_off_link_gateway_is_reported_and_dropped() {
         let (config, errors) = parse_collect("ip=192.168.1.5/24 gw=10.0.2.2");
         assert_eq!(config.gateway, None);
-        assert_eq!(errors, ["gateway 10.0.2.2 is not inside 192.168.1.5/24; no default route"]);
+        assert_eq!(
+            errors,
+            ["gateway 10.0.2.2 is not inside 192.168.1.5/24; no default route"]
+        );
         // Changing the subnet without a gw= drops the default gateway too, and says so.
         let (config, errors) = parse_collect("ip=192.168.1.5/24");
         assert_eq!(config.gateway, None);
@@ -549,7 +598,10 @@ mod tests {
     fn selftest_is_a_flag_without_value() {
         let (config, errors) = parse_collect("selftest=yes");
         assert!(!config.selftest);
-        assert_eq!(errors, ["invalid selftest= value 'yes': this flag takes no value; using off"]);
+        assert_eq!(
+            errors,
+            ["invalid selftest= value 'yes': this flag takes no value; using off"]
+        );
     }
 
     #[test]
@@ -559,9 +611,16 @@ mod tests {
         let mut errors = Vec::new();
         let config = parse(&line, |error| errors.push(error.to_string()));
         assert_eq!(config, Config::default());
-        assert!(errors.iter().all(|e| e.len() < 200 && e.is_ascii() && !e.contains('\x1b')));
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.len() < 200 && e.is_ascii() && !e.contains('\x1b'))
+        );
         assert!(errors[0].contains("\\xff\\xfe\\x1b[2J"), "{errors:?}");
-        assert!(errors.last().is_some_and(|e| e.contains("(5000 bytes)")), "{errors:?}");
+        assert!(
+            errors.last().is_some_and(|e| e.contains("(5000 bytes)")),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -587,10 +646,16 @@ mod tests {
 
     #[test]
     fn subnet_membership() {
-        let cidr = Ipv4Cidr { address: Ipv4([10, 1, 2, 3]), prefix_len: 16 };
+        let cidr = Ipv4Cidr {
+            address: Ipv4([10, 1, 2, 3]),
+            prefix_len: 16,
+        };
         assert!(cidr.contains(Ipv4([10, 1, 255, 1])));
         assert!(!cidr.contains(Ipv4([10, 2, 0, 1])));
-        let host = Ipv4Cidr { address: Ipv4([10, 1, 2, 3]), prefix_len: 32 };
+        let host = Ipv4Cidr {
+            address: Ipv4([10, 1, 2, 3]),
+            prefix_len: 32,
+        };
         assert!(host.contains(Ipv4([10, 1, 2, 3])));
         assert!(!host.contains(Ipv4([10, 1, 2, 4])));
     }

@@ -1,0 +1,423 @@
+//! The IDT, the naked interrupt entry stubs, and the dispatcher: exceptions (report and exit, or
+//! resume for #BP and for the page-fault probe), device interrupts (registered handlers, EOI).
+//!
+//! Entry: each vector has a naked stub that pushes a dummy error code where the CPU pushes none,
+//! then the vector, and jumps to `interrupt_common`. That saves the general registers and the
+//! SSE state (FXSAVE, since handlers are ordinary Rust that may use XMM registers), calls
+//! [`dispatch`] with a pointer to the saved [`InterruptFrame`], restores, and `iretq`s. Every
+//! gate runs on an IST stack (see `gdt`), never on the interrupted stack and its red zone.
+
+use core::arch::{global_asm, naked_asm};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::gdt::IstSlot;
+use crate::console;
+
+/// Registers saved on entry, in memory order (lowest address first), then the CPU's frame.
+#[repr(C)]
+#[derive(Debug)]
+pub struct InterruptFrame {
+    /// General registers, as pushed by `interrupt_common`.
+    pub r15: u64,
+    #[allow(missing_docs)]
+    pub r14: u64,
+    #[allow(missing_docs)]
+    pub r13: u64,
+    #[allow(missing_docs)]
+    pub r12: u64,
+    #[allow(missing_docs)]
+    pub r11: u64,
+    #[allow(missing_docs)]
+    pub r10: u64,
+    #[allow(missing_docs)]
+    pub r9: u64,
+    #[allow(missing_docs)]
+    pub r8: u64,
+    #[allow(missing_docs)]
+    pub rbp: u64,
+    #[allow(missing_docs)]
+    pub rdi: u64,
+    #[allow(missing_docs)]
+    pub rsi: u64,
+    #[allow(missing_docs)]
+    pub rdx: u64,
+    #[allow(missing_docs)]
+    pub rcx: u64,
+    #[allow(missing_docs)]
+    pub rbx: u64,
+    #[allow(missing_docs)]
+    pub rax: u64,
+    /// The vector, pushed by the stub.
+    pub vector: u64,
+    /// The CPU's error code, or 0 for vectors without one.
+    pub error_code: u64,
+    /// Interrupted instruction pointer.
+    pub rip: u64,
+    /// Interrupted code segment.
+    pub cs: u64,
+    /// Interrupted flags.
+    pub rflags: u64,
+    /// Interrupted stack pointer.
+    pub rsp: u64,
+    /// Interrupted stack segment.
+    pub ss: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<InterruptFrame>() == 22 * 8);
+
+/// The common entry path. On arrival the stack holds vector, error code and the CPU's frame;
+/// the IST stack top is 16-byte aligned and the CPU's frame plus the two pushes plus 15
+/// registers is 176 bytes, so the FXSAVE area below is aligned once `rsp` is rounded down.
+#[unsafe(naked)]
+unsafe extern "C" fn interrupt_common() {
+    naked_asm!(
+        "push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
+        "push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
+        "mov rbx, rsp",
+        "sub rsp, 512",
+        "and rsp, -16",
+        "fxsave64 [rsp]",
+        "mov rdi, rbx",
+        "cld",
+        "call {dispatch}",
+        "fxrstor64 [rsp]",
+        "mov rsp, rbx",
+        "pop r15", "pop r14", "pop r13", "pop r12", "pop r11", "pop r10", "pop r9", "pop r8",
+        "pop rbp", "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rbx", "pop rax",
+        "add rsp, 16",
+        "iretq",
+        dispatch = sym dispatch,
+    );
+}
+
+macro_rules! entry_stubs {
+    ($( $vector:literal => $name:ident $(, $error_code:ident)? ;)*) => {
+        $( entry_stubs!(@stub $vector, $name $(, $error_code)?); )*
+        /// Every installed stub with its vector.
+        static ENTRY_STUBS: &[(u8, unsafe extern "C" fn())] = &[$(($vector, $name)),*];
+    };
+    (@stub $vector:literal, $name:ident, error_code) => {
+        #[unsafe(naked)]
+        unsafe extern "C" fn $name() {
+            naked_asm!(concat!("push ", stringify!($vector)), "jmp {common}", common = sym interrupt_common);
+        }
+    };
+    (@stub $vector:literal, $name:ident) => {
+        #[unsafe(naked)]
+        unsafe extern "C" fn $name() {
+            naked_asm!("push 0", concat!("push ", stringify!($vector)), "jmp {common}", common = sym interrupt_common);
+        }
+    };
+}
+
+entry_stubs! {
+    0 => vector_0; 1 => vector_1; 2 => vector_2; 3 => vector_3; 4 => vector_4; 5 => vector_5;
+    6 => vector_6; 7 => vector_7; 8 => vector_8, error_code; 9 => vector_9;
+    10 => vector_10, error_code; 11 => vector_11, error_code; 12 => vector_12, error_code;
+    13 => vector_13, error_code; 14 => vector_14, error_code; 15 => vector_15; 16 => vector_16;
+    17 => vector_17, error_code; 18 => vector_18; 19 => vector_19; 20 => vector_20;
+    21 => vector_21, error_code; 22 => vector_22; 23 => vector_23; 24 => vector_24;
+    25 => vector_25; 26 => vector_26; 27 => vector_27; 28 => vector_28;
+    29 => vector_29, error_code; 30 => vector_30, error_code; 31 => vector_31;
+    32 => vector_32; 33 => vector_33; 34 => vector_34; 35 => vector_35; 36 => vector_36;
+    37 => vector_37; 38 => vector_38; 39 => vector_39; 40 => vector_40; 41 => vector_41;
+    42 => vector_42; 43 => vector_43; 44 => vector_44; 45 => vector_45; 46 => vector_46;
+    47 => vector_47; 48 => vector_48; 49 => vector_49; 50 => vector_50; 51 => vector_51;
+    52 => vector_52; 53 => vector_53; 54 => vector_54; 55 => vector_55; 56 => vector_56;
+    57 => vector_57; 58 => vector_58; 59 => vector_59; 60 => vector_60; 61 => vector_61;
+    62 => vector_62; 63 => vector_63; 239 => vector_239; 255 => vector_255;
+}
+
+/// First vector of the (masked) legacy PIC after remapping; its spurious IRQ7/15 land at +7/+15.
+pub const PIC_VECTOR_BASE: u8 = 0x20;
+/// First vector handed out to devices (MSI-X, IOAPIC).
+pub const DEVICE_VECTOR_FIRST: u8 = 0x30;
+/// Last vector handed out to devices.
+pub const DEVICE_VECTOR_LAST: u8 = 0x3f;
+/// The local APIC timer.
+pub const TIMER_VECTOR: u8 = 0xef;
+/// The local APIC's spurious vector (no EOI).
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// One IDT gate (Intel SDM vol. 3, 6.14.1).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attributes: u8,
+    offset_middle: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Gate>() == 16);
+
+impl Gate {
+    const MISSING: Gate = Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attributes: 0,
+        offset_middle: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
+
+    /// A present, DPL 0, 64-bit interrupt gate (IF cleared on entry) on IST `slot`.
+    fn interrupt_gate(handler: u64, code_selector: u16, slot: IstSlot) -> Gate {
+        Gate {
+            offset_low: handler as u16,
+            selector: code_selector,
+            ist: slot as u8,
+            type_attributes: 0x8e,
+            offset_middle: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            reserved: 0,
+        }
+    }
+}
+
+#[repr(C, align(16))]
+struct Idt([Gate; 256]);
+
+/// The IDT. Written once in [`init`] before `lidt`, then only read by the CPU.
+static mut IDT: Idt = Idt([Gate::MISSING; 256]);
+
+/// Fills and loads the IDT: every exception and every stubbed interrupt vector gets a gate on
+/// an IST stack.
+pub fn init() {
+    let code_selector = {
+        use x86_64::instructions::segmentation::Segment;
+        x86_64::instructions::segmentation::CS::get_reg().0
+    };
+    let mut gates = [Gate::MISSING; 256];
+    for &(vector, stub) in ENTRY_STUBS {
+        let slot = match vector {
+            8 => IstSlot::DoubleFault,
+            2 | 18 => IstSlot::NonMaskable,
+            14 => IstSlot::PageFault,
+            0..=31 => IstSlot::Exception,
+            _ => IstSlot::Interrupt,
+        };
+        gates[usize::from(vector)] =
+            Gate::interrupt_gate(stub as usize as u64, code_selector, slot);
+    }
+    // SAFETY: `init` runs once on the boot CPU before interrupts are enabled; nothing else
+    // references IDT. After `lidt` the table is never written again, and it is a static, so
+    // it outlives its use. Every gate points at a stub that follows the interrupt ABI above.
+    unsafe {
+        let idt = &mut *core::ptr::addr_of_mut!(IDT);
+        idt.0 = gates;
+        let pointer = x86_64::structures::DescriptorTablePointer {
+            limit: (core::mem::size_of::<Idt>() - 1) as u16,
+            base: x86_64::VirtAddr::new(idt as *const Idt as u64),
+        };
+        x86_64::instructions::tables::lidt(&pointer);
+    }
+}
+
+/// A device interrupt handler: runs with interrupts disabled on the interrupt IST stack; keep it
+/// short (set flags, count), never block, never log at length.
+pub type IrqHandler = fn(vector: u8);
+
+/// Handlers for vectors 32..=255, as `fn` pointers stored as `usize` (0 = none).
+static IRQ_HANDLERS: [AtomicUsize; 224] = [const { AtomicUsize::new(0) }; 224];
+/// Interrupts that arrived on a vector with no handler.
+static UNEXPECTED_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+/// Breakpoints taken (and resumed).
+static BREAKPOINTS: AtomicU64 = AtomicU64::new(0);
+
+/// Installs `handler` for `vector` (32..=255, and one the IDT has a stub for).
+pub fn register_irq(vector: u8, handler: IrqHandler) -> Result<(), UnknownVector> {
+    if vector < 32 || !ENTRY_STUBS.iter().any(|&(stubbed, _)| stubbed == vector) {
+        return Err(UnknownVector(vector));
+    }
+    IRQ_HANDLERS[usize::from(vector) - 32].store(handler as usize, Ordering::Release);
+    Ok(())
+}
+
+/// A vector with no IDT stub (or an exception vector) was given to [`register_irq`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownVector(pub u8);
+
+impl core::fmt::Display for UnknownVector {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "vector {:#04x} has no interrupt stub", self.0)
+    }
+}
+
+/// Number of `int3` breakpoints taken and resumed.
+pub fn breakpoint_count() -> u64 {
+    BREAKPOINTS.load(Ordering::Relaxed)
+}
+
+/// Number of interrupts on vectors without a handler.
+pub fn unexpected_interrupt_count() -> u64 {
+    UNEXPECTED_INTERRUPTS.load(Ordering::Relaxed)
+}
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved (15)",
+    "#MF x87 floating point",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD floating point",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved (22)",
+    "reserved (23)",
+    "reserved (24)",
+    "reserved (25)",
+    "reserved (26)",
+    "reserved (27)",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved (31)",
+];
+
+/// The Rust side of every interrupt, called by `interrupt_common` with interrupts disabled.
+extern "C" fn dispatch(frame: &mut InterruptFrame) {
+    let vector = frame.vector as u8;
+    match vector {
+        3 => {
+            // #BP is a trap: RIP already points after the `int3`, so returning resumes.
+            BREAKPOINTS.fetch_add(1, Ordering::Relaxed);
+        }
+        14 => {
+            let fault_address = x86_64::registers::control::Cr2::read_raw();
+            if !resume_probe(frame, fault_address) {
+                fatal_exception(frame);
+            }
+        }
+        0..=31 => fatal_exception(frame),
+        SPURIOUS_VECTOR => {
+            // The local APIC's spurious interrupt needs no EOI (Intel SDM 11.9).
+        }
+        _ if (PIC_VECTOR_BASE..PIC_VECTOR_BASE + 16).contains(&vector) => {
+            // A spurious IRQ from the masked legacy PIC: no EOI to the local APIC.
+            UNEXPECTED_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {
+            let handler = IRQ_HANDLERS[usize::from(vector) - 32].load(Ordering::Acquire);
+            if handler == 0 {
+                UNEXPECTED_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // SAFETY: only `register_irq` stores non-zero values, and it stores `IrqHandler`
+                // function pointers, so this transmutes one back to its own type.
+                let handler: IrqHandler =
+                    unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
+                handler(vector);
+            }
+            super::apic::end_of_interrupt();
+        }
+    }
+}
+
+/// Prints the exception, registers and a backtrace, then exits QEMU with status 35.
+fn fatal_exception(frame: &InterruptFrame) -> ! {
+    let vector = frame.vector as usize;
+    let name = EXCEPTION_NAMES.get(vector).copied().unwrap_or("interrupt");
+    let cr2 = x86_64::registers::control::Cr2::read_raw();
+    let mut out = console::emergency_writer();
+    use core::fmt::Write;
+    let _ = writeln!(
+        out,
+        "PANIC: CPU exception {vector} ({name}) error_code={:#x} rip={:#018x} cr2={:#018x} rsp={:#018x}",
+        frame.error_code, frame.rip, cr2, frame.rsp
+    );
+    let _ = writeln!(
+        out,
+        "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
+        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
+    );
+    let _ = write!(out, "  backtrace: {:#x}", frame.rip);
+    for return_address in crate::mem::backtrace(frame.rbp).iter().flatten() {
+        let _ = write!(out, " {return_address:#x}");
+    }
+    let _ = writeln!(out);
+    super::exit_qemu(super::ExitCode::Failure)
+}
+
+// The page-fault probe: `probe_read_u64(address)` loads a qword; if the load faults, the #PF
+// handler moves RIP to the fixup, which returns (fault address, 1) instead of (value, 0).
+global_asm!(
+    ".pushsection .text.probe, \"ax\"",
+    ".global vireo_probe_read_u64",
+    "vireo_probe_read_u64:",
+    "    xor edx, edx",
+    ".global vireo_probe_read_insn",
+    "vireo_probe_read_insn:",
+    "    mov rax, [rdi]",
+    "    ret",
+    ".global vireo_probe_read_fixup",
+    "vireo_probe_read_fixup:",
+    "    ret",
+    ".popsection",
+);
+
+unsafe extern "C" {
+    fn vireo_probe_read_u64(address: u64) -> ProbeResult;
+    static vireo_probe_read_insn: u8;
+    static vireo_probe_read_fixup: u8;
+}
+
+#[repr(C)]
+struct ProbeResult {
+    value: u64,
+    faulted: u64,
+}
+
+/// If the fault is the probe's load, resume at its fixup with the fault address in RAX.
+fn resume_probe(frame: &mut InterruptFrame, fault_address: u64) -> bool {
+    let probe_instruction = core::ptr::addr_of!(vireo_probe_read_insn) as u64;
+    if frame.rip != probe_instruction {
+        return false;
+    }
+    frame.rip = core::ptr::addr_of!(vireo_probe_read_fixup) as u64;
+    frame.rax = fault_address;
+    frame.rdx = 1;
+    true
+}
+
+/// Reads the qword at `address`, reporting a page fault as `Err(fault address)` instead of
+/// dying. Used by the self test (and usable to probe memory that may be unmapped).
+pub fn probe_read_u64(address: u64) -> Result<u64, u64> {
+    // SAFETY: the probe performs one load; a load from an unmapped address raises #PF, which
+    // `dispatch` resumes at the fixup instead of treating as fatal. A load from a mapped
+    // address has no side effects on memory Rust knows about (reading MMIO here is the
+    // caller's business, and the self test only probes RAM and unmapped pages).
+    let result = unsafe { vireo_probe_read_u64(address) };
+    if result.faulted != 0 {
+        Err(result.value)
+    } else {
+        Ok(result.value)
+    }
+}
+
+/// Enables interrupts.
+pub fn enable() {
+    x86_64::instructions::interrupts::enable();
+}
+
+/// Runs `f` with interrupts disabled, restoring the previous state.
+pub fn without_interrupts<R>(f: impl FnOnce() -> R) -> R {
+    x86_64::instructions::interrupts::without_interrupts(f)
+}

@@ -1,0 +1,139 @@
+//! The CPU: port I/O, MSRs, CPUID, QEMU exit, and the submodules for descriptor tables,
+//! interrupts, the local APIC and the clock. Everything in here is platform code and may use
+//! `unsafe`; each block says why it is sound.
+
+pub mod apic;
+pub mod clock;
+pub mod gdt;
+pub mod interrupts;
+
+use core::arch::asm;
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port reads have no memory effects; every port Vireo reads (COM1, PIT, PIC, PCI
+    // 0xCFC, ACPI PM timer) has no read side effects that could break memory safety.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// Writes a byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: see `inb`; the ports Vireo writes control devices that do not DMA into memory we
+    // have not handed them.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Writes a 16-bit word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Reads a 16-bit word from an I/O port.
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// Reads a 32-bit dword from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// Writes a 32-bit dword to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Reads a model-specific register.
+///
+/// # Safety
+/// `msr` must exist on this CPU (reading an absent MSR raises #GP).
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: the caller guarantees the MSR exists.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+/// Writes a model-specific register.
+///
+/// # Safety
+/// `msr` must exist and `value` must be valid for it, and the write must not break invariants
+/// that Rust code relies on (paging, segmentation).
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the MSR and value are valid.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+/// CPUID leaf `leaf`, subleaf 0: (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    // CPUID exists on every x86_64 CPU and has no side effects.
+    let result = core::arch::x86_64::__cpuid_count(leaf, 0);
+    (result.eax, result.ebx, result.ecx, result.edx)
+}
+
+/// The time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is unprivileged-safe and has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// QEMU's isa-debug-exit port (`-device isa-debug-exit,iobase=0xf4,iosize=0x04`).
+const DEBUG_EXIT_PORT: u16 = 0xf4;
+
+/// How the guest ends a QEMU run. QEMU exits with status `(value << 1) | 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ExitCode {
+    /// Status 33: the run succeeded (self tests passed).
+    Success = 0x10,
+    /// Status 35: a fatal error, after a `PANIC:` line.
+    Failure = 0x11,
+}
+
+/// Ends the QEMU run. Without the isa-debug-exit device the CPU halts with interrupts off.
+pub fn exit_qemu(code: ExitCode) -> ! {
+    outl(DEBUG_EXIT_PORT, code as u32);
+    halt_forever()
+}
+
+/// Halts with interrupts disabled, forever.
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+/// The idle path: enables interrupts and halts until the next one, atomically (`sti; hlt`), so
+/// that an interrupt arriving between the check and the halt cannot be missed.
+pub fn idle_until_interrupt() {
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+}

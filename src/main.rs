@@ -1,0 +1,178 @@
+//! Vireo's kernel binary: the bring-up order, then the device search.
+//!
+//! Boot (`boot/entry.S`) enters `kernel_entry` in long mode on the kernel stack with the PVH
+//! start info address. From there: console, start info and command line, GDT/TSS/IDT, page
+//! tables and heap, clock, ACPI, local APIC and timer; then either the self test or PCI
+//! enumeration and the virtio-net device.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi;
+mod arch;
+mod console;
+mod mem;
+mod pci;
+mod selftest;
+
+use core::arch::global_asm;
+
+use vireo::config::{self, Config, LogLevel};
+
+global_asm!(include_str!("../boot/entry.S"), options(att_syntax));
+
+/// PCI vendor id of virtio devices.
+const VIRTIO_VENDOR: u16 = 0x1af4;
+
+fn level_filter(level: LogLevel) -> log::LevelFilter {
+    match level {
+        LogLevel::Error => log::LevelFilter::Error,
+        LogLevel::Warn => log::LevelFilter::Warn,
+        LogLevel::Info => log::LevelFilter::Info,
+        LogLevel::Debug => log::LevelFilter::Debug,
+    }
+}
+
+/// Called by the boot code with the physical address of `hvm_start_info`.
+#[unsafe(no_mangle)]
+extern "C" fn kernel_entry(start_info_address: u32) -> ! {
+    console::init(log::LevelFilter::Info);
+    println!("Vireo {} booting", env!("CARGO_PKG_VERSION"));
+
+    let boot = match mem::read_boot_info(start_info_address) {
+        Ok(boot) => boot,
+        Err(error) => console::fatal(format_args!("boot info: {error}")),
+    };
+    let config: Config = config::parse(boot.cmdline(), |error| println!("cmdline: {error}"));
+    if boot.cmdline_truncated {
+        println!(
+            "cmdline: longer than {} bytes; the rest is ignored",
+            boot.cmdline().len()
+        );
+    }
+    console::set_level(level_filter(config.log_level));
+
+    arch::gdt::init();
+    arch::interrupts::init();
+
+    let memory = match mem::init(&boot) {
+        Ok(summary) => summary,
+        Err(error) => console::fatal(format_args!("memory: {error}")),
+    };
+    let tsc_hz = match arch::clock::init() {
+        Ok(hz) => hz,
+        Err(error) => console::fatal(format_args!("clock: {error}")),
+    };
+    log::info!(
+        "memory: {} MiB RAM in {} regions; heap {} MiB at {:#x}; {} of {} page-table pages",
+        boot.total_ram() >> 20,
+        boot.regions().len(),
+        memory.heap_size >> 20,
+        memory.heap_start,
+        memory.table_pages.0,
+        memory.table_pages.1
+    );
+    log::info!(
+        "clock: TSC {}.{:03} MHz (calibrated against PIT channel 2)",
+        tsc_hz / 1_000_000,
+        (tsc_hz / 1000) % 1000
+    );
+    log::info!(
+        "cmdline: ip={} gw={} mode={} log={}",
+        config.ip,
+        DisplayGateway(config.gateway),
+        config.mode,
+        config.log_level
+    );
+
+    let platform = match acpi::init(boot.rsdp_address) {
+        Ok(info) => {
+            log::info!(
+                "acpi: MADT {} CPUs (APIC ids {:?}), {} IOAPICs {:?}",
+                info.cpu_count,
+                &info.cpu_apic_ids[..info.cpu_count],
+                info.ioapic_count,
+                &info.ioapics[..info.ioapic_count]
+            );
+            match info.ecam {
+                Some(ecam) => log::info!(
+                    "acpi: MCFG ECAM at {:#x} segment {} buses {}..={}",
+                    ecam.base,
+                    ecam.segment,
+                    ecam.bus_start,
+                    ecam.bus_end
+                ),
+                None => log::info!("acpi: no MCFG; PCI through ports 0xCF8/0xCFC"),
+            }
+            Some(info)
+        }
+        Err(error) => {
+            log::warn!("acpi: {error}; continuing without MADT and MCFG");
+            None
+        }
+    };
+
+    let apic = match arch::apic::init() {
+        Ok(apic) => apic,
+        Err(error) => console::fatal(format_args!("local APIC: {error}")),
+    };
+    let timer_hz = match arch::apic::start_timer(1000) {
+        Ok(hz) => hz,
+        Err(error) => console::fatal(format_args!("APIC timer: {error}")),
+    };
+    log::info!(
+        "apic: {} id {} version {:#x}; timer {} kHz input, 1000 Hz tick; legacy PIC masked",
+        if apic.x2apic { "x2APIC" } else { "xAPIC" },
+        apic.id,
+        apic.version,
+        timer_hz / 1000
+    );
+
+    if config.selftest {
+        selftest::run();
+    }
+
+    let config_space = pci::PlatformConfig::new(platform.and_then(|info| info.ecam));
+    let enumeration = ::pci::enumerate_with_errors(&config_space);
+    log::info!(
+        "pci: {} functions through {}",
+        enumeration.functions.len(),
+        config_space.describe()
+    );
+    for function in &enumeration.functions {
+        log::info!("pci: {function}");
+    }
+    for error in &enumeration.errors {
+        log::warn!("pci: {error}");
+    }
+    let virtio_net = enumeration.functions.iter().find(|function| {
+        function.vendor_id == VIRTIO_VENDOR
+            && (function.device_id == 0x1041
+                || (function.device_id == 0x1000
+                    && function
+                        .subsystem
+                        .is_some_and(|subsystem| subsystem.id == 1)))
+    });
+    match virtio_net {
+        Some(function) => console::fatal(format_args!(
+            "found virtio-net at {} but this build has no virtio-net driver yet",
+            function.address
+        )),
+        None => console::fatal(format_args!(
+            "no virtio-net device found ({} PCI functions scanned)",
+            enumeration.functions.len()
+        )),
+    }
+}
+
+struct DisplayGateway(Option<config::Ipv4>);
+
+impl core::fmt::Display for DisplayGateway {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(gateway) => write!(f, "{gateway}"),
+            None => f.write_str("none"),
+        }
+    }
+}
