@@ -62,11 +62,23 @@ pub fn wait_for_banner(guest: &mut Guest) -> Result<SerialLine, RunError> {
 /// lines came before it and none says `FAILED`, and that the verdict arrived within
 /// [`VERDICT_BOUND`] of spawning QEMU. Returns N.
 pub fn wait_for_selftest_pass(guest: &mut Guest) -> Result<usize, RunError> {
-    let verdict = guest.wait_for_line_matching(
-        "the selftest verdict `selftest: all N checks passed`",
-        LINE_WAIT,
-        |line| line.contains("selftest: all ") && line.contains(" checks passed"),
-    )?;
+    let verdict = guest
+        .wait_for_line_matching(
+            "the selftest verdict `selftest: all N checks passed`",
+            LINE_WAIT,
+            |line| line.contains("selftest: all ") && line.contains(" checks passed"),
+        )
+        .map_err(|failure| {
+            let failed = failed_selftest_lines(&failure.serial);
+            if failed.is_empty() {
+                failure
+            } else {
+                guest.check_failed(format!(
+                    "selftest checks failed: {failed:?} ({})",
+                    failure.error
+                ))
+            }
+        })?;
     println!(
         "selftest verdict after {:.3} s (asserted bound {} s, target < 1 s under TCG): {}",
         verdict.at.as_secs_f64(),
@@ -81,11 +93,7 @@ pub fn wait_for_selftest_pass(guest: &mut Guest) -> Result<usize, RunError> {
         .and_then(|count| count.parse::<usize>().ok())
         .ok_or_else(|| guest.check_failed(format!("no check count in {:?}", verdict.text)))?;
     let lines = guest.lines();
-    let failed: Vec<&str> = lines
-        .iter()
-        .map(|line| line.text.as_str())
-        .filter(|text| text.contains("selftest: ") && text.contains("FAILED"))
-        .collect();
+    let failed = failed_selftest_lines(&lines);
     if !failed.is_empty() {
         return Err(guest.check_failed(format!("selftest lines report failures: {failed:?}")));
     }
@@ -110,6 +118,15 @@ pub fn wait_for_selftest_pass(guest: &mut Guest) -> Result<usize, RunError> {
         )));
     }
     Ok(claimed)
+}
+
+/// The `selftest: ... FAILED...` lines of a log.
+pub fn failed_selftest_lines(lines: &[SerialLine]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|line| line.text.contains("selftest: ") && line.text.contains("FAILED"))
+        .map(|line| line.text.clone())
+        .collect()
 }
 
 /// Whether `line` contains `word` as a whole word (not inside a longer identifier).

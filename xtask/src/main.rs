@@ -207,14 +207,16 @@ fn brief(failure: &RunError) -> String {
 /// `cargo xtask test`: make sure QEMU is there, then hand over to the test runner. Nothing is
 /// printed after the runner, so the output ends with its own summary.
 fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
+    // Both log what they found (QEMU path and version; accelerator and why).
+    Qemu::ensure()?;
+    choose_accel()?;
+    // Checked after the environment so that the harness's own tests can run `xtask test` to see
+    // its QEMU and VIREO_ACCEL errors, but can never start the suite again from inside it.
     if std::env::var_os(INSIDE_TEST_ENV).is_some() {
-        // A test that runs `xtask test` to check an error path must never start the suite again.
         return Err(CliError::Failed(format!(
             "`cargo xtask test` is already running ({INSIDE_TEST_ENV} is set); not starting it again"
         )));
     }
-    let qemu = Qemu::ensure()?;
-    let accel = choose_accel()?;
     let nextest = Command::new(cargo())
         .args(["nextest", "--version"])
         .stdout(std::process::Stdio::null())
@@ -239,13 +241,6 @@ fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
         .iter()
         .map(|arg| shell_quote(arg.as_os_str()))
         .collect();
-    log(&format!(
-        "QEMU: {} ({}); accelerator: {} ({})",
-        qemu.path.display(),
-        qemu.version_line,
-        accel.accel.as_str(),
-        accel.reason
-    ));
     log(&format!(
         "test runner: {} (cargo {}){}",
         if nextest {
