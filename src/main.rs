@@ -74,7 +74,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         memory.table_pages.1
     );
     log::info!(
-        "clock: TSC {}.{:03} MHz (calibrated against PIT channel 2)",
+        "clock: TSC {}.{:03} MHz (calibrated against PIT channel 2, median of 5 windows)",
         tsc_hz / 1_000_000,
         (tsc_hz / 1000) % 1000
     );

@@ -1,4 +1,5 @@
-//! The monotonic clock: nanoseconds since boot from the TSC, calibrated against PIT channel 2.
+//! The monotonic clock: nanoseconds since calibration from the TSC, calibrated against PIT
+//! channel 2 (median of five windows).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,7 +13,7 @@ static NS_PER_TICK_FIXED: AtomicU64 = AtomicU64::new(0);
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 
 const PIT_HZ: u64 = 1_193_182;
-const CALIBRATION_MS: u64 = 10;
+const CALIBRATION_MS: u64 = 5;
 
 /// Calibration failures.
 #[derive(Clone, Copy, Debug)]
@@ -35,9 +36,9 @@ impl core::fmt::Display for ClockError {
     }
 }
 
-/// Calibrates the TSC against a 10 ms one-shot of PIT channel 2 (gate through port 0x61, the
-/// speaker disabled) and starts the clock. Returns the TSC frequency in Hz.
-pub fn init() -> Result<u64, ClockError> {
+/// One PIT channel 2 one-shot of `CALIBRATION_MS` (gate through port 0x61, speaker off):
+/// TSC ticks elapsed, and the TSC value at the start.
+fn pit_window() -> Result<(u64, u64), ClockError> {
     let latch = PIT_HZ * CALIBRATION_MS / 1000;
     let port61 = inb(0x61);
     outb(0x61, (port61 & !0x02) | 0x01); // gate high, speaker off
@@ -49,19 +50,39 @@ pub fn init() -> Result<u64, ClockError> {
     while inb(0x61) & 0x20 == 0 {
         polls += 1;
         if polls > 50_000_000 {
+            outb(0x61, port61);
             return Err(ClockError::PitSilent);
         }
     }
     let end = rdtsc();
     outb(0x61, port61);
-    let hz = (end - start) * 1000 / CALIBRATION_MS;
+    Ok((end - start, start))
+}
+
+/// Calibrates the TSC against PIT channel 2 and starts the clock. Returns the TSC frequency.
+///
+/// Under an emulator on a busy host the vCPU can be descheduled inside a window, which
+/// stretches (or, before the start is read, shrinks) that window's TSC count. So it measures
+/// five 5 ms windows and takes the median.
+pub fn init() -> Result<u64, ClockError> {
+    let mut samples = [0u64; 5];
+    let mut first_start = 0;
+    for (index, sample) in samples.iter_mut().enumerate() {
+        let (ticks, start) = pit_window()?;
+        if index == 0 {
+            first_start = start;
+        }
+        *sample = ticks * 1000 / CALIBRATION_MS;
+    }
+    samples.sort_unstable();
+    let hz = samples[samples.len() / 2];
     if !(50_000_000..=20_000_000_000).contains(&hz) {
         return Err(ClockError::Implausible { hz });
     }
     let fixed = ((1_000_000_000u128 << 32) / u128::from(hz)) as u64;
     NS_PER_TICK_FIXED.store(fixed, Ordering::Relaxed);
     TSC_HZ.store(hz, Ordering::Relaxed);
-    TSC_AT_ZERO.store(start, Ordering::Relaxed);
+    TSC_AT_ZERO.store(first_start, Ordering::Relaxed);
     Ok(hz)
 }
 
