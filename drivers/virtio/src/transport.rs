@@ -144,6 +144,18 @@ pub enum ConfigWidth {
     U64,
 }
 
+impl ConfigWidth {
+    /// Width in bytes.
+    pub const fn bytes(self) -> u8 {
+        match self {
+            Self::U8 => 1,
+            Self::U16 => 2,
+            Self::U32 => 4,
+            Self::U64 => 8,
+        }
+    }
+}
+
 /// The virtqueue layout a queue will use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QueueFormat {
@@ -277,7 +289,8 @@ pub trait Transport {
     /// The current `config_generation` (§2.4, §4.1.4.3).
     fn config_generation(&self) -> u8;
 
-    /// Length of the device-specific configuration region (0 if there is none).
+    /// Length of the device-specific configuration region; 0 means there is none, and config
+    /// reads then fail with [`TransportError::NoDeviceConfig`].
     fn device_config_len(&self) -> u64;
 
     /// One raw, aligned access to device configuration, without generation checking.
@@ -298,28 +311,31 @@ pub trait Transport {
     /// Reads one device configuration field of up to 64 bits consistently: retries until
     /// `config_generation` is the same before and after all its pieces were read (§2.4.1).
     fn read_config(&self, offset: u32, width: ConfigWidth) -> Result<u64, TransportError> {
+        let bytes = width.bytes();
+        let len = self.device_config_len();
+        if len == 0 {
+            return Err(TransportError::NoDeviceConfig);
+        }
+        let fits = u64::from(offset)
+            .checked_add(u64::from(bytes))
+            .is_some_and(|end| end <= len);
+        if !fits {
+            return Err(TransportError::ConfigOutOfRange {
+                offset,
+                width: bytes,
+                len,
+            });
+        }
         read_consistent(self, offset, |transport| {
+            let raw = |offset, width| transport.read_device_config_raw(offset, width);
             Ok(match width {
-                ConfigWidth::U8 => {
-                    u64::from(transport.read_device_config_raw(offset, RegisterWidth::U8)?)
-                }
-                ConfigWidth::U16 => {
-                    u64::from(transport.read_device_config_raw(offset, RegisterWidth::U16)?)
-                }
-                ConfigWidth::U32 => {
-                    u64::from(transport.read_device_config_raw(offset, RegisterWidth::U32)?)
-                }
+                ConfigWidth::U8 => u64::from(raw(offset, RegisterWidth::U8)?),
+                ConfigWidth::U16 => u64::from(raw(offset, RegisterWidth::U16)?),
+                ConfigWidth::U32 => u64::from(raw(offset, RegisterWidth::U32)?),
                 ConfigWidth::U64 => {
-                    let high_offset =
-                        offset
-                            .checked_add(4)
-                            .ok_or(TransportError::ConfigOutOfRange {
-                                offset,
-                                width: 8,
-                                len: transport.device_config_len(),
-                            })?;
-                    let low = transport.read_device_config_raw(offset, RegisterWidth::U32)?;
-                    let high = transport.read_device_config_raw(high_offset, RegisterWidth::U32)?;
+                    // offset + 8 <= len was checked above, so offset + 4 cannot overflow.
+                    let low = raw(offset, RegisterWidth::U32)?;
+                    let high = raw(offset.saturating_add(4), RegisterWidth::U32)?;
                     u64::from(low) | (u64::from(high) << 32)
                 }
             })
@@ -330,6 +346,9 @@ pub trait Transport {
     /// byte by byte inside one generation window (§2.4.1).
     fn read_config_bytes(&self, offset: u32, buffer: &mut [u8]) -> Result<(), TransportError> {
         let len = self.device_config_len();
+        if len == 0 {
+            return Err(TransportError::NoDeviceConfig);
+        }
         let fits = u64::from(offset)
             .checked_add(buffer.len() as u64)
             .is_some_and(|end| end <= len);
