@@ -12,6 +12,8 @@ extern crate alloc;
 mod acpi;
 mod arch;
 mod console;
+mod devices;
+mod hal;
 mod mem;
 mod pci;
 mod selftest;
@@ -21,9 +23,6 @@ use core::arch::global_asm;
 use vireo::config::{self, Config, LogLevel};
 
 global_asm!(include_str!("../boot/entry.S"), options(att_syntax));
-
-/// PCI vendor id of virtio devices.
-const VIRTIO_VENDOR: u16 = 0x1af4;
 
 fn level_filter(level: LogLevel) -> log::LevelFilter {
     match level {
@@ -146,24 +145,19 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     for error in &enumeration.errors {
         log::warn!("pci: {error}");
     }
-    let virtio_net = enumeration.functions.iter().find(|function| {
-        function.vendor_id == VIRTIO_VENDOR
-            && (function.device_id == 0x1041
-                || (function.device_id == 0x1000
-                    && function
-                        .subsystem
-                        .is_some_and(|subsystem| subsystem.id == 1)))
-    });
-    match virtio_net {
-        Some(function) => console::fatal(format_args!(
-            "found virtio-net at {} but this build has no virtio-net driver yet",
-            function.address
-        )),
-        None => console::fatal(format_args!(
-            "no virtio-net device found ({} PCI functions scanned)",
-            enumeration.functions.len()
-        )),
-    }
+    let net = match devices::bring_up_net(&config_space, &enumeration.functions) {
+        Ok(net) => net,
+        Err(error) => console::fatal(format_args!("{error}")),
+    };
+    let [a, b, c, d, e, f] = net.mac;
+    log::info!(
+        "virtio-net: {} MAC {a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}",
+        net.function.address
+    );
+    console::fatal(format_args!(
+        "virtio-net at {} initialised to FEATURES_OK, but this build has no virtqueues yet",
+        net.function.address
+    ))
 }
 
 struct DisplayGateway(Option<config::Ipv4>);

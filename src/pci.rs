@@ -187,3 +187,123 @@ impl pci::ConfigSpace for PlatformConfig {
         unsafe { self.access().write(address, offset, value) }
     }
 }
+
+/// Failures while setting up a function's MSI-X table.
+#[derive(Clone, Copy, Debug)]
+pub enum MsixSetupError {
+    /// The capability is malformed.
+    Capability(::pci::MsixError),
+    /// The table's BAR is not a memory BAR.
+    TableBarMissing {
+        /// BAR index.
+        bar: u8,
+    },
+    /// The table could not be mapped.
+    Map(mem::MapError),
+    /// More vectors were asked for than the table has.
+    EntryOutOfRange {
+        /// Entry index.
+        index: u16,
+        /// Table size.
+        table_size: u16,
+    },
+}
+
+impl core::fmt::Display for MsixSetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Capability(error) => write!(f, "{error}"),
+            Self::TableBarMissing { bar } => write!(f, "MSI-X table BAR{bar} is not a memory BAR"),
+            Self::Map(error) => write!(f, "cannot map the MSI-X table: {error}"),
+            Self::EntryOutOfRange { index, table_size } => {
+                write!(
+                    f,
+                    "MSI-X entry {index} is outside the {table_size}-entry table"
+                )
+            }
+        }
+    }
+}
+
+/// A function's MSI-X table, mapped uncached, with MSI-X enabled.
+pub struct MsixTable {
+    capability: ::pci::MsixCapability,
+    base: u64,
+}
+
+impl MsixTable {
+    /// Maps the table, masks every entry, and enables MSI-X with the function mask set (so
+    /// nothing fires while entries are programmed); call [`MsixTable::unmask_function`] after
+    /// programming.
+    pub fn enable(
+        config: &PlatformConfig,
+        capability: ::pci::MsixCapability,
+        bars: &::pci::Bars,
+    ) -> Result<Self, MsixSetupError> {
+        let Some(Some(::pci::Bar::Memory { address, .. })) =
+            bars.get(usize::from(capability.table_bar))
+        else {
+            return Err(MsixSetupError::TableBarMissing {
+                bar: capability.table_bar,
+            });
+        };
+        let physical = address + u64::from(capability.table_offset);
+        let base = mem::map_mmio(physical, capability.table_len()).map_err(MsixSetupError::Map)?;
+        let table = Self { capability, base };
+        capability.set_function_mask(config, true);
+        capability.set_enabled(config, true);
+        for index in 0..capability.table_size {
+            table.write(
+                index,
+                ::pci::msix::entry::VECTOR_CONTROL,
+                ::pci::msix::entry::VECTOR_CONTROL_MASKED,
+            );
+        }
+        Ok(table)
+    }
+
+    /// Number of entries.
+    pub fn size(&self) -> u16 {
+        self.capability.table_size
+    }
+
+    fn write(&self, index: u16, field: u64, value: u32) {
+        if index >= self.capability.table_size {
+            return;
+        }
+        let address = self.base + u64::from(index) * ::pci::msix::entry::SIZE + field;
+        // SAFETY: `index` is inside the table, which `enable` mapped uncached for
+        // `table_len()` bytes; fields are 4-byte aligned dwords of the 16-byte entry.
+        unsafe { core::ptr::write_volatile(address as *mut u32, value) };
+    }
+
+    /// Points entry `index` at `vector` on the local APIC `apic_id` and unmasks it.
+    pub fn route(&self, index: u16, apic_id: u8, vector: u8) -> Result<(), MsixSetupError> {
+        if index >= self.capability.table_size {
+            return Err(MsixSetupError::EntryOutOfRange {
+                index,
+                table_size: self.capability.table_size,
+            });
+        }
+        let message = ::pci::x86_msi_message(apic_id, vector);
+        use ::pci::msix::entry;
+        // Mask, write address and data, then unmask (PCI LB 3.0 §6.8.3.5: software must not
+        // change an unmasked entry).
+        self.write(index, entry::VECTOR_CONTROL, entry::VECTOR_CONTROL_MASKED);
+        self.write(index, entry::ADDRESS_LOW, message.address_low());
+        self.write(index, entry::ADDRESS_HIGH, message.address_high());
+        self.write(index, entry::DATA, message.data);
+        self.write(index, entry::VECTOR_CONTROL, 0);
+        Ok(())
+    }
+
+    /// Clears the function mask: programmed entries may now fire.
+    pub fn unmask_function(&self, config: &PlatformConfig) {
+        self.capability.set_function_mask(config, false);
+    }
+
+    /// Disables MSI-X (back to INTx).
+    pub fn disable(&self, config: &PlatformConfig) {
+        self.capability.set_enabled(config, false);
+    }
+}
