@@ -616,13 +616,12 @@ impl<H: Hal> Transport for PciTransport<H> {
         if self.read_common16(common_cfg::QUEUE_ENABLE) != 0 {
             return Err(TransportError::QueueAlreadyEnabled { queue });
         }
+        // §4.1.4.4: the doorbell is resolved (and bounds-checked) once, here.
         let notify_off = self.read_common16(common_cfg::QUEUE_NOTIFY_OFF);
         let doorbell = self.doorbell(queue, notify_off)?;
 
-        self.write_common16(common_cfg::QUEUE_SIZE, config.size);
-        self.write_common64(common_cfg::QUEUE_DESC, config.desc);
-        self.write_common64(common_cfg::QUEUE_DRIVER, config.driver);
-        self.write_common64(common_cfg::QUEUE_DEVICE, config.device);
+        // §4.1.5.1.2: map the vector first and read it back, so that a refusal leaves the
+        // queue's registers untouched for a retry with another vector or none.
         let vector = config.vector.unwrap_or(spec::NO_VECTOR);
         self.write_common16(common_cfg::QUEUE_MSIX_VECTOR, vector);
         if config.vector.is_some() && self.read_common16(common_cfg::QUEUE_MSIX_VECTOR) != vector {
@@ -631,6 +630,11 @@ impl<H: Hal> Transport for PciTransport<H> {
                 vector,
             });
         }
+        // §4.1.5.1.3: size, then the three areas, then enable.
+        self.write_common16(common_cfg::QUEUE_SIZE, config.size);
+        self.write_common64(common_cfg::QUEUE_DESC, config.desc);
+        self.write_common64(common_cfg::QUEUE_DRIVER, config.driver);
+        self.write_common64(common_cfg::QUEUE_DEVICE, config.device);
         self.write_common16(common_cfg::QUEUE_ENABLE, 1);
 
         let index = usize::from(queue);

@@ -191,6 +191,10 @@ pub const TRANSPORT_UNSUPPORTED_FEATURES: u64 =
 
 /// Feature negotiation (§2.2, §3.1.1 step 5): the subset of the device's features that the
 /// driver supports, always including VIRTIO_F_VERSION_1, which a modern device must offer.
+///
+/// A device that offers VIRTIO_F_ACCESS_PLATFORM may refuse FEATURES_OK unless the driver
+/// accepts it (§6.1); pass it in `driver_supported` when the platform's DMA addresses are
+/// physical addresses, as on Vireo (no IOMMU).
 pub fn negotiate_features(
     device_features: u64,
     driver_supported: u64,

@@ -454,3 +454,34 @@ fn every_discovery_error_displays_its_numbers() {
         "notify region 0x3000+0x2000 lies outside BAR4 (size 0x4000)"
     );
 }
+
+#[test]
+fn capability_running_past_config_space_is_reported_without_reading_beyond_it() {
+    let mut layout = Layout::modern_net();
+    layout.caps.retain(|cap| cap.body[1] != cfg_type::ISR);
+    let config = FakeConfig::from_layout(&layout);
+    // Chain an ISR capability at 0xf8 behind the last one; its 16 bytes would end at 0x108.
+    // (The fake config space panics on any read past 0xff.)
+    let last = *config.cap_offsets().last().expect("caps");
+    config.poke(last + 1, 0xf8);
+    for (i, byte) in [pci::cap_id::VENDOR_SPECIFIC, 0, 16, cfg_type::ISR]
+        .into_iter()
+        .enumerate()
+    {
+        config.poke(0xf8 + i as u8, byte);
+    }
+    assert_eq!(
+        find_capabilities(
+            &config,
+            ADDRESS,
+            &layout.bars,
+            DeviceConfigRequirement::Required
+        )
+        .err(),
+        Some(DiscoveryError::CapBeyondConfigSpace {
+            kind: StructureKind::Isr,
+            at: 0xf8,
+            len: 16
+        })
+    );
+}

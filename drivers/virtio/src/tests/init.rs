@@ -288,3 +288,14 @@ fn negotiation_is_the_intersection_plus_version_1_minus_what_the_transport_canno
         })
     );
 }
+
+#[test]
+fn status_displays_its_bits_by_name() {
+    use crate::transport::DeviceStatus;
+    assert_eq!(
+        format!("{}", DeviceStatus(0x0f)),
+        "0x0f (ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK)"
+    );
+    assert_eq!(format!("{}", DeviceStatus(0x80)), "0x80 (FAILED)");
+    assert_eq!(format!("{}", DeviceStatus(0)), "0x00");
+}

@@ -360,8 +360,14 @@ fn refused_vectors_are_reported_and_the_queue_is_not_enabled() {
         })
     );
     device.with(|state| {
-        assert_eq!(state.queues[&0].vector, spec::NO_VECTOR);
-        assert!(!state.queues[&0].enabled);
+        let queue = &state.queues[&0];
+        assert_eq!(queue.vector, spec::NO_VECTOR);
+        assert!(!queue.enabled);
+        assert_eq!(
+            (queue.size, queue.desc_addr()),
+            (256, 0),
+            "nothing else was programmed"
+        );
     });
     assert_eq!(
         virtio.set_config_vector(Some(7)),
