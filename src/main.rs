@@ -15,6 +15,7 @@ mod console;
 mod devices;
 mod hal;
 mod mem;
+mod net;
 mod pci;
 mod selftest;
 

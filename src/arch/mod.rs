@@ -6,6 +6,7 @@ pub mod apic;
 pub mod clock;
 pub mod gdt;
 pub mod interrupts;
+pub mod ioapic;
 
 use core::arch::asm;
 

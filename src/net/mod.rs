@@ -1,0 +1,134 @@
+//! The network loop: smoltcp over the NIC, in one of three receive modes.
+//!
+//! * `irq` (NAPI style): after an interrupt the loop polls with receive interrupts disarmed
+//!   until there is no work, re-arms them (the driver re-checks the ring after a full fence, so
+//!   a packet that raced the re-arm is never stranded), then halts.
+//! * `poll`: receive interrupts stay disarmed and the loop spins on the used ring.
+//! * `adaptive`: polls while traffic arrived within the last `ADAPTIVE_WINDOW_NS`, then arms and
+//!   halts like `irq`; each switch is counted.
+
+pub mod device;
+pub mod services;
+
+use core::cell::RefCell;
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use smoltcp::time::Instant;
+use vireo::config::{Config, Mode};
+
+use crate::arch::{self, clock};
+use device::{Nic, NicDevice};
+use services::Services;
+
+/// How long `adaptive` keeps polling after the last packet.
+pub const ADAPTIVE_WINDOW_NS: u64 = 200_000;
+
+/// NIC interrupts taken (MSI-X or INTx), counted by the interrupt handlers.
+pub static NIC_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+
+/// What the loop needs besides packets: interrupt control and housekeeping.
+pub trait NicControl {
+    /// Arms receive interrupts; returns true if work is already pending (do not halt).
+    fn arm_rx_interrupt(&mut self) -> bool;
+    /// Disarms receive interrupts.
+    fn disarm_rx_interrupt(&mut self);
+    /// Publishes refilled receive buffers and queued transmissions, notifying the device if it
+    /// asked to be.
+    fn flush(&mut self);
+    /// Handles a configuration change (link status) and device errors; called when the
+    /// config interrupt fired or periodically.
+    fn housekeeping(&mut self);
+    /// Appends the driver's counters (`key=value` pairs, space separated, leading space).
+    fn write_stats(&self, out: &mut dyn Write);
+}
+
+/// Loop counters.
+#[derive(Default)]
+struct LoopCounters {
+    mode_switches: u64,
+    halts: u64,
+}
+
+fn now() -> Instant {
+    Instant::from_micros((clock::now_ns() / 1000) as i64)
+}
+
+/// Serves forever.
+pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
+    let nic = RefCell::new(nic);
+    let seed =
+        arch::rdtsc() ^ u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0]);
+    let mut services = {
+        let mut device = NicDevice::new(&nic);
+        Services::new(&mut device, mac, config, now(), seed)
+    };
+    let [a, b, c, d, e, f] = mac;
+    crate::println!(
+        "vireo: ready ip={} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={} udp-echo=7 tcp-echo=7 stats=7007",
+        config.ip,
+        config.mode
+    );
+
+    let mut counters = LoopCounters::default();
+    let mut last_activity_ns = clock::now_ns();
+    let mut polling = config.mode != Mode::Irq;
+    let mut last_housekeeping_ns = 0;
+    nic.borrow_mut().disarm_rx_interrupt();
+    loop {
+        let now_ns = clock::now_ns();
+        let activity = {
+            let mut device = NicDevice::new(&nic);
+            let mut write_stats = |out: &mut dyn Write| {
+                nic.borrow().write_stats(out);
+                let (heap_used, _) = crate::mem::heap_usage();
+                let _ = write!(
+                    out,
+                    " interrupts={} mode={} mode_switches={} halts={} heap_used={} uptime_ms={}",
+                    NIC_INTERRUPTS.load(Ordering::Relaxed),
+                    config.mode,
+                    counters.mode_switches,
+                    counters.halts,
+                    heap_used,
+                    now_ns / 1_000_000
+                );
+            };
+            services.poll(&mut device, now(), &mut write_stats)
+        };
+        nic.borrow_mut().flush();
+        if now_ns - last_housekeeping_ns > 10_000_000 {
+            nic.borrow_mut().housekeeping();
+            last_housekeeping_ns = now_ns;
+        }
+        if activity {
+            last_activity_ns = now_ns;
+            continue;
+        }
+        let keep_polling = match config.mode {
+            Mode::Poll => true,
+            Mode::Irq => false,
+            Mode::Adaptive => now_ns - last_activity_ns < ADAPTIVE_WINDOW_NS,
+        };
+        if keep_polling {
+            if !polling {
+                polling = true;
+                counters.mode_switches += 1;
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        if polling {
+            polling = false;
+            counters.mode_switches += 1;
+        }
+        // Arm, and halt only if nothing raced in. The periodic timer bounds the sleep, which
+        // also serves smoltcp's timers (its poll_delay is at least a millisecond).
+        if nic.borrow_mut().arm_rx_interrupt() {
+            nic.borrow_mut().disarm_rx_interrupt();
+            continue;
+        }
+        counters.halts += 1;
+        arch::idle_until_interrupt();
+        nic.borrow_mut().disarm_rx_interrupt();
+    }
+}
