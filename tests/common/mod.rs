@@ -138,3 +138,121 @@ pub fn names_word(line: &str, word: &str) -> bool {
         !before.is_some_and(is_word_char) && !after.is_some_and(is_word_char)
     })
 }
+
+// ---- Network tests (tests/echo.rs): user networking and tap in a private namespace. ----
+
+use xtask::client::ClientError;
+use xtask::{
+    DEFAULT_NIC, Error, NetNs, ReadyLine, UserNetGuest, boot_on_user_net,
+    root_networking_available, skip_or_fail_in_ci, wait_for_ready,
+};
+
+/// Wall-clock limit for one networked QEMU run (boot, ready, and the exchanges).
+pub const NET_RUN_LIMIT: Duration = Duration::from_secs(180);
+/// How long to wait for the guest's `ready` line.
+pub const READY_WAIT: Duration = Duration::from_secs(60);
+
+/// Boots the kernel (q35, 128 MiB, 1 vCPU, `append`) with `nic` (which must say `netdev=n0`,
+/// e.g. [`DEFAULT_NIC`]) on QEMU user networking with the guest's echo and stats ports forwarded
+/// to 127.0.0.1, and waits for the `ready` line.
+pub fn boot_user_net_with(append: &str, nic: &str) -> Result<UserNetGuest, RunError> {
+    let mut command = QemuCommand::for_kernel(kernel()).map_err(RunError::setup)?;
+    if !append.is_empty() {
+        command = command.append(append);
+    }
+    let booted = boot_on_user_net(
+        &command,
+        nic,
+        RunOptions {
+            timeout: NET_RUN_LIMIT,
+            echo: false,
+        },
+        READY_WAIT,
+    )?;
+    println!("running: {}", booted.guest.command_line());
+    println!(
+        "ready after {:.3} s: {}; forwards: UDP echo {}, TCP echo {}, stats {}",
+        booted.ready_at.as_secs_f64(),
+        booted.ready.text,
+        booted.net.udp_echo(),
+        booted.net.tcp_echo(),
+        booted.net.stats()
+    );
+    Ok(booted)
+}
+
+/// [`boot_user_net_with`] with the default virtio-net NIC.
+pub fn boot_user_net(append: &str) -> Result<UserNetGuest, RunError> {
+    boot_user_net_with(append, DEFAULT_NIC)
+}
+
+/// Turns a client's failure into a [`RunError`] carrying the QEMU command and serial log.
+pub fn on_guest<T>(guest: &Guest, result: Result<T, ClientError>) -> Result<T, RunError> {
+    result.map_err(|error| guest.failure(Error::Client(error)))
+}
+
+/// A guest on a tap in its own namespace. The guest is declared first, so it is dropped (QEMU
+/// killed) before the namespace is removed; the namespace's drop would end QEMU anyway.
+pub struct TapGuest {
+    /// The running QEMU.
+    pub guest: Guest,
+    /// The parsed `ready` line.
+    pub ready: ReadyLine,
+    /// The namespace holding the tap (host side 10.0.2.2/24) and QEMU.
+    pub netns: NetNs,
+}
+
+impl TapGuest {
+    /// Runs a client inside the namespace; its failure becomes a [`RunError`] with the log.
+    pub fn client<T: Send>(
+        &self,
+        work: impl FnOnce() -> Result<T, ClientError> + Send,
+    ) -> Result<T, RunError> {
+        match self.netns.run(work) {
+            Ok(result) => on_guest(&self.guest, result),
+            Err(error) => Err(self.guest.failure(error)),
+        }
+    }
+}
+
+/// Whether root networking is available; when not, skips (or fails under CI=true) with the
+/// reason and returns false.
+pub fn root_networking_or_skip() -> bool {
+    match root_networking_available() {
+        Ok(()) => true,
+        Err(reason) => {
+            skip_or_fail_in_ci(&reason);
+            false
+        }
+    }
+}
+
+/// Creates a namespace (`vireo-<prefix>-...`) with tap0 (host side 10.0.2.2/24), boots the
+/// kernel inside it with `-netdev tap,...,vhost=off` and the default NIC, and waits for
+/// `ready`. Callers check [`root_networking_or_skip`] first.
+pub fn boot_tap(prefix: &str, append: &str) -> Result<TapGuest, RunError> {
+    let netns = NetNs::create(prefix).map_err(RunError::setup)?;
+    let mut command = QemuCommand::for_kernel(kernel())
+        .map_err(RunError::setup)?
+        .in_netns(netns.name())
+        .netdev(NetNs::tap_netdev("n0", "tap0", None))
+        .device(DEFAULT_NIC);
+    if !append.is_empty() {
+        command = command.append(append);
+    }
+    println!("running: {}", command.command_line());
+    let mut guest = Guest::spawn(
+        &command,
+        RunOptions {
+            timeout: NET_RUN_LIMIT,
+            echo: false,
+        },
+    )?;
+    let (ready, line) = wait_for_ready(&mut guest, READY_WAIT)?;
+    println!("ready after {:.3} s: {}", line.at.as_secs_f64(), ready.text);
+    Ok(TapGuest {
+        guest,
+        ready,
+        netns,
+    })
+}

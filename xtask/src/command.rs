@@ -88,6 +88,7 @@ pub struct QemuCommand {
     cpu: Option<String>,
     append: Option<String>,
     qmp_socket: Option<PathBuf>,
+    netns: Option<String>,
     extra: Vec<OsString>,
 }
 
@@ -108,6 +109,7 @@ impl QemuCommand {
             cpu: None,
             append: None,
             qmp_socket: None,
+            netns: None,
             extra: Vec::new(),
         }
     }
@@ -160,6 +162,18 @@ impl QemuCommand {
     pub fn qmp_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.qmp_socket = Some(path.into());
         self
+    }
+
+    /// Runs QEMU inside the network namespace `name` (`ip netns exec NAME qemu-system-x86_64
+    /// ...`), e.g. one made by [`crate::NetNs`], so that `-netdev tap,ifname=...` finds its tap.
+    pub fn in_netns(mut self, name: impl Into<String>) -> Self {
+        self.netns = Some(name.into());
+        self
+    }
+
+    /// The network namespace QEMU runs in, when one was set.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Adds `-device SPEC`.
@@ -249,10 +263,33 @@ impl QemuCommand {
         args
     }
 
+    /// The program actually started: `ip` when QEMU runs in a namespace, else QEMU.
+    pub fn launch_program(&self) -> &Path {
+        if self.netns.is_some() {
+            Path::new("ip")
+        } else {
+            &self.qemu
+        }
+    }
+
+    /// The arguments after [`QemuCommand::launch_program`]: `netns exec NAME QEMU` before
+    /// [`QemuCommand::arguments`] when QEMU runs in a namespace. `ip netns exec` execs QEMU in
+    /// place, so the spawned process is QEMU itself.
+    pub fn launch_arguments(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        if let Some(netns) = &self.netns {
+            args.extend(["netns", "exec"].map(OsString::from));
+            args.push(OsString::from(netns));
+            args.push(self.qemu.clone().into_os_string());
+        }
+        args.extend(self.arguments());
+        args
+    }
+
     /// The whole command line, shell-quoted so that it can be pasted into a terminal.
     pub fn command_line(&self) -> String {
-        let mut line = shell_quote(self.qemu.as_os_str());
-        for arg in self.arguments() {
+        let mut line = shell_quote(self.launch_program().as_os_str());
+        for arg in self.launch_arguments() {
             line.push(' ');
             line.push_str(&shell_quote(&arg));
         }
@@ -315,6 +352,21 @@ mod tests {
              -qmp unix:/tmp/q.sock,server=on,wait=off -kernel /k/vireo \
              -append 'ip=10.0.2.15/24 selftest' -netdev user,id=n0 \
              -device virtio-net-pci,netdev=n0"
+        );
+    }
+
+    #[test]
+    fn runs_inside_a_namespace() {
+        let cmd = QemuCommand::new(&fake_qemu(), Accel::Tcg, "/k/vireo")
+            .in_netns("vireo-t-1-0")
+            .netdev("tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off");
+        assert_eq!(cmd.launch_program(), Path::new("ip"));
+        assert!(cmd.command_line().starts_with(
+            "ip netns exec vireo-t-1-0 /usr/bin/qemu-system-x86_64 -nodefaults -no-reboot "
+        ));
+        assert!(
+            cmd.command_line()
+                .ends_with(" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off")
         );
     }
 

@@ -6,6 +6,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::client::ClientError;
 use crate::runner::GuestExit;
 
 /// Everything the harness can fail with. Values the environment controls (files, processes,
@@ -91,6 +92,14 @@ pub enum Error {
     Check(String),
     /// A QMP exchange failed.
     Qmp(String),
+    /// A host client of the guest's services (UDP/TCP/ICMP echo, stats) failed.
+    Client(ClientError),
+}
+
+impl From<ClientError> for Error {
+    fn from(error: ClientError) -> Error {
+        Error::Client(error)
+    }
 }
 
 impl fmt::Display for Error {
@@ -143,6 +152,7 @@ impl fmt::Display for Error {
             }
             Error::Check(message) => write!(f, "check failed: {message}"),
             Error::Qmp(message) => write!(f, "QMP: {message}"),
+            Error::Client(error) => write!(f, "client: {error}"),
         }
     }
 }
@@ -151,6 +161,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Spawn { source, .. } | Error::Io { source, .. } => Some(source),
+            Error::Client(error) => Some(error),
             _ => None,
         }
     }

@@ -20,24 +20,42 @@
 //! }
 //! ```
 
+pub mod client;
 mod command;
 mod error;
 mod host;
+mod netns;
 mod qmp;
 mod runner;
+mod tap;
+mod usernet;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub use client::{
+    ClientError, EchoReport, IcmpEchoOptions, RttSummary, Stats, TcpEchoReport, UdpEchoClient,
+    UdpEchoOptions, icmp_echo, query_stats, tcp_echo, tcp_echo_concurrent, udp_echo,
+};
 pub use command::{DEBUG_EXIT_DEVICE, Machine, QemuCommand, parse_memory_mib, shell_quote};
 pub use error::Error;
 pub use host::{
     ACCEL_ENV, Accel, AccelChoice, QEMU_ENV, QEMU_PACKAGE, QEMU_PROGRAM, Qemu, choose_accel,
     cpu_virt_flag, find_on_path, install_hint, is_root, log, parse_qemu_version,
 };
+pub use netns::{
+    DEFAULT_GUEST_IP, DEFAULT_HOST_CIDR, NETNS_PREFIX, NetNs, NetnsSelfTest, TapConfig,
+    enter_netns, list_namespaces, namespace_owner, netns_handle, netns_self_test,
+    root_networking_available, run_in_netns, sweep_stale_namespaces,
+};
 pub use qmp::Qmp;
 pub use runner::{Guest, GuestExit, RunError, RunOptions, RunReport, SerialLine, unique_temp_path};
+pub use tap::{ReflectorCounters, TapDevice, TapReflector};
+pub use usernet::{
+    DEFAULT_NIC, ECHO_PORT, ReadyLine, STATS_PORT, UserNet, UserNetGuest, boot_on_user_net,
+    wait_for_ready,
+};
 
 impl RunError {
     /// Wraps an error that happened before QEMU could be started (no command line yet), such

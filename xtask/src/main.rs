@@ -2,13 +2,17 @@
 //! hand to keep the tool free of dependencies; every command prints what it runs.
 
 use std::ffi::OsString;
-use std::net::UdpSocket;
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use xtask::client::{EchoReport, UdpEchoClient, resolve};
 use xtask::{
-    Error, Guest, GuestExit, Machine, Qemu, QemuCommand, RunError, RunOptions, build_kernel, cargo,
-    choose_accel, is_ci, log, parse_memory_mib, shell_quote, workspace_root,
+    ClientError, DEFAULT_NIC, Error, Guest, GuestExit, IcmpEchoOptions, Machine, NetNs, Qemu,
+    QemuCommand, RunError, RunOptions, Stats, UdpEchoOptions, UserNet, boot_on_user_net,
+    build_kernel, cargo, choose_accel, icmp_echo, is_ci, log, parse_memory_mib, query_stats,
+    run_in_netns, shell_quote, tcp_echo, tcp_echo_concurrent, udp_echo, workspace_root,
 };
 
 const USAGE: &str = "\
@@ -23,9 +27,26 @@ Commands:
         Make sure QEMU is there (installs it when root), then run the whole workspace's
         tests: cargo nextest run --workspace (or cargo test --workspace without
         cargo-nextest). ARGS go to that runner.
-  demo  [--debug] [--port PORT] [--timeout SECS]
-        Boot the release kernel with a virtio-net NIC on QEMU user networking, UDP
-        127.0.0.1:PORT forwarded to the guest's port 7, and show the serial log.
+        [--net none|user|tap] boots with a virtio-net NIC: `user` forwards the guest's
+        UDP/TCP echo and stats ports to free ports on 127.0.0.1 and prints them; `tap`
+        (root) runs QEMU in a private network namespace on a tap (host side 10.0.2.2/24).
+  demo  [--debug] [--timeout SECS] [--rtts N] [--tcp-bytes N]
+        Boot the release kernel with a virtio-net NIC on QEMU user networking (no root),
+        wait for `ready`, then show UDP echo with RTTs, a TCP echo of 1 MiB, N UDP round
+        trips (default 2000) and the stats line. Exits 0 only if every echo was exact.
+  client udp-echo --addr HOST:PORT [--count N] [--size BYTES] [--timeout MS]
+                  [--attempts N] [--netns NAME]
+  client tcp-echo --addr HOST:PORT [--bytes N] [--connections N] [--timeout SECS]
+                  [--netns NAME]
+  client icmp-echo --addr IP [--count N] [--size BYTES] [--timeout MS] [--netns NAME]
+                   (raw socket: root)
+  client stats --addr HOST:PORT [--timeout MS] [--netns NAME]
+        Talk to a guest's services; every echo is checked byte for byte. --netns runs the
+        client inside that network namespace (`ip netns` name; root).
+  netns check | list | sweep
+        check: create a namespace with a tap, ping the host side from inside, run UDP and
+        ICMP echo over the tap against a userspace reflector, remove it (root).
+        list: the vireo-* namespaces; sweep: remove those whose creator is gone.
 
 Environment:
   VIREO_QEMU   QEMU binary to use (default: qemu-system-x86_64 on PATH)
@@ -47,6 +68,8 @@ fn main() -> ExitCode {
         Some("run") => run(args),
         Some("test") => test(args),
         Some("demo") => demo(args),
+        Some("client") => client(args),
+        Some("netns") => netns(args),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(0)
@@ -135,10 +158,12 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
     let mut append = None;
     let mut timeout = None;
     let mut extra = Vec::new();
+    let mut net = "none".to_string();
     while let Some(flag) = args.next_flag() {
         let flag = flag?;
         match flag.as_str() {
             "--release" => release = true,
+            "--net" => net = args.value(&flag)?,
             "--machine" | "-M" => machine = args.value(&flag)?.parse()?,
             "--memory" | "-m" => memory_mib = parse_memory_mib(&args.value(&flag)?)?,
             "--smp" => smp = parse_number(&flag, &args.value(&flag)?)?,
@@ -161,6 +186,40 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
     }
     if let Some(append) = append {
         command = command.append(append);
+    }
+    // Declared before the guest so that it is dropped (and removed) after QEMU is gone.
+    let mut _namespace = None;
+    match net.as_str() {
+        "none" => {}
+        "user" => {
+            let forwards = UserNet::allocate()?;
+            command = command.netdev(forwards.netdev("n0")).device(DEFAULT_NIC);
+            log(&format!(
+                "user networking: UDP echo at {}, TCP echo at {}, stats at {} (try `nc -u {} {}`)",
+                forwards.udp_echo(),
+                forwards.tcp_echo(),
+                forwards.stats(),
+                forwards.udp_echo().ip(),
+                forwards.udp_echo_port
+            ));
+        }
+        "tap" => {
+            let namespace = NetNs::create("run")?;
+            command = command
+                .in_netns(namespace.name())
+                .netdev(NetNs::tap_netdev("n0", "tap0", None))
+                .device(DEFAULT_NIC);
+            log(&format!(
+                "tap networking in namespace {0}: host side 10.0.2.2/24 on tap0; try                  `cargo xtask client udp-echo --netns {0} --addr 10.0.2.15:7`",
+                namespace.name()
+            ));
+            _namespace = Some(namespace);
+        }
+        other => {
+            return Err(CliError::Usage(format!(
+                "run: --net takes none, user or tap, not {other:?}"
+            )));
+        }
     }
     // Without --timeout the run is interactive: it lasts until the guest exits or Ctrl-C.
     let limit = Duration::from_secs(timeout.unwrap_or(7 * 24 * 3600));
@@ -267,84 +326,343 @@ fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
     Ok(status.code().unwrap_or(1))
 }
 
-/// `cargo xtask demo`.
-///
-/// Today it only boots the kernel with a virtio-net NIC on QEMU user networking and shows the
-/// serial log until the guest prints its `ready` line (or exits). It will grow, with the
-/// network issue, into the echo demo: once the guest is ready it sends UDP datagrams to
-/// 127.0.0.1:PORT (forwarded to the guest's UDP port 7), checks the echoes, prints the
-/// round-trip times, and queries the guest's stats service on port 7007.
+/// `cargo xtask demo`: boot the release kernel on QEMU user networking (no root), wait for
+/// `ready`, then show UDP echo with RTTs, a TCP echo, many UDP round trips and the stats line.
+/// Exits 0 only when every echo came back exact.
 fn demo(args: Vec<OsString>) -> Result<i32, CliError> {
     let mut args = Args::new(args);
     let mut release = true;
-    let mut port = None;
-    let mut timeout = 60;
+    let mut timeout = 120;
+    let mut rtts: u64 = 2000;
+    let mut tcp_bytes: usize = 1 << 20;
     while let Some(flag) = args.next_flag() {
         let flag = flag?;
         match flag.as_str() {
             "--debug" => release = false,
-            "--port" => port = Some(parse_number::<u16>(&flag, &args.value(&flag)?)?),
             "--timeout" => timeout = parse_number(&flag, &args.value(&flag)?)?,
+            "--rtts" => rtts = parse_number(&flag, &args.value(&flag)?)?,
+            "--tcp-bytes" => tcp_bytes = parse_number(&flag, &args.value(&flag)?)?,
             other => return Err(CliError::Usage(format!("demo: unknown option {other:?}"))),
         }
     }
     let (qemu, accel) = prepare_qemu()?;
     let kernel = build_kernel(release)?;
-    let port = match port {
-        Some(port) => port,
-        None => free_udp_port()?,
-    };
-    let command = QemuCommand::new(&qemu, accel, kernel)
-        .netdev(format!("user,id=n0,hostfwd=udp:127.0.0.1:{port}-:7"))
-        .device("virtio-net-pci,netdev=n0");
+    let base = QemuCommand::new(&qemu, accel, kernel);
     log(&format!(
-        "demo: booting the kernel with virtio-net on QEMU user networking; \
-         host UDP 127.0.0.1:{port} is forwarded to the guest's UDP port 7"
+        "demo: booting the kernel with {DEFAULT_NIC} on QEMU user networking; the guest's UDP \
+         echo (7), TCP echo (7) and stats (UDP 7007) ports are forwarded to free ports on \
+         127.0.0.1"
     ));
-    log(&format!("running: {}", command.command_line()));
     let limit = Duration::from_secs(timeout);
-    let mut guest = Guest::spawn(
-        &command,
+    let booted = boot_on_user_net(
+        &base,
+        DEFAULT_NIC,
         RunOptions {
             timeout: limit,
             echo: true,
         },
+        limit,
     )
-    .map_err(|failure| CliError::Failed(brief(&failure)))?;
-    match guest.wait_for_line("ready", limit) {
-        Ok(line) => {
-            log(&format!(
-                "guest ready after {:.3} s: {}",
-                line.at.as_secs_f64(),
-                line.text
-            ));
-            log(
-                "the echo exchange is not implemented yet (it comes with the network issue); stopping QEMU",
+    .map_err(|failure| {
+        let mut message = brief(&failure);
+        if failure.exit == Some(GuestExit::Failure) {
+            message.push_str(
+                "\nthe guest never became ready: it reported a fatal error (see the PANIC: line above)",
             );
-            guest.kill();
+        } else {
+            message.push_str("\nthe guest never became ready (its serial log is above)");
+        }
+        CliError::Failed(message)
+    })?;
+    let mut guest = booted.guest;
+    let net = booted.net;
+    log(&format!(
+        "guest ready after {:.3} s: ip {} mac {} mode {}",
+        booted.ready_at.as_secs_f64(),
+        booted.ready.ip,
+        booted.ready.mac,
+        booted.ready.mode
+    ));
+    let outcome = demo_exchanges(&net, rtts, tcp_bytes);
+    guest.kill();
+    match outcome {
+        Ok(()) => {
+            log("demo: every echo came back exact");
             Ok(0)
         }
-        Err(failure) => {
-            let exit = failure.exit;
-            let mut message = brief(&failure);
-            if exit == Some(GuestExit::Failure) {
-                message.push_str("\nthe guest reported a fatal error (see the PANIC: line above)");
-            }
-            Err(CliError::Failed(message))
+        Err(error) => {
+            let failure = guest.failure(Error::Client(error));
+            Err(CliError::Failed(format!(
+                "{failure}\ndemo: FAILED: {}",
+                failure.error
+            )))
         }
     }
 }
 
-fn free_udp_port() -> Result<u16, Error> {
-    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|source| Error::Io {
-        context: "finding a free UDP port on 127.0.0.1".to_string(),
-        source,
-    })?;
-    socket
-        .local_addr()
-        .map(|address| address.port())
-        .map_err(|source| Error::Io {
-            context: "reading the bound UDP port".to_string(),
-            source,
-        })
+fn demo_exchanges(net: &UserNet, rtts: u64, tcp_bytes: usize) -> Result<(), ClientError> {
+    let step = |text: String| println!("\n==> {text}");
+    step(format!(
+        "stats: one datagram to {} (guest UDP 7007)",
+        net.stats()
+    ));
+    let before = query_stats(net.stats(), Duration::from_secs(2), 5)?;
+    println!("    {}", before.line);
+
+    step(format!(
+        "UDP echo: waiting for the first echo from {} (guest UDP 7), then 8 datagrams of \
+         1, 64, 1400 and 1472 bytes, each checked byte for byte",
+        net.udp_echo()
+    ));
+    let mut client = UdpEchoClient::connect(net.udp_echo(), Duration::from_secs(2))?;
+    let probes = client.warm_up(Duration::from_secs(15), Duration::from_millis(250))?;
+    println!("    first echo after {probes} probe(s)");
+    let mut report = EchoReport::default();
+    for size in [1, 64, 1400, 1472, 1, 64, 1400, 1472] {
+        let rtt = client.exchange(size, 3, &mut report)?;
+        println!(
+            "    {size:>5} bytes: exact echo, RTT {:>9.1} us",
+            rtt.as_secs_f64() * 1e6
+        );
+    }
+
+    step(format!(
+        "TCP echo: {tcp_bytes} bytes over one connection to {} (guest TCP 7), read back and \
+         checked byte for byte",
+        net.tcp_echo()
+    ));
+    let tcp = tcp_echo(net.tcp_echo(), tcp_bytes, Duration::from_secs(60))?;
+    println!(
+        "    exact; connect {:.1} ms, transfer {:.1} ms, {:.2} MB/s",
+        tcp.connect.as_secs_f64() * 1e3,
+        tcp.transfer.as_secs_f64() * 1e3,
+        tcp.throughput() / 1e6
+    );
+
+    step(format!(
+        "UDP round trips: {rtts} ping-pongs of 64 bytes to {}, one in flight",
+        net.udp_echo()
+    ));
+    let mut many = EchoReport::default();
+    let began = Instant::now();
+    for done in 1..=rtts {
+        client.exchange(64, 3, &mut many)?;
+        if done % 50 == 0 || done == rtts {
+            let width = 40;
+            let filled = (done * width / rtts.max(1)) as usize;
+            print!(
+                "\r    [{}{}] {done}/{rtts}",
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled)
+            );
+            let _ = std::io::stdout().flush();
+        }
+    }
+    println!();
+    if let Some(summary) = many.summary() {
+        println!(
+            "    {summary}\n    {:.0} round trips/s; {} retransmitted, {} stale",
+            many.received as f64 / began.elapsed().as_secs_f64(),
+            many.retransmits,
+            many.stale
+        );
+    }
+
+    step(format!("stats again: {}", net.stats()));
+    let after = query_stats(net.stats(), Duration::from_secs(2), 5)?;
+    println!("    {}", after.line);
+    print_counter_deltas(&before, &after, report.sent + many.sent + probes);
+    Ok(())
+}
+
+fn print_counter_deltas(before: &Stats, after: &Stats, udp_sent: u64) {
+    let echoed = after
+        .get("udp_echoed")
+        .zip(before.get("udp_echoed"))
+        .map(|(a, b)| a.saturating_sub(b));
+    if let Some(echoed) = echoed {
+        println!("    udp_echoed grew by {echoed} (this demo sent {udp_sent} UDP echo requests)");
+    }
+    let per_packet = |key: &str| {
+        let delta = after.get(key)?.checked_sub(before.get(key)?)?;
+        let packets = echoed.filter(|&e| e > 0)?;
+        Some(delta as f64 / packets as f64)
+    };
+    for key in ["kicks", "interrupts"] {
+        if let Some(ratio) = per_packet(key) {
+            println!("    {key} per UDP echo: {ratio:.2}");
+        }
+    }
+}
+
+/// `cargo xtask client ...`: the host clients on the command line.
+fn client(args: Vec<OsString>) -> Result<i32, CliError> {
+    let mut args = Args::new(args);
+    let kind = match args.next_flag() {
+        Some(kind) => kind?,
+        None => return Err(CliError::Usage("client: which client?".to_string())),
+    };
+    let mut addr = None;
+    let mut count: u64 = 10;
+    let mut size: usize = 64;
+    let mut bytes: usize = 1 << 20;
+    let mut connections: usize = 1;
+    let mut timeout_ms: Option<u64> = None;
+    let mut attempts: u32 = 1;
+    let mut namespace = None;
+    while let Some(flag) = args.next_flag() {
+        let flag = flag?;
+        match flag.as_str() {
+            "--addr" => addr = Some(args.value(&flag)?),
+            "--count" => count = parse_number(&flag, &args.value(&flag)?)?,
+            "--size" => size = parse_number(&flag, &args.value(&flag)?)?,
+            "--bytes" => bytes = parse_number(&flag, &args.value(&flag)?)?,
+            "--connections" => connections = parse_number(&flag, &args.value(&flag)?)?,
+            "--timeout" => timeout_ms = Some(parse_number(&flag, &args.value(&flag)?)?),
+            "--attempts" => attempts = parse_number(&flag, &args.value(&flag)?)?,
+            "--netns" => namespace = Some(args.value(&flag)?),
+            other => return Err(CliError::Usage(format!("client: unknown option {other:?}"))),
+        }
+    }
+    let addr = addr.ok_or_else(|| CliError::Usage("client: --addr is required".to_string()))?;
+    let kind_for_work = kind.clone();
+    let work = move || -> Result<(), ClientError> {
+        match kind_for_work.as_str() {
+            "udp-echo" => {
+                let target = resolve(&addr)?;
+                let timeout = Duration::from_millis(timeout_ms.unwrap_or(2000));
+                println!("UDP echo: {count} x {size} bytes to {target}, timeout {timeout:?}");
+                let report = udp_echo(
+                    target,
+                    UdpEchoOptions {
+                        count,
+                        size,
+                        timeout,
+                        attempts,
+                    },
+                )?;
+                print_echo_report(&report);
+            }
+            "tcp-echo" => {
+                let target = resolve(&addr)?;
+                let timeout = Duration::from_secs(timeout_ms.unwrap_or(60));
+                println!(
+                    "TCP echo: {connections} connection(s) x {bytes} bytes to {target}, \
+                     timeout {timeout:?}"
+                );
+                let reports = if connections == 1 {
+                    vec![tcp_echo(target, bytes, timeout)?]
+                } else {
+                    tcp_echo_concurrent(target, connections, bytes, timeout)?
+                };
+                let total: u64 = reports.iter().map(|r| r.bytes).sum();
+                let slowest = reports.iter().map(|r| r.transfer).max().unwrap_or_default();
+                println!(
+                    "{total} bytes echoed exactly over {} connection(s); slowest transfer {:.1} ms",
+                    reports.len(),
+                    slowest.as_secs_f64() * 1e3
+                );
+            }
+            "icmp-echo" => {
+                let target: std::net::Ipv4Addr = addr.parse().map_err(|_| {
+                    ClientError::Protocol(format!("{addr:?} is not an IPv4 address"))
+                })?;
+                let timeout = Duration::from_millis(timeout_ms.unwrap_or(2000));
+                println!("ICMP echo: {count} x {size} bytes to {target}, timeout {timeout:?}");
+                let report = icmp_echo(
+                    target,
+                    IcmpEchoOptions {
+                        count,
+                        size,
+                        timeout,
+                        attempts,
+                    },
+                )?;
+                print_echo_report(&report);
+            }
+            "stats" => {
+                let target: SocketAddr = resolve(&addr)?;
+                let stats =
+                    query_stats(target, Duration::from_millis(timeout_ms.unwrap_or(2000)), 3)?;
+                println!("{}", stats.line);
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unknown client {other:?} (udp-echo, tcp-echo, icmp-echo or stats)"
+                )));
+            }
+        }
+        Ok(())
+    };
+    let result = match &namespace {
+        Some(name) => {
+            log(&format!(
+                "running the {kind} client inside network namespace {name}"
+            ));
+            run_in_netns(name, work)?
+        }
+        None => work(),
+    };
+    result
+        .map(|()| 0)
+        .map_err(|error| CliError::Failed(error.to_string()))
+}
+
+fn print_echo_report(report: &EchoReport) {
+    for (index, rtt) in report.rtts.iter().enumerate().take(20) {
+        println!(
+            "  #{index}: exact echo, RTT {:.1} us",
+            rtt.as_secs_f64() * 1e6
+        );
+    }
+    if report.rtts.len() > 20 {
+        println!("  ... {} more", report.rtts.len() - 20);
+    }
+    if let Some(summary) = report.summary() {
+        println!("{summary}");
+    }
+    println!(
+        "sent {} received {} (exact) retransmits {} stale {}",
+        report.sent, report.received, report.retransmits, report.stale
+    );
+}
+
+/// `cargo xtask netns check|list|sweep`.
+fn netns(args: Vec<OsString>) -> Result<i32, CliError> {
+    let mut args = Args::new(args);
+    let action = match args.next_flag() {
+        Some(action) => action?,
+        None => "check".to_string(),
+    };
+    match action.as_str() {
+        "check" => {
+            let report = xtask::netns_self_test()?;
+            println!(
+                "netns check passed ({} checks, namespace {} created and removed)",
+                report.checks.len(),
+                report.namespace
+            );
+            Ok(0)
+        }
+        "list" => {
+            for name in xtask::list_namespaces() {
+                let owner = xtask::namespace_owner(&name)
+                    .map(|pid| {
+                        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                        format!("pid {pid} ({})", if alive { "running" } else { "gone" })
+                    })
+                    .unwrap_or_else(|| "not named by this harness".to_string());
+                println!("{name}\t{owner}");
+            }
+            Ok(0)
+        }
+        "sweep" => {
+            let removed = xtask::sweep_stale_namespaces();
+            println!("removed {} stale namespace(s): {removed:?}", removed.len());
+            Ok(0)
+        }
+        other => Err(CliError::Usage(format!(
+            "netns: unknown action {other:?} (check, list or sweep)"
+        ))),
+    }
 }

@@ -246,15 +246,15 @@ impl Guest {
             // A stale socket from an earlier run would make QEMU fail to bind.
             let _ = std::fs::remove_file(socket);
         }
-        let mut child = Command::new(command.program())
-            .args(command.arguments())
+        let mut child = Command::new(command.launch_program())
+            .args(command.launch_arguments())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| {
                 early_failure(Error::Spawn {
-                    program: command.program().display().to_string(),
+                    program: command.launch_program().display().to_string(),
                     source,
                 })
             })?;

@@ -1,0 +1,340 @@
+//! Echo tests: the kernel under QEMU serving UDP, TCP and ICMP echo and the stats service
+//! (README, "The guest contract"). One QEMU per test, each with a wall-clock limit; a failure
+//! prints the QEMU command line and the whole serial log.
+//!
+//! - Over QEMU user networking (no root): the guest's ports are forwarded to 127.0.0.1. UDP echo
+//!   of 1, 64, 1400 and 1472 bytes, TCP echo of 1 MiB, 64 concurrent TCP connections of
+//!   16 KiB each, and the stats line with its counters moving.
+//! - Over a tap in a private network namespace (root; CI runs them and never skips them): UDP,
+//!   ICMP and TCP echo in each receive mode (`mode=irq`, `mode=poll`, `mode=adaptive`). The
+//!   clients run inside the namespace and talk to 10.0.2.15 only.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{TapGuest, boot_tap, boot_user_net, on_guest, root_networking_or_skip};
+use xtask::client::EchoReport;
+use xtask::{
+    IcmpEchoOptions, RunError, Stats, UdpEchoClient, icmp_echo, query_stats, tcp_echo,
+    tcp_echo_concurrent,
+};
+
+/// Wait for each UDP/ICMP echo.
+const ECHO_WAIT: Duration = Duration::from_secs(3);
+/// How long the first echo (ARP, the guest's first packets) may take after `ready`.
+const WARM_UP: Duration = Duration::from_secs(20);
+/// Limit for a whole TCP exchange.
+const TCP_WAIT: Duration = Duration::from_secs(90);
+/// Datagrams per size.
+const DATAGRAMS: u64 = 20;
+/// The guest's default address, inside the test namespace.
+const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+/// Warms up, then ping-pongs `count` datagrams of `size` bytes, each echoed exactly (a lost
+/// datagram may be sent again, up to 3 times, and is counted).
+fn udp_exchange(
+    target: SocketAddr,
+    size: usize,
+    count: u64,
+) -> Result<EchoReport, xtask::ClientError> {
+    let mut client = UdpEchoClient::connect(target, ECHO_WAIT)?;
+    client.warm_up(WARM_UP, Duration::from_millis(250))?;
+    let mut report = EchoReport::default();
+    for _ in 0..count {
+        client.exchange(size, 3, &mut report)?;
+    }
+    Ok(report)
+}
+
+fn print_report(what: &str, report: &EchoReport) {
+    println!(
+        "{what}: sent {} exact {} retransmits {} stale {}; {}",
+        report.sent,
+        report.received,
+        report.retransmits,
+        report.stale,
+        report.summary().map(|s| s.to_string()).unwrap_or_default()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// User networking
+// ---------------------------------------------------------------------------------------------
+
+fn user_udp_echo(size: usize) -> Result<(), RunError> {
+    let booted = boot_user_net("")?;
+    let report = on_guest(
+        &booted.guest,
+        udp_exchange(booted.net.udp_echo(), size, DATAGRAMS),
+    )?;
+    print_report(&format!("UDP echo, {size} bytes"), &report);
+    if report.received != DATAGRAMS {
+        return Err(booted.guest.check_failed(format!(
+            "{} of {DATAGRAMS} datagrams of {size} bytes came back exact",
+            report.received
+        )));
+    }
+    Ok(())
+}
+
+#[test]
+fn user_udp_echo_exact_1_byte() -> Result<(), RunError> {
+    user_udp_echo(1)
+}
+
+#[test]
+fn user_udp_echo_exact_64_bytes() -> Result<(), RunError> {
+    user_udp_echo(64)
+}
+
+#[test]
+fn user_udp_echo_exact_1400_bytes() -> Result<(), RunError> {
+    user_udp_echo(1400)
+}
+
+/// 1472 bytes: the largest payload that fits a 1500-byte MTU without fragmentation.
+#[test]
+fn user_udp_echo_exact_1472_bytes() -> Result<(), RunError> {
+    user_udp_echo(1472)
+}
+
+/// The `ready` line carries the default address, QEMU's default MAC and the default mode.
+#[test]
+fn user_ready_line_names_ip_mac_and_mode() -> Result<(), RunError> {
+    let booted = boot_user_net("")?;
+    let ready = &booted.ready;
+    if ready.ip != GUEST || ready.prefix != 24 || ready.mode != "adaptive" {
+        return Err(booted.guest.check_failed(format!(
+            "expected ip=10.0.2.15/24 mode=adaptive in the ready line, got {:?}",
+            ready.text
+        )));
+    }
+    if !ready.mac.eq_ignore_ascii_case("52:54:00:12:34:56") {
+        return Err(booted.guest.check_failed(format!(
+            "expected QEMU's default MAC 52:54:00:12:34:56, got {}",
+            ready.mac
+        )));
+    }
+    Ok(())
+}
+
+#[test]
+fn user_tcp_echo_1mib_exact() -> Result<(), RunError> {
+    let booted = boot_user_net("")?;
+    let report = on_guest(
+        &booted.guest,
+        tcp_echo(booted.net.tcp_echo(), 1 << 20, TCP_WAIT),
+    )?;
+    println!(
+        "1 MiB echoed exactly: connect {:.1} ms, transfer {:.1} ms ({:.2} MB/s)",
+        report.connect.as_secs_f64() * 1e3,
+        report.transfer.as_secs_f64() * 1e3,
+        report.throughput() / 1e6
+    );
+    Ok(())
+}
+
+/// 64 connections open at once (all connected before any data flows), each echoing 16 KiB of
+/// its own pattern.
+#[test]
+fn user_tcp_echo_64_concurrent_connections_16kib_each() -> Result<(), RunError> {
+    let booted = boot_user_net("")?;
+    let reports = on_guest(
+        &booted.guest,
+        tcp_echo_concurrent(booted.net.tcp_echo(), 64, 16 * 1024, TCP_WAIT),
+    )?;
+    let slowest = reports.iter().map(|r| r.transfer).max().unwrap_or_default();
+    println!(
+        "{} connections x 16 KiB echoed exactly; slowest transfer {:.1} ms",
+        reports.len(),
+        slowest.as_secs_f64() * 1e3
+    );
+    if reports.len() != 64 {
+        return Err(booted
+            .guest
+            .check_failed(format!("{} of 64 connections completed", reports.len())));
+    }
+    Ok(())
+}
+
+/// Counters every stats line must carry (README, guest contract).
+const REQUIRED_COUNTERS: [&str; 5] = [
+    "udp_echoed",
+    "interrupts",
+    "kicks",
+    "heap_used",
+    "uptime_ms",
+];
+
+/// The stats line parses as `key=value` words with the required counters, and `udp_echoed` grows
+/// by exactly the number of datagrams echoed between two queries.
+#[test]
+fn user_stats_line_parses_and_udp_echoed_grows() -> Result<(), RunError> {
+    let booted = boot_user_net("")?;
+    let guest = &booted.guest;
+    let net = booted.net;
+    // Warm up first, so that the probes are counted before the first query.
+    let mut client = on_guest(guest, UdpEchoClient::connect(net.udp_echo(), ECHO_WAIT))?;
+    on_guest(guest, client.warm_up(WARM_UP, Duration::from_millis(250)))?;
+    let before = on_guest(guest, query_stats(net.stats(), ECHO_WAIT, 3))?;
+    println!("stats before: {}", before.line);
+    let check_required = |stats: &Stats| -> Result<(), RunError> {
+        let missing: Vec<&str> = REQUIRED_COUNTERS
+            .into_iter()
+            .filter(|key| stats.get(key).is_none())
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(guest.check_failed(format!(
+                "the stats line lacks numeric {missing:?}: {:?}",
+                stats.line
+            )))
+        }
+    };
+    check_required(&before)?;
+    let sent = 25;
+    let mut report = EchoReport::default();
+    for _ in 0..sent {
+        // One attempt each: the count must match exactly.
+        on_guest(guest, client.exchange(100, 1, &mut report))?;
+    }
+    let after = on_guest(guest, query_stats(net.stats(), ECHO_WAIT, 3))?;
+    println!("stats after {sent} echoes: {}", after.line);
+    check_required(&after)?;
+    let counter = |stats: &Stats, key: &str| on_guest(guest, stats.counter(key));
+    let echoed = counter(&after, "udp_echoed")?.saturating_sub(counter(&before, "udp_echoed")?);
+    if echoed != sent {
+        return Err(guest.check_failed(format!(
+            "udp_echoed grew by {echoed}, expected {sent} (before {:?}, after {:?})",
+            before.line, after.line
+        )));
+    }
+    if counter(&after, "uptime_ms")? < counter(&before, "uptime_ms")? {
+        return Err(guest.check_failed("uptime_ms went backwards".to_string()));
+    }
+    for key in ["rx_packets", "tx_packets"] {
+        if let (Some(b), Some(a)) = (before.get(key), after.get(key)) {
+            if a < b + sent {
+                return Err(guest.check_failed(format!(
+                    "{key} grew by {} for {sent} echoed datagrams",
+                    a.saturating_sub(b)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tap in a private network namespace (root)
+// ---------------------------------------------------------------------------------------------
+
+fn boot_tap_mode(mode: &str) -> Result<Option<TapGuest>, RunError> {
+    if !root_networking_or_skip() {
+        return Ok(None);
+    }
+    let booted = boot_tap(&format!("echo-{mode}"), &format!("mode={mode}"))?;
+    if booted.ready.mode != mode {
+        return Err(booted.guest.check_failed(format!(
+            "booted with mode={mode}, but the ready line says mode={}",
+            booted.ready.mode
+        )));
+    }
+    Ok(Some(booted))
+}
+
+fn tap_udp_echo(mode: &str) -> Result<(), RunError> {
+    let Some(booted) = boot_tap_mode(mode)? else {
+        return Ok(());
+    };
+    let target = SocketAddr::from((booted.ready.ip, 7));
+    for size in [1, 64, 1400, 1472] {
+        let report = booted.client(move || udp_exchange(target, size, DATAGRAMS))?;
+        print_report(&format!("tap, mode={mode}, UDP echo {size} bytes"), &report);
+    }
+    Ok(())
+}
+
+fn tap_icmp_echo(mode: &str) -> Result<(), RunError> {
+    let Some(booted) = boot_tap_mode(mode)? else {
+        return Ok(());
+    };
+    let target = booted.ready.ip;
+    // ARP and the first packets: allow the first ping a few retries.
+    booted.client(move || {
+        icmp_echo(
+            target,
+            IcmpEchoOptions {
+                count: 1,
+                size: 8,
+                timeout: Duration::from_millis(500),
+                attempts: 40,
+            },
+        )
+    })?;
+    for size in [0, 56, 1472] {
+        let report = booted.client(move || {
+            icmp_echo(
+                target,
+                IcmpEchoOptions {
+                    count: 10,
+                    size,
+                    timeout: ECHO_WAIT,
+                    attempts: 3,
+                },
+            )
+        })?;
+        print_report(
+            &format!("tap, mode={mode}, ICMP echo {size} bytes"),
+            &report,
+        );
+    }
+    Ok(())
+}
+
+fn tap_tcp_echo(mode: &str) -> Result<(), RunError> {
+    let Some(booted) = boot_tap_mode(mode)? else {
+        return Ok(());
+    };
+    let target = SocketAddr::from((booted.ready.ip, 7));
+    let single = booted.client(move || tcp_echo(target, 1 << 20, TCP_WAIT))?;
+    println!(
+        "tap, mode={mode}: 1 MiB echoed exactly in {:.1} ms ({:.2} MB/s)",
+        single.transfer.as_secs_f64() * 1e3,
+        single.throughput() / 1e6
+    );
+    let many = booted.client(move || tcp_echo_concurrent(target, 16, 16 * 1024, TCP_WAIT))?;
+    println!(
+        "tap, mode={mode}: {} concurrent connections x 16 KiB echoed exactly",
+        many.len()
+    );
+    Ok(())
+}
+
+macro_rules! tap_mode_tests {
+    ($($mode:literal: $udp:ident, $icmp:ident, $tcp:ident;)*) => {$(
+        #[test]
+        fn $udp() -> Result<(), RunError> {
+            tap_udp_echo($mode)
+        }
+
+        #[test]
+        fn $icmp() -> Result<(), RunError> {
+            tap_icmp_echo($mode)
+        }
+
+        #[test]
+        fn $tcp() -> Result<(), RunError> {
+            tap_tcp_echo($mode)
+        }
+    )*};
+}
+
+tap_mode_tests! {
+    "irq": tap_irq_udp_echo, tap_irq_icmp_echo, tap_irq_tcp_echo;
+    "poll": tap_poll_udp_echo, tap_poll_icmp_echo, tap_poll_tcp_echo;
+    "adaptive": tap_adaptive_udp_echo, tap_adaptive_icmp_echo, tap_adaptive_tcp_echo;
+}
