@@ -17,8 +17,8 @@ use std::time::Duration;
 use common::{TapGuest, boot_tap, boot_user_net, on_guest, root_networking_or_skip};
 use xtask::client::EchoReport;
 use xtask::{
-    IcmpEchoOptions, RunError, Stats, UdpEchoClient, icmp_echo, query_stats, tcp_echo,
-    tcp_echo_concurrent,
+    DemoOptions, IcmpEchoOptions, RunError, Stats, UdpEchoClient, demo_exchanges, icmp_echo,
+    query_stats, tcp_echo, tcp_echo_concurrent,
 };
 
 /// Wait for each UDP/ICMP echo.
@@ -157,6 +157,22 @@ fn user_tcp_echo_64_concurrent_connections_16kib_each() -> Result<(), RunError> 
             .check_failed(format!("{} of 64 connections completed", reports.len())));
     }
     Ok(())
+}
+
+/// The demo's own steps (`cargo xtask demo` after `ready`), against the debug kernel.
+#[test]
+fn user_demo_exchanges_pass() -> Result<(), RunError> {
+    let booted = boot_user_net("")?;
+    on_guest(
+        &booted.guest,
+        demo_exchanges(
+            &booted.net,
+            DemoOptions {
+                round_trips: 200,
+                tcp_bytes: 1 << 20,
+            },
+        ),
+    )
 }
 
 /// Counters every stats line must carry (README, guest contract).

@@ -1063,6 +1063,23 @@ mod tests {
     }
 
     #[test]
+    fn stats_query_against_a_local_server() {
+        let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let address = server.local_addr().expect("address");
+        let responder = thread::spawn(move || {
+            let mut buffer = [0u8; 64];
+            let (_, from) = server.recv_from(&mut buffer).expect("recv");
+            server
+                .send_to(b"udp_echoed=7 mode=poll kicks=2\n", from)
+                .expect("send");
+        });
+        let stats = query_stats(address, Duration::from_secs(2), 1).expect("stats");
+        assert_eq!(stats.get("udp_echoed"), Some(7));
+        assert_eq!(stats.line, "udp_echoed=7 mode=poll kicks=2");
+        responder.join().expect("responder");
+    }
+
+    #[test]
     fn tcp_echo_against_a_local_reflector() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");

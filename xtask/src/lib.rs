@@ -22,6 +22,7 @@
 
 pub mod client;
 mod command;
+mod demo;
 mod error;
 mod host;
 mod netns;
@@ -39,6 +40,7 @@ pub use client::{
     UdpEchoOptions, icmp_echo, query_stats, tcp_echo, tcp_echo_concurrent, udp_echo,
 };
 pub use command::{DEBUG_EXIT_DEVICE, Machine, QemuCommand, parse_memory_mib, shell_quote};
+pub use demo::{DemoOptions, demo_exchanges, print_counter_deltas};
 pub use error::Error;
 pub use host::{
     ACCEL_ENV, Accel, AccelChoice, QEMU_ENV, QEMU_PACKAGE, QEMU_PROGRAM, Qemu, choose_accel,

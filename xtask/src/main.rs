@@ -2,15 +2,14 @@
 //! hand to keep the tool free of dependencies; every command prints what it runs.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use xtask::client::{EchoReport, UdpEchoClient, resolve};
+use xtask::client::{EchoReport, resolve};
 use xtask::{
-    ClientError, DEFAULT_NIC, Error, Guest, GuestExit, IcmpEchoOptions, Machine, NetNs, Qemu,
-    QemuCommand, RunError, RunOptions, Stats, UdpEchoOptions, UserNet, boot_on_user_net,
+    ClientError, DEFAULT_NIC, DemoOptions, Error, Guest, GuestExit, IcmpEchoOptions, Machine,
+    NetNs, Qemu, QemuCommand, RunError, RunOptions, UdpEchoOptions, UserNet, boot_on_user_net,
     build_kernel, cargo, choose_accel, icmp_echo, is_ci, log, parse_memory_mib, query_stats,
     run_in_netns, shell_quote, tcp_echo, tcp_echo_concurrent, udp_echo, workspace_root,
 };
@@ -210,7 +209,8 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
                 .netdev(NetNs::tap_netdev("n0", "tap0", None))
                 .device(DEFAULT_NIC);
             log(&format!(
-                "tap networking in namespace {0}: host side 10.0.2.2/24 on tap0; try                  `cargo xtask client udp-echo --netns {0} --addr 10.0.2.15:7`",
+                "tap networking in namespace {0}: host side 10.0.2.2/24 on tap0; try \
+                 `cargo xtask client udp-echo --netns {0} --addr 10.0.2.15:7`",
                 namespace.name()
             ));
             _namespace = Some(namespace);
@@ -383,7 +383,13 @@ fn demo(args: Vec<OsString>) -> Result<i32, CliError> {
         booted.ready.mac,
         booted.ready.mode
     ));
-    let outcome = demo_exchanges(&net, rtts, tcp_bytes);
+    let outcome = xtask::demo_exchanges(
+        &net,
+        DemoOptions {
+            round_trips: rtts,
+            tcp_bytes,
+        },
+    );
     guest.kill();
     match outcome {
         Ok(()) => {
@@ -396,101 +402,6 @@ fn demo(args: Vec<OsString>) -> Result<i32, CliError> {
                 "{failure}\ndemo: FAILED: {}",
                 failure.error
             )))
-        }
-    }
-}
-
-fn demo_exchanges(net: &UserNet, rtts: u64, tcp_bytes: usize) -> Result<(), ClientError> {
-    let step = |text: String| println!("\n==> {text}");
-    step(format!(
-        "stats: one datagram to {} (guest UDP 7007)",
-        net.stats()
-    ));
-    let before = query_stats(net.stats(), Duration::from_secs(2), 5)?;
-    println!("    {}", before.line);
-
-    step(format!(
-        "UDP echo: waiting for the first echo from {} (guest UDP 7), then 8 datagrams of \
-         1, 64, 1400 and 1472 bytes, each checked byte for byte",
-        net.udp_echo()
-    ));
-    let mut client = UdpEchoClient::connect(net.udp_echo(), Duration::from_secs(2))?;
-    let probes = client.warm_up(Duration::from_secs(15), Duration::from_millis(250))?;
-    println!("    first echo after {probes} probe(s)");
-    let mut report = EchoReport::default();
-    for size in [1, 64, 1400, 1472, 1, 64, 1400, 1472] {
-        let rtt = client.exchange(size, 3, &mut report)?;
-        println!(
-            "    {size:>5} bytes: exact echo, RTT {:>9.1} us",
-            rtt.as_secs_f64() * 1e6
-        );
-    }
-
-    step(format!(
-        "TCP echo: {tcp_bytes} bytes over one connection to {} (guest TCP 7), read back and \
-         checked byte for byte",
-        net.tcp_echo()
-    ));
-    let tcp = tcp_echo(net.tcp_echo(), tcp_bytes, Duration::from_secs(60))?;
-    println!(
-        "    exact; connect {:.1} ms, transfer {:.1} ms, {:.2} MB/s",
-        tcp.connect.as_secs_f64() * 1e3,
-        tcp.transfer.as_secs_f64() * 1e3,
-        tcp.throughput() / 1e6
-    );
-
-    step(format!(
-        "UDP round trips: {rtts} ping-pongs of 64 bytes to {}, one in flight",
-        net.udp_echo()
-    ));
-    let mut many = EchoReport::default();
-    let began = Instant::now();
-    for done in 1..=rtts {
-        client.exchange(64, 3, &mut many)?;
-        if done % 50 == 0 || done == rtts {
-            let width = 40;
-            let filled = (done * width / rtts.max(1)) as usize;
-            print!(
-                "\r    [{}{}] {done}/{rtts}",
-                "#".repeat(filled),
-                "-".repeat(width as usize - filled)
-            );
-            let _ = std::io::stdout().flush();
-        }
-    }
-    println!();
-    if let Some(summary) = many.summary() {
-        println!(
-            "    {summary}\n    {:.0} round trips/s; {} retransmitted, {} stale",
-            many.received as f64 / began.elapsed().as_secs_f64(),
-            many.retransmits,
-            many.stale
-        );
-    }
-
-    step(format!("stats again: {}", net.stats()));
-    let after = query_stats(net.stats(), Duration::from_secs(2), 5)?;
-    println!("    {}", after.line);
-    print_counter_deltas(&before, &after, report.sent + many.sent + probes);
-    Ok(())
-}
-
-fn print_counter_deltas(before: &Stats, after: &Stats, udp_sent: u64) {
-    let echoed = after
-        .get("udp_echoed")
-        .zip(before.get("udp_echoed"))
-        .map(|(a, b)| a.saturating_sub(b));
-    if let Some(echoed) = echoed {
-        println!("    udp_echoed grew by {echoed} (this demo sent {udp_sent} UDP echo requests)");
-    }
-    let per_packet = |key: &str| {
-        let delta = after.get(key)?.checked_sub(before.get(key)?)?;
-        let packets = echoed.filter(|&e| e > 0)?;
-        Some(delta as f64 / packets as f64)
-    };
-    for key in ["kicks", "interrupts"] {
-        if let Some(ratio) = per_packet(key) {
-            println!("    {key} per UDP echo: {ratio:.2}");
         }
     }
 }
