@@ -232,16 +232,60 @@ fn user_stats_line_parses_and_udp_echoed_grows() -> Result<(), RunError> {
         return Err(guest.check_failed("uptime_ms went backwards".to_string()));
     }
     for key in ["rx_packets", "tx_packets"] {
-        if let (Some(b), Some(a)) = (before.get(key), after.get(key)) {
-            if a < b + sent {
-                return Err(guest.check_failed(format!(
-                    "{key} grew by {} for {sent} echoed datagrams",
-                    a.saturating_sub(b)
-                )));
-            }
+        if let (Some(b), Some(a)) = (before.get(key), after.get(key))
+            && a < b + sent
+        {
+            return Err(guest.check_failed(format!(
+                "{key} grew by {} for {sent} echoed datagrams",
+                a.saturating_sub(b)
+            )));
         }
     }
     Ok(())
+}
+
+/// UDP echo of `udp_size` bytes and a TCP echo of 256 KiB, both exact, on a guest booted with
+/// `append` and the NIC `nic` (which must say `netdev=n0`) over user networking.
+fn user_udp_and_tcp(append: &str, nic: &str, udp_size: usize) -> Result<(), RunError> {
+    let booted = common::boot_user_net_with(append, nic)?;
+    let report = on_guest(
+        &booted.guest,
+        udp_exchange(booted.net.udp_echo(), udp_size, DATAGRAMS),
+    )?;
+    print_report(&format!("UDP echo, {udp_size} bytes"), &report);
+    let tcp = on_guest(
+        &booted.guest,
+        tcp_echo(booted.net.tcp_echo(), 256 * 1024, TCP_WAIT),
+    )?;
+    println!(
+        "256 KiB TCP echo exact in {:.1} ms",
+        tcp.transfer.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// One test per receive mode and per NIC option of the net issue, over user networking.
+macro_rules! user_variant_tests {
+    ($($name:ident: $append:expr, $nic:expr, $udp_size:expr;)*) => {$(
+        #[test]
+        fn $name() -> Result<(), RunError> {
+            user_udp_and_tcp($append, $nic, $udp_size)
+        }
+    )*};
+}
+
+user_variant_tests! {
+    user_mode_irq_udp_tcp: "mode=irq", xtask::DEFAULT_NIC, 1400;
+    user_mode_poll_udp_tcp: "mode=poll", xtask::DEFAULT_NIC, 1400;
+    user_mode_adaptive_udp_tcp: "mode=adaptive", xtask::DEFAULT_NIC, 1400;
+    user_nic_mrg_rxbuf_off_udp_tcp: "", "virtio-net-pci,netdev=n0,mrg_rxbuf=off", 1400;
+    user_nic_csum_off_udp_tcp: "", "virtio-net-pci,netdev=n0,csum=off,guest_csum=off", 1400;
+    user_nic_vectors_0_udp_tcp: "", "virtio-net-pci,netdev=n0,vectors=0", 1400;
+    user_nic_mq_on_udp_tcp: "", "virtio-net-pci,netdev=n0,mq=on,vectors=10", 1400;
+    // The guest's MTU is 1400: 1372 bytes of UDP payload fill it exactly.
+    user_nic_host_mtu_1400_udp_tcp: "", "virtio-net-pci,netdev=n0,host_mtu=1400", 1372;
+    // Unknown and malformed keys get `cmdline:` lines and the defaults; the guest still serves.
+    user_bad_cmdline_still_serves: "bogus=1 mode=turbo log=loud", xtask::DEFAULT_NIC, 1400;
 }
 
 // ---------------------------------------------------------------------------------------------
