@@ -165,14 +165,23 @@ impl<H: DmaHal> Allocation<H> {
         let end_ok = window.base.checked_add(window.len).is_some();
         let base = usize::try_from(window.base)
             .ok()
-            .filter(|&base| base % PAGE_SIZE == 0 && end_ok)
+            .filter(|&base| base.is_multiple_of(PAGE_SIZE) && end_ok)
             .map(core::ptr::with_exposed_provenance_mut::<u8>)
             .and_then(NonNull::new);
         match (base, usable) {
-            (Some(base), Some(_)) => Ok(Self { hal, buffer, base, len: bytes }),
+            (Some(base), Some(_)) => Ok(Self {
+                hal,
+                buffer,
+                base,
+                len: bytes,
+            }),
             _ => {
                 hal.dma_free(buffer);
-                Err(DmaError::BadWindow { base: window.base, len: window.len, needed: bytes })
+                Err(DmaError::BadWindow {
+                    base: window.base,
+                    len: window.len,
+                    needed: bytes,
+                })
             }
         }
     }
@@ -189,8 +198,15 @@ impl<H: DmaHal> Allocation<H> {
     /// first, so a failure here is a driver bug, never device input.
     fn check(&self, offset: usize, width: usize, align: usize) -> *mut u8 {
         let in_bounds = offset.checked_add(width).is_some_and(|end| end <= self.len);
-        assert!(in_bounds, "DMA access {offset}+{width} outside {} bytes", self.len);
-        assert!(offset % align == 0, "misaligned DMA access of {width} bytes at {offset}");
+        assert!(
+            in_bounds,
+            "DMA access {offset}+{width} outside {} bytes",
+            self.len
+        );
+        assert!(
+            offset.is_multiple_of(align),
+            "misaligned DMA access of {width} bytes at {offset}"
+        );
         // SAFETY: `offset + width <= self.len` (checked above), and `base..base + len` is one
         // allocation (DmaHal contract), so the offset pointer stays inside it.
         unsafe { self.base.as_ptr().add(offset) }
@@ -217,10 +233,16 @@ macro_rules! ring_access {
         ///
         /// # Panics
         /// If the access is out of bounds or misaligned (a driver bug; see `check`).
-        #[allow(dead_code, reason = "the full set of widths; the rings read no 64-bit field")]
+        #[allow(
+            dead_code,
+            reason = "the full set of widths; the rings read no 64-bit field"
+        )]
         pub(crate) fn $load(&self, offset: usize) -> $le {
             let width = core::mem::size_of::<$native>();
-            let pointer = self.allocation.check(offset, width, width).cast::<$native>();
+            let pointer = self
+                .allocation
+                .check(offset, width, width)
+                .cast::<$native>();
             // SAFETY: `check` proved the `width` bytes lie inside the live allocation and are
             // naturally aligned (the base is page-aligned); a volatile read of an integer has
             // no validity requirement beyond that, and creates no reference.
@@ -233,7 +255,10 @@ macro_rules! ring_access {
         /// If the access is out of bounds or misaligned (a driver bug; see `check`).
         pub(crate) fn $store(&mut self, offset: usize, value: $le) {
             let width = core::mem::size_of::<$native>();
-            let pointer = self.allocation.check(offset, width, width).cast::<$native>();
+            let pointer = self
+                .allocation
+                .check(offset, width, width)
+                .cast::<$native>();
             // SAFETY: as for the load; `&mut self` makes this the only CPU-side writer.
             unsafe { pointer.write_volatile(value.0) }
         }
@@ -283,7 +308,11 @@ impl<H: DmaHal> DmaBuf<H> {
     /// Allocates a zeroed buffer of `len` bytes (rounded up to whole pages underneath).
     pub fn new(hal: H, len: usize) -> Result<Self, DmaError> {
         let allocation = Arc::new(Allocation::new(hal, len)?);
-        Ok(Self { allocation, offset: 0, len })
+        Ok(Self {
+            allocation,
+            offset: 0,
+            len,
+        })
     }
 
     /// Length in bytes.
@@ -328,7 +357,10 @@ impl<H: DmaHal> DmaBuf<H> {
     /// Splits into `[0, mid)` and `[mid, len)`, which share the allocation.
     pub fn split_at(self, mid: usize) -> Result<(Self, Self), (Self, DmaError)> {
         if mid > self.len {
-            let error = DmaError::OutOfBounds { offset: mid, len: self.len };
+            let error = DmaError::OutOfBounds {
+                offset: mid,
+                len: self.len,
+            };
             return Err((self, error));
         }
         let tail = Self {
@@ -336,7 +368,11 @@ impl<H: DmaHal> DmaBuf<H> {
             offset: self.offset + mid,
             len: self.len - mid,
         };
-        let head = Self { allocation: self.allocation, offset: self.offset, len: mid };
+        let head = Self {
+            allocation: self.allocation,
+            offset: self.offset,
+            len: mid,
+        };
         Ok((head, tail))
     }
 
@@ -348,10 +384,7 @@ impl<H: DmaHal> DmaBuf<H> {
         let mut pieces = Vec::with_capacity(self.len.div_ceil(chunk));
         let mut rest = self;
         while rest.len > chunk {
-            let (head, tail) = match rest.split_at(chunk) {
-                Ok(parts) => parts,
-                Err(failure) => return Err(failure),
-            };
+            let (head, tail) = rest.split_at(chunk)?;
             pieces.push(head);
             rest = tail;
         }
@@ -398,7 +431,6 @@ pub unsafe trait DeviceBuffer {
 }
 
 /// A [`DmaBuf`] with a direction and the length the device may use: one segment.
-#[derive(Debug)]
 pub struct Part<H: DmaHal> {
     buf: DmaBuf<H>,
     len: u32,
@@ -406,11 +438,22 @@ pub struct Part<H: DmaHal> {
 }
 
 impl<H: DmaHal> Part<H> {
-    fn with(buf: DmaBuf<H>, len: usize, device_writable: bool) -> Result<Self, (DmaBuf<H>, DmaError)> {
+    fn with(
+        buf: DmaBuf<H>,
+        len: usize,
+        device_writable: bool,
+    ) -> Result<Self, (DmaBuf<H>, DmaError)> {
         match u32::try_from(len) {
-            Ok(len32) if len <= buf.len() => Ok(Self { buf, len: len32, device_writable }),
+            Ok(len32) if len <= buf.len() => Ok(Self {
+                buf,
+                len: len32,
+                device_writable,
+            }),
             _ => {
-                let error = DmaError::OutOfBounds { offset: len, len: buf.len() };
+                let error = DmaError::OutOfBounds {
+                    offset: len,
+                    len: buf.len(),
+                };
                 Err((buf, error))
             }
         }
@@ -458,7 +501,22 @@ impl<H: DmaHal> Part<H> {
     }
 
     fn as_segment(&self) -> Segment {
-        Segment { phys: self.buf.phys(), len: self.len, device_writable: self.device_writable }
+        Segment {
+            phys: self.buf.phys(),
+            len: self.len,
+            device_writable: self.device_writable,
+        }
+    }
+}
+
+impl<H: DmaHal> fmt::Debug for Part<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let direction = if self.device_writable {
+            "writable"
+        } else {
+            "readable"
+        };
+        write!(f, "Part({:?}, {} bytes {direction})", self.buf, self.len)
     }
 }
 
@@ -519,7 +577,6 @@ pub(crate) mod host {
     #[derive(Default)]
     pub(crate) struct HostDma {
         live: RefCell<BTreeMap<u64, usize>>,
-        allocations: Cell<usize>,
         fail_after: Cell<Option<usize>>,
     }
 
@@ -536,11 +593,6 @@ pub(crate) mod host {
         /// Number of allocations not yet freed.
         pub(crate) fn live_allocations(&self) -> usize {
             self.live.borrow().len()
-        }
-
-        /// Total allocations ever made.
-        pub(crate) fn allocation_count(&self) -> usize {
-            self.allocations.get()
         }
 
         /// The pointer for `[phys, phys + len)` if it lies inside one live allocation.
@@ -621,10 +673,12 @@ pub(crate) mod host {
             byte[0]
         }
         fn read16(&self, window: Window, offset: u64) -> u16 {
-            self.read_u16(window.base.wrapping_add(offset)).unwrap_or(u16::MAX)
+            self.read_u16(window.base.wrapping_add(offset))
+                .unwrap_or(u16::MAX)
         }
         fn read32(&self, window: Window, offset: u64) -> u32 {
-            self.read_u32(window.base.wrapping_add(offset)).unwrap_or(u32::MAX)
+            self.read_u32(window.base.wrapping_add(offset))
+                .unwrap_or(u32::MAX)
         }
         fn write8(&self, window: Window, offset: u64, value: u8) {
             let _ = self.write(window.base.wrapping_add(offset), &[value]);
@@ -647,7 +701,10 @@ pub(crate) mod host {
                 }
                 self.fail_after.set(Some(left - 1));
             }
-            let size = pages.checked_mul(PAGE_SIZE).filter(|&size| size > 0).ok_or(failed)?;
+            let size = pages
+                .checked_mul(PAGE_SIZE)
+                .filter(|&size| size > 0)
+                .ok_or(failed)?;
             let layout = Layout::from_size_align(size, PAGE_SIZE).map_err(|_| failed)?;
             // SAFETY: the layout has a non-zero size.
             let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -656,8 +713,14 @@ pub(crate) mod host {
             }
             let base = pointer.expose_provenance() as u64;
             self.live.borrow_mut().insert(base, size);
-            self.allocations.set(self.allocations.get() + 1);
-            Ok(DmaBuffer { window: Window { base, len: size as u64 }, phys: base, pages })
+            Ok(DmaBuffer {
+                window: Window {
+                    base,
+                    len: size as u64,
+                },
+                phys: base,
+                pages,
+            })
         }
 
         fn dma_free(&self, buffer: DmaBuffer) {
@@ -697,7 +760,10 @@ mod tests {
         assert_eq!(hal.live_allocations(), 1);
         let base = buf.phys();
         let mut pieces = buf.chunks(2048).expect("chunks");
-        assert_eq!(pieces.iter().map(DmaBuf::len).collect::<Vec<_>>(), [2048, 2048, 1904]);
+        assert_eq!(
+            pieces.iter().map(DmaBuf::len).collect::<Vec<_>>(),
+            [2048, 2048, 1904]
+        );
         assert_eq!(pieces[1].phys(), base + 2048);
         pieces[0].as_bytes_mut().fill(0xaa);
         pieces[1].as_bytes_mut().fill(0xbb);
@@ -706,7 +772,11 @@ mod tests {
         assert!(pieces[2].as_bytes().iter().all(|&b| b == 0));
         let last = pieces.pop().expect("piece");
         drop(pieces);
-        assert_eq!(hal.live_allocations(), 1, "one piece still holds the allocation");
+        assert_eq!(
+            hal.live_allocations(),
+            1,
+            "one piece still holds the allocation"
+        );
         drop(last);
         assert_eq!(hal.live_allocations(), 0);
     }
@@ -716,10 +786,22 @@ mod tests {
         let hal = HostDma::new();
         let buf = DmaBuf::new(&hal, 100).expect("allocation");
         let (buf, error) = buf.split_at(101).expect_err("out of bounds");
-        assert_eq!(error, DmaError::OutOfBounds { offset: 101, len: 100 });
+        assert_eq!(
+            error,
+            DmaError::OutOfBounds {
+                offset: 101,
+                len: 100
+            }
+        );
         assert_eq!(buf.len(), 100);
         let part = Part::readable(buf, 101).expect_err("too long");
-        assert_eq!(part.1, DmaError::OutOfBounds { offset: 101, len: 100 });
+        assert_eq!(
+            part.1,
+            DmaError::OutOfBounds {
+                offset: 101,
+                len: 100
+            }
+        );
     }
 
     #[test]
@@ -760,6 +842,9 @@ mod tests {
         hal.fail_after(0);
         let error = DmaBuf::new(&hal, 10).expect_err("fails");
         assert_eq!(error, DmaError::Hal(HalError::OutOfDmaMemory { pages: 1 }));
-        assert_eq!(DmaBuf::new(&hal, 0).expect_err("zero"), DmaError::BadSize { bytes: 0 });
+        assert_eq!(
+            DmaBuf::new(&hal, 0).expect_err("zero"),
+            DmaError::BadSize { bytes: 0 }
+        );
     }
 }

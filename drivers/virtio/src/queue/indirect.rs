@@ -30,7 +30,10 @@ impl<H: DmaHal> IndirectPool<H> {
     pub(super) fn new(hal: H, queue_size: u16) -> Result<Self, DmaError> {
         let tables = queue_size.min(MAX_TABLES);
         let memory = RingMemory::new(hal, usize::from(tables) * TABLE_BYTES)?;
-        Ok(Self { memory, free: (0..tables).rev().collect() })
+        Ok(Self {
+            memory,
+            free: (0..tables).rev().collect(),
+        })
     }
 
     /// A free table, if any.
@@ -61,7 +64,11 @@ impl<H: DmaHal> IndirectPool<H> {
     /// `index + 1` unless `last`.
     pub(super) fn store_split(&mut self, table: u16, index: usize, segment: Segment, last: bool) {
         let at = Self::entry(table, index);
-        let mut flags = if segment.device_writable { super::layout::DESC_F_WRITE } else { 0 };
+        let mut flags = if segment.device_writable {
+            super::layout::DESC_F_WRITE
+        } else {
+            0
+        };
         let mut next = 0;
         if !last {
             flags |= super::layout::DESC_F_NEXT;
@@ -78,10 +85,15 @@ impl<H: DmaHal> IndirectPool<H> {
     /// and the buffer id is reserved (0); entries are consecutive, not chained.
     pub(super) fn store_packed(&mut self, table: u16, index: usize, segment: Segment) {
         let at = Self::entry(table, index);
-        let flags = if segment.device_writable { super::layout::DESC_F_WRITE } else { 0 };
+        let flags = if segment.device_writable {
+            super::layout::DESC_F_WRITE
+        } else {
+            0
+        };
         self.memory.store64(at + DESC_ADDR, Le64::new(segment.phys));
         self.memory.store32(at + DESC_LEN, Le32::new(segment.len));
         self.memory.store16(at + PACKED_ID, Le16::new(0));
-        self.memory.store16(at + super::layout::PACKED_FLAGS, Le16::new(flags));
+        self.memory
+            .store16(at + super::layout::PACKED_FLAGS, Le16::new(flags));
     }
 }

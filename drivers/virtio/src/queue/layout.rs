@@ -165,7 +165,12 @@ impl SplitLayout {
         let avail_end = avail + RING_ENTRIES + 2 * n + 2;
         let used = avail_end.div_ceil(CACHE_LINE) * CACHE_LINE;
         let total = used + RING_ENTRIES + USED_ELEM_SIZE * n + 2;
-        Self { size, avail, used, total }
+        Self {
+            size,
+            avail,
+            used,
+            total,
+        }
     }
 
     /// Offset of descriptor `index`.
@@ -210,7 +215,12 @@ impl PackedLayout {
     pub const fn new(size: u16) -> Self {
         let driver_event = DESC_SIZE * size as usize;
         let device_event = (driver_event + EVENT_SIZE).div_ceil(CACHE_LINE) * CACHE_LINE;
-        Self { size, driver_event, device_event, total: device_event + EVENT_SIZE }
+        Self {
+            size,
+            driver_event,
+            device_event,
+            total: device_event + EVENT_SIZE,
+        }
     }
 
     /// Offset of descriptor slot `slot`.
@@ -231,8 +241,15 @@ mod tests {
             assert_eq!(layout.avail % 2, 0);
             assert_eq!(layout.used % 4, 0);
             assert!(layout.avail >= 16 * n, "descriptor table is 16 × size");
-            assert!(layout.used >= layout.avail + 6 + 2 * n, "available ring is 6 + 2 × size");
-            assert_eq!(layout.total, layout.used + 6 + 8 * n, "used ring is 6 + 8 × size");
+            assert!(
+                layout.used >= layout.avail + 6 + 2 * n,
+                "available ring is 6 + 2 × size"
+            );
+            assert_eq!(
+                layout.total,
+                layout.used + 6 + 8 * n,
+                "used ring is 6 + 8 × size"
+            );
             assert_eq!(layout.used_event(), layout.avail + 4 + 2 * n);
             assert_eq!(layout.avail_event(), layout.used + 4 + 8 * n);
         }

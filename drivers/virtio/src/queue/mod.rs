@@ -67,7 +67,11 @@ impl QueueFeatures {
     pub const fn from_negotiated(features: u64) -> Self {
         let packed = features & feature::bit(feature::RING_PACKED) != 0;
         Self {
-            format: if packed { QueueFormat::Packed } else { QueueFormat::Split },
+            format: if packed {
+                QueueFormat::Packed
+            } else {
+                QueueFormat::Split
+            },
             event_idx: features & feature::bit(feature::EVENT_IDX) != 0,
             indirect: features & feature::bit(feature::INDIRECT_DESC) != 0,
         }
@@ -187,14 +191,24 @@ pub enum QueueError {
 impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::InvalidSize { queue, size, format } => {
-                write!(f, "queue {queue}: size {size} is invalid for a {format:?} ring")
+            Self::InvalidSize {
+                queue,
+                size,
+                format,
+            } => {
+                write!(
+                    f,
+                    "queue {queue}: size {size} is invalid for a {format:?} ring"
+                )
             }
             Self::Dma(error) => write!(f, "ring memory: {error}"),
             Self::EmptyBuffer => f.write_str("buffer has no segments"),
             Self::MissingSegment { index } => write!(f, "buffer segment {index} is missing"),
             Self::ReadableAfterWritable { index } => {
-                write!(f, "device-readable segment {index} follows a device-writable one")
+                write!(
+                    f,
+                    "device-readable segment {index} follows a device-writable one"
+                )
             }
             Self::ChainTooLong { bytes } => write!(f, "chain of {bytes} bytes exceeds 4 GiB"),
             Self::TooManySegments { segments, max } => {
@@ -303,27 +317,48 @@ pub enum DeviceError {
 impl fmt::Display for DeviceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::UsedIndexJumped { queue, last_seen, published, in_flight } => write!(
+            Self::UsedIndexJumped {
+                queue,
+                last_seen,
+                published,
+                in_flight,
+            } => write!(
                 f,
                 "queue {queue}: used idx jumped from {last_seen} to {published} with {in_flight} in flight"
             ),
             Self::IdOutOfRange { queue, id, size } => {
-                write!(f, "queue {queue}: used id {id} is outside a queue of {size}")
+                write!(
+                    f,
+                    "queue {queue}: used id {id} is outside a queue of {size}"
+                )
             }
             Self::IdNotInFlight { queue, id } => {
                 write!(f, "queue {queue}: used id {id} is not a buffer in flight")
             }
-            Self::LengthTooLarge { queue, id, len, capacity } => write!(
+            Self::LengthTooLarge {
+                queue,
+                id,
+                len,
+                capacity,
+            } => write!(
                 f,
                 "queue {queue}: used len {len} for id {id} exceeds its {capacity} writable bytes"
             ),
-            Self::BadWrapCounter { queue, slot, flags, expected_wrap } => write!(
+            Self::BadWrapCounter {
+                queue,
+                slot,
+                flags,
+                expected_wrap,
+            } => write!(
                 f,
                 "queue {queue}: slot {slot} flags {flags:#06x} carry the wrong wrap counter (expected {})",
                 u8::from(expected_wrap)
             ),
             Self::IncoherentFlags { queue, slot, flags } => {
-                write!(f, "queue {queue}: slot {slot} has incoherent flags {flags:#06x}")
+                write!(
+                    f,
+                    "queue {queue}: slot {slot} has incoherent flags {flags:#06x}"
+                )
             }
             Self::UsedWhileIdle { queue, slot, flags } => write!(
                 f,
@@ -360,13 +395,18 @@ impl Shape {
             return Err(QueueError::EmptyBuffer);
         }
         if segments > usize::from(size) {
-            return Err(QueueError::TooManySegments { segments, max: usize::from(size) });
+            return Err(QueueError::TooManySegments {
+                segments,
+                max: usize::from(size),
+            });
         }
         let mut total = 0u64;
         let mut writable = 0u64;
         let mut seen_writable = false;
         for index in 0..segments {
-            let segment = buffer.segment(index).ok_or(QueueError::MissingSegment { index })?;
+            let segment = buffer
+                .segment(index)
+                .ok_or(QueueError::MissingSegment { index })?;
             if segment.device_writable {
                 seen_writable = true;
                 writable += u64::from(segment.len);
@@ -380,7 +420,10 @@ impl Shape {
         }
         // `writable <= total <= u32::MAX`.
         let writable_bytes = u32::try_from(writable).unwrap_or(u32::MAX);
-        Ok(Self { segments, writable_bytes })
+        Ok(Self {
+            segments,
+            writable_bytes,
+        })
     }
 }
 
@@ -389,7 +432,15 @@ fn check_size(queue: u16, size: u16, format: QueueFormat) -> Result<(), QueueErr
     let valid = size != 0
         && size <= MAX_QUEUE_SIZE
         && (format == QueueFormat::Packed || size.is_power_of_two());
-    if valid { Ok(()) } else { Err(QueueError::InvalidSize { queue, size, format }) }
+    if valid {
+        Ok(())
+    } else {
+        Err(QueueError::InvalidSize {
+            queue,
+            size,
+            format,
+        })
+    }
 }
 
 /// The "need event" test of §2.7.7/§2.7.10 on free-running 16-bit indices: whether the index

@@ -17,12 +17,12 @@ use alloc::vec::Vec;
 use super::indirect::{IndirectPool, MAX_INDIRECT_SEGMENTS};
 use super::layout::{
     DESC_ADDR, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, DESC_LEN,
-    DESC_SIZE, EVENT_FLAGS, EVENT_OFF_WRAP, EVENT_WRAP_BIT, PACKED_FLAGS, PACKED_ID,
-    PackedLayout, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+    DESC_SIZE, EVENT_FLAGS, EVENT_OFF_WRAP, EVENT_WRAP_BIT, PACKED_FLAGS, PACKED_ID, PackedLayout,
+    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
     RING_EVENT_FLAGS_MASK,
 };
 use super::{
-    AddError, Callbacks, CallbackState, DeviceError, QueueAddresses, QueueError, QueueFeatures,
+    AddError, CallbackState, Callbacks, DeviceError, QueueAddresses, QueueError, QueueFeatures,
     QueueStats, Shape, Used, check_size,
 };
 use crate::barrier;
@@ -166,7 +166,11 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
         if self.broken.is_some() || segments == 0 || segments > usize::from(self.size) {
             return false;
         }
-        let needed = if self.indirect_fits(segments) { 1 } else { segments };
+        let needed = if self.indirect_fits(segments) {
+            1
+        } else {
+            segments
+        };
         needed <= usize::from(self.free_slots)
     }
 
@@ -192,7 +196,8 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
     }
 
     fn write_flags(&mut self, slot: u16, flags: u16) {
-        self.ring.store16(self.layout.desc(slot) + PACKED_FLAGS, Le16::new(flags));
+        self.ring
+            .store16(self.layout.desc(slot) + PACKED_FLAGS, Le16::new(flags));
     }
 
     /// Makes `buffer` available (§2.8.21.1): every descriptor but the first is written in
@@ -200,7 +205,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
     /// (§2.8.17: the first descriptor is made available last).
     pub fn add(&mut self, buffer: T) -> Result<(), AddError<T>> {
         if let Some(error) = self.broken {
-            return Err(AddError { error: QueueError::Broken(error), buffer });
+            return Err(AddError {
+                error: QueueError::Broken(error),
+                buffer,
+            });
         }
         let shape = match Shape::of(&buffer, self.size) {
             Ok(shape) => shape,
@@ -220,7 +228,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
                     self.ids.push(id);
                 }
                 self.return_table(table);
-                return Err(AddError { error: QueueError::Full { needed, free }, buffer });
+                return Err(AddError {
+                    error: QueueError::Full { needed, free },
+                    buffer,
+                });
             }
         };
         let head = self.next_avail;
@@ -230,7 +241,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
         if let Some(table) = table {
             let Some(pool) = self.indirect.as_mut() else {
                 self.ids.push(id);
-                return Err(AddError { error: QueueError::EmptyBuffer, buffer });
+                return Err(AddError {
+                    error: QueueError::EmptyBuffer,
+                    buffer,
+                });
             };
             for position in 0..shape.segments {
                 let Some(segment) = buffer.segment(position) else {
@@ -285,8 +299,12 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
         // `needed <= free_slots <= 32768`.
         let slots = u16::try_from(needed).unwrap_or(u16::MAX);
         self.free_slots -= slots;
-        self.buffers[usize::from(id)] =
-            Some(Chain { buffer, slots, capacity: shape.writable_bytes, indirect_table: table });
+        self.buffers[usize::from(id)] = Some(Chain {
+            buffer,
+            slots,
+            capacity: shape.writable_bytes,
+            indirect_table: table,
+        });
         self.unkicked = self.unkicked.saturating_add(u32::from(slots));
         self.in_flight += 1;
         self.stats.buffers_added += 1;
@@ -338,7 +356,11 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
         let size = i64::from(self.size);
         let offset = i64::from(off_wrap & !EVENT_WRAP_BIT);
         let wrap = off_wrap & EVENT_WRAP_BIT != 0;
-        let event = if wrap == self.avail_wrap { offset } else { offset - size };
+        let event = if wrap == self.avail_wrap {
+            offset
+        } else {
+            offset - size
+        };
         let new = i64::from(self.next_avail);
         let old = new - i64::from(self.unkicked);
         old <= event && event < new
@@ -347,14 +369,19 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
     /// Classifies `slot` for a consumer whose used wrap counter is `wrap`, with
     /// `in_flight_slots` slots outstanding from there (§2.8.1, §2.8.22).
     fn classify(&self, slot: u16, wrap: bool, in_flight_slots: u16) -> SlotState {
-        let flags = self.ring.load16(self.layout.desc(slot) + PACKED_FLAGS).get();
+        let flags = self
+            .ring
+            .load16(self.layout.desc(slot) + PACKED_FLAGS)
+            .get();
         let avail = flags & DESC_F_AVAIL != 0;
         let used = flags & DESC_F_USED != 0;
         let queue = self.index;
         if avail == used {
             match (used == wrap, in_flight_slots > 0) {
                 (true, true) => SlotState::Used,
-                (true, false) => SlotState::Fault(DeviceError::UsedWhileIdle { queue, slot, flags }),
+                (true, false) => {
+                    SlotState::Fault(DeviceError::UsedWhileIdle { queue, slot, flags })
+                }
                 // This slot was made available in the current lap (it is in flight), so a
                 // used descriptor here must carry `wrap`.
                 (false, true) => SlotState::Fault(DeviceError::BadWrapCounter {
@@ -402,13 +429,22 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
         let len = self.ring.load32(at + DESC_LEN).get();
         let queue = self.index;
         if id >= self.size {
-            return Err(DeviceError::IdOutOfRange { queue, id: u32::from(id), size: self.size });
+            return Err(DeviceError::IdOutOfRange {
+                queue,
+                id: u32::from(id),
+                size: self.size,
+            });
         }
         let Some(chain) = &self.buffers[usize::from(id)] else {
             return Err(DeviceError::IdNotInFlight { queue, id });
         };
         if len > chain.capacity {
-            return Err(DeviceError::LengthTooLarge { queue, id, len, capacity: chain.capacity });
+            return Err(DeviceError::LengthTooLarge {
+                queue,
+                id,
+                len,
+                capacity: chain.capacity,
+            });
         }
         Ok((id, len))
     }
@@ -429,7 +465,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
             Err(error) => return self.fail(error),
         };
         let Some(chain) = self.buffers[usize::from(id)].take() else {
-            return self.fail(DeviceError::IdNotInFlight { queue: self.index, id });
+            return self.fail(DeviceError::IdNotInFlight {
+                queue: self.index,
+                id,
+            });
         };
         self.ids.push(id);
         self.free_slots += chain.slots;
@@ -441,9 +480,15 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
             // Keep the notification armed at the next used position (§2.8.10). Only an
             // optimisation: waiting safely always goes through `enable_cb`.
             let off_wrap = self.off_wrap(self.last_used, self.used_wrap);
-            self.ring.store16(self.layout.driver_event + EVENT_OFF_WRAP, Le16::new(off_wrap));
+            self.ring.store16(
+                self.layout.driver_event + EVENT_OFF_WRAP,
+                Le16::new(off_wrap),
+            );
         }
-        Ok(Some(Used { buffer: chain.buffer, len }))
+        Ok(Some(Used {
+            buffer: chain.buffer,
+            len,
+        }))
     }
 
     fn off_wrap(&self, slot: u16, wrap: bool) -> u16 {
@@ -453,7 +498,8 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
     fn set_driver_event_flags(&mut self, flags: u16) {
         if self.driver_event_flags != flags {
             self.driver_event_flags = flags;
-            self.ring.store16(self.layout.driver_event + EVENT_FLAGS, Le16::new(flags));
+            self.ring
+                .store16(self.layout.driver_event + EVENT_FLAGS, Le16::new(flags));
         }
     }
 
@@ -469,7 +515,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
         if self.event_idx {
             let (slot, wrap) = self.advance(self.last_used, self.used_wrap, delay);
             let off_wrap = self.off_wrap(slot, wrap);
-            self.ring.store16(self.layout.driver_event + EVENT_OFF_WRAP, Le16::new(off_wrap));
+            self.ring.store16(
+                self.layout.driver_event + EVENT_OFF_WRAP,
+                Le16::new(off_wrap),
+            );
             // Release: the device must not see DESC with a stale offset.
             barrier::publish();
             self.set_driver_event_flags(RING_EVENT_FLAGS_DESC);

@@ -13,11 +13,11 @@ use alloc::vec::Vec;
 use super::indirect::{IndirectPool, MAX_INDIRECT_SEGMENTS};
 use super::layout::{
     AVAIL_F_NO_INTERRUPT, DESC_ADDR, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_FLAGS,
-    DESC_LEN, DESC_NEXT, DESC_SIZE, RING_FLAGS, RING_IDX, SplitLayout, USED_ELEM_ID,
-    USED_ELEM_LEN, USED_F_NO_NOTIFY,
+    DESC_LEN, DESC_NEXT, DESC_SIZE, RING_FLAGS, RING_IDX, SplitLayout, USED_ELEM_ID, USED_ELEM_LEN,
+    USED_F_NO_NOTIFY,
 };
 use super::{
-    AddError, Callbacks, CallbackState, DeviceError, QueueAddresses, QueueError, QueueFeatures,
+    AddError, CallbackState, Callbacks, DeviceError, QueueAddresses, QueueError, QueueFeatures,
     QueueStats, Shape, Used, check_size, need_event,
 };
 use crate::barrier;
@@ -153,7 +153,11 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         if self.broken.is_some() || segments == 0 || segments > usize::from(self.size) {
             return false;
         }
-        let needed = if self.indirect_fits(segments) { 1 } else { segments };
+        let needed = if self.indirect_fits(segments) {
+            1
+        } else {
+            segments
+        };
         needed <= self.free.len()
     }
 
@@ -171,7 +175,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
     /// descriptor), the available-ring entry, a store-release, then `avail.idx`.
     pub fn add(&mut self, buffer: T) -> Result<(), AddError<T>> {
         if let Some(error) = self.broken {
-            return Err(AddError { error: QueueError::Broken(error), buffer });
+            return Err(AddError {
+                error: QueueError::Broken(error),
+                buffer,
+            });
         }
         let shape = match Shape::of(&buffer, self.size) {
             Ok(shape) => shape,
@@ -185,7 +192,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         let needed = if table.is_some() { 1 } else { shape.segments };
         if needed > self.free.len() {
             self.return_table(table);
-            let error = QueueError::Full { needed, free: self.free.len() };
+            let error = QueueError::Full {
+                needed,
+                free: self.free.len(),
+            };
             return Err(AddError { error, buffer });
         }
         // The chain uses the top `needed` entries of the free stack, in pop order; nothing is
@@ -196,7 +206,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         let head = descriptor_at(&self.free, 0);
         if let Some(table) = table {
             let Some(pool) = self.indirect.as_mut() else {
-                return Err(AddError { error: QueueError::EmptyBuffer, buffer });
+                return Err(AddError {
+                    error: QueueError::EmptyBuffer,
+                    buffer,
+                });
             };
             for position in 0..shape.segments {
                 let Some(segment) = buffer.segment(position) else {
@@ -224,14 +237,23 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
                     return Err(AddError { error, buffer });
                 };
                 let last = position + 1 == shape.segments;
-                let mut flags = if segment.device_writable { DESC_F_WRITE } else { 0 };
+                let mut flags = if segment.device_writable {
+                    DESC_F_WRITE
+                } else {
+                    0
+                };
                 let mut next = 0;
                 if !last {
                     flags |= DESC_F_NEXT;
                     next = descriptor_at(&self.free, position + 1);
                 }
                 let index = descriptor_at(&self.free, position);
-                let desc = ShadowDesc { addr: segment.phys, len: segment.len, flags, next };
+                let desc = ShadowDesc {
+                    addr: segment.phys,
+                    len: segment.len,
+                    flags,
+                    next,
+                };
                 self.write_desc(index, desc);
             }
         }
@@ -239,17 +261,23 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         self.stats.ring_descriptors += needed as u64;
         // `needed <= free.len() <= size <= 32768`.
         let descriptors = u16::try_from(needed).unwrap_or(u16::MAX);
-        self.chains[usize::from(head)] =
-            Some(Chain { buffer, descriptors, capacity: shape.writable_bytes, indirect_table: table });
+        self.chains[usize::from(head)] = Some(Chain {
+            buffer,
+            descriptors,
+            capacity: shape.writable_bytes,
+            indirect_table: table,
+        });
 
         // §2.7.13.2: the head goes into the next available-ring entry.
         let slot = self.avail_idx & (self.size - 1);
-        self.ring.store16(self.layout.avail_entry(slot), Le16::new(head));
+        self.ring
+            .store16(self.layout.avail_entry(slot), Le16::new(head));
         // Descriptors and the ring entry must be visible before the new `avail.idx`
         // (§2.7.13.3.1 "suitable memory barrier before the idx update").
         barrier::publish();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.ring.store16(self.layout.avail + RING_IDX, Le16::new(self.avail_idx));
+        self.ring
+            .store16(self.layout.avail + RING_IDX, Le16::new(self.avail_idx));
 
         self.unkicked = self.unkicked.saturating_add(1);
         self.in_flight += 1;
@@ -334,18 +362,35 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         let id = self.ring.load32(entry + USED_ELEM_ID).get();
         let len = self.ring.load32(entry + USED_ELEM_LEN).get();
         let Some(head) = u16::try_from(id).ok().filter(|&head| head < self.size) else {
-            return self.fail(DeviceError::IdOutOfRange { queue: self.index, id, size: self.size });
+            return self.fail(DeviceError::IdOutOfRange {
+                queue: self.index,
+                id,
+                size: self.size,
+            });
         };
         let capacity = match &self.chains[usize::from(head)] {
             Some(chain) => chain.capacity,
-            None => return self.fail(DeviceError::IdNotInFlight { queue: self.index, id: head }),
+            None => {
+                return self.fail(DeviceError::IdNotInFlight {
+                    queue: self.index,
+                    id: head,
+                });
+            }
         };
         if len > capacity {
-            let error = DeviceError::LengthTooLarge { queue: self.index, id: head, len, capacity };
+            let error = DeviceError::LengthTooLarge {
+                queue: self.index,
+                id: head,
+                len,
+                capacity,
+            };
             return self.fail(error);
         }
         let Some(chain) = self.chains[usize::from(head)].take() else {
-            return self.fail(DeviceError::IdNotInFlight { queue: self.index, id: head });
+            return self.fail(DeviceError::IdNotInFlight {
+                queue: self.index,
+                id: head,
+            });
         };
         // Free the chain by walking the shadow (never the device-visible table).
         let mut index = head;
@@ -362,9 +407,13 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         if self.callbacks == Callbacks::Enabled && self.event_idx {
             // Keep the notification armed for the next entry (§2.7.7). Without a fence this
             // is only an optimisation: waiting safely always goes through `enable_cb`.
-            self.ring.store16(self.layout.used_event(), Le16::new(self.last_used));
+            self.ring
+                .store16(self.layout.used_event(), Le16::new(self.last_used));
         }
-        Ok(Some(Used { buffer: chain.buffer, len }))
+        Ok(Some(Used {
+            buffer: chain.buffer,
+            len,
+        }))
     }
 
     /// Suppresses used-buffer notifications (§2.7.7): `VIRTQ_AVAIL_F_NO_INTERRUPT`, or with
@@ -375,10 +424,12 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         self.callbacks = Callbacks::Disabled;
         if self.event_idx {
             let behind = self.last_used.wrapping_sub(1);
-            self.ring.store16(self.layout.used_event(), Le16::new(behind));
+            self.ring
+                .store16(self.layout.used_event(), Le16::new(behind));
         } else if self.avail_flags & AVAIL_F_NO_INTERRUPT == 0 {
             self.avail_flags |= AVAIL_F_NO_INTERRUPT;
-            self.ring.store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
+            self.ring
+                .store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
         }
     }
 
@@ -386,10 +437,12 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
     fn arm(&mut self, delay: u16) -> CallbackState {
         if self.event_idx {
             let event = self.last_used.wrapping_add(delay);
-            self.ring.store16(self.layout.used_event(), Le16::new(event));
+            self.ring
+                .store16(self.layout.used_event(), Le16::new(event));
         } else if self.avail_flags & AVAIL_F_NO_INTERRUPT != 0 {
             self.avail_flags &= !AVAIL_F_NO_INTERRUPT;
-            self.ring.store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
+            self.ring
+                .store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
         }
         // Store-load: the arming store must be visible before we re-read `used.idx`. If the
         // device wrote an entry before seeing it, we see that entry here; if after, the device
@@ -400,7 +453,11 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         // Without EVENT_IDX any used entry is pending; with it, only if the device already
         // wrote the entry at the event index (it may have checked `used_event` before our
         // store), or wrote nonsense that `pop_used` will report.
-        let passed = if self.event_idx { used > delay } else { used > 0 };
+        let passed = if self.event_idx {
+            used > delay
+        } else {
+            used > 0
+        };
         if self.broken.is_some() || passed || used > self.in_flight {
             CallbackState::UsedPending
         } else {
