@@ -3,7 +3,7 @@
 //! This module owns every raw pointer the crate dereferences. It turns a [`DmaBuffer`] from
 //! [`Hal::dma_alloc`] into two safe handles:
 //!
-//! * [`RingMemory`] (crate-private): memory the device reads and writes *while the driver is
+//! * `RingMemory` (crate-private): memory the device reads and writes *while the driver is
 //!   using it* (descriptor tables, available/used rings, event suppression structures,
 //!   indirect tables). It offers only bounds- and alignment-checked volatile loads and stores
 //!   of little-endian [`Le16`]/[`Le32`]/[`Le64`] values, never a `&`/`&mut` to the memory

@@ -451,6 +451,10 @@ pub const fn need_event(event: u16, new: u16, old: u16) -> bool {
 }
 
 /// A virtqueue of either format, over DMA from `H`, carrying owned buffers of type `T`.
+///
+/// Dropping a queue frees its rings, indirect tables and the buffers still in flight, so the
+/// device must be reset first (or the queue never enabled): the device may otherwise keep
+/// accessing that memory (§2.4, `Hal::dma_free`).
 pub enum VirtQueue<H: DmaHal + Clone, T: DeviceBuffer> {
     /// A split ring (§2.7).
     Split(SplitQueue<H, T>),

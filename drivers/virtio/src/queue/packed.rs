@@ -56,6 +56,8 @@ const fn avail_bits(wrap: bool) -> u16 {
 }
 
 /// A packed virtqueue (§2.8) carrying owned buffers `T`.
+///
+/// Reset the device before dropping it (see [`super::VirtQueue`]).
 pub struct PackedQueue<H: DmaHal + Clone, T: DeviceBuffer> {
     index: u16,
     size: u16,

@@ -44,6 +44,8 @@ struct Chain<T> {
 }
 
 /// A split virtqueue (§2.7) carrying owned buffers `T`.
+///
+/// Reset the device before dropping it (see [`super::VirtQueue`]).
 pub struct SplitQueue<H: DmaHal + Clone, T: DeviceBuffer> {
     index: u16,
     size: u16,
