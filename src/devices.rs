@@ -1,29 +1,24 @@
 //! Finding and bringing up virtio devices: every virtio function is identified and logged;
 //! the first virtio-net device is initialised through the modern PCI transport (§3.1.1 and
-//! §4.1); everything else is reported and left alone.
+//! §4.1) with the best interrupt path it accepts; everything else is reported and left alone.
+//! Also the NIC's interrupt handlers and its adapter to the network loop ([`KernelNic`]).
 
 use alloc::string::String;
 use core::fmt::Write;
 
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use ::pci::{Function, PciAddress};
+use virtio::net::{LinkChange, NetError, NetOptions, NetVectors, RxFrame, VirtioNet};
 use virtio::pci::{DeviceConfigRequirement, PciTransport, identify};
 use virtio::spec::{feature, net_feature};
-use virtio::transport::{DeviceType, Transport, VirtioDevice};
+use virtio::transport::DeviceType;
 
+use crate::acpi::AcpiInfo;
+use crate::arch::{self, interrupts};
 use crate::hal::KernelHal;
+use crate::net;
 use crate::pci::PlatformConfig;
-
-/// Features this build of the net driver can use (5.1.3): the ones it reads and honours.
-pub fn net_driver_features() -> u64 {
-    [
-        feature::VERSION_1,
-        net_feature::MAC,
-        net_feature::STATUS,
-        net_feature::MTU,
-    ]
-    .into_iter()
-    .fold(0, |bits, number| bits | feature::bit(number))
-}
 
 const FEATURE_NAMES: &[(u32, &str)] = &[
     (net_feature::CSUM, "CSUM"),
@@ -83,16 +78,41 @@ pub fn net_feature_names(bits: u64) -> String {
     names
 }
 
-/// A virtio-net device after feature negotiation.
+/// The virtio-net driver on this machine.
+pub type KernelNet = VirtioNet<KernelHal, PciTransport<KernelHal>>;
+
+/// How the NIC interrupts the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptPath {
+    /// MSI-X with separate config and receive vectors.
+    MsixSeparate,
+    /// MSI-X with one vector for everything.
+    MsixShared,
+    /// Legacy INTx through the I/O APIC; the GSIs routed, as a bit mask.
+    Intx(u32),
+    /// No interrupts: the loop must poll.
+    Polling,
+}
+
+impl core::fmt::Display for InterruptPath {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::MsixSeparate => f.write_str("MSI-X (config and rx vectors)"),
+            Self::MsixShared => f.write_str("MSI-X (one shared vector)"),
+            Self::Intx(gsis) => write!(f, "INTx through the I/O APIC (GSI mask {gsis:#x})"),
+            Self::Polling => f.write_str("none (polling only)"),
+        }
+    }
+}
+
+/// The NIC, brought up.
 pub struct NetDevice {
     /// Its PCI function.
     pub function: Function,
-    /// The device, at FEATURES_OK.
-    pub device: VirtioDevice<PciTransport<KernelHal>>,
-    /// Features the device offered.
-    pub offered: u64,
-    /// The MAC address from device config (or all zeros without VIRTIO_NET_F_MAC).
-    pub mac: [u8; 6],
+    /// The driver.
+    pub net: KernelNet,
+    /// The interrupt path taken.
+    pub interrupts: InterruptPath,
 }
 
 /// Why the net device could not be brought up.
@@ -105,8 +125,8 @@ pub enum BringUpError {
     },
     /// Discovery (capabilities) failed.
     Discovery(PciAddress, virtio::error::DiscoveryError),
-    /// The initialization sequence failed.
-    Transport(PciAddress, virtio::error::TransportError),
+    /// The driver could not initialise the device.
+    Driver(PciAddress, NetError),
 }
 
 impl core::fmt::Display for BringUpError {
@@ -119,17 +139,78 @@ impl core::fmt::Display for BringUpError {
                 )
             }
             Self::Discovery(address, error) => write!(f, "virtio-net at {address}: {error}"),
-            Self::Transport(address, error) => write!(f, "virtio-net at {address}: {error}"),
+            Self::Driver(address, error) => write!(f, "virtio-net at {address}: {error}"),
         }
     }
 }
 
-/// Identifies every virtio function, then initialises the first virtio-net one up to
-/// FEATURES_OK and reads its MAC. Other virtio-net devices and other device types are logged
-/// and left alone.
+/// CPU vectors of the NIC.
+const CONFIG_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST;
+const RX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 1;
+const SHARED_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 2;
+const INTX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 3;
+
+/// Set by the config-change interrupt (or INTx with ISR bit 1); taken by the loop.
+pub static CONFIG_PENDING: AtomicBool = AtomicBool::new(false);
+/// Identity-mapped address of the NIC's ISR byte, for the INTx handler.
+static ISR_ADDRESS: AtomicU64 = AtomicU64::new(0);
+
+fn config_interrupt(_vector: u8) {
+    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    CONFIG_PENDING.store(true, Ordering::Release);
+}
+
+fn rx_interrupt(_vector: u8) {
+    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn shared_interrupt(_vector: u8) {
+    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    // One vector for queue and config events: the loop re-reads the link status too (cheap).
+    CONFIG_PENDING.store(true, Ordering::Release);
+}
+
+fn intx_interrupt(_vector: u8) {
+    let address = ISR_ADDRESS.load(Ordering::Relaxed);
+    if address == 0 {
+        return;
+    }
+    // SAFETY: ISR_ADDRESS is the uncached mapping of the ISR status byte located by the
+    // transport's capability walk (set before the vector was routed). Reading it acknowledges
+    // the interrupt and deasserts INTx (§4.1.4.5).
+    let isr = unsafe { core::ptr::read_volatile(address as *const u8) };
+    if isr != 0 {
+        net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    }
+    if isr & virtio::spec::isr::DEVICE_CONFIG != 0 {
+        CONFIG_PENDING.store(true, Ordering::Release);
+    }
+}
+
+fn vector_plan(path: InterruptPath) -> NetVectors {
+    match path {
+        InterruptPath::MsixSeparate => NetVectors {
+            config: Some(0),
+            rx: Some(1),
+            tx: None,
+        },
+        InterruptPath::MsixShared => NetVectors {
+            config: Some(0),
+            rx: Some(0),
+            tx: None,
+        },
+        InterruptPath::Intx(_) | InterruptPath::Polling => NetVectors::default(),
+    }
+}
+
+/// Identifies every virtio function, then brings up the first virtio-net one: MSI-X when the
+/// device takes the vectors (two, else one shared), else INTx through the I/O APIC, else
+/// polling; each fallback is logged. Other devices are logged and left alone.
 pub fn bring_up_net(
     config: &PlatformConfig,
     functions: &[Function],
+    platform: Option<&AcpiInfo>,
+    options: NetOptions,
 ) -> Result<NetDevice, BringUpError> {
     let mut chosen: Option<&Function> = None;
     for function in functions
@@ -171,42 +252,253 @@ pub fn bring_up_net(
     }
     ::pci::enable_bus_mastering(config, address);
 
-    let transport = PciTransport::new(
-        KernelHal,
-        config,
-        address,
-        &function.bars,
-        DeviceConfigRequirement::Required,
-    )
-    .map_err(|error| BringUpError::Discovery(address, error))?;
-    for line in alloc::format!("{}", transport.capabilities()).lines() {
+    let transport = || {
+        PciTransport::new(
+            KernelHal,
+            config,
+            address,
+            &function.bars,
+            DeviceConfigRequirement::Required,
+        )
+        .map_err(|error| BringUpError::Discovery(address, error))
+    };
+    let first = transport()?;
+    for line in alloc::format!("{}", first.capabilities()).lines() {
         log::info!("virtio-net: {line}");
     }
-    let mut device = VirtioDevice::new(transport);
-    let offered = device.transport_mut().read_device_features();
-    let negotiated = device
-        .begin(net_driver_features())
-        .map_err(|error| BringUpError::Transport(address, error))?;
-    log::info!(
-        "virtio-net: offered features {offered:#018x}: {}",
-        net_feature_names(offered)
-    );
-    log::info!(
-        "virtio-net: negotiated features {negotiated:#018x}: {}",
-        net_feature_names(negotiated)
-    );
-
-    let mut mac = [0u8; 6];
-    if device.has_feature(net_feature::MAC) {
-        device
-            .transport()
-            .read_config_bytes(0, &mut mac)
-            .map_err(|error| BringUpError::Transport(address, error))?;
+    if let virtio::pci::Location::Memory { phys } = first.capabilities().isr.location {
+        ISR_ADDRESS.store(phys, Ordering::Relaxed);
     }
-    Ok(NetDevice {
-        function,
-        device,
-        offered,
-        mac,
-    })
+    drop(first);
+
+    // MSI-X first.
+    let msix = match ::pci::MsixCapability::find(config, address, &function.bars) {
+        Ok(Some(capability)) => {
+            match crate::pci::MsixTable::enable(config, capability, &function.bars) {
+                Ok(table) => Some(table),
+                Err(error) => {
+                    log::warn!("virtio-net: MSI-X unusable ({error})");
+                    None
+                }
+            }
+        }
+        Ok(None) => {
+            log::info!("virtio-net: no MSI-X capability");
+            None
+        }
+        Err(error) => {
+            log::warn!("virtio-net: MSI-X capability malformed ({error})");
+            None
+        }
+    };
+    let apic_id = arch::apic::id() as u8;
+    let mut attempts: alloc::vec::Vec<InterruptPath> = alloc::vec::Vec::new();
+    if let Some(table) = &msix {
+        let registered = interrupts::register_irq(CONFIG_VECTOR, config_interrupt).is_ok()
+            && interrupts::register_irq(RX_VECTOR, rx_interrupt).is_ok()
+            && interrupts::register_irq(SHARED_VECTOR, shared_interrupt).is_ok();
+        if registered && table.size() >= 2 {
+            attempts.push(InterruptPath::MsixSeparate);
+        }
+        if registered {
+            attempts.push(InterruptPath::MsixShared);
+        }
+    }
+    attempts.push(InterruptPath::Intx(0));
+    attempts.push(InterruptPath::Polling);
+
+    let mut last_error = None;
+    for path in attempts {
+        let mut path = path;
+        match path {
+            InterruptPath::MsixSeparate => {
+                if let Some(table) = &msix {
+                    let _ = table.route(0, apic_id, CONFIG_VECTOR);
+                    let _ = table.route(1, apic_id, RX_VECTOR);
+                    table.unmask_function(config);
+                }
+            }
+            InterruptPath::MsixShared => {
+                if let Some(table) = &msix {
+                    let _ = table.route(0, apic_id, SHARED_VECTOR);
+                    table.unmask_function(config);
+                }
+            }
+            InterruptPath::Intx(_) => {
+                if let Some(table) = &msix {
+                    table.disable(config);
+                }
+                let routed = match platform {
+                    Some(info) if arch::ioapic::init(info).is_some() => {
+                        arch::ioapic::route_pci_intx(
+                            info,
+                            function.interrupt_line,
+                            INTX_VECTOR,
+                            u32::from(apic_id),
+                        )
+                    }
+                    _ => 0,
+                };
+                if routed == 0 || interrupts::register_irq(INTX_VECTOR, intx_interrupt).is_err() {
+                    log::warn!(
+                        "virtio-net: no I/O APIC route for INTx (line {})",
+                        function.interrupt_line
+                    );
+                    continue;
+                }
+                ::pci::update_command(config, address, 0, ::pci::regs::COMMAND_INTX_DISABLE);
+                path = InterruptPath::Intx(routed);
+            }
+            InterruptPath::Polling => {}
+        }
+        let options = NetOptions {
+            vectors: vector_plan(path),
+            ..options
+        };
+        match VirtioNet::new(KernelHal, transport()?, options) {
+            Ok(net) => {
+                log::info!("virtio-net: interrupts: {path}");
+                return Ok(NetDevice {
+                    function,
+                    net,
+                    interrupts: path,
+                });
+            }
+            Err(NetError::Transport(virtio::error::TransportError::VectorRefused {
+                queue,
+                vector,
+            })) => {
+                log::warn!(
+                    "virtio-net: the device refused MSI-X entry {vector} for {}; trying fewer vectors",
+                    match queue {
+                        Some(queue) => alloc::format!("queue {queue}"),
+                        None => "config changes".into(),
+                    }
+                );
+                last_error = Some(NetError::Transport(
+                    virtio::error::TransportError::VectorRefused { queue, vector },
+                ));
+            }
+            Err(error) => return Err(BringUpError::Driver(address, error)),
+        }
+    }
+    Err(BringUpError::Driver(
+        address,
+        last_error.unwrap_or(NetError::NeedsReset),
+    ))
+}
+
+/// The kernel's NIC for the network loop: the driver plus error latching.
+pub struct KernelNic {
+    net: KernelNet,
+    failed: Option<NetError>,
+}
+
+impl KernelNic {
+    /// Wraps the driver.
+    pub fn new(net: KernelNet) -> Self {
+        Self { net, failed: None }
+    }
+
+    fn note(&mut self, error: NetError) {
+        if self.failed.is_none() {
+            log::error!("virtio-net: {error}");
+            self.failed = Some(error);
+        }
+    }
+}
+
+impl net::device::Nic for KernelNic {
+    type Rx = RxFrame<KernelHal>;
+
+    fn receive(&mut self) -> Option<Self::Rx> {
+        match self.net.receive() {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.note(error);
+                None
+            }
+        }
+    }
+
+    fn frame(rx: &Self::Rx) -> &[u8] {
+        rx.bytes()
+    }
+
+    fn recycle(&mut self, rx: Self::Rx) {
+        if let Err(error) = self.net.recycle(rx) {
+            self.note(error);
+        }
+    }
+
+    fn can_transmit(&mut self) -> bool {
+        self.net.can_transmit()
+    }
+
+    fn transmit<R>(&mut self, length: usize, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+        match self.net.transmit(length, fill) {
+            Ok(result) => result,
+            Err(error) => {
+                self.note(error);
+                None
+            }
+        }
+    }
+
+    fn max_frame(&self) -> usize {
+        self.net.max_frame()
+    }
+
+    fn tx_checksum_offload(&self) -> bool {
+        self.net.tx_checksum_offload()
+    }
+}
+
+impl net::NicControl for KernelNic {
+    fn arm_rx_interrupt(&mut self) -> bool {
+        self.net.arm_rx_interrupt()
+    }
+
+    fn disarm_rx_interrupt(&mut self) {
+        self.net.disarm_rx_interrupt();
+    }
+
+    fn flush(&mut self) {
+        if let Err(error) = self.net.flush() {
+            self.note(error);
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if CONFIG_PENDING.swap(false, Ordering::Acquire) {
+            match self.net.handle_config_change() {
+                Ok(Some(LinkChange::Up)) => log::info!("virtio-net: link up"),
+                Ok(Some(LinkChange::Down)) => log::info!("virtio-net: link down"),
+                Ok(None) => {}
+                Err(error) => self.note(error),
+            }
+        }
+    }
+
+    fn write_stats(&self, out: &mut dyn Write) {
+        let stats = self.net.stats();
+        let _ = write!(
+            out,
+            " rx_packets={} rx_bytes={} rx_malformed={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_dropped={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} link={}",
+            stats.rx_packets,
+            stats.rx_bytes,
+            stats.rx_malformed,
+            stats.rx_merged,
+            stats.rx_buffers_posted,
+            stats.rx_checksums_completed,
+            stats.tx_packets,
+            stats.tx_bytes,
+            stats.tx_dropped,
+            stats.tx_checksum_offloaded,
+            stats.kicks,
+            stats.kicks_suppressed,
+            stats.config_changes,
+            if self.net.link_up() { "up" } else { "down" }
+        );
+    }
 }

@@ -97,6 +97,13 @@ impl DeviceMemory for KernelHal {
     }
 }
 
+// SAFETY: `dma_alloc` returns pages from `mem::dma_alloc`: zeroed, page-aligned, physically
+// contiguous heap memory, identity mapped write-back (so `window.base` is both the virtual
+// address and, as `phys`, the bus address of the same bytes), owned by nobody else until
+// `dma_free` hands them back to the heap. The pointer comes from the global allocator, whose
+// provenance is exposed by the integer round trip.
+unsafe impl virtio::dma::DmaHal for KernelHal {}
+
 impl Hal for KernelHal {
     fn dma_alloc(&self, pages: usize) -> Result<DmaBuffer, HalError> {
         let region = mem::dma_alloc(pages).map_err(|_| HalError::OutOfDmaMemory { pages })?;

@@ -146,19 +146,50 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     for error in &enumeration.errors {
         log::warn!("pci: {error}");
     }
-    let net = match devices::bring_up_net(&config_space, &enumeration.functions) {
-        Ok(net) => net,
+    let options = virtio::net::NetOptions::default();
+    let nic = match devices::bring_up_net(
+        &config_space,
+        &enumeration.functions,
+        platform.as_ref(),
+        options,
+    ) {
+        Ok(nic) => nic,
         Err(error) => console::fatal(format_args!("{error}")),
     };
-    let [a, b, c, d, e, f] = net.mac;
+    let net = &nic.net;
+    log::info!(
+        "virtio-net: offered features {:#018x}: {}",
+        net.offered_features(),
+        devices::net_feature_names(net.offered_features())
+    );
+    log::info!(
+        "virtio-net: negotiated features {:#018x}: {}",
+        net.features(),
+        devices::net_feature_names(net.features())
+    );
+    let mac = net.mac();
+    let [a, b, c, d, e, f] = mac;
     log::info!(
         "virtio-net: {} MAC {a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}",
-        net.function.address
+        nic.function.address
     );
-    console::fatal(format_args!(
-        "virtio-net at {} initialised to FEATURES_OK, but this build has no virtqueues yet",
-        net.function.address
-    ))
+    log::info!(
+        "virtio-net: MTU {}, queues rx {} tx {}, link {}",
+        net.mtu(),
+        net.queue_sizes().0,
+        net.queue_sizes().1,
+        if net.link_up() { "up" } else { "down" }
+    );
+    let mut config = config;
+    if nic.interrupts == devices::InterruptPath::Polling && config.mode != vireo::config::Mode::Poll
+    {
+        log::warn!(
+            "net: no interrupt path to the NIC; mode={} becomes mode=poll",
+            config.mode
+        );
+        config.mode = vireo::config::Mode::Poll;
+    }
+    net::run(devices::KernelNic::new(nic.net), mac, &config)
 }
 
 struct DisplayGateway(Option<config::Ipv4>);

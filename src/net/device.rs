@@ -5,7 +5,7 @@
 
 use core::cell::RefCell;
 
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 /// What the network loop needs from a NIC driver.
@@ -14,8 +14,10 @@ pub trait Nic {
     type Rx;
     /// Takes the next received frame, if any.
     fn receive(&mut self) -> Option<Self::Rx>;
-    /// The frame's bytes (Ethernet header first).
-    fn frame<'a>(&'a self, rx: &'a Self::Rx) -> &'a [u8];
+    /// The frame's bytes (Ethernet header first). An associated function, not a method: the
+    /// frame is readable without borrowing the NIC, because smoltcp transmits its reply from
+    /// inside the receive closure.
+    fn frame(rx: &Self::Rx) -> &[u8];
     /// Gives the buffer back to the device.
     fn recycle(&mut self, rx: Self::Rx);
     /// Whether a frame can be sent now (reclaiming completed transmissions first).
@@ -25,6 +27,9 @@ pub trait Nic {
     fn transmit<R>(&mut self, length: usize, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R>;
     /// The largest Ethernet frame (without FCS) the device accepts.
     fn max_frame(&self) -> usize;
+    /// Whether the device completes TCP/UDP checksums of sent frames (the stack then leaves
+    /// them to it).
+    fn tx_checksum_offload(&self) -> bool;
 }
 
 /// smoltcp's view of the NIC.
@@ -52,10 +57,7 @@ pub struct TxToken<'a, N: Nic> {
 
 impl<N: Nic> phy::RxToken for RxToken<'_, N> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let result = {
-            let nic = self.nic.borrow();
-            f(nic.frame(&self.rx))
-        };
+        let result = f(N::frame(&self.rx));
         self.nic.borrow_mut().recycle(self.rx);
         result
     }
@@ -121,6 +123,12 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
         capabilities.medium = Medium::Ethernet;
         capabilities.max_transmission_unit = self.nic.borrow().max_frame();
         capabilities.max_burst_size = None;
+        if self.nic.borrow().tx_checksum_offload() {
+            // Verify on receive, leave transmit to the device (the driver writes the
+            // pseudo-header sum and sets NEEDS_CSUM).
+            capabilities.checksum.tcp = Checksum::Rx;
+            capabilities.checksum.udp = Checksum::Rx;
+        }
         capabilities
     }
 }

@@ -23,6 +23,7 @@ pub mod barrier;
 pub mod dma;
 pub mod error;
 pub mod hal;
+pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod spec;

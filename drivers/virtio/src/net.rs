@@ -1,0 +1,969 @@
+//! The virtio-net driver (§5.1): feature negotiation, one receive/transmit queue pair (and
+//! the control queue when negotiated), receive buffers kept posted and recycled in place,
+//! mergeable receive buffers, checksum offload in both directions, link status, and counters.
+//!
+//! Data path, without allocation: every receive buffer and every transmit buffer is carved out
+//! of one DMA allocation per queue at start-up. A received frame is handed to the caller in
+//! place ([`RxFrame`]) and goes back to the ring when the caller recycles it; a transmitted
+//! frame is written straight into a transmit buffer by a closure. Completed transmissions are
+//! reclaimed on the send path, so transmit never needs interrupts. Doorbells are batched:
+//! adds only mark the queue, and [`VirtioNet::flush`] notifies once per queue if the device
+//! asked for it (flags or EVENT_IDX).
+//!
+//! Everything the device writes is untrusted: lengths, header fields and `num_buffers` are
+//! bounded; a malformed packet is dropped and counted, and a queue the device broke is a
+//! [`NetError`] that the caller turns into a device reset.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::dma::{DmaBuf, DmaError, DmaHal, Part};
+use crate::error::TransportError;
+use crate::queue::{CallbackState, DeviceError, QueueError, QueueFeatures, VirtQueue};
+use crate::spec::{feature, net_config, net_feature};
+use crate::transport::{ConfigWidth, QueueFormat, Transport, VirtioDevice, choose_queue_size};
+
+/// Size of `struct virtio_net_hdr` with VERSION_1 (`num_buffers` always present, §5.1.6).
+pub const NET_HEADER_LEN: usize = 12;
+/// `flags`: the checksum from `csum_start` must be completed (§5.1.6.2).
+pub const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `flags`: the device validated the checksum (§5.1.6.4).
+pub const HDR_F_DATA_VALID: u8 = 2;
+/// `gso_type`: no segmentation offload.
+pub const HDR_GSO_NONE: u8 = 0;
+/// Ethernet header length.
+const ETHERNET_HEADER_LEN: usize = 14;
+/// Room for one VLAN tag.
+const VLAN_TAG_LEN: usize = 4;
+/// Default MTU without VIRTIO_NET_F_MTU.
+pub const DEFAULT_MTU: u16 = 1500;
+/// Buffers are at least this large, and multiples of 64 bytes.
+const MIN_BUFFER: usize = 2048;
+
+/// Control queue classes and commands (§5.1.6.5).
+mod ctrl {
+    /// VIRTIO_NET_CTRL_MQ.
+    pub const CLASS_MQ: u8 = 4;
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
+    pub const MQ_VQ_PAIRS_SET: u8 = 0;
+    /// VIRTIO_NET_OK.
+    pub const OK: u8 = 0;
+}
+
+/// The device-independent and net features this driver can honour.
+pub const DRIVER_FEATURES: u64 = feature::bit(feature::VERSION_1)
+    | feature::bit(feature::RING_PACKED)
+    | feature::bit(feature::EVENT_IDX)
+    | feature::bit(feature::INDIRECT_DESC)
+    | feature::bit(net_feature::MAC)
+    | feature::bit(net_feature::STATUS)
+    | feature::bit(net_feature::MTU)
+    | feature::bit(net_feature::MRG_RXBUF)
+    | feature::bit(net_feature::CSUM)
+    | feature::bit(net_feature::GUEST_CSUM)
+    | feature::bit(net_feature::CTRL_VQ)
+    | feature::bit(net_feature::MQ);
+
+/// MSI-X table entries for the device's notifications; `None` means no vector (polling or
+/// INTx).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetVectors {
+    /// Configuration changes (link status).
+    pub config: Option<u16>,
+    /// Receive queue.
+    pub rx: Option<u16>,
+    /// Transmit queue (completions are reclaimed on the send path; a vector is optional).
+    pub tx: Option<u16>,
+}
+
+/// How to bring the device up.
+#[derive(Clone, Copy, Debug)]
+pub struct NetOptions {
+    /// Feature bits the caller allows (intersected with [`DRIVER_FEATURES`]).
+    pub allowed_features: u64,
+    /// Requested receive queue size (clamped to the device's maximum).
+    pub rx_queue_size: u16,
+    /// Requested transmit queue size.
+    pub tx_queue_size: u16,
+    /// Interrupt vectors.
+    pub vectors: NetVectors,
+    /// Microseconds to wait for a control-queue command before giving up.
+    pub ctrl_timeout_us: u32,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        Self {
+            allowed_features: DRIVER_FEATURES,
+            rx_queue_size: 256,
+            tx_queue_size: 256,
+            vectors: NetVectors::default(),
+            ctrl_timeout_us: 1_000_000,
+        }
+    }
+}
+
+/// Errors of the net driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetError {
+    /// The transport refused a step (features, queue setup, vector).
+    Transport(TransportError),
+    /// A queue could not be built or fed.
+    Queue(QueueError),
+    /// DMA memory for the buffers could not be had.
+    Dma(DmaError),
+    /// The device broke a queue's rules: reset it.
+    Device {
+        /// Which queue.
+        queue: u16,
+        /// What it did.
+        error: DeviceError,
+    },
+    /// The device has fewer queues than virtio-net needs.
+    MissingQueue {
+        /// The queue index that does not exist.
+        queue: u16,
+    },
+    /// A control command was refused or timed out.
+    Control {
+        /// Class.
+        class: u8,
+        /// Command.
+        command: u8,
+        /// The ack the device wrote, or `None` on timeout.
+        ack: Option<u8>,
+    },
+    /// The device reported DEVICE_NEEDS_RESET.
+    NeedsReset,
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Transport(error) => write!(f, "{error}"),
+            Self::Queue(error) => write!(f, "{error}"),
+            Self::Dma(error) => write!(f, "{error}"),
+            Self::Device { queue, error } => write!(f, "queue {queue}: {error}"),
+            Self::MissingQueue { queue } => write!(f, "the device has no queue {queue}"),
+            Self::Control {
+                class,
+                command,
+                ack: Some(ack),
+            } => {
+                write!(f, "control command {class}.{command} refused (ack {ack})")
+            }
+            Self::Control {
+                class,
+                command,
+                ack: None,
+            } => {
+                write!(f, "control command {class}.{command} timed out")
+            }
+            Self::NeedsReset => f.write_str("the device set DEVICE_NEEDS_RESET"),
+        }
+    }
+}
+
+impl From<TransportError> for NetError {
+    fn from(error: TransportError) -> Self {
+        Self::Transport(error)
+    }
+}
+
+impl From<QueueError> for NetError {
+    fn from(error: QueueError) -> Self {
+        Self::Queue(error)
+    }
+}
+
+impl From<DmaError> for NetError {
+    fn from(error: DmaError) -> Self {
+        Self::Dma(error)
+    }
+}
+
+/// Counters, exact (no sampling).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames received and handed to the caller.
+    pub rx_packets: u64,
+    /// Their bytes (Ethernet frames, without the virtio header).
+    pub rx_bytes: u64,
+    /// Received buffers dropped as malformed (short, bad header, bad `num_buffers`).
+    pub rx_malformed: u64,
+    /// Frames that spanned several mergeable buffers (copied to reassemble).
+    pub rx_merged: u64,
+    /// Receive buffers posted to the device (descriptors).
+    pub rx_buffers_posted: u64,
+    /// Received frames whose checksum the driver completed (NEEDS_CSUM).
+    pub rx_checksums_completed: u64,
+    /// Frames sent.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Frames not sent: the ring was full (back-pressure) or the frame too long.
+    pub tx_dropped: u64,
+    /// Frames sent with checksum offload (NEEDS_CSUM).
+    pub tx_checksum_offloaded: u64,
+    /// Doorbell writes (notifications actually written).
+    pub kicks: u64,
+    /// Notifications the device suppressed.
+    pub kicks_suppressed: u64,
+    /// Configuration-change events handled.
+    pub config_changes: u64,
+}
+
+/// A received frame, owned by the caller until [`VirtioNet::recycle`].
+pub struct RxFrame<H: DmaHal + Clone> {
+    parts: Vec<Part<H>>,
+    /// Frame bytes, when in place: (offset, length) in the first part.
+    in_place: Option<(usize, usize)>,
+    merged: Vec<u8>,
+}
+
+impl<H: DmaHal + Clone> RxFrame<H> {
+    /// The Ethernet frame.
+    pub fn bytes(&self) -> &[u8] {
+        match (self.in_place, self.parts.first()) {
+            (Some((offset, length)), Some(part)) => part
+                .buf()
+                .as_bytes()
+                .get(offset..offset + length)
+                .unwrap_or(&[]),
+            _ => &self.merged,
+        }
+    }
+}
+
+/// Link state changes reported by [`VirtioNet::handle_config_change`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkChange {
+    /// The link went up.
+    Up,
+    /// The link went down.
+    Down,
+}
+
+/// The driver.
+pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
+    hal: H,
+    device: VirtioDevice<T>,
+    offered: u64,
+    rx: VirtQueue<H, Part<H>>,
+    tx: VirtQueue<H, Part<H>>,
+    ctrl: Option<VirtQueue<H, Vec<Part<H>>>>,
+    rx_index: u16,
+    tx_index: u16,
+    tx_pool: Vec<DmaBuf<H>>,
+    buffer_len: usize,
+    mac: [u8; 6],
+    mtu: u16,
+    link_up: bool,
+    mergeable: bool,
+    tx_checksum_offload: bool,
+    rx_checksum_offload: bool,
+    rx_added: bool,
+    tx_added: bool,
+    vectors: NetVectors,
+    stats: NetStats,
+    scratch_parts: Vec<Part<H>>,
+}
+
+fn has(features: u64, number: u32) -> bool {
+    features & feature::bit(number) != 0
+}
+
+/// Receive/transmit buffer size: the virtio header plus the largest frame, at least
+/// [`MIN_BUFFER`], rounded up to 64 bytes.
+pub fn buffer_len_for_mtu(mtu: u16) -> usize {
+    let needed = NET_HEADER_LEN + ETHERNET_HEADER_LEN + VLAN_TAG_LEN + usize::from(mtu);
+    needed.max(MIN_BUFFER).div_ceil(64) * 64
+}
+
+impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
+    /// Runs the initialization sequence (§3.1.1, §5.1.5): reset, features, queues, the
+    /// control queue's MQ command when negotiated, DRIVER_OK, and fills the receive ring.
+    pub fn new(hal: H, transport: T, options: NetOptions) -> Result<Self, NetError> {
+        let mut device = VirtioDevice::new(transport);
+        device.reset()?;
+        let offered = device.transport_mut().read_device_features();
+        let mut wanted = DRIVER_FEATURES & options.allowed_features;
+        // MQ needs the control queue to set the number of pairs (§5.1.3.1).
+        if !has(offered, net_feature::CTRL_VQ) {
+            wanted &= !(feature::bit(net_feature::MQ) | feature::bit(net_feature::CTRL_VQ));
+        }
+        let features = device.begin(wanted)?;
+
+        let mtu = if has(features, net_feature::MTU) {
+            // A device MTU below 68 is nonsense (RFC 791's minimum); treat it as absent.
+            let mtu = device
+                .transport()
+                .read_config(net_config::MTU, ConfigWidth::U16)? as u16;
+            if mtu >= 68 { mtu } else { DEFAULT_MTU }
+        } else {
+            DEFAULT_MTU
+        };
+        let mut mac = [0u8; 6];
+        if has(features, net_feature::MAC) {
+            device
+                .transport()
+                .read_config_bytes(net_config::MAC, &mut mac)?;
+        }
+        let max_pairs = if has(features, net_feature::MQ) {
+            let pairs = device
+                .transport()
+                .read_config(net_config::MAX_VIRTQUEUE_PAIRS, ConfigWidth::U16)?;
+            // §5.1.4: 1..=0x8000; anything else is treated as 1.
+            if (1..=0x8000).contains(&pairs) {
+                pairs as u16
+            } else {
+                1
+            }
+        } else {
+            1
+        };
+        let queue_features = QueueFeatures::from_negotiated(features);
+        let (rx_index, tx_index) = (0u16, 1u16);
+        let ctrl_index = if has(features, net_feature::CTRL_VQ) {
+            Some(max_pairs.saturating_mul(2))
+        } else {
+            None
+        };
+
+        let rx = Self::build_queue(
+            &hal,
+            &mut device,
+            rx_index,
+            options.rx_queue_size,
+            queue_features,
+            options.vectors.rx,
+        )?;
+        let tx = Self::build_queue(
+            &hal,
+            &mut device,
+            tx_index,
+            options.tx_queue_size,
+            queue_features,
+            options.vectors.tx,
+        )?;
+        let ctrl = match ctrl_index {
+            Some(index) => Some(Self::build_queue(
+                &hal,
+                &mut device,
+                index,
+                16,
+                queue_features,
+                None,
+            )?),
+            None => None,
+        };
+        device.set_config_vector(options.vectors.config)?;
+
+        let buffer_len = buffer_len_for_mtu(mtu);
+        let rx_count = usize::from(rx.size());
+        let tx_count = usize::from(tx.size());
+        let rx_buffers = DmaBuf::new(hal.clone(), rx_count * buffer_len)?
+            .chunks(buffer_len)
+            .map_err(|(_, error)| NetError::Dma(error))?;
+        let tx_pool = DmaBuf::new(hal.clone(), tx_count * buffer_len)?
+            .chunks(buffer_len)
+            .map_err(|(_, error)| NetError::Dma(error))?;
+
+        let mut net = Self {
+            hal,
+            device,
+            offered,
+            rx,
+            tx,
+            ctrl,
+            rx_index,
+            tx_index,
+            tx_pool,
+            buffer_len,
+            mac,
+            mtu,
+            link_up: true,
+            mergeable: has(features, net_feature::MRG_RXBUF),
+            tx_checksum_offload: has(features, net_feature::CSUM),
+            rx_checksum_offload: has(features, net_feature::GUEST_CSUM),
+            rx_added: false,
+            tx_added: false,
+            vectors: options.vectors,
+            stats: NetStats::default(),
+            scratch_parts: Vec::new(),
+        };
+        net.device.driver_ok()?;
+        for buffer in rx_buffers {
+            net.post_rx(buffer)?;
+        }
+        // Transmit completions are reclaimed on the send path: no interrupts for them.
+        net.tx.disable_cb();
+        if net.ctrl.is_some() && has(features, net_feature::MQ) {
+            // One CPU, one pair; set it explicitly as §5.1.6.5.6 requires once MQ is on.
+            net.control(
+                ctrl::CLASS_MQ,
+                ctrl::MQ_VQ_PAIRS_SET,
+                &1u16.to_le_bytes(),
+                options.ctrl_timeout_us,
+            )?;
+        }
+        net.link_up = net.read_link_up();
+        net.flush()?;
+        Ok(net)
+    }
+
+    fn build_queue<B: crate::dma::DeviceBuffer>(
+        hal: &H,
+        device: &mut VirtioDevice<T>,
+        index: u16,
+        requested: u16,
+        features: QueueFeatures,
+        vector: Option<u16>,
+    ) -> Result<VirtQueue<H, B>, NetError> {
+        if index >= device.transport().num_queues() {
+            return Err(NetError::MissingQueue { queue: index });
+        }
+        let max = device.transport_mut().max_queue_size(index)?;
+        let size = choose_queue_size(index, max, requested, features.format)?;
+        let queue = VirtQueue::new(hal.clone(), index, size, features)?;
+        device.setup_queue(index, &queue.transport_config(vector))?;
+        Ok(queue)
+    }
+
+    fn post_rx(&mut self, buffer: DmaBuf<H>) -> Result<(), NetError> {
+        let part = Part::writable(buffer).map_err(|(_, error)| NetError::Dma(error))?;
+        match self.rx.add(part) {
+            Ok(()) => {
+                self.rx_added = true;
+                self.stats.rx_buffers_posted += 1;
+                Ok(())
+            }
+            Err(error) => Err(NetError::Queue(error.error)),
+        }
+    }
+
+    /// Sends one control command and waits (bounded) for the device's ack (§5.1.6.5).
+    fn control(
+        &mut self,
+        class: u8,
+        command: u8,
+        data: &[u8],
+        timeout_us: u32,
+    ) -> Result<(), NetError> {
+        let hal_buffer_len = 2 + data.len();
+        let Some(ctrl) = self.ctrl.as_mut() else {
+            return Err(NetError::Control {
+                class,
+                command,
+                ack: None,
+            });
+        };
+        let ctrl_index = ctrl.index();
+        let mut request = DmaBuf::new(self.rx_hal(), hal_buffer_len)?;
+        {
+            let bytes = request.as_bytes_mut();
+            bytes[0] = class;
+            bytes[1] = command;
+            bytes[2..].copy_from_slice(data);
+        }
+        let ack = DmaBuf::new(self.rx_hal(), 1)?;
+        let request =
+            Part::readable(request, hal_buffer_len).map_err(|(_, error)| NetError::Dma(error))?;
+        let ack = Part::writable(ack).map_err(|(_, error)| NetError::Dma(error))?;
+        let Some(ctrl) = self.ctrl.as_mut() else {
+            return Err(NetError::Control {
+                class,
+                command,
+                ack: None,
+            });
+        };
+        ctrl.add(alloc::vec![request, ack])
+            .map_err(|error| NetError::Queue(error.error))?;
+        if ctrl.should_notify() {
+            self.device.transport().notify(ctrl_index)?;
+            self.stats.kicks += 1;
+        }
+        let mut waited = 0u32;
+        loop {
+            let Some(ctrl) = self.ctrl.as_mut() else {
+                return Err(NetError::Control {
+                    class,
+                    command,
+                    ack: None,
+                });
+            };
+            match ctrl.pop_used() {
+                Ok(Some(used)) => {
+                    let ack = used
+                        .buffer
+                        .get(1)
+                        .and_then(|part| part.buf().as_bytes().first().copied());
+                    return match ack {
+                        Some(ctrl::OK) if used.len >= 1 => Ok(()),
+                        other => Err(NetError::Control {
+                            class,
+                            command,
+                            ack: other,
+                        }),
+                    };
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(NetError::Device {
+                        queue: ctrl_index,
+                        error,
+                    });
+                }
+            }
+            if waited >= timeout_us {
+                return Err(NetError::Control {
+                    class,
+                    command,
+                    ack: None,
+                });
+            }
+            self.hal.spin_delay_us(10);
+            waited += 10;
+        }
+    }
+
+    fn rx_hal(&self) -> H {
+        self.hal.clone()
+    }
+
+    /// The MAC address (all zeros without VIRTIO_NET_F_MAC).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The MTU in use.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// Features the device offered.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Features negotiated.
+    pub fn features(&self) -> u64 {
+        self.device.features()
+    }
+
+    /// Whether the link is up (always with no VIRTIO_NET_F_STATUS).
+    pub fn link_up(&self) -> bool {
+        self.link_up
+    }
+
+    /// The vectors in use.
+    pub fn vectors(&self) -> NetVectors {
+        self.vectors
+    }
+
+    /// Queue sizes (rx, tx).
+    pub fn queue_sizes(&self) -> (u16, u16) {
+        (self.rx.size(), self.tx.size())
+    }
+
+    /// Whether TCP/UDP checksums of sent frames are left to the device.
+    pub fn tx_checksum_offload(&self) -> bool {
+        self.tx_checksum_offload
+    }
+
+    /// Whether received frames may carry partial checksums that the driver completes.
+    pub fn rx_checksum_offload(&self) -> bool {
+        self.rx_checksum_offload
+    }
+
+    /// The largest Ethernet frame (without FCS) that can be sent or received.
+    pub fn max_frame(&self) -> usize {
+        usize::from(self.mtu) + ETHERNET_HEADER_LEN
+    }
+
+    /// The counters, with the queues' kick counters folded in.
+    pub fn stats(&self) -> NetStats {
+        let mut stats = self.stats;
+        stats.kicks_suppressed =
+            self.rx.stats().kicks_suppressed + self.tx.stats().kicks_suppressed;
+        stats
+    }
+
+    /// The transport (ISR reads, diagnostics).
+    pub fn transport(&self) -> &T {
+        self.device.transport()
+    }
+
+    fn read_link_up(&self) -> bool {
+        if !has(self.device.features(), net_feature::STATUS) {
+            return true;
+        }
+        match self
+            .device
+            .transport()
+            .read_config(net_config::STATUS, ConfigWidth::U16)
+        {
+            Ok(status) => status as u16 & net_config::STATUS_LINK_UP != 0,
+            Err(_) => self.link_up,
+        }
+    }
+
+    /// Re-reads the link status after a configuration-change notification; reports a change.
+    /// Also reports a device that asked to be reset.
+    pub fn handle_config_change(&mut self) -> Result<Option<LinkChange>, NetError> {
+        self.stats.config_changes += 1;
+        if self.device.needs_reset() {
+            return Err(NetError::NeedsReset);
+        }
+        let up = self.read_link_up();
+        if up == self.link_up {
+            return Ok(None);
+        }
+        self.link_up = up;
+        Ok(Some(if up { LinkChange::Up } else { LinkChange::Down }))
+    }
+
+    /// Takes the next received frame. Malformed buffers are dropped (counted) and recycled.
+    pub fn receive(&mut self) -> Result<Option<RxFrame<H>>, NetError> {
+        loop {
+            let used = match self.rx.pop_used() {
+                Ok(Some(used)) => used,
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    return Err(NetError::Device {
+                        queue: self.rx_index,
+                        error,
+                    });
+                }
+            };
+            let length = used.len as usize;
+            let mut part = used.buffer;
+            if length < NET_HEADER_LEN + ETHERNET_HEADER_LEN {
+                self.stats.rx_malformed += 1;
+                self.post_rx(part.into_buf())?;
+                continue;
+            }
+            let header = parse_header(part.buf().as_bytes());
+            let buffers = if self.mergeable {
+                header.num_buffers
+            } else {
+                1
+            };
+            if buffers == 0 || usize::from(buffers) > usize::from(self.rx.size()) {
+                self.stats.rx_malformed += 1;
+                self.post_rx(part.into_buf())?;
+                continue;
+            }
+            let mut frame = RxFrame {
+                parts: Vec::new(),
+                in_place: None,
+                merged: Vec::new(),
+            };
+            if buffers == 1 {
+                if header.flags & HDR_F_NEEDS_CSUM != 0 {
+                    let bytes = &mut part.buf_mut().as_bytes_mut()[NET_HEADER_LEN..length];
+                    if !complete_checksum(bytes, header.csum_start, header.csum_offset) {
+                        self.stats.rx_malformed += 1;
+                        self.post_rx(part.into_buf())?;
+                        continue;
+                    }
+                    self.stats.rx_checksums_completed += 1;
+                }
+                frame.in_place = Some((NET_HEADER_LEN, length - NET_HEADER_LEN));
+                frame.parts.push(part);
+            } else {
+                // Mergeable: the frame continues in the next `buffers - 1` used buffers
+                // (§5.1.6.4). Copy them together; they must already be in the used ring.
+                frame
+                    .merged
+                    .extend_from_slice(&part.buf().as_bytes()[NET_HEADER_LEN..length]);
+                frame.parts.push(part);
+                let mut complete = true;
+                for _ in 1..buffers {
+                    match self.rx.pop_used() {
+                        Ok(Some(next)) => {
+                            let next_length = (next.len as usize).min(next.buffer.buf().len());
+                            frame
+                                .merged
+                                .extend_from_slice(&next.buffer.buf().as_bytes()[..next_length]);
+                            frame.parts.push(next.buffer);
+                        }
+                        Ok(None) => {
+                            complete = false;
+                            break;
+                        }
+                        Err(error) => {
+                            return Err(NetError::Device {
+                                queue: self.rx_index,
+                                error,
+                            });
+                        }
+                    }
+                }
+                if !complete
+                    || (header.flags & HDR_F_NEEDS_CSUM != 0
+                        && !complete_checksum(
+                            &mut frame.merged,
+                            header.csum_start,
+                            header.csum_offset,
+                        ))
+                {
+                    self.stats.rx_malformed += 1;
+                    self.recycle(frame)?;
+                    continue;
+                }
+                if header.flags & HDR_F_NEEDS_CSUM != 0 {
+                    self.stats.rx_checksums_completed += 1;
+                }
+                self.stats.rx_merged += 1;
+            }
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += frame.bytes().len() as u64;
+            return Ok(Some(frame));
+        }
+    }
+
+    /// Gives a received frame's buffers back to the device (published at the next
+    /// [`flush`](Self::flush)).
+    pub fn recycle(&mut self, mut frame: RxFrame<H>) -> Result<(), NetError> {
+        core::mem::swap(&mut self.scratch_parts, &mut frame.parts);
+        let mut result = Ok(());
+        while let Some(part) = self.scratch_parts.pop() {
+            if let Err(error) = self.post_rx(part.into_buf()) {
+                result = Err(error);
+            }
+        }
+        result
+    }
+
+    /// Takes back transmit buffers the device has finished with.
+    fn reclaim_tx(&mut self) -> Result<(), NetError> {
+        loop {
+            match self.tx.pop_used() {
+                Ok(Some(used)) => self.tx_pool.push(used.buffer.into_buf()),
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    return Err(NetError::Device {
+                        queue: self.tx_index,
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Whether a frame can be queued now (reclaims completions first).
+    pub fn can_transmit(&mut self) -> bool {
+        // A broken queue reports its error on the next transmit; here it only means "no".
+        let _ = self.reclaim_tx();
+        !self.tx_pool.is_empty() && self.tx.can_add(1)
+    }
+
+    /// Queues one frame of `length` bytes, which `fill` writes in place. Returns `Ok(None)`
+    /// without calling `fill` when the ring is full (back-pressure) or the frame is too long;
+    /// `Ok(Some(_))` exactly when `fill` ran and the frame was queued.
+    pub fn transmit<R>(
+        &mut self,
+        length: usize,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<Option<R>, NetError> {
+        self.reclaim_tx()?;
+        if length == 0 || NET_HEADER_LEN + length > self.buffer_len || !self.tx.can_add(1) {
+            self.stats.tx_dropped += 1;
+            return Ok(None);
+        }
+        let Some(mut buffer) = self.tx_pool.pop() else {
+            self.stats.tx_dropped += 1;
+            return Ok(None);
+        };
+        let bytes = buffer.as_bytes_mut();
+        let (header, frame) = bytes.split_at_mut(NET_HEADER_LEN);
+        let frame = &mut frame[..length];
+        let result = fill(frame);
+        header.fill(0);
+        if self.tx_checksum_offload
+            && let Some((start, offset)) = prepare_checksum_offload(frame)
+        {
+            header[0] = HDR_F_NEEDS_CSUM;
+            header[1] = HDR_GSO_NONE;
+            header[6..8].copy_from_slice(&start.to_le_bytes());
+            header[8..10].copy_from_slice(&offset.to_le_bytes());
+            self.stats.tx_checksum_offloaded += 1;
+        }
+        let part = match Part::readable(buffer, NET_HEADER_LEN + length) {
+            Ok(part) => part,
+            Err((buffer, error)) => {
+                self.tx_pool.push(buffer);
+                return Err(NetError::Dma(error));
+            }
+        };
+        match self.tx.add(part) {
+            Ok(()) => {
+                self.tx_added = true;
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += length as u64;
+                Ok(Some(result))
+            }
+            Err(error) => {
+                self.tx_pool.push(error.buffer.into_buf());
+                Err(NetError::Queue(error.error))
+            }
+        }
+    }
+
+    /// Notifies the device of new receive buffers and queued frames, once per queue and only
+    /// if it asked to be notified.
+    pub fn flush(&mut self) -> Result<(), NetError> {
+        if core::mem::take(&mut self.rx_added) && self.rx.should_notify() {
+            self.device.transport().notify(self.rx_index)?;
+            self.stats.kicks += 1;
+        }
+        if core::mem::take(&mut self.tx_added) && self.tx.should_notify() {
+            self.device.transport().notify(self.tx_index)?;
+            self.stats.kicks += 1;
+        }
+        Ok(())
+    }
+
+    /// Arms receive interrupts; `true` when frames arrived that the interrupt may not report
+    /// (poll before waiting).
+    pub fn arm_rx_interrupt(&mut self) -> bool {
+        self.rx.enable_cb() == CallbackState::UsedPending
+    }
+
+    /// Disarms receive interrupts.
+    pub fn disarm_rx_interrupt(&mut self) {
+        self.rx.disable_cb();
+    }
+
+    /// Whether the receive queue has used buffers waiting.
+    pub fn rx_pending(&self) -> bool {
+        self.rx.has_used()
+    }
+}
+
+impl<H: DmaHal + Clone, T: Transport> Drop for VirtioNet<H, T> {
+    /// Resets the device before the queues and buffers are freed (the fields drop after this),
+    /// so the device never touches memory that went back to the allocator.
+    fn drop(&mut self) {
+        let _ = self.device.reset();
+    }
+}
+
+/// The fields of `struct virtio_net_hdr` the receive path uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHeader {
+    /// `flags`.
+    pub flags: u8,
+    /// `gso_type`.
+    pub gso_type: u8,
+    /// `csum_start`.
+    pub csum_start: u16,
+    /// `csum_offset`.
+    pub csum_offset: u16,
+    /// `num_buffers`.
+    pub num_buffers: u16,
+}
+
+/// Parses the 12-byte header at the start of `bytes` (zeros past the end).
+pub fn parse_header(bytes: &[u8]) -> NetHeader {
+    let byte = |index: usize| bytes.get(index).copied().unwrap_or(0);
+    let le16 = |index: usize| u16::from_le_bytes([byte(index), byte(index + 1)]);
+    NetHeader {
+        flags: byte(0),
+        gso_type: byte(1),
+        csum_start: le16(6),
+        csum_offset: le16(8),
+        num_buffers: le16(10),
+    }
+}
+
+/// The internet checksum (RFC 1071) accumulator over `bytes`, unfolded.
+fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = bytes.chunks_exact(2);
+    for pair in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([pair[0], pair[1]])));
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Completes a partial checksum (NEEDS_CSUM, §5.1.6.4): the ones' complement of the sum from
+/// `start` to the end of the frame goes at `start + offset`. The field holds the pseudo-header
+/// sum already. Returns false (the frame is malformed) when the offsets do not fit.
+pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
+    let start = usize::from(start);
+    let field = start + usize::from(offset);
+    if field + 2 > frame.len() || start >= frame.len() {
+        return false;
+    }
+    let checksum = !fold(sum_words(&frame[start..], 0));
+    frame[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
+    true
+}
+
+/// For a TCP or UDP over IPv4 frame, stores the pseudo-header sum in the transport checksum
+/// field and returns (`csum_start`, `csum_offset`) for NEEDS_CSUM (§5.1.6.2). Other frames
+/// (ARP, ICMP, fragments, malformed) return `None` and keep the checksum the stack computed.
+pub fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
+    if frame.len() < ETHERNET_HEADER_LEN + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[ETHERNET_HEADER_LEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+    if ip[0] >> 4 != 4
+        || header_len < 20
+        || total_len < header_len
+        || total_len > ip.len()
+        || fragment != 0
+    {
+        return None;
+    }
+    let protocol = ip[9];
+    let checksum_offset: usize = match protocol {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    let segment_len = total_len - header_len;
+    if segment_len < checksum_offset + 2 {
+        return None;
+    }
+    let mut sum = sum_words(&ip[12..20], 0);
+    sum = sum.wrapping_add(u32::from(protocol));
+    sum = sum.wrapping_add(segment_len as u32);
+    let pseudo = fold(sum);
+    let start = ETHERNET_HEADER_LEN + header_len;
+    let field = start + checksum_offset;
+    frame[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+    Some((start as u16, checksum_offset as u16))
+}
+
+impl<H: DmaHal + Clone, T: Transport> fmt::Debug for VirtioNet<H, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtioNet")
+            .field("mac", &self.mac)
+            .field("mtu", &self.mtu)
+            .field("queues", &self.queue_sizes())
+            .field(
+                "format",
+                &match self.rx.format() {
+                    QueueFormat::Split => "split",
+                    QueueFormat::Packed => "packed",
+                },
+            )
+            .finish()
+    }
+}
