@@ -88,13 +88,15 @@ fn stale_namespaces_of_dead_owners_are_swept_and_live_ones_kept() {
     let mut child = Command::new("true").spawn().expect("spawn true");
     let dead_pid = child.id();
     child.wait().expect("wait");
+    // The live namespace first: a process's first `NetNs::create` runs a sweep of its own,
+    // which would remove the stale namespace before the explicit sweep below could see it.
+    let live = NetNs::create("live").expect("create");
     let stale = format!("vireo-stale-{dead_pid}-0");
     let status = Command::new("ip")
         .args(["netns", "add", &stale])
         .status()
         .expect("ip netns add");
     assert!(status.success());
-    let live = NetNs::create("live").expect("create");
     let removed = sweep_stale_namespaces();
     let still_there = exists(&stale);
     if still_there {
