@@ -388,22 +388,82 @@ pub fn bring_up_net(
     ))
 }
 
-/// The kernel's NIC for the network loop: the driver plus error latching.
+/// Rebuilds the driver from scratch (reset, renegotiate, new queues and buffers).
+pub type Reinit = alloc::boxed::Box<dyn FnMut() -> Result<KernelNet, BringUpError>>;
+
+/// Brings the driver up again on a device that was already probed, with the same interrupt
+/// path (the MSI-X table or I/O APIC routes stay programmed).
+pub fn reinit_net(
+    config: &PlatformConfig,
+    function: &Function,
+    path: InterruptPath,
+    options: NetOptions,
+) -> Result<KernelNet, BringUpError> {
+    let address = function.address;
+    let transport = PciTransport::new(
+        KernelHal,
+        config,
+        address,
+        &function.bars,
+        DeviceConfigRequirement::Required,
+    )
+    .map_err(|error| BringUpError::Discovery(address, error))?;
+    VirtioNet::new(
+        KernelHal,
+        transport,
+        NetOptions {
+            vectors: vector_plan(path),
+            ..options
+        },
+    )
+    .map_err(|error| BringUpError::Driver(address, error))
+}
+
+/// The kernel's NIC for the network loop: the driver, error latching, and recovery. When the
+/// device breaks a queue's rules or asks for a reset, the next housekeeping pass resets it and
+/// initialises it again; the network stack above keeps its sockets.
 pub struct KernelNic {
     net: KernelNet,
     failed: Option<NetError>,
+    reinit: Reinit,
+    resets: u64,
 }
 
 impl KernelNic {
-    /// Wraps the driver.
-    pub fn new(net: KernelNet) -> Self {
-        Self { net, failed: None }
+    /// Wraps the driver, with the recipe to rebuild it.
+    pub fn new(net: KernelNet, reinit: Reinit) -> Self {
+        Self {
+            net,
+            failed: None,
+            reinit,
+            resets: 0,
+        }
     }
 
     fn note(&mut self, error: NetError) {
         if self.failed.is_none() {
             log::error!("virtio-net: {error}");
             self.failed = Some(error);
+        }
+    }
+
+    fn recover(&mut self) {
+        let Some(error) = self.failed.take() else {
+            return;
+        };
+        log::warn!("virtio-net: resetting the device after: {error}");
+        match (self.reinit)() {
+            Ok(net) => {
+                // Assigning drops the old driver, whose Drop resets the device before its
+                // queues and buffers are freed (the new one already reset it too).
+                self.net = net;
+                self.resets += 1;
+                log::info!("virtio-net: device re-initialised (reset {})", self.resets);
+            }
+            Err(error) => {
+                log::error!("virtio-net: re-initialisation failed: {error}; will retry");
+                self.failed = Some(NetError::NeedsReset);
+            }
         }
     }
 }
@@ -470,6 +530,10 @@ impl net::NicControl for KernelNic {
     }
 
     fn housekeeping(&mut self) {
+        if self.failed.is_some() {
+            self.recover();
+            return;
+        }
         if CONFIG_PENDING.swap(false, Ordering::Acquire) {
             match self.net.handle_config_change() {
                 Ok(Some(LinkChange::Up)) => log::info!("virtio-net: link up"),
@@ -484,7 +548,7 @@ impl net::NicControl for KernelNic {
         let stats = self.net.stats();
         let _ = write!(
             out,
-            " rx_packets={} rx_bytes={} rx_malformed={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_dropped={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} link={}",
+            " rx_packets={} rx_bytes={} rx_dropped={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} device_resets={} link={}",
             stats.rx_packets,
             stats.rx_bytes,
             stats.rx_malformed,
@@ -493,11 +557,13 @@ impl net::NicControl for KernelNic {
             stats.rx_checksums_completed,
             stats.tx_packets,
             stats.tx_bytes,
-            stats.tx_dropped,
+            stats.tx_full,
+            stats.tx_oversize,
             stats.tx_checksum_offloaded,
             stats.kicks,
             stats.kicks_suppressed,
             stats.config_changes,
+            self.resets,
             if self.net.link_up() { "up" } else { "down" }
         );
     }

@@ -133,8 +133,12 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         selftest::run();
     }
 
-    let config_space = pci::PlatformConfig::new(platform.and_then(|info| info.ecam));
-    let enumeration = ::pci::enumerate_with_errors(&config_space);
+    // Leaked: the NIC's recovery path needs configuration access for the rest of the run.
+    let config_space: &'static pci::PlatformConfig =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(pci::PlatformConfig::new(
+            platform.and_then(|info| info.ecam),
+        )));
+    let enumeration = ::pci::enumerate_with_errors(config_space);
     log::info!(
         "pci: {} functions through {}",
         enumeration.functions.len(),
@@ -189,7 +193,10 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         );
         config.mode = vireo::config::Mode::Poll;
     }
-    net::run(devices::KernelNic::new(nic.net), mac, &config)
+    let (function, path) = (nic.function, nic.interrupts);
+    let reinit: devices::Reinit =
+        alloc::boxed::Box::new(move || devices::reinit_net(config_space, &function, path, options));
+    net::run(devices::KernelNic::new(nic.net, reinit), mac, &config)
 }
 
 struct DisplayGateway(Option<config::Ipv4>);

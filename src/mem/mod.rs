@@ -8,17 +8,49 @@
 pub mod paging;
 pub mod rt;
 
-use core::alloc::Layout;
+use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 
 pub use paging::{Caching, MapError};
 
+/// The kernel heap: `linked_list_allocator`'s first-fit heap, plus the peak of its use.
+struct TrackedHeap {
+    heap: LockedHeap,
+    peak: AtomicUsize,
+}
+
+// SAFETY: allocation and deallocation are delegated to `linked_list_allocator::Heap` under its
+// lock, which upholds the GlobalAlloc contract; the extra bookkeeping reads `used()` only.
+unsafe impl GlobalAlloc for TrackedHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let mut heap = self.heap.lock();
+        match heap.allocate_first_fit(layout) {
+            Ok(pointer) => {
+                self.peak.fetch_max(heap.used(), Ordering::Relaxed);
+                pointer.as_ptr()
+            }
+            Err(()) => core::ptr::null_mut(),
+        }
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        if let Some(pointer) = NonNull::new(pointer) {
+            // SAFETY: the caller passes a pointer from `alloc` with the same layout.
+            unsafe { self.heap.lock().deallocate(pointer, layout) };
+        }
+    }
+}
+
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: TrackedHeap = TrackedHeap {
+    heap: LockedHeap::empty(),
+    peak: AtomicUsize::new(0),
+};
 
 static MAPPER: Mutex<Option<paging::Mapper>> = Mutex::new(None);
 
@@ -268,7 +300,8 @@ pub fn init(boot: &BootInfo) -> Result<MemSummary, MemError> {
     // SAFETY: [heap_start, heap_end) is RAM from the memory map, identity mapped above, outside
     // the kernel image and the first MiB, and handed to the allocator exactly once.
     unsafe {
-        HEAP.lock()
+        HEAP.heap
+            .lock()
             .init(heap_start as *mut u8, (heap_end - heap_start) as usize)
     };
 
@@ -309,8 +342,13 @@ fn map_with(physical: u64, length: u64, caching: Caching) -> Result<u64, MapErro
 
 /// Heap bytes in use and free.
 pub fn heap_usage() -> (usize, usize) {
-    let heap = HEAP.lock();
+    let heap = HEAP.heap.lock();
     (heap.used(), heap.free())
+}
+
+/// The most heap bytes ever in use at once.
+pub fn heap_peak() -> usize {
+    HEAP.peak.load(Ordering::Relaxed)
 }
 
 /// Physically contiguous, page-aligned, zeroed memory that a device may DMA to and from.

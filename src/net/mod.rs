@@ -84,12 +84,13 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " interrupts={} mode={} mode_switches={} halts={} heap_used={} uptime_ms={}",
+                    " interrupts={} mode={} mode_switches={} halts={} heap_used={} heap_peak={} uptime_ms={}",
                     NIC_INTERRUPTS.load(Ordering::Relaxed),
                     config.mode,
                     counters.mode_switches,
                     counters.halts,
                     heap_used,
+                    crate::mem::heap_peak(),
                     now_ns / 1_000_000
                 );
             };

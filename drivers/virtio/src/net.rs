@@ -201,8 +201,10 @@ pub struct NetStats {
     pub tx_packets: u64,
     /// Their bytes.
     pub tx_bytes: u64,
-    /// Frames not sent: the ring was full (back-pressure) or the frame too long.
-    pub tx_dropped: u64,
+    /// Frames not sent because the ring or the buffer pool was full (back-pressure).
+    pub tx_full: u64,
+    /// Frames not sent because they were empty or longer than the MTU allows.
+    pub tx_oversize: u64,
     /// Frames sent with checksum offload (NEEDS_CSUM).
     pub tx_checksum_offloaded: u64,
     /// Doorbell writes (notifications actually written).
@@ -768,12 +770,16 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         fill: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<Option<R>, NetError> {
         self.reclaim_tx()?;
-        if length == 0 || NET_HEADER_LEN + length > self.buffer_len || !self.tx.can_add(1) {
-            self.stats.tx_dropped += 1;
+        if length == 0 || NET_HEADER_LEN + length > self.buffer_len {
+            self.stats.tx_oversize += 1;
+            return Ok(None);
+        }
+        if !self.tx.can_add(1) {
+            self.stats.tx_full += 1;
             return Ok(None);
         }
         let Some(mut buffer) = self.tx_pool.pop() else {
-            self.stats.tx_dropped += 1;
+            self.stats.tx_full += 1;
             return Ok(None);
         };
         let bytes = buffer.as_bytes_mut();
