@@ -544,6 +544,10 @@ impl net::NicControl for KernelNic {
         }
     }
 
+    fn link_up(&self) -> bool {
+        self.net.link_up()
+    }
+
     fn write_stats(&self, out: &mut dyn Write) {
         let stats = self.net.stats();
         let _ = write!(

@@ -39,6 +39,8 @@ pub trait NicControl {
     /// Handles a configuration change (link status) and device errors; called when the
     /// config interrupt fired or periodically.
     fn housekeeping(&mut self);
+    /// Whether the link is up.
+    fn link_up(&self) -> bool;
     /// Appends the driver's counters (`key=value` pairs, space separated, leading space).
     fn write_stats(&self, out: &mut dyn Write);
 }
@@ -64,11 +66,19 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         Services::new(&mut device, mac, config, now(), seed)
     };
     let [a, b, c, d, e, f] = mac;
-    crate::println!(
-        "vireo: ready ip={} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={} udp-echo=7 tcp-echo=7 stats=7007",
-        config.ip,
-        config.mode
-    );
+    let announce_ready = || {
+        crate::println!(
+            "vireo: ready ip={} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={} udp-echo=7 tcp-echo=7 stats=7007",
+            config.ip,
+            config.mode
+        )
+    };
+    let mut ready = nic.borrow().link_up();
+    if ready {
+        announce_ready();
+    } else {
+        log::info!("net: link down; `ready` follows when it comes up");
+    }
 
     let mut counters = LoopCounters::default();
     let mut last_activity_ns = clock::now_ns();
@@ -100,6 +110,10 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         if now_ns - last_housekeeping_ns > 10_000_000 {
             nic.borrow_mut().housekeeping();
             last_housekeeping_ns = now_ns;
+            if !ready && nic.borrow().link_up() {
+                ready = true;
+                announce_ready();
+            }
         }
         if activity {
             last_activity_ns = now_ns;
