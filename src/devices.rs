@@ -548,6 +548,10 @@ impl net::NicControl for KernelNic {
         self.net.link_up()
     }
 
+    fn rx_pending(&self) -> bool {
+        self.net.rx_pending()
+    }
+
     fn write_stats(&self, out: &mut dyn Write) {
         let stats = self.net.stats();
         let _ = write!(

@@ -24,6 +24,9 @@ use services::Services;
 /// How long `adaptive` keeps polling after the last packet.
 pub const ADAPTIVE_WINDOW_NS: u64 = 200_000;
 
+/// Longest stretch the poll fast path watches the ring without running the stack.
+const POLL_SLICE_NS: u64 = 1_000_000;
+
 /// NIC interrupts taken (MSI-X or INTx), counted by the interrupt handlers.
 pub static NIC_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 
@@ -41,6 +44,8 @@ pub trait NicControl {
     fn housekeeping(&mut self);
     /// Whether the link is up.
     fn link_up(&self) -> bool;
+    /// Whether received frames are waiting in the used ring (cheap: one load).
+    fn rx_pending(&self) -> bool;
     /// Appends the driver's counters (`key=value` pairs, space separated, leading space).
     fn write_stats(&self, out: &mut dyn Write);
 }
@@ -129,7 +134,24 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 polling = true;
                 counters.mode_switches += 1;
             }
-            core::hint::spin_loop();
+            // The fast path: watch only the used ring (one volatile load) until a frame
+            // arrives or smoltcp's next timer is due, instead of running the whole stack
+            // per spin. Bounded by a millisecond so housekeeping still runs.
+            let timer_ns = services.poll_delay(now()).map_or(POLL_SLICE_NS, |delay| {
+                delay.total_micros().saturating_mul(1000)
+            });
+            let deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
+            if config.mode == Mode::Adaptive {
+                // Adaptive stops spinning when its window closes.
+                let window_end = last_activity_ns + ADAPTIVE_WINDOW_NS;
+                while !nic.borrow().rx_pending() && clock::now_ns() < deadline.min(window_end) {
+                    core::hint::spin_loop();
+                }
+            } else {
+                while !nic.borrow().rx_pending() && clock::now_ns() < deadline {
+                    core::hint::spin_loop();
+                }
+            }
             continue;
         }
         if polling {
