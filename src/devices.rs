@@ -149,6 +149,7 @@ const CONFIG_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST;
 const RX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 1;
 const SHARED_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 2;
 const INTX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 3;
+const _: () = assert!(INTX_VECTOR <= interrupts::DEVICE_VECTOR_LAST);
 
 /// Set by the config-change interrupt (or INTx with ISR bit 1); taken by the loop.
 pub static CONFIG_PENDING: AtomicBool = AtomicBool::new(false);

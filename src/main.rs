@@ -89,12 +89,20 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     let platform = match acpi::init(boot.rsdp_address) {
         Ok(info) => {
             log::info!(
-                "acpi: MADT {} CPUs (APIC ids {:?}), {} IOAPICs {:?}",
+                "acpi: MADT {} CPUs (APIC ids {:?}), {} IOAPICs, {} source overrides",
                 info.cpu_count,
                 &info.cpu_apic_ids[..info.cpu_count],
                 info.ioapic_count,
-                &info.ioapics[..info.ioapic_count]
+                info.override_count
             );
+            for ioapic in &info.ioapics[..info.ioapic_count] {
+                log::info!(
+                    "acpi: IOAPIC id {} at {:#x}, GSI base {}",
+                    ioapic.id,
+                    ioapic.address,
+                    ioapic.gsi_base
+                );
+            }
             match info.ecam {
                 Some(ecam) => log::info!(
                     "acpi: MCFG ECAM at {:#x} segment {} buses {}..={}",
@@ -152,7 +160,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     }
     let options = virtio::net::NetOptions::default();
     let nic = match devices::bring_up_net(
-        &config_space,
+        config_space,
         &enumeration.functions,
         platform.as_ref(),
         options,

@@ -191,8 +191,6 @@ impl pci::ConfigSpace for PlatformConfig {
 /// Failures while setting up a function's MSI-X table.
 #[derive(Clone, Copy, Debug)]
 pub enum MsixSetupError {
-    /// The capability is malformed.
-    Capability(::pci::MsixError),
     /// The table's BAR is not a memory BAR.
     TableBarMissing {
         /// BAR index.
@@ -212,7 +210,6 @@ pub enum MsixSetupError {
 impl core::fmt::Display for MsixSetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::Capability(error) => write!(f, "{error}"),
             Self::TableBarMissing { bar } => write!(f, "MSI-X table BAR{bar} is not a memory BAR"),
             Self::Map(error) => write!(f, "cannot map the MSI-X table: {error}"),
             Self::EntryOutOfRange { index, table_size } => {

@@ -103,6 +103,9 @@ unsafe extern "C" {
 
 type CheckResult = Result<(), alloc::string::String>;
 
+/// A named self-check.
+type Check = (&'static str, fn() -> CheckResult);
+
 macro_rules! ensure {
     ($condition:expr, $($message:tt)*) => {
         if !$condition {
@@ -292,7 +295,7 @@ fn check_interrupt_stacks() -> CheckResult {
 
 /// Runs every check, prints one line each and the verdict, and exits QEMU.
 pub fn run() -> ! {
-    let checks: [(&str, fn() -> CheckResult); 5] = [
+    let checks: [Check; 5] = [
         ("breakpoint", check_breakpoint),
         ("page-fault", check_page_fault),
         ("timer", check_timer),

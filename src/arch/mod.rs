@@ -38,16 +38,6 @@ pub fn outw(port: u16, value: u16) {
     };
 }
 
-/// Reads a 16-bit word from an I/O port.
-pub fn inw(port: u16) -> u16 {
-    let value: u16;
-    // SAFETY: as for `inb`.
-    unsafe {
-        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
-
 /// Reads a 32-bit dword from an I/O port.
 pub fn inl(port: u16) -> u32 {
     let value: u32;

@@ -431,7 +431,7 @@ pub fn backtrace(mut rbp: u64) -> [Option<u64>; 16] {
             || (ist_bottom..ist_top - 16).contains(&address)
     };
     for slot in &mut addresses {
-        if rbp % 8 != 0 || !inside(rbp) {
+        if !rbp.is_multiple_of(8) || !inside(rbp) {
             break;
         }
         // SAFETY: rbp is 8-aligned and at least 16 bytes below the top of a mapped stack, so

@@ -162,7 +162,8 @@ impl Mapper {
             let pd = self.next_table(pdpt, pdpt_index, false)?;
             // SAFETY: `pd` is a table owned by this mapper.
             let pd_entry = unsafe { (*pd).0[pd_index] };
-            let whole_large_page = address % LARGE_PAGE == 0 && end - address >= LARGE_PAGE;
+            let whole_large_page =
+                address.is_multiple_of(LARGE_PAGE) && end - address >= LARGE_PAGE;
             let already_split = pd_entry & PRESENT != 0 && pd_entry & HUGE == 0;
             if whole_large_page && !already_split {
                 // SAFETY: as above.

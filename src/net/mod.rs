@@ -99,8 +99,9 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " interrupts={} mode={} mode_switches={} halts={} heap_used={} heap_peak={} uptime_ms={}",
+                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} halts={} heap_used={} heap_peak={} uptime_ms={}",
                     NIC_INTERRUPTS.load(Ordering::Relaxed),
+                    arch::interrupts::unexpected_interrupt_count(),
                     config.mode,
                     counters.mode_switches,
                     counters.halts,
