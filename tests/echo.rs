@@ -17,8 +17,8 @@ use std::time::Duration;
 use common::{TapGuest, boot_tap, boot_user_net, on_guest, root_networking_or_skip};
 use xtask::client::EchoReport;
 use xtask::{
-    DemoOptions, IcmpEchoOptions, RunError, Stats, UdpEchoClient, demo_exchanges, icmp_echo,
-    query_stats, tcp_echo, tcp_echo_concurrent,
+    IcmpEchoOptions, RunError, Stats, UdpEchoClient, icmp_echo, query_stats, tcp_echo,
+    tcp_echo_concurrent,
 };
 
 /// Wait for each UDP/ICMP echo.
@@ -146,9 +146,12 @@ fn user_tcp_echo_64_concurrent_connections_16kib_each() -> Result<(), RunError> 
         tcp_echo_concurrent(booted.net.tcp_echo(), 64, 16 * 1024, TCP_WAIT),
     )?;
     let slowest = reports.iter().map(|r| r.transfer).max().unwrap_or_default();
+    let slowest_connect = reports.iter().map(|r| r.connect).max().unwrap_or_default();
     println!(
-        "{} connections x 16 KiB echoed exactly; slowest transfer {:.1} ms",
+        "{} connections x 16 KiB echoed exactly; slowest connect {:.1} ms, slowest transfer \
+         {:.1} ms",
         reports.len(),
+        slowest_connect.as_secs_f64() * 1e3,
         slowest.as_secs_f64() * 1e3
     );
     if reports.len() != 64 {
@@ -157,22 +160,6 @@ fn user_tcp_echo_64_concurrent_connections_16kib_each() -> Result<(), RunError> 
             .check_failed(format!("{} of 64 connections completed", reports.len())));
     }
     Ok(())
-}
-
-/// The demo's own steps (`cargo xtask demo` after `ready`), against the debug kernel.
-#[test]
-fn user_demo_exchanges_pass() -> Result<(), RunError> {
-    let booted = boot_user_net("")?;
-    on_guest(
-        &booted.guest,
-        demo_exchanges(
-            &booted.net,
-            DemoOptions {
-                round_trips: 200,
-                tcp_bytes: 1 << 20,
-            },
-        ),
-    )
 }
 
 /// Counters every stats line must carry (README, guest contract).
@@ -244,21 +231,80 @@ fn user_stats_line_parses_and_udp_echoed_grows() -> Result<(), RunError> {
     Ok(())
 }
 
-/// UDP echo of `udp_size` bytes and a TCP echo of 256 KiB, both exact, on a guest booted with
-/// `append` and the NIC `nic` (which must say `netdev=n0`) over user networking.
-fn user_udp_and_tcp(append: &str, nic: &str, udp_size: usize) -> Result<(), RunError> {
+/// What a user-networking variant must show in the serial log besides echoing.
+#[derive(Clone, Copy)]
+enum LogCheck {
+    /// Nothing beyond the echoes.
+    None,
+    /// The `ready` line names this mode.
+    Mode(&'static str),
+    /// The driver negotiated this feature (`virtio-net: negotiated features ...`).
+    Negotiated(&'static str),
+    /// The kernel printed a `cmdline:` line naming each of these words.
+    CmdlineErrors(&'static [&'static str]),
+}
+
+/// UDP echo of `udp_size` bytes and a TCP echo of `tcp_bytes`, both exact, on a guest booted
+/// with `append` and the NIC `nic` (which must say `netdev=n0`) over user networking, after
+/// `check` on its serial log.
+fn user_udp_and_tcp(
+    append: &str,
+    nic: &str,
+    udp_size: usize,
+    tcp_bytes: usize,
+    check: LogCheck,
+) -> Result<(), RunError> {
     let booted = common::boot_user_net_with(append, nic)?;
+    let guest = &booted.guest;
+    match check {
+        LogCheck::None => {}
+        LogCheck::Mode(mode) if booted.ready.mode != mode => {
+            return Err(guest.check_failed(format!(
+                "booted with mode={mode}, but the ready line says mode={}",
+                booted.ready.mode
+            )));
+        }
+        LogCheck::Mode(_) => {}
+        LogCheck::Negotiated(name) => {
+            let features = common::negotiated_features(guest)?;
+            println!("negotiated: {}", features.join(" "));
+            if !features.iter().any(|f| f == name) {
+                return Err(guest.check_failed(format!(
+                    "with {nic} the driver should negotiate {name}; it negotiated {features:?}"
+                )));
+            }
+        }
+        LogCheck::CmdlineErrors(words) => {
+            let complaints: Vec<String> = guest
+                .lines()
+                .into_iter()
+                .filter(|line| line.text.contains("cmdline:"))
+                .map(|line| line.text)
+                .collect();
+            println!("cmdline lines: {complaints:#?}");
+            for word in words {
+                if !complaints.iter().any(|line| line.contains(word)) {
+                    return Err(guest.check_failed(format!(
+                        "no `cmdline:` line names {word:?} (append {append:?})"
+                    )));
+                }
+            }
+            if booted.ready.mode != "adaptive" {
+                return Err(guest.check_failed(format!(
+                    "a bad mode should fall back to the default adaptive, got mode={}",
+                    booted.ready.mode
+                )));
+            }
+        }
+    }
     let report = on_guest(
-        &booted.guest,
+        guest,
         udp_exchange(booted.net.udp_echo(), udp_size, DATAGRAMS),
     )?;
     print_report(&format!("UDP echo, {udp_size} bytes"), &report);
-    let tcp = on_guest(
-        &booted.guest,
-        tcp_echo(booted.net.tcp_echo(), 256 * 1024, TCP_WAIT),
-    )?;
+    let tcp = on_guest(guest, tcp_echo(booted.net.tcp_echo(), tcp_bytes, TCP_WAIT))?;
     println!(
-        "256 KiB TCP echo exact in {:.1} ms",
+        "{tcp_bytes}-byte TCP echo exact in {:.1} ms",
         tcp.transfer.as_secs_f64() * 1e3
     );
     Ok(())
@@ -266,26 +312,40 @@ fn user_udp_and_tcp(append: &str, nic: &str, udp_size: usize) -> Result<(), RunE
 
 /// One test per receive mode and per NIC option of the net issue, over user networking.
 macro_rules! user_variant_tests {
-    ($($name:ident: $append:expr, $nic:expr, $udp_size:expr;)*) => {$(
+    ($($name:ident: $append:expr, $nic:expr, $udp_size:expr, $tcp_bytes:expr, $check:expr;)*) => {$(
         #[test]
         fn $name() -> Result<(), RunError> {
-            user_udp_and_tcp($append, $nic, $udp_size)
+            user_udp_and_tcp($append, $nic, $udp_size, $tcp_bytes, $check)
         }
     )*};
 }
 
+const MIB: usize = 1 << 20;
+const KIB_256: usize = 256 * 1024;
+
 user_variant_tests! {
-    user_mode_irq_udp_tcp: "mode=irq", xtask::DEFAULT_NIC, 1400;
-    user_mode_poll_udp_tcp: "mode=poll", xtask::DEFAULT_NIC, 1400;
-    user_mode_adaptive_udp_tcp: "mode=adaptive", xtask::DEFAULT_NIC, 1400;
-    user_nic_mrg_rxbuf_off_udp_tcp: "", "virtio-net-pci,netdev=n0,mrg_rxbuf=off", 1400;
-    user_nic_csum_off_udp_tcp: "", "virtio-net-pci,netdev=n0,csum=off,guest_csum=off", 1400;
-    user_nic_vectors_0_udp_tcp: "", "virtio-net-pci,netdev=n0,vectors=0", 1400;
-    user_nic_mq_on_udp_tcp: "", "virtio-net-pci,netdev=n0,mq=on,vectors=10", 1400;
+    // Each mode: 1400-byte UDP and 1 MiB of TCP, exact (ICMP in each mode is over the tap below).
+    user_mode_irq_udp_tcp: "mode=irq", xtask::DEFAULT_NIC, 1400, MIB, LogCheck::Mode("irq");
+    user_mode_poll_udp_tcp: "mode=poll", xtask::DEFAULT_NIC, 1400, MIB, LogCheck::Mode("poll");
+    user_mode_adaptive_udp_tcp: "mode=adaptive", xtask::DEFAULT_NIC, 1400, MIB,
+        LogCheck::Mode("adaptive");
+    user_nic_mrg_rxbuf_off_udp_tcp: "", "virtio-net-pci,netdev=n0,mrg_rxbuf=off", 1400, KIB_256,
+        LogCheck::None;
+    user_nic_csum_off_udp_tcp: "", "virtio-net-pci,netdev=n0,csum=off,guest_csum=off", 1400,
+        KIB_256, LogCheck::None;
+    user_nic_vectors_0_udp_tcp: "", "virtio-net-pci,netdev=n0,vectors=0", 1400, KIB_256,
+        LogCheck::None;
+    // QEMU accepts mq=on on user networking (one queue pair behind it) and offers MQ, so the
+    // driver negotiates it and sets the pairs through the control queue; no multi-queue tap is
+    // needed.
+    user_nic_mq_on_udp_tcp: "", "virtio-net-pci,netdev=n0,mq=on,vectors=10", 1400, KIB_256,
+        LogCheck::Negotiated("MQ");
     // The guest's MTU is 1400: 1372 bytes of UDP payload fill it exactly.
-    user_nic_host_mtu_1400_udp_tcp: "", "virtio-net-pci,netdev=n0,host_mtu=1400", 1372;
+    user_nic_host_mtu_1400_udp_tcp: "", "virtio-net-pci,netdev=n0,host_mtu=1400", 1372, KIB_256,
+        LogCheck::Negotiated("MTU");
     // Unknown and malformed keys get `cmdline:` lines and the defaults; the guest still serves.
-    user_bad_cmdline_still_serves: "bogus=1 mode=turbo log=loud", xtask::DEFAULT_NIC, 1400;
+    user_bad_cmdline_still_serves: "bogus=1 mode=turbo log=loud", xtask::DEFAULT_NIC, 1400,
+        KIB_256, LogCheck::CmdlineErrors(&["bogus", "turbo", "loud"]);
 }
 
 // ---------------------------------------------------------------------------------------------

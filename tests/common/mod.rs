@@ -256,3 +256,103 @@ pub fn boot_tap(prefix: &str, append: &str) -> Result<TapGuest, RunError> {
         netns,
     })
 }
+
+// ---- Guest-side counters over an echo burst (tests/matrix.rs, tests/echo.rs). ----
+
+use xtask::{Stats, UdpEchoClient, query_stats};
+
+/// How the guest's counters moved over a burst of UDP echoes: two stats queries around
+/// `datagrams` exact ping-pongs (one in flight).
+pub struct BurstCounters {
+    /// Datagrams the client had echoed exactly.
+    pub datagrams: u64,
+    /// The guest's `udp_echoed` growth (the denominator of the per-packet figures).
+    pub echoed: u64,
+    /// Growth of `kicks` (device notifications actually written).
+    pub kicks: u64,
+    /// Growth of `interrupts` (NIC interrupts, MSI-X or INTx).
+    pub interrupts: u64,
+    /// The stats line before the burst.
+    pub before: Stats,
+    /// The stats line after it.
+    pub after: Stats,
+}
+
+impl BurstCounters {
+    /// Kicks per echoed datagram.
+    pub fn kicks_per_packet(&self) -> f64 {
+        self.kicks as f64 / self.echoed.max(1) as f64
+    }
+
+    /// Interrupts per echoed datagram.
+    pub fn interrupts_per_packet(&self) -> f64 {
+        self.interrupts as f64 / self.echoed.max(1) as f64
+    }
+
+    /// `kicks/pkt X interrupts/pkt Y (+K kicks, +I interrupts over E echoes)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "kicks/pkt {:.3} interrupts/pkt {:.3} (+{} kicks, +{} interrupts over {} echoed)",
+            self.kicks_per_packet(),
+            self.interrupts_per_packet(),
+            self.kicks,
+            self.interrupts,
+            self.echoed
+        )
+    }
+}
+
+/// Queries the stats service, echoes `datagrams` UDP datagrams of `size` bytes through `client`
+/// (each exact; a lost one may be sent again up to 3 times), queries the stats again and returns
+/// how `udp_echoed`, `kicks` and `interrupts` moved. The guest must echo at least `datagrams`.
+pub fn udp_burst_counters(
+    booted: &UserNetGuest,
+    client: &mut UdpEchoClient,
+    size: usize,
+    datagrams: u64,
+) -> Result<BurstCounters, RunError> {
+    let guest = &booted.guest;
+    let stats_wait = Duration::from_secs(3);
+    let before = on_guest(guest, query_stats(booted.net.stats(), stats_wait, 3))?;
+    let mut report = xtask::EchoReport::default();
+    for _ in 0..datagrams {
+        on_guest(guest, client.exchange(size, 3, &mut report))?;
+    }
+    let after = on_guest(guest, query_stats(booted.net.stats(), stats_wait, 3))?;
+    let grew = |key: &str| -> Result<u64, RunError> {
+        let (a, b) = (
+            on_guest(guest, after.counter(key))?,
+            on_guest(guest, before.counter(key))?,
+        );
+        a.checked_sub(b).ok_or_else(|| {
+            guest.check_failed(format!(
+                "counter {key} went backwards: {:?} then {:?}",
+                before.line, after.line
+            ))
+        })
+    };
+    let counters = BurstCounters {
+        datagrams: report.received,
+        echoed: grew("udp_echoed")?,
+        kicks: grew("kicks")?,
+        interrupts: grew("interrupts")?,
+        before,
+        after,
+    };
+    if counters.echoed < datagrams {
+        return Err(guest.check_failed(format!(
+            "udp_echoed grew by {} over a burst of {datagrams} exact echoes ({:?} then {:?})",
+            counters.echoed, counters.before.line, counters.after.line
+        )));
+    }
+    Ok(counters)
+}
+
+/// The names after `virtio-net: negotiated features 0x...:` in the serial log.
+pub fn negotiated_features(guest: &Guest) -> Result<Vec<String>, RunError> {
+    xtask::negotiated_features(&guest.lines())
+        .map(|(_, names)| names)
+        .ok_or_else(|| {
+            guest.check_failed("no `virtio-net: negotiated features` line in the serial log")
+        })
+}

@@ -1,11 +1,28 @@
-//! `cargo xtask demo`'s exchanges with a guest that serves echo: library code, so that the test
-//! suite runs the same steps against the debug kernel.
+//! `cargo xtask demo`, the main job, as library code: the binary only parses its arguments with
+//! [`DemoConfig::parse`], calls [`run_demo`] and prints the [`DemoSummary`] or the
+//! [`DemoError`]. The test suite (`tests/demo.rs`) runs the same [`run_demo`] against the debug
+//! kernel (`--kernel PATH`), so the demo a user runs is the demo CI runs.
+//!
+//! The steps: make sure QEMU is there, build the kernel (or take `--kernel`), boot it with
+//! `-device virtio-net-pci` on QEMU user networking with the guest's UDP/TCP echo and stats
+//! ports forwarded to free ports on 127.0.0.1, wait for `ready`, echo UDP datagrams and 1 MiB of
+//! TCP (every byte checked), measure UDP round trips with a progress bar on stderr, read the
+//! stats service around them, then shut the guest down through QMP `quit`.
 
-use std::io::Write;
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::client::{ClientError, EchoReport, Stats, UdpEchoClient, query_stats, tcp_echo};
-use crate::usernet::UserNet;
+use crate::client::{
+    ClientError, EchoReport, RttSummary, Stats, TcpEchoReport, UdpEchoClient, query_stats, tcp_echo,
+};
+use crate::command::QemuCommand;
+use crate::error::Error;
+use crate::host::{Qemu, choose_accel, log};
+use crate::runner::{GuestExit, RunError, RunOptions, SerialLine, unique_temp_path};
+use crate::usernet::{DEFAULT_NIC, UserNet, boot_on_user_net};
 
 /// What the demo does after the guest is ready.
 #[derive(Clone, Copy, Debug)]
@@ -25,11 +42,456 @@ impl Default for DemoOptions {
     }
 }
 
+/// Everything `cargo xtask demo` takes on its command line.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// A prebuilt kernel to boot instead of building one (`--kernel PATH`).
+    pub kernel: Option<PathBuf>,
+    /// Build the release kernel (the default) rather than the debug one (`--debug`).
+    pub release: bool,
+    /// Wall-clock limit for the whole QEMU run, boot included (`--timeout SECS`).
+    pub timeout: Duration,
+    /// The guest's receive mode (`--mode irq|poll|adaptive`); the kernel's default when unset.
+    pub mode: Option<String>,
+    /// The exchanges after `ready` (`--rtts N`, `--tcp-bytes N`).
+    pub options: DemoOptions,
+    /// Copy the guest's serial console to stdout as it arrives.
+    pub echo_serial: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> DemoConfig {
+        DemoConfig {
+            kernel: None,
+            release: true,
+            timeout: Duration::from_secs(120),
+            mode: None,
+            options: DemoOptions::default(),
+            echo_serial: true,
+        }
+    }
+}
+
+/// The options `cargo xtask demo` accepts, for usage messages.
+pub const DEMO_USAGE: &str = "demo [--debug] [--kernel PATH] [--mode irq|poll|adaptive] \
+                              [--timeout SECS] [--rtts N] [--tcp-bytes N]";
+
+impl DemoConfig {
+    /// Parses `cargo xtask demo`'s arguments (everything after `demo`). The error is a usage
+    /// message.
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<DemoConfig, String> {
+        fn value(args: &mut impl Iterator<Item = OsString>, flag: &str) -> Result<String, String> {
+            args.next()
+                .and_then(|value| value.into_string().ok())
+                .ok_or_else(|| format!("demo: {flag} needs a (UTF-8) value"))
+        }
+        fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
+            text.parse()
+                .map_err(|_| format!("demo: {flag}: {text:?} is not a valid number"))
+        }
+        let mut config = DemoConfig::default();
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let flag = flag
+                .into_string()
+                .map_err(|bad| format!("demo: argument {bad:?} is not UTF-8"))?;
+            let mut value = |flag: &str| value(&mut args, flag);
+            match flag.as_str() {
+                "--debug" => config.release = false,
+                "--release" => config.release = true,
+                "--kernel" => config.kernel = Some(PathBuf::from(value(&flag)?)),
+                "--mode" => {
+                    let mode = value(&flag)?;
+                    if !matches!(mode.as_str(), "irq" | "poll" | "adaptive") {
+                        return Err(format!(
+                            "demo: --mode takes irq, poll or adaptive, not {mode:?}"
+                        ));
+                    }
+                    config.mode = Some(mode);
+                }
+                "--timeout" => {
+                    let secs: u64 = number(&flag, &value(&flag)?)?;
+                    config.timeout = Duration::from_secs(secs.max(1));
+                }
+                "--rtts" => config.options.round_trips = number(&flag, &value(&flag)?)?,
+                "--tcp-bytes" => config.options.tcp_bytes = number(&flag, &value(&flag)?)?,
+                other => return Err(format!("demo: unknown option {other:?}")),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Why the demo failed. Each variant names its cause; the ones with a guest carry the QEMU
+/// command line and the whole serial log. `Debug` shows the same text as `Display`, so that a
+/// test returning `Result<_, DemoError>` prints it readably.
+pub enum DemoError {
+    /// QEMU is not installed (or not usable); the error says how to get it.
+    NoQemu(Error),
+    /// The host environment is not usable (e.g. an invalid `VIREO_ACCEL`).
+    Setup(Error),
+    /// Building the kernel failed, or the kernel image is missing.
+    Build(Error),
+    /// The guest never printed its `ready` line (it panicked, hung, or QEMU failed).
+    NeverReady(RunError),
+    /// An echo failed: missing, wrong bytes, or a service that did not answer.
+    Echo(RunError),
+    /// The guest served every echo but did not shut down cleanly through QMP `quit`.
+    Shutdown(RunError),
+}
+
+impl DemoError {
+    /// A one-line name of the cause.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            DemoError::NoQemu(_) => "no QEMU",
+            DemoError::Setup(_) => "the host environment is not usable",
+            DemoError::Build(_) => "the kernel build failed",
+            DemoError::NeverReady(_) => "the guest never became ready",
+            DemoError::Echo(_) => "an echo failed",
+            DemoError::Shutdown(_) => "the guest did not shut down cleanly",
+        }
+    }
+}
+
+impl fmt::Display for DemoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "demo failed: {}: ", self.cause())?;
+        match self {
+            DemoError::NoQemu(error) | DemoError::Setup(error) | DemoError::Build(error) => {
+                write!(f, "{error}")
+            }
+            DemoError::NeverReady(failure)
+            | DemoError::Echo(failure)
+            | DemoError::Shutdown(failure) => write!(f, "{}\n{failure}", failure.error),
+        }
+    }
+}
+
+impl fmt::Debug for DemoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for DemoError {}
+
+/// What the demo measured after `ready`.
+#[derive(Clone, Debug)]
+pub struct DemoMeasurements {
+    /// The warm-up probes sent before the first echo came back.
+    pub probes: u64,
+    /// The echoes of 1, 64, 1400 and 1472 bytes.
+    pub udp: EchoReport,
+    /// The TCP echo.
+    pub tcp: TcpEchoReport,
+    /// The measured round trips (64 bytes each).
+    pub round_trips: EchoReport,
+    /// The wall-clock time of the round trips.
+    pub round_trip_time: Duration,
+    /// The stats line right before the round trips.
+    pub stats_before: Stats,
+    /// The stats line right after them.
+    pub stats_after: Stats,
+}
+
+impl DemoMeasurements {
+    /// How much `key` grew over the round trips.
+    pub fn counter_delta(&self, key: &str) -> Option<u64> {
+        self.stats_after
+            .get(key)?
+            .checked_sub(self.stats_before.get(key)?)
+    }
+
+    /// `key`'s growth over the round trips per UDP datagram the guest echoed in that window.
+    pub fn per_echoed_packet(&self, key: &str) -> Option<f64> {
+        let echoed = self.counter_delta("udp_echoed").filter(|&e| e > 0)?;
+        Some(self.counter_delta(key)? as f64 / echoed as f64)
+    }
+}
+
+/// The demo's result: what ran and what it measured. `Display` is the summary the demo prints.
+#[derive(Clone, Debug)]
+pub struct DemoSummary {
+    /// The QEMU command line.
+    pub command_line: String,
+    /// The kernel booted.
+    pub kernel: PathBuf,
+    /// When `ready` arrived, from spawning QEMU.
+    pub ready_at: Duration,
+    /// The `ready` line.
+    pub ready_line: String,
+    /// The guest's receive mode (from the `ready` line).
+    pub mode: String,
+    /// The negotiated virtio-net feature bits and their names (from the serial log).
+    pub features: Option<(u64, Vec<String>)>,
+    /// The forwarded ports.
+    pub net: UserNet,
+    /// The exchanges.
+    pub measurements: DemoMeasurements,
+    /// How QEMU ended after `quit`.
+    pub exit: GuestExit,
+    /// How long QEMU took to exit after `quit`.
+    pub shutdown: Duration,
+}
+
+impl DemoSummary {
+    /// RTT statistics of the measured round trips.
+    pub fn rtt(&self) -> Option<RttSummary> {
+        self.measurements.round_trips.summary()
+    }
+}
+
+impl fmt::Display for DemoSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.measurements;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        writeln!(f, "==> summary")?;
+        writeln!(f, "    kernel:      {}", self.kernel.display())?;
+        writeln!(
+            f,
+            "    ready:       after {:.3} s: {}",
+            self.ready_at.as_secs_f64(),
+            self.ready_line.trim()
+        )?;
+        writeln!(f, "    mode:        {}", self.mode)?;
+        match &self.features {
+            Some((bits, names)) => writeln!(f, "    features:    {} ({bits:#x})", names.join(" "))?,
+            None => writeln!(
+                f,
+                "    features:    (no `negotiated features` line in the log)"
+            )?,
+        }
+        writeln!(
+            f,
+            "    forwards:    UDP echo {}, TCP echo {}, stats {}",
+            self.net.udp_echo(),
+            self.net.tcp_echo(),
+            self.net.stats()
+        )?;
+        writeln!(
+            f,
+            "    UDP echo:    {} datagrams of 1..1472 bytes, all exact ({} retransmitted)",
+            m.udp.received, m.udp.retransmits
+        )?;
+        writeln!(
+            f,
+            "    TCP echo:    {} bytes, every byte exact, {:.2} MB/s",
+            m.tcp.bytes,
+            m.tcp.throughput() / 1e6
+        )?;
+        match self.rtt() {
+            Some(rtt) => writeln!(
+                f,
+                "    UDP RTT:     n={} min {:.1} us  p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  \
+                 max {:.1} us  ({:.0} round trips/s, {} retransmitted)",
+                rtt.count,
+                us(rtt.min),
+                us(rtt.p50),
+                us(rtt.p90),
+                us(rtt.p99),
+                us(rtt.max),
+                m.round_trips.received as f64 / m.round_trip_time.as_secs_f64().max(1e-9),
+                m.round_trips.retransmits
+            )?,
+            None => writeln!(f, "    UDP RTT:     (no round trips measured)")?,
+        }
+        let per = |key: &str| {
+            m.per_echoed_packet(key)
+                .map(|ratio| format!("{ratio:.2}"))
+                .unwrap_or_else(|| "n/a".to_string())
+        };
+        let delta = |key: &str| {
+            m.counter_delta(key)
+                .map(|d| format!("+{d}"))
+                .unwrap_or_else(|| "n/a".to_string())
+        };
+        writeln!(
+            f,
+            "    counters:    over the round trips: udp_echoed {}, kicks {} ({} per packet), \
+             interrupts {} ({} per packet)",
+            delta("udp_echoed"),
+            delta("kicks"),
+            per("kicks"),
+            delta("interrupts"),
+            per("interrupts")
+        )?;
+        writeln!(f, "    stats:       {}", m.stats_after.line)?;
+        let exit = match self.exit {
+            GuestExit::QemuStatus(code) => format!("status {code}"),
+            other => other.to_string(),
+        };
+        write!(
+            f,
+            "    shutdown:    QMP quit; QEMU exited with {exit} after {:.3} s",
+            self.shutdown.as_secs_f64()
+        )
+    }
+}
+
+/// The `virtio-net: negotiated features 0x...: NAME NAME ...` line of a serial log: the bits and
+/// the names.
+pub fn negotiated_features(lines: &[SerialLine]) -> Option<(u64, Vec<String>)> {
+    const MARKER: &str = "negotiated features ";
+    lines.iter().find_map(|line| {
+        let rest = &line.text[line.text.find(MARKER)? + MARKER.len()..];
+        let (bits, names) = rest.split_once(':').unwrap_or((rest, ""));
+        let bits = u64::from_str_radix(bits.trim().trim_start_matches("0x"), 16).ok()?;
+        Some((bits, names.split_whitespace().map(str::to_string).collect()))
+    })
+}
+
+/// Runs the demo: QEMU, kernel, boot on user networking, the exchanges, the summary and a
+/// clean shutdown. Progress goes to stdout (steps) and stderr (the harness log and the progress
+/// bar); the caller prints the returned summary.
+pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
+    let qemu = Qemu::ensure().map_err(|error| match error {
+        Error::InvalidAccel { .. } | Error::InvalidSetting { .. } => DemoError::Setup(error),
+        other => DemoError::NoQemu(other),
+    })?;
+    let accel = choose_accel().map_err(DemoError::Setup)?.accel;
+    let kernel = match &config.kernel {
+        Some(path) if path.is_file() => {
+            log(&format!("demo: using the kernel {}", path.display()));
+            path.clone()
+        }
+        Some(path) => {
+            return Err(DemoError::Build(Error::KernelMissing {
+                path: path.clone(),
+            }));
+        }
+        None => crate::build_kernel(config.release).map_err(DemoError::Build)?,
+    };
+    let qmp_socket = unique_temp_path("vireo-demo-qmp", "sock");
+    let mut base = QemuCommand::new(&qemu, accel, &kernel).qmp_socket(&qmp_socket);
+    if let Some(mode) = &config.mode {
+        base = base.append(format!("mode={mode}"));
+    }
+    log(&format!(
+        "demo: booting the kernel with {DEFAULT_NIC} on QEMU user networking; the guest's UDP \
+         echo (7), TCP echo (7) and stats (UDP 7007) ports are forwarded to free ports on \
+         127.0.0.1"
+    ));
+    let booted = boot_on_user_net(
+        &base,
+        DEFAULT_NIC,
+        RunOptions {
+            timeout: config.timeout,
+            echo: config.echo_serial,
+        },
+        config.timeout,
+    )
+    .map_err(DemoError::NeverReady)?;
+    let mut guest = booted.guest;
+    let net = booted.net;
+    log(&format!(
+        "guest ready after {:.3} s: ip {} mac {} mode {}; forwards: UDP echo {}, TCP echo {}, \
+         stats {}",
+        booted.ready_at.as_secs_f64(),
+        booted.ready.ip,
+        booted.ready.mac,
+        booted.ready.mode,
+        net.udp_echo(),
+        net.tcp_echo(),
+        net.stats()
+    ));
+    let measurements = demo_exchanges(&net, config.options)
+        .map_err(|error| DemoError::Echo(guest.failure(Error::Client(error))))?;
+
+    // A clean shutdown: QMP `quit`, then QEMU must exit on its own.
+    log("demo: shutting the guest down (QMP quit)");
+    let asked = Instant::now();
+    let mut qmp = guest
+        .qmp(Duration::from_secs(5))
+        .map_err(DemoError::Shutdown)?;
+    match qmp.execute("quit", None) {
+        Ok(_) => {}
+        // QEMU may close the socket before its reply arrives; the exit below is what counts.
+        Err(Error::Qmp(message)) if message.contains("closed the QMP socket") => {}
+        Err(error) => return Err(DemoError::Shutdown(guest.failure(error))),
+    }
+    drop(qmp);
+    let exit = guest
+        .wait_exit(Duration::from_secs(15))
+        .map_err(DemoError::Shutdown)?;
+    let shutdown = asked.elapsed();
+    if exit != GuestExit::QemuStatus(0) {
+        return Err(DemoError::Shutdown(guest.check_failed(format!(
+            "after QMP quit QEMU should exit with status 0, but it ended with {exit}"
+        ))));
+    }
+    let _ = std::fs::remove_file(&qmp_socket);
+    Ok(DemoSummary {
+        command_line: guest.command_line().to_string(),
+        kernel,
+        ready_at: booted.ready_at,
+        ready_line: booted.ready.text.clone(),
+        mode: booted.ready.mode.clone(),
+        features: negotiated_features(&guest.lines()),
+        net,
+        measurements,
+        exit,
+        shutdown,
+    })
+}
+
+/// A progress bar on stderr: redrawn in place on a terminal, a few plain lines otherwise (so a
+/// captured log stays readable).
+struct ProgressBar {
+    total: u64,
+    terminal: bool,
+    last_drawn: Option<u64>,
+}
+
+impl ProgressBar {
+    const WIDTH: u64 = 40;
+
+    fn new(total: u64) -> ProgressBar {
+        ProgressBar {
+            total: total.max(1),
+            terminal: std::io::stderr().is_terminal(),
+            last_drawn: None,
+        }
+    }
+
+    fn update(&mut self, done: u64, rtt: Duration) {
+        let percent = done * 100 / self.total;
+        // On a terminal, redraw at each new percent; otherwise print every 25 %.
+        let step = if self.terminal { 1 } else { 25 };
+        let bucket = percent / step;
+        if self.last_drawn == Some(bucket) && done != self.total {
+            return;
+        }
+        self.last_drawn = Some(bucket);
+        let filled = done * Self::WIDTH / self.total;
+        let bar = format!(
+            "    [{}{}] {done}/{} ({percent:>3}%) last RTT {:.1} us",
+            "#".repeat(filled as usize),
+            "-".repeat((Self::WIDTH - filled) as usize),
+            self.total,
+            rtt.as_secs_f64() * 1e6
+        );
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let _ = write!(err, "\r{bar}\x1b[K");
+            if done == self.total {
+                let _ = writeln!(err);
+            }
+        } else {
+            let _ = writeln!(err, "{bar}");
+        }
+        let _ = err.flush();
+    }
+}
+
 /// The demo's exchanges with a ready guest on user networking, printed step by step on stdout:
 /// the stats line, UDP echo of 1, 64, 1400 and 1472 bytes with RTTs, a TCP echo, many UDP round
-/// trips with a progress bar and RTT percentiles, and the stats line again with the counter
-/// deltas. Any echo that is not exact (or missing) is an error.
-pub fn demo_exchanges(net: &UserNet, options: DemoOptions) -> Result<(), ClientError> {
+/// trips with a progress bar (stderr) and RTT percentiles, and the stats line again with the
+/// counter deltas over the round trips. Any echo that is not exact (or missing) is an error.
+pub fn demo_exchanges(
+    net: &UserNet,
+    options: DemoOptions,
+) -> Result<DemoMeasurements, ClientError> {
     let DemoOptions {
         round_trips: rtts,
         tcp_bytes,
@@ -39,8 +501,8 @@ pub fn demo_exchanges(net: &UserNet, options: DemoOptions) -> Result<(), ClientE
         "stats: one datagram to {} (guest UDP 7007)",
         net.stats()
     ));
-    let before = query_stats(net.stats(), Duration::from_secs(2), 5)?;
-    println!("    {}", before.line);
+    let first = query_stats(net.stats(), Duration::from_secs(2), 5)?;
+    println!("    {}", first.line);
 
     step(format!(
         "UDP echo: waiting for the first echo from {} (guest UDP 7), then 8 datagrams of \
@@ -50,9 +512,9 @@ pub fn demo_exchanges(net: &UserNet, options: DemoOptions) -> Result<(), ClientE
     let mut client = UdpEchoClient::connect(net.udp_echo(), Duration::from_secs(2))?;
     let probes = client.warm_up(Duration::from_secs(15), Duration::from_millis(250))?;
     println!("    first echo after {probes} probe(s)");
-    let mut report = EchoReport::default();
+    let mut udp = EchoReport::default();
     for size in [1, 64, 1400, 1472, 1, 64, 1400, 1472] {
-        let rtt = client.exchange(size, 3, &mut report)?;
+        let rtt = client.exchange(size, 3, &mut udp)?;
         println!(
             "    {size:>5} bytes: exact echo, RTT {:>9.1} us",
             rtt.as_secs_f64() * 1e6
@@ -73,58 +535,97 @@ pub fn demo_exchanges(net: &UserNet, options: DemoOptions) -> Result<(), ClientE
     );
 
     step(format!(
-        "UDP round trips: {rtts} ping-pongs of 64 bytes to {}, one in flight",
+        "UDP round trips: {rtts} ping-pongs of 64 bytes to {}, one in flight, between two \
+         stats queries",
         net.udp_echo()
     ));
-    let mut many = EchoReport::default();
+    let stats_before = query_stats(net.stats(), Duration::from_secs(2), 5)?;
+    let mut round_trips = EchoReport::default();
+    let mut bar = ProgressBar::new(rtts);
     let began = Instant::now();
     for done in 1..=rtts {
-        client.exchange(64, 3, &mut many)?;
-        if done % 50 == 0 || done == rtts {
-            let width = 40;
-            let filled = (done * width / rtts.max(1)) as usize;
-            print!(
-                "\r    [{}{}] {done}/{rtts}",
-                "#".repeat(filled),
-                "-".repeat(width as usize - filled)
-            );
-            let _ = std::io::stdout().flush();
-        }
+        let rtt = client.exchange(64, 3, &mut round_trips)?;
+        bar.update(done, rtt);
     }
-    println!();
-    if let Some(summary) = many.summary() {
+    let round_trip_time = began.elapsed();
+    let stats_after = query_stats(net.stats(), Duration::from_secs(2), 5)?;
+    if let Some(summary) = round_trips.summary() {
         println!(
             "    {summary}\n    {:.0} round trips/s; {} retransmitted, {} stale",
-            many.received as f64 / began.elapsed().as_secs_f64(),
-            many.retransmits,
-            many.stale
+            round_trips.received as f64 / round_trip_time.as_secs_f64().max(1e-9),
+            round_trips.retransmits,
+            round_trips.stale
         );
     }
-
-    step(format!("stats again: {}", net.stats()));
-    let after = query_stats(net.stats(), Duration::from_secs(2), 5)?;
-    println!("    {}", after.line);
-    print_counter_deltas(&before, &after, report.sent + many.sent + probes);
-    Ok(())
+    println!("    stats before: {}", stats_before.line);
+    println!("    stats after:  {}", stats_after.line);
+    Ok(DemoMeasurements {
+        probes,
+        udp,
+        tcp,
+        round_trips,
+        round_trip_time,
+        stats_before,
+        stats_after,
+    })
 }
 
-/// Prints how the counters moved between two stats lines.
-pub fn print_counter_deltas(before: &Stats, after: &Stats, udp_sent: u64) {
-    let echoed = after
-        .get("udp_echoed")
-        .zip(before.get("udp_echoed"))
-        .map(|(a, b)| a.saturating_sub(b));
-    if let Some(echoed) = echoed {
-        println!("    udp_echoed grew by {echoed} (this demo sent {udp_sent} UDP echo requests)");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
     }
-    let per_packet = |key: &str| {
-        let delta = after.get(key)?.checked_sub(before.get(key)?)?;
-        let packets = echoed.filter(|&e| e > 0)?;
-        Some(delta as f64 / packets as f64)
-    };
-    for key in ["kicks", "interrupts"] {
-        if let Some(ratio) = per_packet(key) {
-            println!("    {key} per UDP echo: {ratio:.2}");
-        }
+
+    #[test]
+    fn parses_demo_arguments() {
+        let config = DemoConfig::parse(strings(&[
+            "--kernel",
+            "/tmp/k",
+            "--mode",
+            "poll",
+            "--rtts",
+            "300",
+            "--tcp-bytes",
+            "4096",
+            "--timeout",
+            "30",
+        ]))
+        .expect("valid arguments");
+        assert_eq!(config.kernel, Some(PathBuf::from("/tmp/k")));
+        assert_eq!(config.mode.as_deref(), Some("poll"));
+        assert_eq!(config.options.round_trips, 300);
+        assert_eq!(config.options.tcp_bytes, 4096);
+        assert_eq!(config.timeout, Duration::from_secs(30));
+        assert!(config.release);
+        assert!(
+            !DemoConfig::parse(strings(&["--debug"]))
+                .expect("valid")
+                .release
+        );
+        assert!(DemoConfig::parse(strings(&["--mode", "turbo"])).is_err());
+        assert!(DemoConfig::parse(strings(&["--rtts"])).is_err());
+        assert!(DemoConfig::parse(strings(&["--rtts", "x"])).is_err());
+        assert!(DemoConfig::parse(strings(&["--bogus"])).is_err());
+    }
+
+    #[test]
+    fn finds_the_negotiated_features_line() {
+        let line = |text: &str| SerialLine {
+            text: text.to_string(),
+            at: Duration::ZERO,
+        };
+        let log = [
+            line("[   0.07] virtio-net: offered features 0x0000010130bf8024: MAC CTRL_VQ"),
+            line(
+                "[   0.07] virtio-net: negotiated features 0x0000000130038020: MAC MRG_RXBUF \
+                 EVENT_IDX VERSION_1",
+            ),
+        ];
+        let (bits, names) = negotiated_features(&log).expect("found");
+        assert_eq!(bits, 0x1_3003_8020);
+        assert_eq!(names, ["MAC", "MRG_RXBUF", "EVENT_IDX", "VERSION_1"]);
+        assert!(negotiated_features(&log[..1]).is_none());
     }
 }

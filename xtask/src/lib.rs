@@ -40,7 +40,10 @@ pub use client::{
     UdpEchoOptions, icmp_echo, query_stats, tcp_echo, tcp_echo_concurrent, udp_echo,
 };
 pub use command::{DEBUG_EXIT_DEVICE, Machine, QemuCommand, parse_memory_mib, shell_quote};
-pub use demo::{DemoOptions, demo_exchanges, print_counter_deltas};
+pub use demo::{
+    DEMO_USAGE, DemoConfig, DemoError, DemoMeasurements, DemoOptions, DemoSummary, demo_exchanges,
+    negotiated_features, run_demo,
+};
 pub use error::Error;
 pub use host::{
     ACCEL_ENV, Accel, AccelChoice, QEMU_ENV, QEMU_PACKAGE, QEMU_PROGRAM, Qemu, choose_accel,

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use xtask::client::{EchoReport, resolve};
 use xtask::{
-    ClientError, DEFAULT_NIC, DemoOptions, Error, Guest, GuestExit, IcmpEchoOptions, Machine,
-    NetNs, Qemu, QemuCommand, RunError, RunOptions, UdpEchoOptions, UserNet, boot_on_user_net,
-    build_kernel, cargo, choose_accel, icmp_echo, is_ci, log, parse_memory_mib, query_stats,
-    run_in_netns, shell_quote, tcp_echo, tcp_echo_concurrent, udp_echo, workspace_root,
+    ClientError, DEFAULT_NIC, DemoConfig, Error, Guest, IcmpEchoOptions, Machine, NetNs, Qemu,
+    QemuCommand, RunError, RunOptions, UdpEchoOptions, UserNet, build_kernel, cargo, choose_accel,
+    icmp_echo, is_ci, log, parse_memory_mib, query_stats, run_in_netns, shell_quote, tcp_echo,
+    tcp_echo_concurrent, udp_echo, workspace_root,
 };
 
 const USAGE: &str = "\
@@ -19,20 +19,25 @@ Usage: cargo xtask <command> [options]
 
 Commands:
   run   [--release] [--machine q35|pc] [--memory SIZE] [--smp N] [--cpu MODEL]
-        [--append \"CMDLINE\"] [--timeout SECS] [-- EXTRA QEMU ARGS...]
+        [--append \"CMDLINE\"] [--net none|user|tap] [--timeout SECS]
+        [-- EXTRA QEMU ARGS...]
         Build the kernel and boot it with the serial console on this terminal until it
         exits; exits with QEMU's status (33 = guest success, 35 = guest failure).
+        --net user adds a virtio-net NIC with the guest's UDP/TCP echo and stats ports
+        forwarded to free ports on 127.0.0.1 and prints them (try `nc -u 127.0.0.1 PORT`);
+        --net tap (root) runs QEMU in a private network namespace on a tap (host side
+        10.0.2.2/24).
   test  [ARGS...]
         Make sure QEMU is there (installs it when root), then run the whole workspace's
         tests: cargo nextest run --workspace (or cargo test --workspace without
         cargo-nextest). ARGS go to that runner.
-        [--net none|user|tap] boots with a virtio-net NIC: `user` forwards the guest's
-        UDP/TCP echo and stats ports to free ports on 127.0.0.1 and prints them; `tap`
-        (root) runs QEMU in a private network namespace on a tap (host side 10.0.2.2/24).
-  demo  [--debug] [--timeout SECS] [--rtts N] [--tcp-bytes N]
-        Boot the release kernel with a virtio-net NIC on QEMU user networking (no root),
-        wait for `ready`, then show UDP echo with RTTs, a TCP echo of 1 MiB, N UDP round
-        trips (default 2000) and the stats line. Exits 0 only if every echo was exact.
+  demo  [--debug] [--kernel PATH] [--mode irq|poll|adaptive] [--timeout SECS]
+        [--rtts N] [--tcp-bytes N]
+        Build the release kernel (or boot PATH) with a virtio-net NIC on QEMU user
+        networking (no root), wait for `ready`, then show UDP echo with RTTs, a TCP echo
+        of 1 MiB, N UDP round trips (default 2000) with a progress bar, and a summary
+        (features, mode, RTT percentiles, kicks and interrupts per packet); QMP `quit`
+        shuts the guest down. Exits 0 only if every echo was exact.
   client udp-echo --addr HOST:PORT [--count N] [--size BYTES] [--timeout MS]
                   [--attempts N] [--netns NAME]
   client tcp-echo --addr HOST:PORT [--bytes N] [--connections N] [--timeout SECS]
@@ -194,12 +199,16 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
             let forwards = UserNet::allocate()?;
             command = command.netdev(forwards.netdev("n0")).device(DEFAULT_NIC);
             log(&format!(
-                "user networking: UDP echo at {}, TCP echo at {}, stats at {} (try `nc -u {} {}`)",
-                forwards.udp_echo(),
-                forwards.tcp_echo(),
-                forwards.stats(),
-                forwards.udp_echo().ip(),
-                forwards.udp_echo_port
+                "user networking: the guest's ports are forwarded to 127.0.0.1; once it prints \
+                 `ready`:\n    UDP echo (guest UDP 7):     {udp}   try: nc -u 127.0.0.1 {}\n    \
+                 TCP echo (guest TCP 7):     {tcp}   try: nc 127.0.0.1 {}\n    \
+                 stats    (guest UDP 7007):  {stats}   try: echo | nc -u -w1 127.0.0.1 {}",
+                forwards.udp_echo_port,
+                forwards.tcp_echo_port,
+                forwards.stats_port,
+                udp = forwards.udp_echo(),
+                tcp = forwards.tcp_echo(),
+                stats = forwards.stats(),
             ));
         }
         "tap" => {
@@ -326,83 +335,18 @@ fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
     Ok(status.code().unwrap_or(1))
 }
 
-/// `cargo xtask demo`: boot the release kernel on QEMU user networking (no root), wait for
-/// `ready`, then show UDP echo with RTTs, a TCP echo, many UDP round trips and the stats line.
-/// Exits 0 only when every echo came back exact.
+/// `cargo xtask demo`: the library's [`xtask::run_demo`] (the test suite runs the same code),
+/// then its summary. Exits 0 only when every echo came back exact and the guest shut down
+/// cleanly; otherwise the error names the cause.
 fn demo(args: Vec<OsString>) -> Result<i32, CliError> {
-    let mut args = Args::new(args);
-    let mut release = true;
-    let mut timeout = 120;
-    let mut rtts: u64 = 2000;
-    let mut tcp_bytes: usize = 1 << 20;
-    while let Some(flag) = args.next_flag() {
-        let flag = flag?;
-        match flag.as_str() {
-            "--debug" => release = false,
-            "--timeout" => timeout = parse_number(&flag, &args.value(&flag)?)?,
-            "--rtts" => rtts = parse_number(&flag, &args.value(&flag)?)?,
-            "--tcp-bytes" => tcp_bytes = parse_number(&flag, &args.value(&flag)?)?,
-            other => return Err(CliError::Usage(format!("demo: unknown option {other:?}"))),
-        }
-    }
-    let (qemu, accel) = prepare_qemu()?;
-    let kernel = build_kernel(release)?;
-    let base = QemuCommand::new(&qemu, accel, kernel);
-    log(&format!(
-        "demo: booting the kernel with {DEFAULT_NIC} on QEMU user networking; the guest's UDP \
-         echo (7), TCP echo (7) and stats (UDP 7007) ports are forwarded to free ports on \
-         127.0.0.1"
-    ));
-    let limit = Duration::from_secs(timeout);
-    let booted = boot_on_user_net(
-        &base,
-        DEFAULT_NIC,
-        RunOptions {
-            timeout: limit,
-            echo: true,
-        },
-        limit,
-    )
-    .map_err(|failure| {
-        let mut message = brief(&failure);
-        if failure.exit == Some(GuestExit::Failure) {
-            message.push_str(
-                "\nthe guest never became ready: it reported a fatal error (see the PANIC: line above)",
-            );
-        } else {
-            message.push_str("\nthe guest never became ready (its serial log is above)");
-        }
-        CliError::Failed(message)
-    })?;
-    let mut guest = booted.guest;
-    let net = booted.net;
-    log(&format!(
-        "guest ready after {:.3} s: ip {} mac {} mode {}",
-        booted.ready_at.as_secs_f64(),
-        booted.ready.ip,
-        booted.ready.mac,
-        booted.ready.mode
-    ));
-    let outcome = xtask::demo_exchanges(
-        &net,
-        DemoOptions {
-            round_trips: rtts,
-            tcp_bytes,
-        },
-    );
-    guest.kill();
-    match outcome {
-        Ok(()) => {
-            log("demo: every echo came back exact");
+    let config = DemoConfig::parse(args).map_err(CliError::Usage)?;
+    match xtask::run_demo(&config) {
+        Ok(summary) => {
+            println!("\n{summary}");
+            log("demo: every echo came back exact; the guest shut down cleanly");
             Ok(0)
         }
-        Err(error) => {
-            let failure = guest.failure(Error::Client(error));
-            Err(CliError::Failed(format!(
-                "{failure}\ndemo: FAILED: {}",
-                failure.error
-            )))
-        }
+        Err(error) => Err(CliError::Failed(error.to_string())),
     }
 }
 

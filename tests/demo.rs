@@ -1,0 +1,116 @@
+//! The main job, `cargo xtask demo`, in the test suite: the same library entry the command runs
+//! ([`xtask::DemoConfig::parse`] then [`xtask::run_demo`]), on the debug kernel that cargo built
+//! for the tests (`--kernel`, so no nested release build). It boots one QEMU on user networking,
+//! echoes UDP and 1 MiB of TCP byte for byte, measures UDP round trips, reads the counters and
+//! shuts the guest down through QMP `quit`. A failure prints the cause, the QEMU command line and
+//! the whole serial log.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use xtask::{DemoConfig, DemoError, GuestExit, run_demo};
+
+/// Round trips the test measures (the command's default is 2000).
+const ROUND_TRIPS: u64 = 1000;
+
+fn demo_args(words: &[&str]) -> Vec<OsString> {
+    words.iter().map(OsString::from).collect()
+}
+
+#[test]
+fn demo_end_to_end_on_the_debug_kernel() -> Result<(), DemoError> {
+    let kernel = env!("CARGO_BIN_EXE_vireo");
+    let rtts = ROUND_TRIPS.to_string();
+    let config = DemoConfig::parse(demo_args(&[
+        "--kernel",
+        kernel,
+        "--rtts",
+        &rtts,
+        "--timeout",
+        "150",
+    ]))
+    .unwrap_or_else(|usage| panic!("the demo rejected its arguments: {usage}"));
+    let summary = run_demo(&config)?;
+    let printed = summary.to_string();
+    println!("\n{printed}");
+
+    let m = &summary.measurements;
+    let mut problems = Vec::new();
+    if summary.mode != "adaptive" {
+        problems.push(format!(
+            "mode {:?}, expected the default adaptive",
+            summary.mode
+        ));
+    }
+    match &summary.features {
+        Some((_, names)) if names.iter().any(|n| n == "VERSION_1") => {}
+        other => problems.push(format!("negotiated features without VERSION_1: {other:?}")),
+    }
+    if m.udp.received != 8 || m.udp.received > m.udp.sent {
+        problems.push(format!("{} of 8 UDP echoes exact", m.udp.received));
+    }
+    if m.tcp.bytes != 1 << 20 {
+        problems.push(format!("TCP echoed {} bytes, expected 1 MiB", m.tcp.bytes));
+    }
+    match summary.rtt() {
+        Some(rtt)
+            if rtt.count as u64 == ROUND_TRIPS && rtt.min <= rtt.p50 && rtt.p99 <= rtt.max => {}
+        other => problems.push(format!(
+            "RTT summary {other:?} for {ROUND_TRIPS} round trips"
+        )),
+    }
+    if m.counter_delta("udp_echoed") < Some(ROUND_TRIPS) {
+        problems.push(format!(
+            "udp_echoed grew by {:?} over {ROUND_TRIPS} round trips",
+            m.counter_delta("udp_echoed")
+        ));
+    }
+    for key in ["kicks", "interrupts"] {
+        if m.per_echoed_packet(key).is_none() {
+            problems.push(format!("no {key} per packet from the stats lines"));
+        }
+    }
+    if summary.exit != GuestExit::QemuStatus(0) {
+        problems.push(format!("QEMU ended with {} after quit", summary.exit));
+    }
+    for field in [
+        "mode:",
+        "features:",
+        "p50",
+        "p90",
+        "p99",
+        "kicks",
+        "interrupts",
+        "per packet",
+    ] {
+        if !printed.contains(field) {
+            problems.push(format!("the printed summary lacks {field:?}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "the demo passed but its summary is wrong: {problems:#?}\n{printed}"
+    );
+    Ok(())
+}
+
+/// A missing kernel is reported as such (no QEMU is started).
+#[test]
+fn demo_names_a_missing_kernel() {
+    let missing = Path::new(env!("CARGO_BIN_EXE_vireo")).with_file_name("no-such-vireo-kernel");
+    let config = DemoConfig::parse(demo_args(&["--kernel", &missing.to_string_lossy()]))
+        .unwrap_or_else(|usage| panic!("the demo rejected its arguments: {usage}"));
+    match run_demo(&config) {
+        Err(error @ DemoError::Build(_)) => {
+            let text = error.to_string();
+            println!("{text}");
+            assert!(
+                text.contains("no-such-vireo-kernel") && text.contains("does not exist"),
+                "the error does not name the missing kernel: {text}"
+            );
+        }
+        Err(DemoError::NoQemu(error)) => xtask::skip_or_fail_in_ci(&error.to_string()),
+        Err(other) => panic!("expected a kernel error, got: {other}"),
+        Ok(summary) => panic!("the demo ran on a missing kernel:\n{summary}"),
+    }
+}
