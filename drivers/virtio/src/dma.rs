@@ -578,6 +578,7 @@ pub(crate) mod host {
     pub(crate) struct HostDma {
         live: RefCell<BTreeMap<u64, usize>>,
         fail_after: Cell<Option<usize>>,
+        delayed_us: Cell<u64>,
     }
 
     impl HostDma {
@@ -588,6 +589,11 @@ pub(crate) mod host {
         /// Makes every allocation after the next `count` fail.
         pub(crate) fn fail_after(&self, count: usize) {
             self.fail_after.set(Some(count));
+        }
+
+        /// Total busy-wait requested through `spin_delay_us`, in microseconds.
+        pub(crate) fn delayed_us(&self) -> u64 {
+            self.delayed_us.get()
         }
 
         /// Number of allocations not yet freed.
@@ -738,7 +744,10 @@ pub(crate) mod host {
             Err(HalError::MapFailed { phys, len })
         }
 
-        fn spin_delay_us(&self, _micros: u32) {}
+        fn spin_delay_us(&self, micros: u32) {
+            self.delayed_us
+                .set(self.delayed_us.get() + u64::from(micros));
+        }
     }
 
     // SAFETY: `dma_alloc` returns fresh zeroed, page-aligned `alloc_zeroed` memory of

@@ -290,8 +290,9 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         device.reset()?;
         let offered = device.transport_mut().read_device_features();
         let mut wanted = DRIVER_FEATURES & options.allowed_features;
-        // MQ needs the control queue to set the number of pairs (§5.1.3.1).
-        if !has(offered, net_feature::CTRL_VQ) {
+        // MQ needs the control queue to set the number of pairs (§5.1.3.1): drop it when
+        // CTRL_VQ will not be negotiated, whether the device or the caller ruled it out.
+        if !has(offered & wanted, net_feature::CTRL_VQ) {
             wanted &= !(feature::bit(net_feature::MQ) | feature::bit(net_feature::CTRL_VQ));
         }
         let features = device.begin(wanted)?;
@@ -525,7 +526,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                 });
             }
             self.hal.spin_delay_us(10);
-            waited += 10;
+            waited = waited.saturating_add(10);
         }
     }
 
@@ -770,7 +771,9 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         fill: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<Option<R>, NetError> {
         self.reclaim_tx()?;
-        if length == 0 || NET_HEADER_LEN + length > self.buffer_len {
+        // §5.1.4.1: no frame larger than the MTU plus the Ethernet header (the buffers are
+        // larger, so their size alone is not the limit).
+        if length == 0 || length > self.max_frame() || NET_HEADER_LEN + length > self.buffer_len {
             self.stats.tx_oversize += 1;
             return Ok(None);
         }
@@ -913,7 +916,12 @@ pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
     if field + 2 > frame.len() || start >= frame.len() {
         return false;
     }
-    let checksum = !fold(sum_words(&frame[start..], 0));
+    // A computed 0 goes out as 0xffff, its ones'-complement equal: for UDP a 0 field means
+    // "no checksum" (RFC 768); Linux does the same (CSUM_MANGLED_0).
+    let checksum = match !fold(sum_words(&frame[start..], 0)) {
+        0 => 0xffff,
+        checksum => checksum,
+    };
     frame[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
     true
 }
@@ -973,3 +981,6 @@ impl<H: DmaHal + Clone, T: Transport> fmt::Debug for VirtioNet<H, T> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -21,7 +21,7 @@ use crate::dma::host::HostDma;
 
 /// One buffer the device took off the available side.
 #[derive(Clone, Debug)]
-pub(super) struct Chain {
+pub(crate) struct Chain {
     /// Split: head descriptor index; packed: buffer id.
     pub id: u16,
     /// Ring descriptors the chain occupied (1 for an indirect buffer).
@@ -51,7 +51,7 @@ impl Chain {
 
 /// What the device did with one buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Completion {
+pub(crate) struct Completion {
     /// Bus address of the buffer's first element.
     pub first_phys: u64,
     /// Bytes written (the used `len`).
@@ -65,12 +65,12 @@ pub(super) struct Completion {
 }
 
 /// The byte the device writes at bus address `phys` of a writable element.
-pub(super) fn pattern(phys: u64) -> u8 {
+pub(crate) fn pattern(phys: u64) -> u8 {
     ((phys >> 3) ^ (phys >> 11) ^ 0x5a) as u8
 }
 
 /// FNV-1a, continued from `hash`.
-pub(super) fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+pub(crate) fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
     for &byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -79,11 +79,11 @@ pub(super) fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
 }
 
 /// FNV-1a offset basis.
-pub(super) const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// The device's request about available-buffer notifications (kicks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum KickRequest {
+pub(crate) enum KickRequest {
     /// Notify after every add (flags 0 / RING_EVENT_FLAGS_ENABLE; no EVENT_IDX only for
     /// split).
     Always,
@@ -94,10 +94,10 @@ pub(super) enum KickRequest {
     At(u64),
 }
 
-pub(super) type FakeResult<T> = Result<T, String>;
+pub(crate) type FakeResult<T> = Result<T, String>;
 
 /// The fake device of one queue.
-pub(super) struct FakeDevice<'a> {
+pub(crate) struct FakeDevice<'a> {
     dma: &'a HostDma,
     features: QueueFeatures,
     size: u16,
@@ -435,7 +435,35 @@ impl<'a> FakeDevice<'a> {
     /// with the given lengths (clamped to each buffer's capacity), writes the used entries,
     /// publishes them, and sends a used-buffer notification if the driver asked for one.
     pub fn complete(&mut self, picks: &[(usize, u32)]) -> FakeResult<Vec<Completion>> {
-        let mut indices: Vec<usize> = picks.iter().map(|&(index, _)| index).collect();
+        let picks: Vec<(usize, u32, Option<&[u8]>)> = picks
+            .iter()
+            .map(|&(index, len)| (index, len, None))
+            .collect();
+        self.complete_picks(&picks)
+    }
+
+    /// Like [`Self::complete`], but writes `data` (instead of the pattern) into each buffer's
+    /// writable elements, in order, with the used `len` set to the bytes written (clamped to
+    /// the capacity), as a device returning real payload (a received frame) does.
+    pub fn complete_with(&mut self, picks: &[(usize, &[u8])]) -> FakeResult<Vec<Completion>> {
+        let picks: Vec<(usize, u32, Option<&[u8]>)> = picks
+            .iter()
+            .map(|&(index, data)| {
+                (
+                    index,
+                    u32::try_from(data.len()).unwrap_or(u32::MAX),
+                    Some(data),
+                )
+            })
+            .collect();
+        self.complete_picks(&picks)
+    }
+
+    fn complete_picks(
+        &mut self,
+        picks: &[(usize, u32, Option<&[u8]>)],
+    ) -> FakeResult<Vec<Completion>> {
+        let mut indices: Vec<usize> = picks.iter().map(|&(index, _, _)| index).collect();
         indices.sort_unstable();
         indices.dedup();
         if indices.len() != picks.len() || indices.last().is_some_and(|&i| i >= self.popped.len()) {
@@ -443,16 +471,16 @@ impl<'a> FakeDevice<'a> {
         }
         let chains: Vec<Chain> = picks
             .iter()
-            .map(|&(index, _)| self.popped[index].clone())
+            .map(|&(index, _, _)| self.popped[index].clone())
             .collect();
         for &index in indices.iter().rev() {
             self.popped.remove(index);
         }
         let old_used = self.used_linear;
         let mut done = Vec::new();
-        for (chain, &(_, wanted)) in chains.iter().zip(picks) {
+        for (chain, &(_, wanted, data)) in chains.iter().zip(picks) {
             let len = wanted.min(chain.capacity());
-            done.push(self.use_buffer(chain, len)?);
+            done.push(self.use_buffer(chain, len, data)?);
             self.held.remove(&chain.id);
         }
         if self.split() {
@@ -464,9 +492,14 @@ impl<'a> FakeDevice<'a> {
         Ok(done)
     }
 
-    /// Writes `len` bytes of the pattern into the writable elements, hashes the readable ones,
-    /// and writes the used entry (split: not yet `used.idx`).
-    fn use_buffer(&mut self, chain: &Chain, len: u32) -> FakeResult<Completion> {
+    /// Writes `len` bytes of the pattern (or of `data`) into the writable elements, hashes the
+    /// readable ones, and writes the used entry (split: not yet `used.idx`).
+    fn use_buffer(
+        &mut self,
+        chain: &Chain,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> FakeResult<Completion> {
         let mut hash = FNV_START;
         for &(phys, elen) in &chain.readable {
             let mut bytes = vec![0; elen as usize];
@@ -476,9 +509,14 @@ impl<'a> FakeDevice<'a> {
             hash = fnv(hash, &bytes);
         }
         let mut left = len;
+        let mut written = 0usize;
         for &(phys, elen) in &chain.writable {
             let count = left.min(elen);
-            let bytes: Vec<u8> = (0..u64::from(count)).map(|k| pattern(phys + k)).collect();
+            let bytes: Vec<u8> = match data {
+                Some(data) => data[written..written + count as usize].to_vec(),
+                None => (0..u64::from(count)).map(|k| pattern(phys + k)).collect(),
+            };
+            written += count as usize;
             self.dma
                 .write(phys, &bytes)
                 .map_err(|f| format!("fake device: {f:?}"))?;

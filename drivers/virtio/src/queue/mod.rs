@@ -34,7 +34,7 @@ mod packed;
 mod split;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

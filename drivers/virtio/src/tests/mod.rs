@@ -4,7 +4,7 @@
 
 mod config;
 mod discovery;
-mod fake;
+pub(crate) mod fake;
 mod init;
 mod queues;
 
