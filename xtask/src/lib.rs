@@ -20,6 +20,7 @@
 //! }
 //! ```
 
+pub mod bench;
 pub mod client;
 mod command;
 mod demo;

@@ -51,6 +51,10 @@ Commands:
         check: create a namespace with a tap, ping the host side from inside, run UDP and
         ICMP echo over the tap against a userspace reflector, remove it (root).
         list: the vireo-* namespaces; sweep: remove those whose creator is gone.
+  bench [--quick] [OPTIONS]   (root)
+        Latency benchmark over a tap in a private namespace: Vireo in each mode, a Linux
+        guest peer and the floors (loopback, tap reflector). Writes bench.md, bench.json
+        and bench-cdf.svg to bench-results/. `cargo xtask bench --help` lists the options.
 
 Environment:
   VIREO_QEMU   QEMU binary to use (default: qemu-system-x86_64 on PATH)
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(args),
         Some("client") => client(args),
         Some("netns") => netns(args),
+        Some("bench") => bench(args),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(0)
@@ -520,4 +525,20 @@ fn netns(args: Vec<OsString>) -> Result<i32, CliError> {
             "netns: unknown action {other:?} (check, list or sweep)"
         ))),
     }
+}
+
+/// `cargo xtask bench`: the latency benchmark ([`xtask::bench`]).
+fn bench(args: Vec<OsString>) -> Result<i32, CliError> {
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|bad| CliError::Usage(format!("argument {bad:?} is not UTF-8")))
+        })
+        .collect::<Result<_, _>>()?;
+    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+        println!("Usage: cargo xtask\n{}", xtask::bench::USAGE);
+        return Ok(0);
+    }
+    Ok(xtask::bench::main(&args))
 }

@@ -1,0 +1,485 @@
+//! The Linux guest peer: Debian's kernel (`linux-image-amd64`) booted with a busybox initramfs
+//! that this module builds. Its `/init` loads the virtio-net modules (with their dependencies
+//! from `modules.dep`, decompressed here because busybox `insmod` may not read `.ko.xz`),
+//! configures 10.0.2.15/24 on eth0, prints the negotiated features and runs a small static UDP
+//! echo server (`linux_echo.rs`, compiled here with `-C target-feature=+crt-static`), which also
+//! answers a stats line on UDP 7007.
+//!
+//! Missing Debian packages are installed with apt-get when running as root (announced first).
+//! Anything that cannot be done comes back as an error string that the benchmark reports in its
+//! output and JSON.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::{QemuCommand, find_on_path, is_root, log};
+
+/// The serial line the guest's echo server prints once it serves.
+pub const READY_MARKER: &str = "linux-echo: ready";
+/// The serial line that carries eth0's negotiated virtio feature bits.
+pub const FEATURES_MARKER: &str = "linux-echo: features";
+/// The Debian packages the Linux guest needs.
+pub const PACKAGES: [&str; 2] = ["linux-image-amd64", "busybox-static"];
+/// The modules `/init` loads (with their dependencies).
+const WANTED_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+/// The Linux guest's kernel command line.
+pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off";
+
+/// A bootable Linux guest.
+#[derive(Clone, Debug)]
+pub struct LinuxImage {
+    /// The kernel release (e.g. `6.1.0-56-amd64`).
+    pub version: String,
+    /// `/boot/vmlinuz-<version>`.
+    pub vmlinuz: PathBuf,
+    /// The initramfs built for the benchmark.
+    pub initramfs: PathBuf,
+    /// The modules `/init` loads, in order.
+    pub modules: Vec<String>,
+}
+
+impl LinuxImage {
+    /// The guest's QEMU command: `base` (built for this image's `vmlinuz` by the same code path
+    /// as Vireo's, so that machine, memory, NIC and netdev are identical) with the initramfs and
+    /// [`CMDLINE`].
+    pub fn command(&self, base: QemuCommand) -> QemuCommand {
+        base.append(CMDLINE).arg("-initrd").arg(&self.initramfs)
+    }
+}
+
+/// Finds (installing when needed and allowed) the kernel and busybox, and builds the initramfs
+/// under `out_dir/linux-guest/`.
+pub fn prepare(out_dir: &Path) -> Result<LinuxImage, String> {
+    let mut found = find_parts();
+    if let Err(missing) = &found {
+        if !is_root() {
+            return Err(format!(
+                "{missing}; install them with `sudo apt-get install -y {}` (the benchmark \
+                 installs them itself only when it runs as root)",
+                PACKAGES.join(" ")
+            ));
+        }
+        if find_on_path(Path::new("apt-get")).is_none() {
+            return Err(format!(
+                "{missing}, and there is no apt-get to install them with"
+            ));
+        }
+        log(&format!(
+            "bench: {missing}; running as root, so installing them now: apt-get update && \
+             apt-get install -y --no-install-recommends {}",
+            PACKAGES.join(" ")
+        ));
+        install()?;
+        found = find_parts();
+    }
+    let (version, vmlinuz, busybox) = found?;
+    let modules_dir = PathBuf::from("/lib/modules").join(&version);
+    let order = module_load_order(&modules_dir, &WANTED_MODULES)?;
+    let stage = out_dir.join("linux-guest");
+    std::fs::create_dir_all(&stage).map_err(|e| format!("creating {}: {e}", stage.display()))?;
+    let echo_server = build_echo_server(&stage)?;
+    let mut archive = Cpio::default();
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+        archive.directory(dir);
+    }
+    archive.char_device("dev/console", 5, 1);
+    archive.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read(&busybox).map_err(|e| format!("reading {}: {e}", busybox.display()))?,
+    );
+    archive.file(
+        "bin/echo-server",
+        0o755,
+        &std::fs::read(&echo_server)
+            .map_err(|e| format!("reading {}: {e}", echo_server.display()))?,
+    );
+    let mut names = Vec::new();
+    for (name, path) in &order {
+        let bytes = decompress(path)?;
+        archive.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes);
+        names.push(name.clone());
+    }
+    archive.file("init", 0o755, init_script(&names).as_bytes());
+    let initramfs = stage.join("initramfs.cpio");
+    std::fs::write(&initramfs, archive.finish())
+        .map_err(|e| format!("writing {}: {e}", initramfs.display()))?;
+    log(&format!(
+        "bench: Linux guest: kernel {}, busybox {}, modules {names:?}, initramfs {}",
+        vmlinuz.display(),
+        busybox.display(),
+        initramfs.display()
+    ));
+    Ok(LinuxImage {
+        version,
+        vmlinuz,
+        initramfs,
+        modules: names,
+    })
+}
+
+/// The newest kernel with both `/boot/vmlinuz-V` and `/lib/modules/V`, and a static busybox.
+fn find_parts() -> Result<(String, PathBuf, PathBuf), String> {
+    let mut versions: Vec<String> = std::fs::read_dir("/lib/modules")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|v| Path::new(&format!("/boot/vmlinuz-{v}")).is_file())
+                .filter(|v| Path::new(&format!("/lib/modules/{v}/modules.dep")).is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    let kernel = versions.pop();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file() && is_static_elf(p));
+    match (kernel, busybox) {
+        (Some(version), Some(busybox)) => {
+            let vmlinuz = PathBuf::from(format!("/boot/vmlinuz-{version}"));
+            Ok((version, vmlinuz, busybox))
+        }
+        (kernel, busybox) => {
+            let mut missing = Vec::new();
+            if kernel.is_none() {
+                missing.push("no Linux kernel with modules (/boot/vmlinuz-V and /lib/modules/V)");
+            }
+            if busybox.is_none() {
+                missing.push("no statically linked busybox (/bin/busybox)");
+            }
+            Err(missing.join(" and "))
+        }
+    }
+}
+
+fn install() -> Result<(), String> {
+    let steps: [Vec<&str>; 2] = [
+        vec!["update"],
+        [
+            vec!["install", "-y", "--no-install-recommends"],
+            PACKAGES.to_vec(),
+        ]
+        .concat(),
+    ];
+    for args in steps {
+        let status = Command::new("apt-get")
+            .args(&args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| format!("running apt-get {}: {e}", args.join(" ")))?;
+        if !status.success() {
+            return Err(format!("`apt-get {}` failed ({status})", args.join(" ")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the ELF file at `path` has no program interpreter (statically linked).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+        return false;
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize;
+    let mut phoff_bytes = [0u8; 8];
+    phoff_bytes.copy_from_slice(&bytes[32..40]);
+    let phoff = u64::from_le_bytes(phoff_bytes) as usize;
+    let (entry_size, count) = (u16_at(54), u16_at(56));
+    (0..count).all(|i| {
+        let at = phoff + i * entry_size;
+        at + 4 <= bytes.len()
+            && u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) != 3
+    })
+}
+
+/// A module's name from its path: `kernel/drivers/net/virtio_net.ko.xz` -> `virtio_net`.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// The modules to load for `wanted`, dependencies first, from `modules.dep` (built-in ones, in
+/// `modules.builtin`, are skipped). Returns (name, path).
+pub fn module_load_order(
+    modules_dir: &Path,
+    wanted: &[&str],
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let dep_file = modules_dir.join("modules.dep");
+    let text = std::fs::read_to_string(&dep_file)
+        .map_err(|e| format!("reading {}: {e}", dep_file.display()))?;
+    let builtin: BTreeSet<String> = std::fs::read_to_string(modules_dir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .map(module_name)
+        .collect();
+    let graph = parse_modules_dep(&text);
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    fn visit(
+        name: &str,
+        graph: &BTreeMap<String, (String, Vec<String>)>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<(String, String)>,
+    ) {
+        if !seen.insert(name.to_string()) {
+            return;
+        }
+        if let Some((path, deps)) = graph.get(name) {
+            for dep in deps {
+                visit(dep, graph, seen, order);
+            }
+            order.push((name.to_string(), path.clone()));
+        }
+    }
+    for name in wanted {
+        if graph.contains_key(*name) {
+            visit(name, &graph, &mut seen, &mut order);
+        } else if !builtin.contains(*name) {
+            return Err(format!(
+                "module {name} is neither in {} nor built in",
+                dep_file.display()
+            ));
+        }
+    }
+    Ok(order
+        .into_iter()
+        .map(|(name, path)| (name, modules_dir.join(path)))
+        .collect())
+}
+
+/// Parses `modules.dep`: `path: dep-path dep-path ...` into name -> (path, dependency names).
+pub fn parse_modules_dep(text: &str) -> BTreeMap<String, (String, Vec<String>)> {
+    text.lines()
+        .filter_map(|line| {
+            let (path, deps) = line.split_once(':')?;
+            let deps = deps.split_whitespace().map(module_name).collect();
+            Some((module_name(path), (path.trim().to_string(), deps)))
+        })
+        .collect()
+}
+
+fn decompress(path: &Path) -> Result<Vec<u8>, String> {
+    let name = path.to_string_lossy();
+    let tool: Option<(&str, &[&str])> = if name.ends_with(".xz") {
+        Some(("xz", &["-dc"]))
+    } else if name.ends_with(".zst") {
+        Some(("zstd", &["-dcq"]))
+    } else if name.ends_with(".gz") {
+        Some(("gzip", &["-dc"]))
+    } else {
+        None
+    };
+    match tool {
+        None => std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display())),
+        Some((program, args)) => {
+            let output = Command::new(program)
+                .args(args)
+                .arg(path)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("decompressing {} with {program}: {e}", path.display()))?;
+            if output.status.success() {
+                Ok(output.stdout)
+            } else {
+                Err(format!(
+                    "`{program} {} {}` failed: {}",
+                    args.join(" "),
+                    path.display(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
+            }
+        }
+    }
+}
+
+/// Compiles `linux_echo.rs` into a static x86_64 Linux binary in `stage`.
+fn build_echo_server(stage: &Path) -> Result<PathBuf, String> {
+    let source = stage.join("linux_echo.rs");
+    std::fs::write(&source, include_str!("linux_echo.rs"))
+        .map_err(|e| format!("writing {}: {e}", source.display()))?;
+    let binary = stage.join("echo-server");
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let output = Command::new(&rustc)
+        .current_dir(crate::workspace_root())
+        .args([
+            "--edition",
+            "2021",
+            "--crate-name",
+            "linux_echo",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "target-feature=+crt-static",
+            "-o",
+        ])
+        .arg(&binary)
+        .arg(&source)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running rustc to build the Linux guest's echo server: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the Linux guest's static echo server failed (rustc with \
+             -C target-feature=+crt-static needs glibc's static libraries, Debian package \
+             libc6-dev): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    if !is_static_elf(&binary) {
+        return Err(format!(
+            "{} is not statically linked; it would not run in the busybox initramfs",
+            binary.display()
+        ));
+    }
+    Ok(binary)
+}
+
+/// The initramfs's `/init`.
+pub fn init_script(modules: &[String]) -> String {
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "linux-echo: init on Linux $(uname -r)"
+for m in {modules}; do
+    insmod /lib/modules/$m.ko || echo "linux-echo: insmod $m failed"
+done
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 400 ]; do usleep 25000; i=$((i+1)); done
+if [ ! -e /sys/class/net/eth0 ]; then echo "linux-echo: FAILED: no eth0"; exit 1; fi
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+echo "linux-echo: features $(cat /sys/class/net/eth0/device/features) driver $(basename $(readlink /sys/class/net/eth0/device/driver))"
+exec /bin/echo-server
+"#,
+        modules = modules.join(" ")
+    )
+}
+
+/// A `newc` cpio archive (what the kernel unpacks as an initramfs), built in memory.
+#[derive(Default)]
+pub struct Cpio {
+    bytes: Vec<u8>,
+    inode: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.inode += 1;
+        let fields = [
+            self.inode,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.bytes.extend_from_slice(b"070701");
+        for field in fields {
+            self.bytes
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.bytes.len().is_multiple_of(4) {
+            self.bytes.push(0);
+        }
+    }
+
+    /// Adds a directory.
+    pub fn directory(&mut self, name: &str) {
+        self.entry(name, 0o040_755, (0, 0), &[]);
+    }
+
+    /// Adds a regular file.
+    pub fn file(&mut self, name: &str, permissions: u32, data: &[u8]) {
+        self.entry(name, 0o100_000 | permissions, (0, 0), data);
+    }
+
+    /// Adds a character device node.
+    pub fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, 0o020_600, (major, minor), &[]);
+    }
+
+    /// Ends the archive and returns its bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        // The kernel reads the archive in 512-byte blocks.
+        while !self.bytes.len().is_multiple_of(512) {
+            self.bytes.push(0);
+        }
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_module_dependencies_first() {
+        let dep = "kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz\n\
+                   kernel/drivers/net/net_failover.ko.xz: kernel/net/core/failover.ko.xz\n\
+                   kernel/net/core/failover.ko.xz:\n\
+                   kernel/drivers/virtio/virtio_pci.ko.xz: kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz kernel/drivers/virtio/virtio_ring.ko.xz kernel/drivers/virtio/virtio.ko.xz\n\
+                   kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz:\n\
+                   kernel/drivers/virtio/virtio_ring.ko.xz: kernel/drivers/virtio/virtio.ko.xz\n\
+                   kernel/drivers/virtio/virtio.ko.xz:\n";
+        let dir = std::env::temp_dir().join(format!("vireo-modules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("modules.dep"), dep).expect("write");
+        let order: Vec<String> = module_load_order(&dir, &["virtio_pci", "virtio_net"])
+            .expect("order")
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        let position = |name: &str| order.iter().position(|n| n == name).expect(name);
+        assert!(position("virtio") < position("virtio_ring"));
+        assert!(position("virtio_ring") < position("virtio_pci"));
+        assert!(position("virtio_pci_modern_dev") < position("virtio_pci"));
+        assert!(position("failover") < position("net_failover"));
+        assert!(position("net_failover") < position("virtio_net"));
+        assert_eq!(order.len(), 7);
+    }
+
+    #[test]
+    fn cpio_is_newc_and_block_aligned() {
+        let mut archive = Cpio::default();
+        archive.directory("bin");
+        archive.file("init", 0o755, b"#!/bin/sh\n");
+        let bytes = archive.finish();
+        assert!(bytes.starts_with(b"070701"));
+        assert_eq!(bytes.len() % 512, 0);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("TRAILER!!!"));
+        assert!(text.contains("#!/bin/sh"));
+    }
+}

@@ -1,0 +1,181 @@
+//! The raw environment of a run, recorded in the JSON next to the figures: the host CPU, cores,
+//! kernel, load, QEMU, the accelerator and the toolchain.
+
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::host::{AccelChoice, Qemu};
+
+/// What the benchmark ran on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Environment {
+    /// `model name` of the first CPU in `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// Logical CPUs the OS lists in `/proc/cpuinfo`.
+    pub cpus: usize,
+    /// CPUs this process may run on.
+    pub cpus_available: usize,
+    /// Whether `/proc/cpuinfo` lists `vmx` or `svm`.
+    pub cpu_virtualisation_flag: Option<String>,
+    /// `/proc/sys/kernel/osrelease`.
+    pub kernel_release: String,
+    /// `/proc/version`.
+    pub kernel_version: String,
+    /// `PRETTY_NAME` from `/etc/os-release`.
+    pub os: String,
+    /// Total RAM from `/proc/meminfo`, in MiB.
+    pub memory_mib: u64,
+    /// `/proc/loadavg` when the run started.
+    pub load_average_at_start: String,
+    /// Other QEMU processes running when the run started (they share the cores).
+    pub other_qemu_processes_at_start: usize,
+    /// The QEMU binary.
+    pub qemu_path: String,
+    /// Its `--version` line.
+    pub qemu_version: String,
+    /// The accelerator (`tcg` or `kvm`).
+    pub accelerator: String,
+    /// Why that accelerator was chosen.
+    pub accelerator_reason: String,
+    /// `rustc --version` (the client and the kernel are built with it).
+    pub rustc: String,
+    /// The project's commit (`git rev-parse HEAD`), with `-dirty` when the tree has changes.
+    pub git_commit: String,
+}
+
+impl Environment {
+    /// Reads the environment now.
+    pub fn capture(qemu: &Qemu, accel: &AccelChoice) -> Environment {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == "model name").then(|| value.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".to_string());
+        let cpus = cpuinfo
+            .lines()
+            .filter(|line| line.split(':').next().map(str::trim) == Some("processor"))
+            .count();
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|text| text.trim().to_string())
+                .unwrap_or_else(|_| "unknown".to_string())
+        };
+        let os = std::fs::read_to_string("/etc/os-release")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix("PRETTY_NAME="))
+            .map(|value| value.trim_matches('"').to_string())
+            .unwrap_or_else(|| "unknown".to_string());
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kib| kib / 1024)
+            .unwrap_or(0);
+        Environment {
+            cpu_model,
+            cpus,
+            cpus_available: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_virtualisation_flag: crate::host::cpu_virt_flag(&cpuinfo).map(str::to_string),
+            kernel_release: read("/proc/sys/kernel/osrelease"),
+            kernel_version: read("/proc/version"),
+            os,
+            memory_mib,
+            load_average_at_start: read("/proc/loadavg"),
+            other_qemu_processes_at_start: count_qemu_processes(),
+            qemu_path: qemu.path.display().to_string(),
+            qemu_version: qemu.version_line.clone(),
+            accelerator: accel.accel.as_str().to_string(),
+            accelerator_reason: accel.reason.clone(),
+            rustc: command_output("rustc", &["--version"]),
+            git_commit: git_commit(),
+        }
+    }
+}
+
+/// QEMU processes running now (`/proc/*/comm` starting with `qemu-system`).
+pub fn count_qemu_processes() -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("qemu-system"))
+        })
+        .count()
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .current_dir(crate::workspace_root())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn git_commit() -> String {
+    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"]);
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(crate::workspace_root())
+        .output()
+        .map(|output| !output.stdout.is_empty())
+        .unwrap_or(false);
+    if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    }
+}
+
+/// Formats a Unix time as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn utc_timestamp(unix_seconds: u64) -> String {
+    let days = (unix_seconds / 86_400) as i64;
+    let seconds = unix_seconds % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}

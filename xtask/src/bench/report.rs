@@ -1,0 +1,898 @@
+//! The benchmark's results: the data model (serialised to JSON as it is), the derived figures
+//! (guest overhead over the tap-reflector floor, ratios against the Linux guest, the issue's
+//! targets), the Markdown tables and the SVG latency CDF.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::machine::Environment;
+use super::measure::{ClientForm, PingPong, Throughput};
+use crate::client::RttSummary;
+
+/// Identifier of the tap-reflector floor's system.
+pub const TAP_FLOOR: &str = "floor-tap-reflector";
+/// Identifier of the tap-reflector floor with the reflector on the other CPU.
+pub const TAP_FLOOR_CROSS_CPU: &str = "floor-tap-reflector-other-cpu";
+/// Identifier of the loopback floor's system.
+pub const LOOPBACK_FLOOR: &str = "floor-loopback";
+/// Identifier of the Linux guest.
+pub const LINUX: &str = "linux";
+
+/// Everything one run measured, as written to `bench.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Version of this layout.
+    pub schema: u32,
+    /// `cargo xtask bench` or `cargo xtask bench --quick`.
+    pub command: String,
+    /// Whether this was the short smoke run.
+    pub quick: bool,
+    /// When the run started (UTC).
+    pub started_utc: String,
+    /// Wall time of the whole run, in seconds.
+    pub wall_time_s: f64,
+    /// The host, QEMU and accelerator.
+    pub environment: Environment,
+    /// What the run was asked to measure.
+    pub settings: Settings,
+    /// One entry per system (Vireo per mode, the Linux guest, the floors).
+    pub systems: Vec<SystemResult>,
+    /// Systems or figures that were asked for and could not be measured, with the reason.
+    pub not_measured: Vec<NotMeasured>,
+    /// The issue's targets, checked against this run's figures.
+    pub targets: Vec<TargetCheck>,
+}
+
+/// The run's parameters.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// Measured UDP round trips per (system, size, client form).
+    pub udp_samples: u64,
+    /// Round trips discarded before measuring.
+    pub warmup: u64,
+    /// UDP payload sizes.
+    pub sizes: Vec<usize>,
+    /// Client forms.
+    pub client_forms: Vec<ClientForm>,
+    /// Vireo's modes.
+    pub modes: Vec<String>,
+    /// Measured ICMP round trips per system.
+    pub icmp_samples: u64,
+    /// ICMP payload size.
+    pub icmp_size: usize,
+    /// Datagrams in flight in the throughput run.
+    pub throughput_window: u32,
+    /// Payload of the throughput run.
+    pub throughput_size: usize,
+    /// Length of each throughput run, in seconds.
+    pub throughput_seconds: f64,
+    /// Boots per guest configuration for boot-to-first-echo.
+    pub boots: u32,
+    /// Interval of the boot probes, in milliseconds.
+    pub boot_probe_interval_ms: f64,
+    /// QEMU machine, memory and vCPUs (identical for every guest).
+    pub machine: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub smp: u32,
+    /// The `-netdev` spec.
+    pub netdev: String,
+    /// The `-device` spec of the NIC.
+    pub nic: String,
+    /// The guest's address and the host side of the tap.
+    pub addressing: String,
+    /// How the namespace is torn down.
+    pub teardown: String,
+}
+
+/// What kind of system a row is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SystemKind {
+    /// The Vireo unikernel.
+    Vireo,
+    /// The Linux guest peer.
+    Linux,
+    /// A floor with no VM.
+    Floor,
+}
+
+/// One system's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct SystemResult {
+    /// Stable identifier (`vireo-poll`, `linux`, `floor-tap-reflector`, ...).
+    pub id: String,
+    /// Human label for tables and the plot.
+    pub label: String,
+    /// Vireo, Linux or a floor.
+    pub kind: SystemKind,
+    /// Every QEMU command line run for it, shell-quoted.
+    pub qemu_command_lines: Vec<String>,
+    /// The guest's negotiated virtio-net features, from its serial log.
+    pub negotiated_features: Option<String>,
+    /// The guest's `ready` line.
+    pub ready_line: Option<String>,
+    /// Boot-to-first-echo.
+    pub boot: Option<BootResult>,
+    /// UDP ping-pong runs.
+    pub udp: Vec<RttRun>,
+    /// ICMP ping-pong.
+    pub icmp: Option<RttRun>,
+    /// Windowed echo throughput.
+    pub throughput: Option<ThroughputRun>,
+    /// Remarks (e.g. what a floor stands for).
+    pub notes: Vec<String>,
+}
+
+impl SystemResult {
+    /// An empty result.
+    pub fn new(id: &str, label: &str, kind: SystemKind) -> SystemResult {
+        SystemResult {
+            id: id.to_string(),
+            label: label.to_string(),
+            kind,
+            qemu_command_lines: Vec::new(),
+            negotiated_features: None,
+            ready_line: None,
+            boot: None,
+            udp: Vec::new(),
+            icmp: None,
+            throughput: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// The UDP run at `size` in `form`.
+    pub fn udp_run(&self, size: usize, form: ClientForm) -> Option<&RttRun> {
+        self.udp
+            .iter()
+            .find(|run| run.size == size && run.form == Some(form))
+    }
+}
+
+/// RTT statistics in microseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RttStats {
+    /// Samples.
+    pub count: usize,
+    /// Fastest.
+    pub min_us: f64,
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Slowest.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+fn us(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+impl RttStats {
+    fn from_summary(summary: &RttSummary) -> RttStats {
+        RttStats {
+            count: summary.count,
+            min_us: us(summary.min),
+            p50_us: us(summary.p50),
+            p90_us: us(summary.p90),
+            p99_us: us(summary.p99),
+            p999_us: us(summary.p999),
+            max_us: us(summary.max),
+            mean_us: us(summary.mean),
+        }
+    }
+}
+
+/// Guest counters over a measurement, from the stats service before and after.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    /// Packets echoed in between (the `udp_echoed` delta; the client's count when absent).
+    pub echoed: u64,
+    /// Every numeric counter's change.
+    pub deltas: BTreeMap<String, i64>,
+    /// Every numeric counter's change per echoed packet.
+    pub per_packet: BTreeMap<String, f64>,
+}
+
+impl Counters {
+    /// Deltas between two stats lines; `fallback_packets` when `udp_echoed` is missing.
+    pub fn between(
+        before: &crate::client::Stats,
+        after: &crate::client::Stats,
+        fallback_packets: u64,
+    ) -> Counters {
+        let mut deltas = BTreeMap::new();
+        for (key, value) in &after.fields {
+            if let (Ok(new), Some(Ok(old))) = (
+                value.parse::<i64>(),
+                before.fields.get(key).map(|old| old.parse::<i64>()),
+            ) {
+                deltas.insert(key.clone(), new - old);
+            }
+        }
+        let echoed = deltas
+            .get("udp_echoed")
+            .map(|&d| d.max(0) as u64)
+            .filter(|&d| d > 0)
+            .unwrap_or(fallback_packets);
+        let per_packet = deltas
+            .iter()
+            .map(|(key, &delta)| (key.clone(), delta as f64 / echoed.max(1) as f64))
+            .collect();
+        Counters {
+            echoed,
+            deltas,
+            per_packet,
+        }
+    }
+
+    /// A per-packet figure.
+    pub fn per(&self, key: &str) -> Option<f64> {
+        self.per_packet.get(key).copied()
+    }
+}
+
+/// One ping-pong run (UDP or ICMP).
+#[derive(Clone, Debug, Serialize)]
+pub struct RttRun {
+    /// `udp` or `icmp`.
+    pub protocol: String,
+    /// Payload bytes.
+    pub size: usize,
+    /// Client form (UDP only; ICMP is always blocking on `poll(2)`).
+    pub form: Option<ClientForm>,
+    /// Percentiles.
+    pub stats: RttStats,
+    /// Requests sent, warm-up and retries included.
+    pub sent: u64,
+    /// Exchanges that timed out and were retried.
+    pub timeouts: u64,
+    /// Late echoes skipped.
+    pub stale: u64,
+    /// Wall time of the measured part, in seconds.
+    pub elapsed_s: f64,
+    /// The latency CDF: the RTT (us) at quantiles 0, 0.001, ..., 1 (1001 points).
+    pub cdf_us: Vec<f64>,
+    /// Guest counters over the run.
+    pub counters: Option<Counters>,
+    /// RTT minus the tap-reflector floor (same size and form): p50, in us.
+    pub overhead_p50_us: Option<f64>,
+    /// RTT minus the tap-reflector floor: p99, in us.
+    pub overhead_p99_us: Option<f64>,
+    /// Linux guest's p50 over this p50 (how many times faster than Linux).
+    pub speedup_vs_linux_p50: Option<f64>,
+    /// This system's p50 overhead over the Linux guest's (target: at most 1/3 for poll).
+    pub overhead_ratio_vs_linux_p50: Option<f64>,
+    /// This system's p99 overhead over the Linux guest's.
+    pub overhead_ratio_vs_linux_p99: Option<f64>,
+}
+
+impl RttRun {
+    /// Builds the run's statistics from raw samples.
+    pub fn from_ping_pong(
+        protocol: &str,
+        size: usize,
+        form: Option<ClientForm>,
+        raw: &PingPong,
+    ) -> Option<RttRun> {
+        let durations: Vec<Duration> = raw
+            .samples_ns
+            .iter()
+            .map(|&ns| Duration::from_nanos(ns))
+            .collect();
+        let summary = RttSummary::from_samples(&durations)?;
+        let mut sorted = raw.samples_ns.clone();
+        sorted.sort_unstable();
+        let cdf_us = (0..=1000)
+            .map(|i| {
+                let index = (i * (sorted.len() - 1)) / 1000;
+                sorted[index] as f64 / 1e3
+            })
+            .collect();
+        Some(RttRun {
+            protocol: protocol.to_string(),
+            size,
+            form,
+            stats: RttStats::from_summary(&summary),
+            sent: raw.sent,
+            timeouts: raw.timeouts,
+            stale: raw.stale,
+            elapsed_s: raw.elapsed.as_secs_f64(),
+            cdf_us,
+            counters: None,
+            overhead_p50_us: None,
+            overhead_p99_us: None,
+            speedup_vs_linux_p50: None,
+            overhead_ratio_vs_linux_p50: None,
+            overhead_ratio_vs_linux_p99: None,
+        })
+    }
+}
+
+/// A throughput run with the guest counters over it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThroughputRun {
+    /// The client's figures.
+    #[serde(flatten)]
+    pub result: Throughput,
+    /// Guest counters over the run.
+    pub counters: Option<Counters>,
+    /// This pps over the Linux guest's.
+    pub vs_linux: Option<f64>,
+}
+
+/// Boot-to-first-echo over one or more boots.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BootResult {
+    /// From QEMU's spawn to the first answered UDP datagram, per boot, in ms.
+    pub first_echo_ms: Vec<f64>,
+    /// From QEMU's spawn to the guest's `ready` serial line, per boot, in ms (when it prints one).
+    pub ready_line_ms: Vec<f64>,
+    /// Median of `first_echo_ms`.
+    pub median_ms: f64,
+    /// Fastest boot.
+    pub min_ms: f64,
+    /// Linux guest's median over this median (how many times faster than Linux).
+    pub speedup_vs_linux: Option<f64>,
+}
+
+impl BootResult {
+    /// Recomputes the median and minimum.
+    pub fn finish(&mut self) {
+        let mut sorted = self.first_echo_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        if !sorted.is_empty() {
+            self.median_ms = sorted[(sorted.len() - 1) / 2];
+            self.min_ms = sorted[0];
+        }
+    }
+}
+
+/// Something asked for that could not be measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct NotMeasured {
+    /// The system or figure.
+    pub what: String,
+    /// Why, in enough detail to act on.
+    pub reason: String,
+}
+
+/// One of the issue's targets against this run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    /// The target as the issue states it.
+    pub target: String,
+    /// The measured figure.
+    pub measured: String,
+    /// `met`, `missed` or `not measured`.
+    pub verdict: String,
+}
+
+/// Fills in the derived figures: overhead over the tap-reflector floor, ratios against Linux.
+pub fn derive(report: &mut Report) {
+    let floor: BTreeMap<(usize, Option<ClientForm>), (f64, f64)> = report
+        .systems
+        .iter()
+        .find(|s| s.id == TAP_FLOOR)
+        .map(|s| {
+            s.udp
+                .iter()
+                .map(|r| ((r.size, r.form), (r.stats.p50_us, r.stats.p99_us)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for system in &mut report.systems {
+        for run in &mut system.udp {
+            if let Some(&(p50, p99)) = floor.get(&(run.size, run.form)) {
+                run.overhead_p50_us = Some(run.stats.p50_us - p50);
+                run.overhead_p99_us = Some(run.stats.p99_us - p99);
+            }
+        }
+    }
+    let Some(linux) = report.systems.iter().find(|s| s.id == LINUX).cloned() else {
+        return;
+    };
+    for system in &mut report.systems {
+        for run in &mut system.udp {
+            if let Some(reference) =
+                linux.udp_run(run.size, run.form.unwrap_or(ClientForm::Blocking))
+            {
+                run.speedup_vs_linux_p50 = Some(reference.stats.p50_us / run.stats.p50_us);
+                if let (Some(mine), Some(theirs)) = (run.overhead_p50_us, reference.overhead_p50_us)
+                {
+                    run.overhead_ratio_vs_linux_p50 = Some(mine / theirs);
+                }
+                if let (Some(mine), Some(theirs)) = (run.overhead_p99_us, reference.overhead_p99_us)
+                {
+                    run.overhead_ratio_vs_linux_p99 = Some(mine / theirs);
+                }
+            }
+        }
+        if let (Some(mine), Some(theirs)) = (&mut system.throughput, &linux.throughput) {
+            mine.vs_linux = Some(mine.result.pps / theirs.result.pps);
+        }
+        if let (Some(mine), Some(theirs)) = (&mut system.boot, &linux.boot)
+            && !mine.first_echo_ms.is_empty()
+            && !theirs.first_echo_ms.is_empty()
+        {
+            mine.speedup_vs_linux = Some(theirs.median_ms / mine.median_ms);
+        }
+    }
+}
+
+fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "–".to_string(),
+    }
+}
+
+fn fmt_ratio(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.2}×"),
+        _ => "–".to_string(),
+    }
+}
+
+fn verdict(ok: Option<bool>) -> String {
+    match ok {
+        Some(true) => "met".to_string(),
+        Some(false) => "missed".to_string(),
+        None => "not measured".to_string(),
+    }
+}
+
+/// Checks the issue's targets against the figures.
+pub fn check_targets(report: &Report) -> Vec<TargetCheck> {
+    let find = |id: &str| report.systems.iter().find(|s| s.id == id);
+    let (poll, adaptive, irq, linux) = (
+        find("vireo-poll"),
+        find("vireo-adaptive"),
+        find("vireo-irq"),
+        find(LINUX),
+    );
+    let mut checks = Vec::new();
+    // 1. Poll-mode guest overhead at most 1/3 of Linux's, p50 and p99, both client forms.
+    for &size in &report.settings.sizes {
+        for &form in &report.settings.client_forms {
+            let run = poll.and_then(|s| s.udp_run(size, form));
+            let ratios =
+                run.map(|r| (r.overhead_ratio_vs_linux_p50, r.overhead_ratio_vs_linux_p99));
+            let (measured, ok) = match ratios {
+                Some((Some(p50), Some(p99))) => (
+                    format!(
+                        "overhead p50 {} us vs Linux {} us ({p50:.2}); p99 {} us vs {} us ({p99:.2})",
+                        fmt_opt(run.and_then(|r| r.overhead_p50_us), 1),
+                        fmt_opt(
+                            linux
+                                .and_then(|l| l.udp_run(size, form))
+                                .and_then(|r| r.overhead_p50_us),
+                            1
+                        ),
+                        fmt_opt(run.and_then(|r| r.overhead_p99_us), 1),
+                        fmt_opt(
+                            linux
+                                .and_then(|l| l.udp_run(size, form))
+                                .and_then(|r| r.overhead_p99_us),
+                            1
+                        ),
+                    ),
+                    Some(p50 <= 1.0 / 3.0 && p99 <= 1.0 / 3.0),
+                ),
+                _ => (
+                    "needs Vireo poll, the Linux guest and the tap floor".to_string(),
+                    None,
+                ),
+            };
+            checks.push(TargetCheck {
+                target: format!(
+                    "poll-mode guest overhead ≤ 1/3 of Linux's at p50 and p99 ({size} B, {} client)",
+                    form.as_str()
+                ),
+                measured,
+                verdict: verdict(ok),
+            });
+        }
+    }
+    // 2a. Adaptive within 10% of poll at load (throughput).
+    let pps =
+        |s: Option<&SystemResult>| s.and_then(|s| s.throughput.as_ref()).map(|t| t.result.pps);
+    let (measured, ok) = match (pps(adaptive), pps(poll)) {
+        (Some(a), Some(p)) => (
+            format!(
+                "adaptive {a:.0} pps vs poll {p:.0} pps ({:+.1}%)",
+                (a / p - 1.0) * 100.0
+            ),
+            Some((a / p - 1.0).abs() <= 0.10),
+        ),
+        _ => ("needs adaptive and poll".to_string(), None),
+    };
+    checks.push(TargetCheck {
+        target: "adaptive within 10% of poll at load (echo pps, window in flight)".to_string(),
+        measured,
+        verdict: verdict(ok),
+    });
+    // 2b. Adaptive below irq when idle (ping-pong: one datagram in flight, blocking client).
+    let size = report.settings.sizes.first().copied().unwrap_or(64);
+    let p50 = |s: Option<&SystemResult>| {
+        s.and_then(|s| s.udp_run(size, ClientForm::Blocking))
+            .map(|r| r.stats.p50_us)
+    };
+    let (measured, ok) = match (p50(adaptive), p50(irq)) {
+        (Some(a), Some(i)) => (
+            format!("ping-pong p50 ({size} B, blocking): adaptive {a:.1} us vs irq {i:.1} us"),
+            Some(a < i),
+        ),
+        _ => ("needs adaptive and irq".to_string(), None),
+    };
+    checks.push(TargetCheck {
+        target: "adaptive below irq when idle (ping-pong RTT, one datagram in flight)".to_string(),
+        measured,
+        verdict: verdict(ok),
+    });
+    // 3. Echo pps at least twice Linux's (each mode).
+    for system in [poll, adaptive, irq].into_iter().flatten() {
+        let ratio = system.throughput.as_ref().and_then(|t| t.vs_linux);
+        checks.push(TargetCheck {
+            target: format!("echo pps ≥ 2× the Linux guest's ({})", system.label),
+            measured: match (pps(Some(system)), pps(linux)) {
+                (Some(a), Some(l)) => format!("{a:.0} pps vs Linux {l:.0} pps ({:.2}×)", a / l),
+                _ => "needs the Linux guest".to_string(),
+            },
+            verdict: verdict(ratio.map(|r| r >= 2.0)),
+        });
+    }
+    // 4. Boot-to-first-echo at least 20 times faster than Linux's.
+    for system in [poll, adaptive, irq].into_iter().flatten() {
+        let boot = system.boot.as_ref();
+        let linux_boot = linux.and_then(|l| l.boot.as_ref());
+        checks.push(TargetCheck {
+            target: format!(
+                "boot-to-first-echo ≥ 20× faster than Linux's ({})",
+                system.label
+            ),
+            measured: match (boot, linux_boot) {
+                (Some(b), Some(l)) if !l.first_echo_ms.is_empty() => format!(
+                    "median {:.0} ms vs Linux {:.0} ms ({:.1}×)",
+                    b.median_ms,
+                    l.median_ms,
+                    l.median_ms / b.median_ms
+                ),
+                _ => "needs the Linux guest".to_string(),
+            },
+            verdict: verdict(boot.and_then(|b| b.speedup_vs_linux).map(|r| r >= 20.0)),
+        });
+    }
+    // 5. Poll mode: zero interrupts per packet, at most one kick per TX batch.
+    if let Some(poll) = poll {
+        let runs: Vec<(String, &Counters)> = poll
+            .udp
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    format!(
+                        "ping-pong {} B {}",
+                        r.size,
+                        r.form.map(ClientForm::as_str).unwrap_or("")
+                    ),
+                    r.counters.as_ref()?,
+                ))
+            })
+            .chain(
+                poll.throughput
+                    .as_ref()
+                    .and_then(|t| Some(("throughput".to_string(), t.counters.as_ref()?))),
+            )
+            .collect();
+        let irq_max = runs
+            .iter()
+            .filter_map(|(_, c)| c.per("interrupts"))
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let kicks_max = runs
+            .iter()
+            .filter_map(|(_, c)| {
+                let kicks = *c.deltas.get("kicks")? as f64;
+                let tx = *c.deltas.get("tx_packets")? as f64;
+                (tx > 0.0).then_some(kicks / tx)
+            })
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        checks.push(TargetCheck {
+            target: "poll mode: zero interrupts per packet".to_string(),
+            measured: format!("max over runs: {} interrupts/packet", fmt_opt(irq_max, 4)),
+            verdict: verdict(irq_max.map(|v| v == 0.0)),
+        });
+        checks.push(TargetCheck {
+            target: "poll mode: at most one kick per TX batch".to_string(),
+            measured: format!(
+                "max over runs: {} kicks per transmitted packet (every kick counted, RX refills \
+                 included; in ping-pong each TX batch is one packet)",
+                fmt_opt(kicks_max, 3)
+            ),
+            verdict: verdict(kicks_max.map(|v| v <= 1.0)),
+        });
+    }
+    checks
+}
+
+/// The Markdown report: the summary table, the RTT detail table, the targets and what was not
+/// measured.
+pub fn markdown(report: &Report) -> String {
+    let mut out = String::new();
+    let env = &report.environment;
+    let _ = writeln!(
+        out,
+        "Measured {} on {} ({} cores), {} {}, QEMU {}, accelerator {}; host kernel {}.",
+        report.started_utc,
+        env.cpu_model,
+        env.cpus,
+        env.os,
+        if report.quick {
+            "(quick smoke run)"
+        } else {
+            ""
+        },
+        env.qemu_version
+            .strip_prefix("QEMU emulator version ")
+            .unwrap_or(&env.qemu_version),
+        env.accelerator,
+        env.kernel_release,
+    );
+    let s = &report.settings;
+    let _ = writeln!(
+        out,
+        "\nEvery guest: `-M {} -m {}M -smp {}`, `-netdev {}`, `-device {}`; guest {}. \
+         {} UDP round trips per row after {} discarded; ICMP {} round trips; throughput {} \
+         datagrams of {} B in flight for {} s; {} boot(s) per guest. Wall time {:.0} s.\n",
+        s.machine,
+        s.memory_mib,
+        s.smp,
+        s.netdev,
+        s.nic,
+        s.addressing,
+        s.udp_samples,
+        s.warmup,
+        s.icmp_samples,
+        s.throughput_window,
+        s.throughput_size,
+        s.throughput_seconds,
+        s.boots,
+        report.wall_time_s
+    );
+    let size = s.sizes.first().copied().unwrap_or(64);
+    let _ = writeln!(
+        out,
+        "| System | UDP {size} B p50 / p99 (blocking), us | p50 / p99 (spin), us | ICMP p50, us | \
+         echo pps (loss) | boot to first echo, ms | kicks/pkt | irqs/pkt | RX desc/pkt | mode \
+         switches/pkt | p50 vs Linux | pps vs Linux | boot vs Linux |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for system in &report.systems {
+        let pair = |form| {
+            system
+                .udp_run(size, form)
+                .map(|r| format!("{:.1} / {:.1}", r.stats.p50_us, r.stats.p99_us))
+                .unwrap_or_else(|| "–".to_string())
+        };
+        let counters = system
+            .udp_run(size, ClientForm::Blocking)
+            .and_then(|r| r.counters.as_ref());
+        let per = |key: &str| fmt_opt(counters.and_then(|c| c.per(key)), 3);
+        let throughput = system
+            .throughput
+            .as_ref()
+            .map(|t| format!("{:.0} ({:.2}%)", t.result.pps, t.result.loss_rate * 100.0))
+            .unwrap_or_else(|| "–".to_string());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            system.label,
+            pair(ClientForm::Blocking),
+            pair(ClientForm::Spin),
+            fmt_opt(system.icmp.as_ref().map(|r| r.stats.p50_us), 1),
+            throughput,
+            fmt_opt(system.boot.as_ref().map(|b| b.median_ms), 1),
+            per("kicks"),
+            per("interrupts"),
+            per("rx_descriptors"),
+            per("mode_switches"),
+            fmt_ratio(
+                system
+                    .udp_run(size, ClientForm::Blocking)
+                    .and_then(|r| r.speedup_vs_linux_p50)
+            ),
+            fmt_ratio(system.throughput.as_ref().and_then(|t| t.vs_linux)),
+            fmt_ratio(system.boot.as_ref().and_then(|b| b.speedup_vs_linux)),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRatios are *times better than the Linux guest* (Linux's RTT or boot time over this \
+         one's; this pps over Linux's). Counters are per echoed packet over the {size} B \
+         blocking ping-pong run, from the guest's stats service before and after.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| System | size | client | min | p50 | p90 | p99 | p99.9 | max | mean | overhead p50 / p99 | \
+         overhead vs Linux p50 / p99 |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
+    );
+    for system in &report.systems {
+        for run in system.udp.iter().chain(system.icmp.iter()) {
+            let st = &run.stats;
+            let _ = writeln!(
+                out,
+                "| {} | {} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} |",
+                system.label,
+                run.size,
+                match run.form {
+                    Some(form) => form.as_str().to_string(),
+                    None => format!("{} (blocking)", run.protocol.to_uppercase()),
+                },
+                st.min_us,
+                st.p50_us,
+                st.p90_us,
+                st.p99_us,
+                st.p999_us,
+                st.max_us,
+                st.mean_us,
+                fmt_opt(run.overhead_p50_us, 1),
+                fmt_opt(run.overhead_p99_us, 1),
+                fmt_ratio(run.overhead_ratio_vs_linux_p50),
+                fmt_ratio(run.overhead_ratio_vs_linux_p99),
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nAll times in microseconds. *Overhead* is the RTT minus the tap-reflector floor's at \
+         the same percentile, size and client form; *overhead vs Linux* is this overhead over \
+         the Linux guest's (the poll-mode target is ≤ 0.33×).\n"
+    );
+    if !report.targets.is_empty() {
+        let _ = writeln!(out, "| Target | Measured | Verdict |");
+        let _ = writeln!(out, "| --- | --- | --- |");
+        for check in &report.targets {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                check.target, check.measured, check.verdict
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if !report.not_measured.is_empty() {
+        let _ = writeln!(out, "Not measured in this run:\n");
+        for missing in &report.not_measured {
+            let _ = writeln!(out, "- **{}**: {}", missing.what, missing.reason);
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+/// Draws the latency CDF (log-scaled x axis) of every system's UDP ping-pong at `size`, one
+/// panel per client form, into an SVG file.
+pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+
+    let forms = report.settings.client_forms.clone();
+    let series: Vec<(String, ClientForm, Vec<f64>)> = report
+        .systems
+        .iter()
+        .flat_map(|system| {
+            forms.iter().filter_map(move |&form| {
+                let run = system.udp_run(size, form)?;
+                Some((system.label.clone(), form, run.cdf_us.clone()))
+            })
+        })
+        .collect();
+    if series.is_empty() {
+        return Err("no UDP ping-pong run to plot".to_string());
+    }
+    let positive = |v: &f64| v.is_finite() && *v > 0.0;
+    let low = series
+        .iter()
+        .flat_map(|(_, _, cdf)| cdf.iter().copied().filter(positive))
+        .fold(f64::INFINITY, f64::min);
+    let high = series
+        .iter()
+        .flat_map(|(_, _, cdf)| cdf.iter().copied().filter(positive))
+        .fold(0.0, f64::max);
+    let (low, high) = (low * 0.8, high * 1.25);
+    let labels: Vec<String> = {
+        let mut labels: Vec<String> = series.iter().map(|(l, _, _)| l.clone()).collect();
+        labels.dedup();
+        labels
+    };
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    let width = 560 * forms.len().max(1) as u32;
+    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
+    let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let panels = root.split_evenly((1, forms.len().max(1)));
+    for (panel, &form) in panels.iter().zip(&forms) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!(
+                    "UDP echo RTT CDF, {size} B, {} client ({})",
+                    form.as_str(),
+                    report.environment.accelerator
+                ),
+                ("sans-serif", 17),
+            )
+            .margin(12)
+            .x_label_area_size(42)
+            .y_label_area_size(48)
+            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)
+            .map_err(|e| error(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("round-trip time (us, log scale)")
+            .y_desc("fraction of round trips")
+            .x_label_formatter(&|v| {
+                if *v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            })
+            .draw()
+            .map_err(|e| error(&e))?;
+        for (label, series_form, cdf) in &series {
+            if *series_form != form {
+                continue;
+            }
+            let index = labels.iter().position(|l| l == label).unwrap_or(0);
+            let color = palette[index % palette.len()];
+            let points: Vec<(f64, f64)> = cdf
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| positive(v))
+                .map(|(i, &v)| (v, i as f64 / (cdf.len() - 1).max(1) as f64))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| error(&e))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| error(&e))?;
+    }
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}
