@@ -101,7 +101,7 @@ fn demo_names_a_missing_kernel() {
     let config = DemoConfig::parse(demo_args(&["--kernel", &missing.to_string_lossy()]))
         .unwrap_or_else(|usage| panic!("the demo rejected its arguments: {usage}"));
     match run_demo(&config) {
-        Err(error @ DemoError::Build(_)) => {
+        Err(error @ DemoError::KernelMissing(_)) => {
             let text = error.to_string();
             println!("{text}");
             assert!(
@@ -112,5 +112,37 @@ fn demo_names_a_missing_kernel() {
         Err(DemoError::NoQemu(error)) => xtask::skip_or_fail_in_ci(&error.to_string()),
         Err(other) => panic!("expected a kernel error, got: {other}"),
         Ok(summary) => panic!("the demo ran on a missing kernel:\n{summary}"),
+    }
+}
+
+/// A kernel QEMU cannot boot (this test's own executable, an ELF without a PVH note): the demo
+/// says the guest never became ready and shows the QEMU command line, the (empty) serial log
+/// and QEMU's own complaint.
+#[test]
+fn demo_names_a_guest_that_never_became_ready() {
+    let not_a_kernel = std::env::current_exe().expect("the test's own path");
+    let config = DemoConfig::parse(demo_args(&[
+        "--kernel",
+        &not_a_kernel.to_string_lossy(),
+        "--timeout",
+        "30",
+    ]))
+    .unwrap_or_else(|usage| panic!("the demo rejected its arguments: {usage}"));
+    match run_demo(&config) {
+        Err(error @ DemoError::NeverReady(_)) => {
+            let text = error.to_string();
+            println!("{text}");
+            for part in [
+                "never became ready",
+                "command (copy-paste to reproduce)",
+                "serial log",
+                "PVH",
+            ] {
+                assert!(text.contains(part), "the error lacks {part:?}: {text}");
+            }
+        }
+        Err(DemoError::NoQemu(error)) => xtask::skip_or_fail_in_ci(&error.to_string()),
+        Err(other) => panic!("expected `never became ready`, got: {other}"),
+        Ok(summary) => panic!("the demo ran on a non-kernel:\n{summary}"),
     }
 }

@@ -130,8 +130,10 @@ pub enum DemoError {
     NoQemu(Error),
     /// The host environment is not usable (e.g. an invalid `VIREO_ACCEL`).
     Setup(Error),
-    /// Building the kernel failed, or the kernel image is missing.
+    /// Building the kernel failed.
     Build(Error),
+    /// The kernel image given with `--kernel` does not exist.
+    KernelMissing(Error),
     /// The guest never printed its `ready` line (it panicked, hung, or QEMU failed).
     NeverReady(RunError),
     /// An echo failed: missing, wrong bytes, or a service that did not answer.
@@ -147,6 +149,7 @@ impl DemoError {
             DemoError::NoQemu(_) => "no QEMU",
             DemoError::Setup(_) => "the host environment is not usable",
             DemoError::Build(_) => "the kernel build failed",
+            DemoError::KernelMissing(_) => "no kernel image",
             DemoError::NeverReady(_) => "the guest never became ready",
             DemoError::Echo(_) => "an echo failed",
             DemoError::Shutdown(_) => "the guest did not shut down cleanly",
@@ -158,9 +161,10 @@ impl fmt::Display for DemoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "demo failed: {}: ", self.cause())?;
         match self {
-            DemoError::NoQemu(error) | DemoError::Setup(error) | DemoError::Build(error) => {
-                write!(f, "{error}")
-            }
+            DemoError::NoQemu(error)
+            | DemoError::Setup(error)
+            | DemoError::Build(error)
+            | DemoError::KernelMissing(error) => write!(f, "{error}"),
             DemoError::NeverReady(failure)
             | DemoError::Echo(failure)
             | DemoError::Shutdown(failure) => write!(f, "{}\n{failure}", failure.error),
@@ -356,7 +360,7 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
             path.clone()
         }
         Some(path) => {
-            return Err(DemoError::Build(Error::KernelMissing {
+            return Err(DemoError::KernelMissing(Error::KernelMissing {
                 path: path.clone(),
             }));
         }

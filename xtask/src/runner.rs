@@ -343,8 +343,10 @@ impl Guest {
             }
             if captured.stdout_closed {
                 drop(captured);
-                // The serial pipe closes when QEMU exits; reap it to report how.
+                // The serial pipe closes when QEMU exits; reap it to report how, and let the
+                // stderr reader finish so that the report carries QEMU's own complaint.
                 let _ = self.reap_within(Duration::from_secs(2));
+                self.wait_for_readers(Duration::from_secs(2));
                 let exit = self.exit;
                 return Err(self.failure(Error::ExitedBeforeLine {
                     waiting_for: description.to_string(),
