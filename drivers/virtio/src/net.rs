@@ -771,7 +771,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         fill: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<Option<R>, NetError> {
         self.reclaim_tx()?;
-        // §5.1.4.1: no frame larger than the MTU plus the Ethernet header (the buffers are
+        // §5.1.4.2: no frame larger than the MTU plus the Ethernet header (the buffers are
         // larger, so their size alone is not the limit).
         if length == 0 || length > self.max_frame() || NET_HEADER_LEN + length > self.buffer_len {
             self.stats.tx_oversize += 1;

@@ -1,4 +1,4 @@
-//! The control queue's MQ command (§5.1.6.5, §5.1.6.5.5), link status and configuration
+//! The control queue's MQ command (§5.1.6.5, §5.1.6.5.6), link status and configuration
 //! changes (§5.1.4, §4.1.4.5), DEVICE_NEEDS_RESET (§2.1.2) and MSI-X vector refusal
 //! (§4.1.5.1.2).
 
@@ -134,7 +134,10 @@ fn a_link_down_at_start_is_seen_and_without_status_the_link_is_always_up() {
     set_link(&world, false);
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");
-    assert!(net.link_up(), "no VIRTIO_NET_F_STATUS: assume up (§5.1.4)");
+    assert!(
+        net.link_up(),
+        "no VIRTIO_NET_F_STATUS: assume up (§5.1.4.2)"
+    );
     set_link(&world, true);
     set_link(&world, false);
     assert_eq!(net.handle_config_change(), Ok(None));

@@ -1,5 +1,5 @@
 //! The data path: receive in place and mergeable reassembly (§5.1.6.3, §5.1.6.4), malformed
-//! receive buffers, transmit back-pressure and the MTU limit (§5.1.6.2, §5.1.4.1), and the
+//! receive buffers, transmit back-pressure and the MTU limit (§5.1.6.2, §5.1.4.2), and the
 //! refill/reclaim accounting over a million packets.
 
 use super::device::{HEADER, RX, TX, WireHeader, World};
