@@ -48,6 +48,21 @@ impl LinuxImage {
     }
 }
 
+/// Turns the bit string of `/sys/class/net/eth0/device/features` (bit 0 first) into the
+/// feature word in hex, comparable with Vireo's `negotiated features 0x...` line.
+pub fn features_hex(bits: &str) -> Option<String> {
+    let bits = bits.trim();
+    if bits.is_empty() || bits.len() > 64 || !bits.bytes().all(|b| b == b'0' || b == b'1') {
+        return None;
+    }
+    let word = bits
+        .bytes()
+        .enumerate()
+        .filter(|(_, b)| *b == b'1')
+        .fold(0u64, |word, (bit, _)| word | 1 << bit);
+    Some(format!("0x{word:016x}"))
+}
+
 /// Finds (installing when needed and allowed) the kernel and busybox, and builds the initramfs
 /// under `out_dir/linux-guest/`.
 pub fn prepare(out_dir: &Path) -> Result<LinuxImage, String> {
@@ -468,6 +483,13 @@ mod tests {
         assert!(position("failover") < position("net_failover"));
         assert!(position("net_failover") < position("virtio_net"));
         assert_eq!(order.len(), 7);
+    }
+
+    #[test]
+    fn feature_bits_become_a_word() {
+        assert_eq!(features_hex("1").as_deref(), Some("0x0000000000000001"));
+        assert_eq!(features_hex("0100").as_deref(), Some("0x0000000000000002"));
+        assert_eq!(features_hex("x1"), None);
     }
 
     #[test]

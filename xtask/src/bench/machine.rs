@@ -30,6 +30,10 @@ pub struct Environment {
     pub load_average_at_start: String,
     /// Other QEMU processes running when the run started (they share the cores).
     pub other_qemu_processes_at_start: usize,
+    /// The most QEMU processes not started by the benchmark seen at any step of the run.
+    pub other_qemu_processes_max_during_run: usize,
+    /// `/proc/loadavg` when the run ended.
+    pub load_average_at_end: String,
     /// The QEMU binary.
     pub qemu_path: String,
     /// Its `--version` line.
@@ -88,8 +92,10 @@ impl Environment {
             kernel_version: read("/proc/version"),
             os,
             memory_mib,
-            load_average_at_start: read("/proc/loadavg"),
-            other_qemu_processes_at_start: count_qemu_processes(),
+            load_average_at_start: load_average(),
+            other_qemu_processes_at_start: other_qemu_processes(),
+            other_qemu_processes_max_during_run: 0,
+            load_average_at_end: String::new(),
             qemu_path: qemu.path.display().to_string(),
             qemu_version: qemu.version_line.clone(),
             accelerator: accel.accel.as_str().to_string(),
@@ -100,8 +106,18 @@ impl Environment {
     }
 }
 
-/// QEMU processes running now (`/proc/*/comm` starting with `qemu-system`).
-pub fn count_qemu_processes() -> usize {
+/// `/proc/loadavg` now.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// QEMU processes running now that this process did not start (`/proc/*/comm` starting with
+/// `qemu-system` and a parent other than this process; `ip netns exec` execs QEMU in place, so
+/// the benchmark's own QEMU is its child).
+pub fn other_qemu_processes() -> usize {
+    let me = std::process::id().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -116,6 +132,15 @@ pub fn count_qemu_processes() -> usize {
         .filter(|entry| {
             std::fs::read_to_string(entry.path().join("comm"))
                 .is_ok_and(|comm| comm.starts_with("qemu-system"))
+        })
+        .filter(|entry| {
+            // Field 4 of /proc/PID/stat is the parent; the command (field 2) may hold spaces,
+            // so split after its closing parenthesis.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
+            parent.as_deref() != Some(me.as_str())
         })
         .count()
 }

@@ -83,6 +83,14 @@ impl From<crate::ClientError> for BenchError {
 }
 
 static CANCELLED: AtomicBool = AtomicBool::new(false);
+static MAX_OTHER_QEMUS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Samples how many QEMU processes that are not the benchmark's run now (they share the cores
+/// and make the figures noisier); the run records the maximum seen.
+fn note_contention() {
+    let others = machine::other_qemu_processes();
+    MAX_OTHER_QEMUS.fetch_max(others, Ordering::Relaxed);
+}
 
 /// Fails with "interrupted" once SIGINT or SIGTERM arrived.
 pub fn check_cancelled() -> Result<(), BenchError> {
@@ -465,6 +473,7 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
     };
     let base = base_for(&kernel);
     let mut systems = Vec::new();
+    note_contention();
     if options.floors {
         systems.push(measure_loopback_floor(&netns, options)?);
         systems.push(measure_tap_floor(&netns, options, 0)?);
@@ -520,6 +529,10 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         not_measured,
         targets: Vec::new(),
     };
+    note_contention();
+    report.environment.other_qemu_processes_max_during_run =
+        MAX_OTHER_QEMUS.load(Ordering::Relaxed);
+    report.environment.load_average_at_end = machine::load_average();
     report::derive(&mut report);
     report.targets = report::check_targets(&report);
     report.wall_time_s = began.elapsed().as_secs_f64();
@@ -679,7 +692,18 @@ fn measure_guest(
     result.negotiated_features = lines
         .iter()
         .find(|l| l.text.contains(spec.features_marker))
-        .map(|l| l.text.trim().to_string());
+        .map(|l| {
+            let text = l.text.trim().to_string();
+            // The Linux guest prints the sysfs bit string; add the word in hex.
+            match text
+                .strip_prefix(linux::FEATURES_MARKER)
+                .and_then(|rest| linux::features_hex(rest.split_whitespace().next()?))
+            {
+                Some(hex) => format!("{text} (features word {hex})"),
+                None => text,
+            }
+        });
+    note_contention();
 
     let measured = measure_services(netns, &spec.label, options, true, None);
     let log_path = options.out_dir.join(format!("serial-{}.log", spec.id));

@@ -649,6 +649,16 @@ pub fn markdown(report: &Report) -> String {
         env.accelerator,
         env.kernel_release,
     );
+    let _ = writeln!(
+        out,
+        "Other QEMU processes on the machine: {} at the start, at most {} during the run; load \
+         average {} at the start, {} at the end. Commit {}.",
+        env.other_qemu_processes_at_start,
+        env.other_qemu_processes_max_during_run,
+        env.load_average_at_start,
+        env.load_average_at_end,
+        env.git_commit
+    );
     let s = &report.settings;
     let _ = writeln!(
         out,
