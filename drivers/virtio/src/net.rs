@@ -333,44 +333,65 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             None
         };
 
-        let rx = Self::build_queue(
+        // The queues live in slots declared before the guard: on an early return the guard is
+        // dropped first and resets the device (setting FAILED) before any queue memory is
+        // freed, which the queue module requires even though a device must not touch queues
+        // before DRIVER_OK (§2.1.2).
+        let mut rx_slot: Option<VirtQueue<H, Part<H>>>;
+        let mut tx_slot: Option<VirtQueue<H, Part<H>>>;
+        let mut ctrl_slot: Option<VirtQueue<H, Vec<Part<H>>>> = None;
+        let mut guard = ResetOnError(Some(device));
+        let Some(device) = guard.0.as_mut() else {
+            return Err(NetError::NeedsReset);
+        };
+        rx_slot = Some(Self::build_queue(
             &hal,
-            &mut device,
+            device,
             rx_index,
             options.rx_queue_size,
             queue_features,
             options.vectors.rx,
-        )?;
-        let tx = Self::build_queue(
+        )?);
+        tx_slot = Some(Self::build_queue(
             &hal,
-            &mut device,
+            device,
             tx_index,
             options.tx_queue_size,
             queue_features,
             options.vectors.tx,
-        )?;
-        let ctrl = match ctrl_index {
-            Some(index) => Some(Self::build_queue(
+        )?);
+        if let Some(index) = ctrl_index {
+            ctrl_slot = Some(Self::build_queue(
                 &hal,
-                &mut device,
+                device,
                 index,
                 16,
                 queue_features,
                 None,
-            )?),
-            None => None,
-        };
+            )?);
+        }
         device.set_config_vector(options.vectors.config)?;
 
         let buffer_len = buffer_len_for_mtu(mtu);
-        let rx_count = usize::from(rx.size());
-        let tx_count = usize::from(tx.size());
+        let rx_count = rx_slot
+            .as_ref()
+            .map_or(0, |queue| usize::from(queue.size()));
+        let tx_count = tx_slot
+            .as_ref()
+            .map_or(0, |queue| usize::from(queue.size()));
         let rx_buffers = DmaBuf::new(hal.clone(), rx_count * buffer_len)?
             .chunks(buffer_len)
             .map_err(|(_, error)| NetError::Dma(error))?;
         let tx_pool = DmaBuf::new(hal.clone(), tx_count * buffer_len)?
             .chunks(buffer_len)
             .map_err(|(_, error)| NetError::Dma(error))?;
+        let (Some(rx), Some(tx)) = (rx_slot.take(), tx_slot.take()) else {
+            return Err(NetError::NeedsReset);
+        };
+        let ctrl = ctrl_slot.take();
+        let Some(device) = guard.0.take() else {
+            return Err(NetError::NeedsReset);
+        };
 
         let mut net = Self {
             hal,
@@ -848,6 +869,19 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     /// Whether the receive queue has used buffers waiting.
     pub fn rx_pending(&self) -> bool {
         self.rx.has_used()
+    }
+}
+
+/// Holds the device during [`VirtioNet::new`]; if construction fails it gives up on the device
+/// (FAILED, §3.1.1) and resets it so that it lets go of every queue.
+struct ResetOnError<T: Transport>(Option<VirtioDevice<T>>);
+
+impl<T: Transport> Drop for ResetOnError<T> {
+    fn drop(&mut self) {
+        if let Some(device) = self.0.as_mut() {
+            device.fail();
+            let _ = device.reset();
+        }
     }
 }
 
