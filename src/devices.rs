@@ -97,7 +97,7 @@ pub enum InterruptPath {
 impl core::fmt::Display for InterruptPath {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::MsixSeparate => f.write_str("MSI-X (config and rx vectors)"),
+            Self::MsixSeparate => f.write_str("MSI-X (config, rx and tx vectors)"),
             Self::MsixShared => f.write_str("MSI-X (one shared vector)"),
             Self::Intx(gsis) => write!(f, "INTx through the I/O APIC (GSI mask {gsis:#x})"),
             Self::Polling => f.write_str("none (polling only)"),
@@ -149,6 +149,7 @@ const CONFIG_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST;
 const RX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 1;
 const SHARED_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 2;
 const INTX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 3;
+const TX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 4;
 const _: () = assert!(INTX_VECTOR <= interrupts::DEVICE_VECTOR_LAST);
 
 /// Set by the config-change interrupt (or INTx with ISR bit 1); taken by the loop.
@@ -162,6 +163,10 @@ fn config_interrupt(_vector: u8) {
 }
 
 fn rx_interrupt(_vector: u8) {
+    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn tx_interrupt(_vector: u8) {
     net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -193,7 +198,7 @@ fn vector_plan(path: InterruptPath) -> NetVectors {
         InterruptPath::MsixSeparate => NetVectors {
             config: Some(0),
             rx: Some(1),
-            tx: None,
+            tx: Some(2),
         },
         InterruptPath::MsixShared => NetVectors {
             config: Some(0),
@@ -297,8 +302,9 @@ pub fn bring_up_net(
     if let Some(table) = &msix {
         let registered = interrupts::register_irq(CONFIG_VECTOR, config_interrupt).is_ok()
             && interrupts::register_irq(RX_VECTOR, rx_interrupt).is_ok()
-            && interrupts::register_irq(SHARED_VECTOR, shared_interrupt).is_ok();
-        if registered && table.size() >= 2 {
+            && interrupts::register_irq(SHARED_VECTOR, shared_interrupt).is_ok()
+            && interrupts::register_irq(TX_VECTOR, tx_interrupt).is_ok();
+        if registered && table.size() >= 3 {
             attempts.push(InterruptPath::MsixSeparate);
         }
         if registered {
@@ -316,6 +322,7 @@ pub fn bring_up_net(
                 if let Some(table) = &msix {
                     let _ = table.route(0, apic_id, CONFIG_VECTOR);
                     let _ = table.route(1, apic_id, RX_VECTOR);
+                    let _ = table.route(2, apic_id, TX_VECTOR);
                     table.unmask_function(config);
                 }
             }
@@ -517,11 +524,13 @@ impl net::device::Nic for KernelNic {
 
 impl net::NicControl for KernelNic {
     fn arm_rx_interrupt(&mut self) -> bool {
-        self.net.arm_rx_interrupt()
+        // Receive always; transmit only when back-pressured (see the driver).
+        self.net.arm_rx_interrupt() | self.net.arm_tx_interrupt_if_backlogged()
     }
 
     fn disarm_rx_interrupt(&mut self) {
         self.net.disarm_rx_interrupt();
+        self.net.disarm_tx_interrupt();
     }
 
     fn flush(&mut self) {

@@ -95,8 +95,9 @@ impl Default for NetOptions {
     fn default() -> Self {
         Self {
             allowed_features: DRIVER_FEATURES,
-            rx_queue_size: 256,
-            tx_queue_size: 256,
+            // Clamped to the device's maximum (QEMU: 256 unless rx_queue_size/tx_queue_size).
+            rx_queue_size: 1024,
+            tx_queue_size: 1024,
             vectors: NetVectors::default(),
             ctrl_timeout_us: 1_000_000,
         }
@@ -864,6 +865,22 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     /// Disarms receive interrupts.
     pub fn disarm_rx_interrupt(&mut self) {
         self.rx.disable_cb();
+    }
+
+    /// Before the caller sleeps: if every transmit buffer is in flight (back-pressure), arms a
+    /// delayed transmit interrupt for when most of them are done (§2.7.7, `used_event` 3/4 of
+    /// the way), so the sleeper wakes to send again. `true` when completions are already
+    /// waiting (do not sleep). Without back-pressure transmit interrupts stay off.
+    pub fn arm_tx_interrupt_if_backlogged(&mut self) -> bool {
+        if !self.tx_pool.is_empty() {
+            return false;
+        }
+        self.tx.enable_cb_delayed() == CallbackState::UsedPending
+    }
+
+    /// Disarms transmit interrupts again (completions are reclaimed on the send path).
+    pub fn disarm_tx_interrupt(&mut self) {
+        self.tx.disable_cb();
     }
 
     /// Whether the receive queue has used buffers waiting.
