@@ -94,6 +94,8 @@ pub struct AcpiInfo {
     pub override_count: usize,
     /// The ECAM window for segment 0, if the MCFG has one.
     pub ecam: Option<EcamWindow>,
+    /// The ACPI PM timer's I/O port (3.579545 MHz, at least 24 bits), from the FADT.
+    pub pm_timer_port: Option<u16>,
 }
 
 /// ACPI failures (none is fatal: PCI falls back to port I/O and interrupts to MSI-X only).
@@ -131,7 +133,14 @@ pub fn init(rsdp_address: u64) -> Result<AcpiInfo, AcpiError> {
         overrides: [SourceOverride::default(); MAX_OVERRIDES],
         override_count: 0,
         ecam: None,
+        pm_timer_port: None,
     };
+    if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>()
+        && let Ok(Some(block)) = fadt.get().pm_timer_block()
+        && block.address_space == acpi::address::AddressSpace::SystemIo
+    {
+        info.pm_timer_port = u16::try_from(block.address).ok();
+    }
     if let Ok(madt) = tables.find_table::<Madt>() {
         for entry in madt.get().entries() {
             match entry {

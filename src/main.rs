@@ -60,8 +60,14 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         Ok(summary) => summary,
         Err(error) => console::fatal(format_args!("memory: {error}")),
     };
-    let tsc_hz = match arch::clock::init() {
-        Ok(hz) => hz,
+    // ACPI first (quietly): the FADT names the PM timer that calibrates the clock.
+    let acpi_tables = acpi::init(boot.rsdp_address);
+    let pm_timer = acpi_tables
+        .as_ref()
+        .ok()
+        .and_then(|info| info.pm_timer_port);
+    let (tsc_hz, reference) = match arch::clock::init(pm_timer) {
+        Ok(calibration) => calibration,
         Err(error) => console::fatal(format_args!("clock: {error}")),
     };
     log::info!(
@@ -74,7 +80,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         memory.table_pages.1
     );
     log::info!(
-        "clock: TSC {}.{:03} MHz (calibrated against PIT channel 2, median of 5 windows)",
+        "clock: TSC {}.{:03} MHz (calibrated against {reference})",
         tsc_hz / 1_000_000,
         (tsc_hz / 1000) % 1000
     );
@@ -86,7 +92,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         config.log_level
     );
 
-    let platform = match acpi::init(boot.rsdp_address) {
+    let platform = match acpi_tables {
         Ok(info) => {
             log::info!(
                 "acpi: MADT {} CPUs (APIC ids {:?}), {} IOAPICs, {} source overrides",
