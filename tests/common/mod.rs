@@ -356,3 +356,70 @@ pub fn negotiated_features(guest: &Guest) -> Result<Vec<String>, RunError> {
             guest.check_failed("no `virtio-net: negotiated features` line in the serial log")
         })
 }
+
+// ---- Reliability tests (tests/compat.rs, tests/faults.rs): guests on taps of any shape. ----
+
+use xtask::TapConfig;
+
+/// Creates a namespace (`vireo-<prefix>-...`) holding `taps`, boots the kernel inside it with
+/// whatever `configure` adds to the base command (netdevs, NICs, machine, RAM, vCPUs, command
+/// line, QMP socket), and waits for `ready`. Callers check [`root_networking_or_skip`] first.
+pub fn boot_tap_with(
+    prefix: &str,
+    taps: &[TapConfig],
+    configure: impl FnOnce(QemuCommand) -> QemuCommand,
+) -> Result<TapGuest, RunError> {
+    let netns = NetNs::create_with(prefix, taps).map_err(RunError::setup)?;
+    let base = QemuCommand::for_kernel(kernel())
+        .map_err(RunError::setup)?
+        .in_netns(netns.name());
+    let command = configure(base);
+    println!("running: {}", command.command_line());
+    let mut guest = Guest::spawn(
+        &command,
+        RunOptions {
+            timeout: NET_RUN_LIMIT,
+            echo: false,
+        },
+    )?;
+    let (ready, line) = wait_for_ready(&mut guest, READY_WAIT)?;
+    println!("ready after {:.3} s: {}", line.at.as_secs_f64(), ready.text);
+    Ok(TapGuest {
+        guest,
+        ready,
+        netns,
+    })
+}
+
+/// How many serial lines so far contain `needle`.
+pub fn count_lines(guest: &Guest, needle: &str) -> usize {
+    guest
+        .lines()
+        .iter()
+        .filter(|line| line.text.contains(needle))
+        .count()
+}
+
+/// Waits until at least `count` serial lines contain `needle`; returns how long it took. The
+/// error names the line, the count reached and carries the serial log.
+pub fn wait_for_count(
+    guest: &Guest,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<Duration, RunError> {
+    let began = std::time::Instant::now();
+    loop {
+        let seen = count_lines(guest, needle);
+        if seen >= count {
+            return Ok(began.elapsed());
+        }
+        if began.elapsed() >= timeout {
+            return Err(guest.check_failed(format!(
+                "waited {:.1} s for {count} serial lines containing {needle:?}, saw {seen}",
+                timeout.as_secs_f64()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -25,10 +25,12 @@ pub mod client;
 mod command;
 mod demo;
 mod error;
+pub mod faults;
 mod host;
 mod netns;
 mod qmp;
 mod runner;
+pub mod soak;
 mod tap;
 mod usernet;
 

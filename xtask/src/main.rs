@@ -55,6 +55,12 @@ Commands:
         Latency benchmark over a tap in a private namespace: Vireo in each mode, a Linux
         guest peer and the floors (loopback, tap reflector). Writes bench.md, bench.json
         and bench-cdf.svg to bench-results/. `cargo xtask bench --help` lists the options.
+  soak  [--minutes N] [--udp-rate N] [--icmp-rate N] [--tcp-rate N] [--tcp-bytes N]
+        [--mode irq|poll|adaptive] [--interval SECS] [--out FILE]
+        (root) Boot the release kernel on a tap in a private namespace and run mixed
+        UDP, ICMP and TCP echo at a steady rate for N minutes (default 10): per-interval
+        loss, RTT percentiles and heap_used/heap_peak, then a verdict; writes a Markdown
+        summary (default target/soak/soak-<time>.md); exits 0 only when clean.
 
 Environment:
   VIREO_QEMU   QEMU binary to use (default: qemu-system-x86_64 on PATH)
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
         Some("client") => client(args),
         Some("netns") => netns(args),
         Some("bench") => bench(args),
+        Some("soak") => soak(args),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(0)
@@ -541,4 +548,68 @@ fn bench(args: Vec<OsString>) -> Result<i32, CliError> {
         return Ok(0);
     }
     Ok(xtask::bench::main(&args))
+}
+
+/// `cargo xtask soak`: a long mixed-traffic run against the release kernel on a tap (root).
+fn soak(args: Vec<OsString>) -> Result<i32, CliError> {
+    let mut args = Args::new(args);
+    let mut options = xtask::soak::SoakOptions::default();
+    let mut minutes: f64 = 10.0;
+    let mut out = None;
+    while let Some(flag) = args.next_flag() {
+        let flag = flag?;
+        match flag.as_str() {
+            "--minutes" => minutes = parse_number(&flag, &args.value(&flag)?)?,
+            "--udp-rate" => options.udp_rate = parse_number(&flag, &args.value(&flag)?)?,
+            "--icmp-rate" => options.icmp_rate = parse_number(&flag, &args.value(&flag)?)?,
+            "--tcp-rate" => options.tcp_rate = parse_number(&flag, &args.value(&flag)?)?,
+            "--tcp-bytes" => options.tcp_bytes = parse_number(&flag, &args.value(&flag)?)?,
+            "--mode" => options.mode = args.value(&flag)?,
+            "--interval" => {
+                let secs: u64 = parse_number(&flag, &args.value(&flag)?)?;
+                options.interval = Duration::from_secs(secs.max(1));
+            }
+            "--out" => out = Some(std::path::PathBuf::from(args.value(&flag)?)),
+            other => return Err(CliError::Usage(format!("soak: unknown option {other:?}"))),
+        }
+    }
+    if minutes.is_nan()
+        || minutes <= 0.0
+        || !matches!(options.mode.as_str(), "irq" | "poll" | "adaptive")
+    {
+        return Err(CliError::Usage(
+            "soak: --minutes must be positive and --mode irq, poll or adaptive".to_string(),
+        ));
+    }
+    options.duration = Duration::from_secs_f64(minutes * 60.0);
+    xtask::root_networking_available().map_err(CliError::Failed)?;
+    let _ = prepare_qemu()?;
+    let kernel = build_kernel(true)?;
+    log(&format!(
+        "soak: {minutes} min of UDP {}/s, ICMP {}/s and TCP {} connections/s ({} bytes each) \
+         against the release kernel (mode={}) on a tap in a private namespace",
+        options.udp_rate, options.icmp_rate, options.tcp_rate, options.tcp_bytes, options.mode
+    ));
+    let report = xtask::soak::soak(&kernel, &options)?;
+    let summary = report.markdown(&options);
+    println!("\n{summary}");
+    let out = out.unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        xtask::target_dir()
+            .join("soak")
+            .join(format!("soak-{secs}.md"))
+    });
+    if let Some(parent) = out.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let text = format!("{summary}\nQEMU: `{}`\n", report.command_line);
+    std::fs::write(&out, text).map_err(|source| Error::Io {
+        context: format!("writing {}", out.display()),
+        source,
+    })?;
+    log(&format!("soak summary written to {}", out.display()));
+    Ok(if report.clean() { 0 } else { 1 })
 }
