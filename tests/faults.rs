@@ -28,7 +28,7 @@ use xtask::client::{ClientError, EchoReport};
 use xtask::faults::{
     Endpoints, FrameFactory, InterfaceCounters, Malformation, Pacing, PacketSocket, RxRingAccount,
     SynSource, inject_malformed, interface_counters, interface_mac, parse_mac,
-    rx_queue_size_from_log, syn_flood, tcp_churn, udp_flood,
+    rx_queue_size_from_log, syn_flood, tcp_churn, tcp_resets_sent, udp_flood,
 };
 use xtask::{
     DEFAULT_NIC, IcmpEchoOptions, NetNs, RunError, Stats, TapConfig, UdpEchoClient, icmp_echo,
@@ -251,6 +251,16 @@ fn with_packet_socket<T: Send>(
     })
 }
 
+/// The host stack's TCP resets sent so far (inside the namespace).
+fn host_resets_sent(booted: &TapGuest) -> Result<u64, RunError> {
+    booted.client(|| {
+        tcp_resets_sent().map_err(|source| ClientError::Io {
+            context: "reading Tcp OutRsts".to_string(),
+            source,
+        })
+    })
+}
+
 fn heap_used(booted: &TapGuest, stats: &Stats) -> Result<u64, RunError> {
     counter(booted, stats, "heap_used")
 }
@@ -370,6 +380,7 @@ fn syn_flood_from_host_then_listeners_recover() -> Result<(), RunError> {
     warm_up(&booted)?;
     let ends = endpoints(&booted)?;
     let before = stats(&booted)?;
+    let resets_before = host_resets_sent(&booted)?;
     let syns = with_packet_socket(&booted, |socket| {
         let mut factory = FrameFactory::new(ends, 0x5EED_0005);
         syn_flood(
@@ -383,6 +394,20 @@ fn syn_flood_from_host_then_listeners_recover() -> Result<(), RunError> {
     println!("SYN flood: {syns}");
     let after = stats_until(&booted, Duration::from_secs(20), "tcp_connected=0", |s| {
         s.get("tcp_connected") == Some(0)
+    })
+    .map_err(|failure| {
+        // Say whether the host did its part: one reset per SYN-ACK it received.
+        let resets = host_resets_sent(&booted)
+            .map(|now| (now - resets_before).to_string())
+            .unwrap_or_else(|_| "?".to_string());
+        booted.guest.check_failed(format!(
+            "{}; meanwhile the host's stack sent {resets} TCP resets (Tcp OutRsts) in answer \
+             to the guest's SYN-ACKs",
+            match &failure.error {
+                xtask::Error::Check(message) => message.clone(),
+                other => other.to_string(),
+            }
+        ))
     })?;
     println!("stats after: {}", after.line);
     let accepted = grew(&booted, &before, &after, "tcp_accepted")?;

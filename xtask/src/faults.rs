@@ -902,6 +902,27 @@ pub fn parse_net_dev(text: &str, interface: &str) -> Option<InterfaceCounters> {
     None
 }
 
+/// The host stack's `Tcp: OutRsts` (resets sent) in the calling thread's namespace, from
+/// `/proc/thread-self/net/snmp`.
+pub fn tcp_resets_sent() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    parse_snmp_tcp(&text, "OutRsts").ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no Tcp OutRsts in /proc/thread-self/net/snmp",
+        )
+    })
+}
+
+/// One field of the `Tcp:` lines of `/proc/net/snmp` (a header line, then a value line).
+pub fn parse_snmp_tcp(text: &str, field: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|line| line.starts_with("Tcp:"));
+    let header = lines.next()?;
+    let values = lines.next()?;
+    let index = header.split_whitespace().position(|name| name == field)?;
+    values.split_whitespace().nth(index)?.parse().ok()
+}
+
 /// The MAC of `interface` in the calling thread's namespace (through `SIOCGIFHWADDR`).
 pub fn interface_mac(interface: &str) -> io::Result<[u8; 6]> {
     if interface.is_empty() || interface.len() > 15 {
@@ -1518,6 +1539,14 @@ mod tests {
             }
         );
         assert!(parse_net_dev(text, "tap1").is_none());
+    }
+
+    #[test]
+    fn parses_snmp_tcp() {
+        let text = "Ip: Forwarding\nIp: 1\nTcp: RtoAlgorithm RtoMin OutRsts InCsumErrors\n\
+                    Tcp: 1 200 20 0\nUdp: InDatagrams\nUdp: 5\n";
+        assert_eq!(parse_snmp_tcp(text, "OutRsts"), Some(20));
+        assert_eq!(parse_snmp_tcp(text, "Nope"), None);
     }
 
     #[test]
