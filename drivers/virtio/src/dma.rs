@@ -555,7 +555,14 @@ unsafe impl<H: DmaHal> DeviceBuffer for Vec<Part<H>> {
 /// Host-test DMA: real page-aligned host memory behind the [`Hal`] traits, plus the device's
 /// side of it (loads and stores by bus address, bounds-checked against live allocations), so
 /// the fake devices of the queue tests read the rings exactly as the driver wrote them.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        reason = "the fuzz entry points use only part of the test DMA"
+    )
+)]
 pub(crate) mod host {
     use core::cell::{Cell, RefCell};
     use std::alloc::Layout;

@@ -17,11 +17,16 @@
 #![deny(unsafe_code)]
 
 extern crate alloc;
+// The `fuzzing` feature builds the host DMA of `dma::host` (std's allocator) outside tests.
+#[cfg(all(feature = "fuzzing", not(test)))]
+extern crate std;
 
 pub mod barrier;
 #[allow(unsafe_code)]
 pub mod dma;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod hal;
 pub mod net;
 pub mod pci;

@@ -12,6 +12,7 @@ mod datapath;
 mod device;
 mod misbehaving;
 mod negotiation;
+mod recovery;
 
 use std::cell::RefCell;
 
