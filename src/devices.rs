@@ -9,7 +9,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use ::pci::{Function, PciAddress};
-use virtio::net::{LinkChange, NetError, NetOptions, NetVectors, RxFrame, VirtioNet};
+use virtio::net::{LinkChange, NetError, NetOptions, NetStats, NetVectors, RxFrame, VirtioNet};
 use virtio::pci::{DeviceConfigRequirement, PciTransport, identify};
 use virtio::spec::{feature, net_feature};
 use virtio::transport::DeviceType;
@@ -428,23 +428,27 @@ pub fn reinit_net(
 }
 
 /// The kernel's NIC for the network loop: the driver, error latching, and recovery. When the
-/// device breaks a queue's rules or asks for a reset, the next housekeeping pass resets it and
-/// initialises it again; the network stack above keeps its sockets.
+/// device breaks a queue's rules or asks for a reset, the next housekeeping pass retires the
+/// driver (its Drop resets the device before its queues and buffers are freed), then
+/// initialises the device again; the network stack above keeps its sockets. Counters are
+/// totals across resets.
 pub struct KernelNic {
-    net: KernelNet,
+    net: Option<KernelNet>,
     failed: Option<NetError>,
     reinit: Reinit,
     resets: u64,
+    retired_stats: NetStats,
 }
 
 impl KernelNic {
     /// Wraps the driver, with the recipe to rebuild it.
     pub fn new(net: KernelNet, reinit: Reinit) -> Self {
         Self {
-            net,
+            net: Some(net),
             failed: None,
             reinit,
             resets: 0,
+            retired_stats: NetStats::default(),
         }
     }
 
@@ -460,11 +464,15 @@ impl KernelNic {
             return;
         };
         log::warn!("virtio-net: resetting the device after: {error}");
+        // Retire the old driver first: dropping it resets the device. Building the new one
+        // before that would leave the new driver on a device the old one's Drop just reset.
+        if let Some(old) = self.net.take() {
+            self.retired_stats += old.stats();
+            drop(old);
+        }
         match (self.reinit)() {
             Ok(net) => {
-                // Assigning drops the old driver, whose Drop resets the device before its
-                // queues and buffers are freed (the new one already reset it too).
-                self.net = net;
+                self.net = Some(net);
                 self.resets += 1;
                 log::info!("virtio-net: device re-initialised (reset {})", self.resets);
             }
@@ -474,13 +482,21 @@ impl KernelNic {
             }
         }
     }
+
+    fn stats(&self) -> NetStats {
+        let mut stats = self.retired_stats;
+        if let Some(net) = &self.net {
+            stats += net.stats();
+        }
+        stats
+    }
 }
 
 impl net::device::Nic for KernelNic {
     type Rx = RxFrame<KernelHal>;
 
     fn receive(&mut self) -> Option<Self::Rx> {
-        match self.net.receive() {
+        match self.net.as_mut()?.receive() {
             Ok(frame) => frame,
             Err(error) => {
                 self.note(error);
@@ -494,17 +510,20 @@ impl net::device::Nic for KernelNic {
     }
 
     fn recycle(&mut self, rx: Self::Rx) {
-        if let Err(error) = self.net.recycle(rx) {
+        // A frame from a retired driver is simply dropped: its buffers belonged to the old
+        // queues, which are gone; the new driver posted fresh ones.
+        let Some(net) = self.net.as_mut() else { return };
+        if let Err(error) = net.recycle(rx) {
             self.note(error);
         }
     }
 
     fn can_transmit(&mut self) -> bool {
-        self.net.can_transmit()
+        self.net.as_mut().is_some_and(|net| net.can_transmit())
     }
 
     fn transmit<R>(&mut self, length: usize, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-        match self.net.transmit(length, fill) {
+        match self.net.as_mut()?.transmit(length, fill) {
             Ok(result) => result,
             Err(error) => {
                 self.note(error);
@@ -514,38 +533,56 @@ impl net::device::Nic for KernelNic {
     }
 
     fn max_frame(&self) -> usize {
-        self.net.max_frame()
+        self.net
+            .as_ref()
+            .map_or(usize::from(virtio::net::DEFAULT_MTU) + 14, |net| {
+                net.max_frame()
+            })
     }
 
     fn tx_checksum_offload(&self) -> bool {
-        self.net.tx_checksum_offload()
+        self.net
+            .as_ref()
+            .is_some_and(|net| net.tx_checksum_offload())
     }
 }
 
 impl net::NicControl for KernelNic {
     fn arm_rx_interrupt(&mut self) -> bool {
-        // Receive always; transmit only when back-pressured (see the driver).
-        self.net.arm_rx_interrupt() | self.net.arm_tx_interrupt_if_backlogged()
+        match self.net.as_mut() {
+            // Receive always; transmit only when back-pressured (see the driver).
+            Some(net) => net.arm_rx_interrupt() | net.arm_tx_interrupt_if_backlogged(),
+            // No driver: do not sleep on a device that cannot interrupt.
+            None => true,
+        }
     }
 
     fn disarm_rx_interrupt(&mut self) {
-        self.net.disarm_rx_interrupt();
-        self.net.disarm_tx_interrupt();
+        if let Some(net) = self.net.as_mut() {
+            net.disarm_rx_interrupt();
+            net.disarm_tx_interrupt();
+        }
     }
 
     fn flush(&mut self) {
-        if let Err(error) = self.net.flush() {
+        let Some(net) = self.net.as_mut() else { return };
+        if let Err(error) = net.flush() {
             self.note(error);
         }
     }
 
     fn housekeeping(&mut self) {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.net.is_none() {
+            if self.failed.is_none() {
+                self.failed = Some(NetError::NeedsReset);
+            }
             self.recover();
             return;
         }
-        if CONFIG_PENDING.swap(false, Ordering::Acquire) {
-            match self.net.handle_config_change() {
+        if CONFIG_PENDING.swap(false, Ordering::Acquire)
+            && let Some(net) = self.net.as_mut()
+        {
+            match net.handle_config_change() {
                 Ok(Some(LinkChange::Up)) => log::info!("virtio-net: link up"),
                 Ok(Some(LinkChange::Down)) => log::info!("virtio-net: link down"),
                 Ok(None) => {}
@@ -555,15 +592,16 @@ impl net::NicControl for KernelNic {
     }
 
     fn link_up(&self) -> bool {
-        self.net.link_up()
+        self.net.as_ref().is_some_and(|net| net.link_up())
     }
 
     fn rx_pending(&self) -> bool {
-        self.net.rx_pending()
+        // A failed or missing driver counts as pending so the loop keeps running housekeeping.
+        self.failed.is_some() || self.net.as_ref().is_none_or(|net| net.rx_pending())
     }
 
     fn write_stats(&self, out: &mut dyn Write) {
-        let stats = self.net.stats();
+        let stats = self.stats();
         let _ = write!(
             out,
             " rx_packets={} rx_bytes={} rx_dropped={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} device_resets={} link={}",
@@ -582,7 +620,7 @@ impl net::NicControl for KernelNic {
             stats.kicks_suppressed,
             stats.config_changes,
             self.resets,
-            if self.net.link_up() { "up" } else { "down" }
+            if self.link_up() { "up" } else { "down" }
         );
     }
 }

@@ -216,6 +216,26 @@ pub struct NetStats {
     pub config_changes: u64,
 }
 
+impl core::ops::AddAssign for NetStats {
+    /// Adds another driver instance's counters (the totals across device resets).
+    fn add_assign(&mut self, other: Self) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.rx_malformed += other.rx_malformed;
+        self.rx_merged += other.rx_merged;
+        self.rx_buffers_posted += other.rx_buffers_posted;
+        self.rx_checksums_completed += other.rx_checksums_completed;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.tx_full += other.tx_full;
+        self.tx_oversize += other.tx_oversize;
+        self.tx_checksum_offloaded += other.tx_checksum_offloaded;
+        self.kicks += other.kicks;
+        self.kicks_suppressed += other.kicks_suppressed;
+        self.config_changes += other.config_changes;
+    }
+}
+
 /// A received frame, owned by the caller until [`VirtioNet::recycle`].
 pub struct RxFrame<H: DmaHal + Clone> {
     parts: Vec<Part<H>>,
