@@ -3,12 +3,12 @@
 
 use std::process::Command;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::host::{AccelChoice, Qemu};
 
 /// What the benchmark ran on.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Environment {
     /// `model name` of the first CPU in `/proc/cpuinfo`.
     pub cpu_model: String,

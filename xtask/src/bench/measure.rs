@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::BenchError;
 use super::progress::Progress;
@@ -20,7 +20,7 @@ use crate::client::{
 };
 
 /// How the client waits for an echo.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientForm {
     /// `recv(2)` on a blocking socket: the client thread sleeps until the echo arrives.
@@ -263,7 +263,7 @@ pub fn udp_ping_pong(
 }
 
 /// The outcome of a windowed throughput run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Throughput {
     /// Payload size in bytes.
     pub size: usize,

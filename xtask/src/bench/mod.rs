@@ -294,7 +294,9 @@ pub const USAGE: &str = "\
         Latency benchmark (root): Vireo in each mode, the Linux guest peer and the floors
         (loopback, userspace tap reflector) over a tap in a private namespace. Writes
         bench.md, bench.json and bench-cdf.svg to DIR (default bench-results/).
-        --quick: Vireo poll mode and the floors, 64 B, 2000 samples (a smoke run).";
+        --quick: Vireo poll mode and the floors, 64 B, 2000 samples (a smoke run).
+  bench --render DIR/bench.json
+        Re-render bench.md and bench-cdf.svg from a run's JSON, without measuring.";
 
 /// Where the outputs of a run went.
 #[derive(Clone, Debug)]
@@ -311,6 +313,26 @@ pub struct Outputs {
 /// every system asked for was measured or declared unmeasurable with a reason; 1 when a
 /// measurement failed; 130 when interrupted).
 pub fn main(args: &[String]) -> i32 {
+    if let Some(position) = args.iter().position(|a| a == "--render") {
+        let Some(json) = args.get(position + 1) else {
+            eprintln!("error: bench: --render needs the path of a bench.json");
+            return 2;
+        };
+        return match render(Path::new(json)) {
+            Ok(outputs) => {
+                println!(
+                    "rendered {} and {}",
+                    outputs.markdown.display(),
+                    outputs.svg.display()
+                );
+                0
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                1
+            }
+        };
+    }
     let options = match BenchOptions::parse(args) {
         Ok(options) => options,
         Err(message) => {
@@ -546,6 +568,20 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
 
 fn first_lines(text: &str, count: usize) -> String {
     text.lines().take(count).collect::<Vec<_>>().join(" / ")
+}
+
+/// Re-renders a run's `bench.md` and `bench-cdf.svg` (and the derived figures and target checks
+/// in its JSON) from its `bench.json`, in the same directory: for a change to the tables or the
+/// plot without measuring again.
+pub fn render(json: &Path) -> Result<Outputs, BenchError> {
+    let text = std::fs::read_to_string(json)
+        .map_err(|e| BenchError(format!("reading {}: {e}", json.display())))?;
+    let mut report: Report = serde_json::from_str(&text)
+        .map_err(|e| BenchError(format!("{} is not a bench.json: {e}", json.display())))?;
+    report::derive(&mut report);
+    report.targets = report::check_targets(&report);
+    let dir = json.parent().unwrap_or(Path::new("."));
+    write_outputs(&report, dir)
 }
 
 /// Writes `bench.md`, `bench.json` and `bench-cdf.svg` into `dir`.
