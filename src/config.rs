@@ -2,7 +2,9 @@
 //!
 //! The guest contract (README): space-separated `key=value` words and flags.
 //! `ip=A.B.C.D/N` (default 10.0.2.15/24), `gw=A.B.C.D` (default 10.0.2.2), `mode=irq|poll|adaptive`
-//! (default adaptive), `log=error|warn|info|debug` (default info), and the flag `selftest`.
+//! (default adaptive), `log=error|warn|info|debug` (default info), the flag `selftest`, and the
+//! fault-injection key `inject-reset=N` (tests only: treat the NIC as failed every N received
+//! frames, to exercise the reset-and-reinitialise path under QEMU).
 //! The command line is untrusted input: every problem is reported through a callback as one
 //! [`CmdlineError`] (which names the key and value) and the default is kept. Parsing never
 //! panics and never allocates.
@@ -109,6 +111,8 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Run the in-kernel self test and exit (`selftest`).
     pub selftest: bool,
+    /// Fault injection (`inject-reset=N`): declare the NIC failed every N received frames.
+    pub inject_reset_every: Option<u32>,
 }
 
 /// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
@@ -127,6 +131,7 @@ impl Default for Config {
             mode: Mode::Adaptive,
             log_level: LogLevel::Info,
             selftest: false,
+            inject_reset_every: None,
         }
     }
 }
@@ -148,6 +153,8 @@ pub enum ValueProblem {
     UnexpectedValue,
     /// The key needs a value (`key=value`).
     MissingValue,
+    /// Not a whole number from 1 to 999999999.
+    NotACount,
 }
 
 impl fmt::Display for ValueProblem {
@@ -171,6 +178,7 @@ impl fmt::Display for ValueProblem {
             }
             Self::UnexpectedValue => f.write_str("this flag takes no value"),
             Self::MissingValue => f.write_str("expected key=value"),
+            Self::NotACount => f.write_str("expected a whole number from 1 to 999999999"),
         }
     }
 }
@@ -286,6 +294,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
     let mut seen_mode = false;
     let mut seen_log = false;
     let mut seen_selftest = false;
+    let mut seen_inject = false;
     let mut explicit_gateway = false;
 
     for word in cmdline.split(|byte| byte.is_ascii_whitespace() || *byte == 0) {
@@ -345,6 +354,21 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                         value,
                         problem,
                         Kept::Level(config.log_level),
+                    )),
+                }
+            }
+            b"inject-reset" => {
+                check_duplicate(&mut seen_inject, "inject-reset");
+                match value
+                    .ok_or(ValueProblem::MissingValue)
+                    .and_then(parse_count)
+                {
+                    Ok(count) => config.inject_reset_every = Some(count),
+                    Err(problem) => report(invalid(
+                        "inject-reset",
+                        value,
+                        problem,
+                        Kept::Flag(config.inject_reset_every.is_some()),
                     )),
                 }
             }
@@ -450,6 +474,20 @@ fn parse_cidr(text: &[u8]) -> Result<Ipv4Cidr, ValueProblem> {
         }
     }
     Ok(cidr)
+}
+
+fn parse_count(text: &[u8]) -> Result<u32, ValueProblem> {
+    if text.is_empty() || text.len() > 9 || !text.iter().all(u8::is_ascii_digit) {
+        return Err(ValueProblem::NotACount);
+    }
+    let count = text
+        .iter()
+        .fold(0u32, |acc, digit| acc * 10 + u32::from(digit - b'0'));
+    if count == 0 {
+        Err(ValueProblem::NotACount)
+    } else {
+        Ok(count)
+    }
 }
 
 fn parse_mode(text: &[u8]) -> Result<Mode, ValueProblem> {
@@ -592,6 +630,29 @@ mod tests {
         let (config, errors) = parse_collect("mode=irq mode=poll");
         assert_eq!(config.mode, Mode::Poll);
         assert_eq!(errors, ["mode= given more than once; the last one wins"]);
+    }
+
+    #[test]
+    fn inject_reset_takes_a_positive_count() {
+        assert_eq!(
+            parse_collect("inject-reset=50").0.inject_reset_every,
+            Some(50)
+        );
+        for bad in [
+            "inject-reset=0",
+            "inject-reset=-1",
+            "inject-reset=x",
+            "inject-reset=1234567890",
+            "inject-reset",
+        ] {
+            let (config, errors) = parse_collect(bad);
+            assert_eq!(config.inject_reset_every, None, "{bad}");
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert!(
+                errors[0].starts_with("invalid inject-reset= value"),
+                "{bad}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -438,17 +438,22 @@ pub struct KernelNic {
     reinit: Reinit,
     resets: u64,
     retired_stats: NetStats,
+    /// Fault injection: declare the device failed after this many received frames.
+    inject_reset_every: Option<u32>,
+    received_since_reset: u32,
 }
 
 impl KernelNic {
     /// Wraps the driver, with the recipe to rebuild it.
-    pub fn new(net: KernelNet, reinit: Reinit) -> Self {
+    pub fn new(net: KernelNet, reinit: Reinit, inject_reset_every: Option<u32>) -> Self {
         Self {
             net: Some(net),
             failed: None,
             reinit,
             resets: 0,
             retired_stats: NetStats::default(),
+            inject_reset_every,
+            received_since_reset: 0,
         }
     }
 
@@ -496,8 +501,19 @@ impl net::device::Nic for KernelNic {
     type Rx = RxFrame<KernelHal>;
 
     fn receive(&mut self) -> Option<Self::Rx> {
+        if let Some(every) = self.inject_reset_every
+            && self.failed.is_none()
+            && self.received_since_reset >= every
+        {
+            self.received_since_reset = 0;
+            self.note(NetError::Injected);
+        }
         match self.net.as_mut()?.receive() {
-            Ok(frame) => frame,
+            Ok(Some(frame)) => {
+                self.received_since_reset = self.received_since_reset.saturating_add(1);
+                Some(frame)
+            }
+            Ok(None) => None,
             Err(error) => {
                 self.note(error);
                 None
@@ -593,6 +609,10 @@ impl net::NicControl for KernelNic {
 
     fn link_up(&self) -> bool {
         self.net.as_ref().is_some_and(|net| net.link_up())
+    }
+
+    fn needs_attention(&self) -> bool {
+        self.failed.is_some() || self.net.is_none()
     }
 
     fn rx_pending(&self) -> bool {

@@ -210,7 +210,11 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     let (function, path) = (nic.function, nic.interrupts);
     let reinit: devices::Reinit =
         alloc::boxed::Box::new(move || devices::reinit_net(config_space, &function, path, options));
-    net::run(devices::KernelNic::new(nic.net, reinit), mac, &config)
+    net::run(
+        devices::KernelNic::new(nic.net, reinit, config.inject_reset_every),
+        mac,
+        &config,
+    )
 }
 
 struct DisplayGateway(Option<config::Ipv4>);

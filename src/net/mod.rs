@@ -44,6 +44,8 @@ pub trait NicControl {
     fn housekeeping(&mut self);
     /// Whether the link is up.
     fn link_up(&self) -> bool;
+    /// Whether housekeeping must run now (the device failed and must be reset).
+    fn needs_attention(&self) -> bool;
     /// Whether received frames are waiting in the used ring (cheap: one load).
     fn rx_pending(&self) -> bool;
     /// Appends the driver's counters (`key=value` pairs, space separated, leading space).
@@ -113,7 +115,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
             services.poll(&mut device, now(), &mut write_stats)
         };
         nic.borrow_mut().flush();
-        if now_ns - last_housekeeping_ns > 10_000_000 {
+        if now_ns - last_housekeeping_ns > 10_000_000 || nic.borrow().needs_attention() {
             nic.borrow_mut().housekeeping();
             last_housekeeping_ns = now_ns;
             if !ready && nic.borrow().link_up() {

@@ -136,6 +136,8 @@ pub enum NetError {
     },
     /// The device reported DEVICE_NEEDS_RESET.
     NeedsReset,
+    /// The owner declared the device failed on purpose (fault injection in tests).
+    Injected,
 }
 
 impl fmt::Display for NetError {
@@ -161,6 +163,7 @@ impl fmt::Display for NetError {
                 write!(f, "control command {class}.{command} timed out")
             }
             Self::NeedsReset => f.write_str("the device set DEVICE_NEEDS_RESET"),
+            Self::Injected => f.write_str("injected fault (inject-reset=)"),
         }
     }
 }
