@@ -410,7 +410,7 @@ pub struct NetnsSelfTest {
 
 /// Checks the namespace fixture and the clients for real, without a kernel: creates a namespace
 /// with the default tap, checks that the tap is up with 10.0.2.2/24 and that no tap appeared in
-/// the host's namespace, pings 10.0.2.2 from inside, then attaches a [`TapReflector`] to the tap
+/// the host's namespace, pings 10.0.2.2 from inside, then attaches a [`TapReflector`](crate::tap::TapReflector) to the tap
 /// as a stand-in guest at 10.0.2.15 and runs UDP echo (1, 64, 1400 and 1472 bytes) and ICMP echo
 /// to it over the tap, then removes the namespace and checks that it is gone. Needs root.
 pub fn netns_self_test() -> Result<NetnsSelfTest, Error> {

@@ -300,7 +300,7 @@ fn has(features: u64, number: u32) -> bool {
 }
 
 /// Receive/transmit buffer size: the virtio header plus the largest frame, at least
-/// [`MIN_BUFFER`], rounded up to 64 bytes.
+/// 2048 bytes, rounded up to 64 bytes.
 pub fn buffer_len_for_mtu(mtu: u16) -> usize {
     let needed = NET_HEADER_LEN + ETHERNET_HEADER_LEN + VLAN_TAG_LEN + usize::from(mtu);
     needed.max(MIN_BUFFER).div_ceil(64) * 64
