@@ -3,7 +3,12 @@
 //! by smoltcp's interface itself), and the read-only stats service on UDP port 7007.
 //!
 //! Nothing here allocates per packet: the socket buffers are allocated once at start-up, and
-//! echo moves bytes between a socket's receive and send buffers through a stack chunk.
+//! echo moves bytes between a socket's receive and send buffers through one scratch buffer.
+//!
+//! TCP sockets are a pool that grows on demand: a few listening sockets wait for connections
+//! (`TCP_LISTENERS`); when one is taken, another is added, up to `TCP_CONNECTIONS` in all; closed
+//! sockets beyond the listeners are removed, so their buffers go back to the heap. smoltcp walks
+//! every socket on every poll, so an idle pool of 72 sockets would cost on every packet.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -20,8 +25,15 @@ use vireo::config::Config;
 pub const ECHO_PORT: u16 = 7;
 /// The stats port.
 pub const STATS_PORT: u16 = 7007;
-/// TCP echo sockets: the number of connections served at once.
+/// TCP echo sockets at most: the number of connections served at once (plus listeners).
 pub const TCP_CONNECTIONS: usize = 72;
+/// Listening TCP sockets kept ready.
+pub const TCP_LISTENERS: usize = 4;
+/// An established connection that stays silent this long is reset (it also bounds how long a
+/// half-open connection from a SYN flood holds a socket).
+const TCP_IDLE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// The largest datagram echoed (a jumbo frame's payload).
+const SCRATCH_BYTES: usize = 9216;
 const TCP_BUFFER: usize = 16 * 1024;
 const UDP_PACKETS: usize = 128;
 const UDP_BUFFER: usize = 256 * 1024;
@@ -49,11 +61,24 @@ pub struct Services {
     sockets: SocketSet<'static>,
     udp_echo: SocketHandle,
     stats: SocketHandle,
-    tcp: Vec<SocketHandle>,
-    was_active: Vec<bool>,
+    /// TCP sockets with whether each was active at the last poll.
+    tcp: Vec<(SocketHandle, bool)>,
     /// Counters.
     pub counters: ServiceCounters,
     stats_line: alloc::string::String,
+    scratch: Vec<u8>,
+}
+
+fn tcp_listener() -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_timeout(Some(TCP_IDLE_TIMEOUT));
+    // Listening on a fresh socket with a non-zero port cannot fail.
+    let _ = socket.listen(ECHO_PORT);
+    socket
 }
 
 fn udp_socket() -> udp::Socket<'static> {
@@ -106,25 +131,18 @@ impl Services {
         let _ = stats.bind(STATS_PORT);
         let udp_echo = sockets.add(echo);
         let stats = sockets.add(stats);
-        let mut tcp = Vec::with_capacity(TCP_CONNECTIONS);
-        for _ in 0..TCP_CONNECTIONS {
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-                tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-            );
-            socket.set_nagle_enabled(false);
-            let _ = socket.listen(ECHO_PORT);
-            tcp.push(sockets.add(socket));
-        }
+        let tcp = (0..TCP_LISTENERS)
+            .map(|_| (sockets.add(tcp_listener()), false))
+            .collect();
         Self {
             iface,
             sockets,
             udp_echo,
             stats,
-            was_active: vec![false; tcp.len()],
             tcp,
             counters: ServiceCounters::default(),
             stats_line: alloc::string::String::with_capacity(1024),
+            scratch: vec![0; SCRATCH_BYTES],
         }
     }
 
@@ -158,12 +176,11 @@ impl Services {
         let socket = self.sockets.get_mut::<udp::Socket>(self.udp_echo);
         let mut activity = false;
         while socket.can_recv() {
-            let mut chunk = [0u8; 9216];
-            let Ok((length, metadata)) = socket.recv_slice(&mut chunk) else {
+            let Ok((length, metadata)) = socket.recv_slice(&mut self.scratch) else {
                 break;
             };
             activity = true;
-            match socket.send_slice(&chunk[..length], metadata.endpoint) {
+            match socket.send_slice(&self.scratch[..length], metadata.endpoint) {
                 Ok(()) => self.counters.udp_echoed += 1,
                 Err(_) => self.counters.udp_echo_dropped += 1,
             }
@@ -183,7 +200,7 @@ impl Services {
             let line = &mut self.stats_line;
             line.clear();
             let counters = self.counters;
-            let connected = self.was_active.iter().filter(|&&active| active).count();
+            let connected = self.tcp.iter().filter(|&&(_, active)| active).count();
             let _ = write!(
                 line,
                 "udp_echoed={} udp_echo_dropped={} tcp_accepted={} tcp_connected={} tcp_aborted={} tcp_bytes_echoed={} stats_requests={}",
@@ -204,27 +221,28 @@ impl Services {
 
     fn serve_tcp(&mut self) -> bool {
         let mut activity = false;
-        for (index, &handle) in self.tcp.iter().enumerate() {
-            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let mut listeners = 0;
+        let mut closed_spares = Vec::new();
+        for (index, (handle, was_active)) in self.tcp.iter_mut().enumerate() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(*handle);
             let active = socket.is_active();
-            if active && !self.was_active[index] {
+            if active && !*was_active {
                 self.counters.tcp_accepted += 1;
             }
-            self.was_active[index] = active;
+            *was_active = active;
             while socket.can_recv() && socket.can_send() {
                 let free = socket.send_capacity() - socket.send_queue();
                 if free == 0 {
                     break;
                 }
-                let mut chunk = [0u8; 4096];
-                let limit = free.min(chunk.len());
-                let Ok(received) = socket.recv_slice(&mut chunk[..limit]) else {
+                let limit = free.min(self.scratch.len());
+                let Ok(received) = socket.recv_slice(&mut self.scratch[..limit]) else {
                     break;
                 };
                 if received == 0 {
                     break;
                 }
-                let sent = socket.send_slice(&chunk[..received]).unwrap_or(0);
+                let sent = socket.send_slice(&self.scratch[..received]).unwrap_or(0);
                 self.counters.tcp_bytes_echoed += sent as u64;
                 activity = true;
                 if sent < received {
@@ -245,11 +263,31 @@ impl Services {
                 activity = true;
             }
             if !socket.is_open() {
-                // Closed (or never opened): listen again for the next connection.
-                if socket.listen(ECHO_PORT).is_ok() {
-                    activity = true;
-                }
+                // Closed: listen again, or (when there are listeners enough) give it back.
+                closed_spares.push(index);
+            } else if socket.is_listening() {
+                listeners += 1;
             }
+        }
+        // Closed sockets become listeners until there are enough; the rest are removed.
+        for &index in closed_spares.iter().rev() {
+            let (handle, _) = self.tcp[index];
+            if listeners < TCP_LISTENERS {
+                let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+                if socket.listen(ECHO_PORT).is_ok() {
+                    listeners += 1;
+                }
+            } else {
+                self.sockets.remove(handle);
+                self.tcp.swap_remove(index);
+            }
+            activity = true;
+        }
+        // Keep listeners ready while there is room for more connections.
+        while listeners < TCP_LISTENERS && self.tcp.len() < TCP_CONNECTIONS + TCP_LISTENERS {
+            self.tcp.push((self.sockets.add(tcp_listener()), false));
+            listeners += 1;
+            activity = true;
         }
         activity
     }
