@@ -2,7 +2,8 @@
 //!
 //! The guest contract (README): space-separated `key=value` words and flags.
 //! `ip=A.B.C.D/N` (default 10.0.2.15/24), `gw=A.B.C.D` (default 10.0.2.2), `mode=irq|poll|adaptive`
-//! (default adaptive), `log=error|warn|info|debug` (default info), the flag `selftest`, and the
+//! (default adaptive), `poll-window=MICROSECONDS` (how long `adaptive` keeps polling after the
+//! last packet, default 200), `log=error|warn|info|debug` (default info), the flag `selftest`, and the
 //! fault-injection key `inject-reset=N` (tests only: treat the NIC as failed every N received
 //! frames, to exercise the reset-and-reinitialise path under QEMU).
 //! The command line is untrusted input: every problem is reported through a callback as one
@@ -113,6 +114,8 @@ pub struct Config {
     pub selftest: bool,
     /// Fault injection (`inject-reset=N`): declare the NIC failed every N received frames.
     pub inject_reset_every: Option<u32>,
+    /// How long `adaptive` keeps polling after the last packet (`poll-window=`), microseconds.
+    pub poll_window_us: u32,
 }
 
 /// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
@@ -120,6 +123,8 @@ pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr {
     address: Ipv4([10, 0, 2, 15]),
     prefix_len: 24,
 };
+/// The default adaptive polling window, 200 µs.
+pub const DEFAULT_POLL_WINDOW_US: u32 = 200;
 /// The default gateway, 10.0.2.2.
 pub const DEFAULT_GATEWAY: Ipv4 = Ipv4([10, 0, 2, 2]);
 
@@ -132,6 +137,7 @@ impl Default for Config {
             log_level: LogLevel::Info,
             selftest: false,
             inject_reset_every: None,
+            poll_window_us: DEFAULT_POLL_WINDOW_US,
         }
     }
 }
@@ -248,6 +254,8 @@ pub enum Kept {
     Level(LogLevel),
     /// A flag's state.
     Flag(bool),
+    /// A duration in microseconds.
+    Micros(u32),
 }
 
 impl fmt::Display for Kept {
@@ -259,6 +267,7 @@ impl fmt::Display for Kept {
             Self::Mode(mode) => write!(f, "{mode}"),
             Self::Level(level) => write!(f, "{level}"),
             Self::Flag(on) => write!(f, "{}", if *on { "on" } else { "off" }),
+            Self::Micros(micros) => write!(f, "{micros} us"),
         }
     }
 }
@@ -295,6 +304,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
     let mut seen_log = false;
     let mut seen_selftest = false;
     let mut seen_inject = false;
+    let mut seen_window = false;
     let mut explicit_gateway = false;
 
     for word in cmdline.split(|byte| byte.is_ascii_whitespace() || *byte == 0) {
@@ -354,6 +364,21 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                         value,
                         problem,
                         Kept::Level(config.log_level),
+                    )),
+                }
+            }
+            b"poll-window" => {
+                check_duplicate(&mut seen_window, "poll-window");
+                match value
+                    .ok_or(ValueProblem::MissingValue)
+                    .and_then(parse_count)
+                {
+                    Ok(micros) => config.poll_window_us = micros,
+                    Err(problem) => report(invalid(
+                        "poll-window",
+                        value,
+                        problem,
+                        Kept::Micros(config.poll_window_us),
                     )),
                 }
             }
@@ -630,6 +655,20 @@ mod tests {
         let (config, errors) = parse_collect("mode=irq mode=poll");
         assert_eq!(config.mode, Mode::Poll);
         assert_eq!(errors, ["mode= given more than once; the last one wins"]);
+    }
+
+    #[test]
+    fn poll_window_is_tunable() {
+        assert_eq!(parse_collect("").0.poll_window_us, DEFAULT_POLL_WINDOW_US);
+        assert_eq!(parse_collect("poll-window=1000").0.poll_window_us, 1000);
+        let (config, errors) = parse_collect("poll-window=0");
+        assert_eq!(config.poll_window_us, DEFAULT_POLL_WINDOW_US);
+        assert_eq!(
+            errors,
+            [
+                "invalid poll-window= value '0': expected a whole number from 1 to 999999999; using 200 us"
+            ]
+        );
     }
 
     #[test]

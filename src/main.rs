@@ -85,10 +85,11 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         (tsc_hz / 1000) % 1000
     );
     log::info!(
-        "cmdline: ip={} gw={} mode={} log={}",
+        "cmdline: ip={} gw={} mode={} poll-window={}us log={}",
         config.ip,
         DisplayGateway(config.gateway),
         config.mode,
+        config.poll_window_us,
         config.log_level
     );
 

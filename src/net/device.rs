@@ -32,15 +32,23 @@ pub trait Nic {
     fn tx_checksum_offload(&self) -> bool;
 }
 
+/// Frames one stack poll takes at most, so that a flood cannot starve transmission, timers
+/// and housekeeping (the NAPI budget).
+pub const RX_BUDGET: usize = 64;
+
 /// smoltcp's view of the NIC.
 pub struct NicDevice<'a, N: Nic> {
     nic: &'a RefCell<N>,
+    budget: usize,
 }
 
 impl<'a, N: Nic> NicDevice<'a, N> {
-    /// Wraps the NIC for one stack poll.
+    /// Wraps the NIC for one stack poll, with a fresh receive budget.
     pub fn new(nic: &'a RefCell<N>) -> Self {
-        Self { nic }
+        Self {
+            nic,
+            budget: RX_BUDGET,
+        }
     }
 }
 
@@ -107,7 +115,11 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
         Self: 'b;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if self.budget == 0 {
+            return None;
+        }
         let rx = self.nic.borrow_mut().receive()?;
+        self.budget -= 1;
         Some((RxToken { nic: self.nic, rx }, TxToken { nic: self.nic }))
     }
 

@@ -4,7 +4,8 @@
 //!   until there is no work, re-arms them (the driver re-checks the ring after a full fence, so
 //!   a packet that raced the re-arm is never stranded), then halts.
 //! * `poll`: receive interrupts stay disarmed and the loop spins on the used ring.
-//! * `adaptive`: polls while traffic arrived within the last `ADAPTIVE_WINDOW_NS`, then arms and
+//! * `adaptive`: polls while traffic arrived within the last `poll-window=` microseconds (200 by
+//!   default), then arms and
 //!   halts like `irq`; each switch is counted.
 
 pub mod device;
@@ -20,9 +21,6 @@ use vireo::config::{Config, Mode};
 use crate::arch::{self, clock};
 use device::{Nic, NicDevice};
 use services::Services;
-
-/// How long `adaptive` keeps polling after the last packet.
-pub const ADAPTIVE_WINDOW_NS: u64 = 200_000;
 
 /// Longest stretch the poll fast path watches the ring without running the stack.
 const POLL_SLICE_NS: u64 = 1_000_000;
@@ -88,6 +86,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
     }
 
     let mut counters = LoopCounters::default();
+    let adaptive_window_ns = u64::from(config.poll_window_us) * 1000;
     let mut last_activity_ns = clock::now_ns();
     let mut polling = config.mode != Mode::Irq;
     let mut last_housekeeping_ns = 0;
@@ -130,7 +129,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         let keep_polling = match config.mode {
             Mode::Poll => true,
             Mode::Irq => false,
-            Mode::Adaptive => now_ns - last_activity_ns < ADAPTIVE_WINDOW_NS,
+            Mode::Adaptive => now_ns - last_activity_ns < adaptive_window_ns,
         };
         if keep_polling {
             if !polling {
@@ -146,7 +145,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
             let deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
             if config.mode == Mode::Adaptive {
                 // Adaptive stops spinning when its window closes.
-                let window_end = last_activity_ns + ADAPTIVE_WINDOW_NS;
+                let window_end = last_activity_ns + adaptive_window_ns;
                 while !nic.borrow().rx_pending() && clock::now_ns() < deadline.min(window_end) {
                     core::hint::spin_loop();
                 }
