@@ -37,19 +37,52 @@ pub trait Nic {
 pub const RX_BUDGET: usize = 64;
 
 /// smoltcp's view of the NIC.
+///
+/// It also gives the TCP echo service a listen backlog, which smoltcp lacks: a SYN to
+/// `syn_port` is handed to the stack only while a listening socket is free for it
+/// (`syn_credits`). A SYN beyond that is held (in `held`, ahead of every later frame, so order is
+/// kept) until the next poll, after the service has added listeners; without this, a burst of
+/// connections would find no listener and get resets.
 pub struct NicDevice<'a, N: Nic> {
     nic: &'a RefCell<N>,
+    held: &'a RefCell<Option<N::Rx>>,
     budget: usize,
+    syn_port: u16,
+    syn_credits: usize,
 }
 
 impl<'a, N: Nic> NicDevice<'a, N> {
-    /// Wraps the NIC for one stack poll, with a fresh receive budget.
-    pub fn new(nic: &'a RefCell<N>) -> Self {
+    /// Wraps the NIC for one stack poll, with a fresh receive budget and `syn_credits` SYNs to
+    /// `syn_port` allowed through.
+    pub fn new(
+        nic: &'a RefCell<N>,
+        held: &'a RefCell<Option<N::Rx>>,
+        syn_port: u16,
+        syn_credits: usize,
+    ) -> Self {
         Self {
             nic,
+            held,
             budget: RX_BUDGET,
+            syn_port,
+            syn_credits,
         }
     }
+}
+
+/// Whether `frame` is an IPv4 TCP segment with SYN set and ACK clear, to `port`.
+pub fn is_tcp_syn_to(frame: &[u8], port: u16) -> bool {
+    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+        return false;
+    }
+    let ip = &frame[14..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ip[9] != 6 || header_len < 20 || ip.len() < header_len + 14 {
+        return false;
+    }
+    let tcp = &ip[header_len..];
+    let flags = tcp[13];
+    u16::from_be_bytes([tcp[2], tcp[3]]) == port && flags & 0x02 != 0 && flags & 0x10 == 0
 }
 
 /// Receive token: one received frame.
@@ -118,7 +151,20 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
         if self.budget == 0 {
             return None;
         }
-        let rx = self.nic.borrow_mut().receive()?;
+        let held = self.held.borrow_mut().take();
+        let rx = match held {
+            Some(rx) => rx,
+            None => self.nic.borrow_mut().receive()?,
+        };
+        if is_tcp_syn_to(N::frame(&rx), self.syn_port) {
+            if self.syn_credits == 0 {
+                // No free listener: keep the SYN (and so everything behind it) for the next
+                // poll, by which time the echo service has added listeners.
+                *self.held.borrow_mut() = Some(rx);
+                return None;
+            }
+            self.syn_credits -= 1;
+        }
         self.budget -= 1;
         Some((RxToken { nic: self.nic, rx }, TxToken { nic: self.nic }))
     }

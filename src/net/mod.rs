@@ -64,10 +64,11 @@ fn now() -> Instant {
 /// Serves forever.
 pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
     let nic = RefCell::new(nic);
+    let held = RefCell::new(None);
     let seed =
         arch::rdtsc() ^ u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0]);
     let mut services = {
-        let mut device = NicDevice::new(&nic);
+        let mut device = NicDevice::new(&nic, &held, services::ECHO_PORT, 0);
         Services::new(&mut device, mac, config, now(), seed)
     };
     let [a, b, c, d, e, f] = mac;
@@ -94,7 +95,8 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
     loop {
         let now_ns = clock::now_ns();
         let activity = {
-            let mut device = NicDevice::new(&nic);
+            let mut device =
+                NicDevice::new(&nic, &held, services::ECHO_PORT, services.syn_credits());
             let mut write_stats = |out: &mut dyn Write| {
                 nic.borrow().write_stats(out);
                 let (heap_used, _) = crate::mem::heap_usage();

@@ -167,6 +167,19 @@ impl Services {
         activity
     }
 
+    /// How many connection attempts (SYNs to the echo port) the next poll may take: the free
+    /// listening sockets, or unlimited when the pool is full (smoltcp then refuses them with a
+    /// reset, which is the right answer).
+    pub fn syn_credits(&self) -> usize {
+        if self.tcp.len() >= TCP_CONNECTIONS + TCP_LISTENERS {
+            return usize::MAX;
+        }
+        self.tcp
+            .iter()
+            .filter(|&&(handle, _)| self.sockets.get::<tcp::Socket>(handle).is_listening())
+            .count()
+    }
+
     /// How long the stack may sleep before it needs polling (TCP timers), if at all.
     pub fn poll_delay(&mut self, now: Instant) -> Option<smoltcp::time::Duration> {
         self.iface.poll_delay(now, &self.sockets)
