@@ -21,7 +21,7 @@ use crate::client::{
 use crate::command::QemuCommand;
 use crate::error::Error;
 use crate::host::log;
-use crate::netns::{NetNs, run_in_netns};
+use crate::netns::{NetNs, enter_netns, run_in_netns};
 use crate::runner::{Guest, RunOptions};
 use crate::usernet::{DEFAULT_NIC, wait_for_ready};
 
@@ -167,6 +167,8 @@ pub struct SoakReport {
     pub command_line: String,
     /// Lines of the serial log that say something went wrong (`PANIC`, `resetting`, `error`).
     pub alarming_lines: Vec<String>,
+    /// Set when QEMU ended before the run did: how.
+    pub guest_ended: Option<String>,
 }
 
 impl SoakReport {
@@ -187,7 +189,10 @@ impl SoakReport {
     pub fn clean(&self) -> bool {
         let total = self.total();
         let lost = total.udp.lost() + total.icmp.lost() + total.tcp.lost();
-        lost == 0 && self.heap_flat() && self.alarming_lines.is_empty()
+        lost == 0
+            && self.heap_flat()
+            && self.alarming_lines.is_empty()
+            && self.guest_ended.is_none()
     }
 
     /// `heap_used` identical in every sample, and `heap_peak` at the end no higher than at the
@@ -290,6 +295,9 @@ impl SoakReport {
                 .collect();
             let _ = writeln!(text, "- guest at the end: {}", fields.join(" "));
         }
+        if let Some(ended) = &self.guest_ended {
+            let _ = writeln!(text, "- {ended}");
+        }
         for line in &self.alarming_lines {
             let _ = writeln!(text, "- serial: {line}");
         }
@@ -387,9 +395,18 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
         update(&mut all[index]);
     };
     let last_stats = Mutex::new(None);
-    let result = run_in_netns(netns.name(), || {
+    let guest_gone = AtomicBool::new(false);
+    // The traffic threads enter the namespace; the reporter stays outside it, where
+    // `ip netns pids` sees QEMU alone.
+    let handle = netns.handle()?;
+    let name = netns.name().to_string();
+    let enter = || enter_netns(&handle, &name).is_ok();
+    {
         thread::scope(|scope| {
             scope.spawn(|| {
+                if !enter() {
+                    return;
+                }
                 // One socket per size: an echo that comes back after its timeout then reaches
                 // only its own socket, where the next exchange of the same size recognises it
                 // as stale (by its sequence number) and skips it.
@@ -414,6 +431,9 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
                 });
             });
             scope.spawn(|| {
+                if !enter() {
+                    return;
+                }
                 paced(options.icmp_rate, &stop, || {
                     let at = Instant::now();
                     let result = icmp_echo(
@@ -431,6 +451,9 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
                 });
             });
             scope.spawn(|| {
+                if !enter() {
+                    return;
+                }
                 paced(options.tcp_rate, &stop, || {
                     let at = Instant::now();
                     let result = tcp_echo(echo, options.tcp_bytes, Duration::from_secs(10))
@@ -440,6 +463,9 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
                 });
             });
             scope.spawn(|| {
+                if !enter() {
+                    return;
+                }
                 let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     if Instant::now() >= next {
@@ -460,6 +486,7 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
             });
             // The reporter: one line per finished interval, then stop at the end.
             let mut reported = 0;
+            let mut last_check = Instant::now();
             loop {
                 let elapsed = began.elapsed();
                 let finished = (elapsed.as_secs_f64() / interval.as_secs_f64()) as usize;
@@ -485,23 +512,54 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
                     stop.store(true, Ordering::Relaxed);
                     break;
                 }
+                // QEMU is the only process in the namespace: when it is gone, stop at once.
+                if last_check.elapsed() >= Duration::from_secs(2) {
+                    last_check = Instant::now();
+                    if netns.pids().is_empty() {
+                        println!(
+                            "[soak] QEMU is gone after {:.1} min; stopping the traffic",
+                            elapsed.as_secs_f64() / 60.0
+                        );
+                        guest_gone.store(true, Ordering::Relaxed);
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
                 thread::sleep(Duration::from_millis(200));
             }
         });
-    });
-    result?;
+    }
     let elapsed = began.elapsed();
-    // Final sample, once the traffic has stopped.
-    let final_stats = run_in_netns(netns.name(), || {
-        thread::sleep(Duration::from_millis(500));
-        query_stats(stats_at, Duration::from_secs(2), 3)
-    })??;
+    let mut guest_ended = None;
+    if guest_gone.load(Ordering::Relaxed) {
+        let exit = guest.wait_exit(Duration::from_secs(5));
+        let failure = guest.failure(Error::Check(format!(
+            "QEMU ended {:.1} min into the soak ({})",
+            elapsed.as_secs_f64() / 60.0,
+            match &exit {
+                Ok(exit) => exit.to_string(),
+                Err(error) => error.error.to_string(),
+            }
+        )));
+        // The whole serial log and QEMU's stderr: what the guest said before it went.
+        println!("{failure}");
+        guest_ended = Some(failure.error.to_string());
+    }
+    // Final sample, once the traffic has stopped (none when the guest is gone).
+    let final_stats = if guest_ended.is_none() {
+        run_in_netns(netns.name(), || {
+            thread::sleep(Duration::from_millis(500));
+            query_stats(stats_at, Duration::from_secs(2), 3).ok()
+        })?
+    } else {
+        None
+    };
     let mut all = windows.into_inner().unwrap_or_else(|p| p.into_inner());
     let keep = ((options.duration.as_secs_f64() / interval.as_secs_f64()).ceil() as usize).max(1);
     all.truncate(keep);
-    if let Some(last) = all.last_mut() {
-        last.heap_used.extend(final_stats.get("heap_used"));
-        last.heap_peak.extend(final_stats.get("heap_peak"));
+    if let (Some(last), Some(stats)) = (all.last_mut(), &final_stats) {
+        last.heap_used.extend(stats.get("heap_used"));
+        last.heap_peak.extend(stats.get("heap_peak"));
     }
     let alarming_lines = guest
         .lines()
@@ -514,10 +572,11 @@ pub fn soak(kernel: &std::path::Path, options: &SoakOptions) -> Result<SoakRepor
     let report = SoakReport {
         windows: all,
         first_stats: Some(first_stats),
-        last_stats: Some(final_stats).or(last_stats.into_inner().unwrap_or_default()),
+        last_stats: final_stats.or(last_stats.into_inner().unwrap_or_default()),
         elapsed,
         command_line: guest.command_line().to_string(),
         alarming_lines,
+        guest_ended,
     };
     guest.kill();
     drop(netns);
