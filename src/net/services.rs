@@ -32,6 +32,13 @@ pub const TCP_LISTENERS: usize = 4;
 /// An established connection that stays silent this long is reset (it also bounds how long a
 /// half-open connection from a SYN flood holds a socket).
 const TCP_IDLE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+/// A connection still half open (SYN-RECEIVED) after this long is reset, freeing its socket:
+/// the SYN-flood defence (a real handshake completes within a round trip).
+const SYN_RECEIVED_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(1000);
+/// When the pool is full, half-open connections older than this are reset at once so that a
+/// flood cannot lock legitimate clients out.
+const SYN_RECEIVED_TIMEOUT_WHEN_FULL: smoltcp::time::Duration =
+    smoltcp::time::Duration::from_millis(20);
 /// The largest datagram echoed (a jumbo frame's payload).
 const SCRATCH_BYTES: usize = 9216;
 const TCP_BUFFER: usize = 16 * 1024;
@@ -53,6 +60,8 @@ pub struct ServiceCounters {
     pub stats_requests: u64,
     /// TCP connections reset by the echo service.
     pub tcp_aborted: u64,
+    /// Half-open connections (SYN-RECEIVED too long) reset: the SYN-flood defence.
+    pub tcp_half_open_reset: u64,
 }
 
 /// The interface, the sockets and their counters.
@@ -61,12 +70,31 @@ pub struct Services {
     sockets: SocketSet<'static>,
     udp_echo: SocketHandle,
     stats: SocketHandle,
-    /// TCP sockets with whether each was active at the last poll.
-    tcp: Vec<(SocketHandle, bool)>,
+    /// The TCP socket pool.
+    tcp: Vec<TcpSlot>,
     /// Counters.
     pub counters: ServiceCounters,
     stats_line: alloc::string::String,
     scratch: Vec<u8>,
+}
+
+/// One socket of the TCP pool.
+struct TcpSlot {
+    handle: SocketHandle,
+    /// Active (not listening, not closed) at the last poll.
+    active: bool,
+    /// When it was first seen half open (SYN-RECEIVED).
+    syn_received_at: Option<Instant>,
+}
+
+impl TcpSlot {
+    fn new(handle: SocketHandle) -> Self {
+        Self {
+            handle,
+            active: false,
+            syn_received_at: None,
+        }
+    }
 }
 
 fn tcp_listener() -> tcp::Socket<'static> {
@@ -123,7 +151,9 @@ impl Services {
             }
         }
 
-        let mut sockets = SocketSet::new(Vec::new());
+        // Sized once for the most sockets there can be, so that the pool growing and shrinking
+        // never reallocates (and heap use returns exactly to its level after a churn).
+        let mut sockets = SocketSet::new(Vec::with_capacity(2 + TCP_CONNECTIONS + TCP_LISTENERS));
         let mut echo = udp_socket();
         let mut stats = udp_socket();
         // Binding a fresh socket to a non-zero port cannot fail.
@@ -131,9 +161,8 @@ impl Services {
         let _ = stats.bind(STATS_PORT);
         let udp_echo = sockets.add(echo);
         let stats = sockets.add(stats);
-        let tcp = (0..TCP_LISTENERS)
-            .map(|_| (sockets.add(tcp_listener()), false))
-            .collect();
+        let mut tcp = Vec::with_capacity(TCP_CONNECTIONS + TCP_LISTENERS);
+        tcp.extend((0..TCP_LISTENERS).map(|_| TcpSlot::new(sockets.add(tcp_listener()))));
         Self {
             iface,
             sockets,
@@ -159,7 +188,7 @@ impl Services {
             self.iface.poll(now, device, &mut self.sockets) != smoltcp::iface::PollResult::None;
         activity |= self.serve_udp_echo();
         activity |= self.serve_stats(write_stats);
-        activity |= self.serve_tcp();
+        activity |= self.serve_tcp(now);
         if activity {
             // Send what the services queued without waiting for the next loop iteration.
             self.iface.poll(now, device, &mut self.sockets);
@@ -176,7 +205,7 @@ impl Services {
         }
         self.tcp
             .iter()
-            .filter(|&&(handle, _)| self.sockets.get::<tcp::Socket>(handle).is_listening())
+            .filter(|slot| self.sockets.get::<tcp::Socket>(slot.handle).is_listening())
             .count()
     }
 
@@ -213,15 +242,16 @@ impl Services {
             let line = &mut self.stats_line;
             line.clear();
             let counters = self.counters;
-            let connected = self.tcp.iter().filter(|&&(_, active)| active).count();
+            let connected = self.tcp.iter().filter(|slot| slot.active).count();
             let _ = write!(
                 line,
-                "udp_echoed={} udp_echo_dropped={} tcp_accepted={} tcp_connected={} tcp_aborted={} tcp_bytes_echoed={} stats_requests={}",
+                "udp_echoed={} udp_echo_dropped={} tcp_accepted={} tcp_connected={} tcp_aborted={} tcp_half_open_reset={} tcp_bytes_echoed={} stats_requests={}",
                 counters.udp_echoed,
                 counters.udp_echo_dropped,
                 counters.tcp_accepted,
                 connected,
                 counters.tcp_aborted,
+                counters.tcp_half_open_reset,
                 counters.tcp_bytes_echoed,
                 counters.stats_requests
             );
@@ -232,17 +262,33 @@ impl Services {
         activity
     }
 
-    fn serve_tcp(&mut self) -> bool {
+    fn serve_tcp(&mut self, now: Instant) -> bool {
         let mut activity = false;
         let mut listeners = 0;
         let mut closed_spares = Vec::new();
-        for (index, (handle, was_active)) in self.tcp.iter_mut().enumerate() {
-            let socket = self.sockets.get_mut::<tcp::Socket>(*handle);
+        let pool_full = self.tcp.len() >= TCP_CONNECTIONS + TCP_LISTENERS;
+        let half_open_limit = if pool_full {
+            SYN_RECEIVED_TIMEOUT_WHEN_FULL
+        } else {
+            SYN_RECEIVED_TIMEOUT
+        };
+        for (index, slot) in self.tcp.iter_mut().enumerate() {
+            let socket = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            if socket.state() == tcp::State::SynReceived {
+                let since = *slot.syn_received_at.get_or_insert(now);
+                if now - since > half_open_limit {
+                    socket.abort();
+                    self.counters.tcp_half_open_reset += 1;
+                    activity = true;
+                }
+            } else {
+                slot.syn_received_at = None;
+            }
             let active = socket.is_active();
-            if active && !*was_active {
+            if active && !slot.active {
                 self.counters.tcp_accepted += 1;
             }
-            *was_active = active;
+            slot.active = active;
             while socket.can_recv() && socket.can_send() {
                 let free = socket.send_capacity() - socket.send_queue();
                 if free == 0 {
@@ -284,7 +330,7 @@ impl Services {
         }
         // Closed sockets become listeners until there are enough; the rest are removed.
         for &index in closed_spares.iter().rev() {
-            let (handle, _) = self.tcp[index];
+            let handle = self.tcp[index].handle;
             if listeners < TCP_LISTENERS {
                 let socket = self.sockets.get_mut::<tcp::Socket>(handle);
                 if socket.listen(ECHO_PORT).is_ok() {
@@ -298,7 +344,8 @@ impl Services {
         }
         // Keep listeners ready while there is room for more connections.
         while listeners < TCP_LISTENERS && self.tcp.len() < TCP_CONNECTIONS + TCP_LISTENERS {
-            self.tcp.push((self.sockets.add(tcp_listener()), false));
+            self.tcp
+                .push(TcpSlot::new(self.sockets.add(tcp_listener())));
             listeners += 1;
             activity = true;
         }

@@ -402,7 +402,6 @@ pub struct PciTransport<H: Hal> {
     isr: Window,
     device: Option<Window>,
     notify: NotifyTarget,
-    num_queues: u16,
     /// Doorbells of the queues set up since the last reset, indexed by queue.
     doorbells: Vec<Option<Doorbell>>,
 }
@@ -439,7 +438,6 @@ impl<H: Hal> PciTransport<H> {
             Location::Io { port } => NotifyTarget::Port(port),
             Location::Memory { .. } => NotifyTarget::Mmio(map(&capabilities.notify)?),
         };
-        let num_queues = hal.read16(common, common_cfg::NUM_QUEUES);
         Ok(Self {
             hal,
             address,
@@ -449,7 +447,6 @@ impl<H: Hal> PciTransport<H> {
             isr,
             device,
             notify,
-            num_queues,
             doorbells: Vec::new(),
         })
     }
@@ -495,13 +492,11 @@ impl<H: Hal> PciTransport<H> {
     }
 
     fn check_queue(&self, queue: u16) -> Result<(), TransportError> {
-        if queue < self.num_queues {
+        let num_queues = self.num_queues();
+        if queue < num_queues {
             Ok(())
         } else {
-            Err(TransportError::QueueIndexOutOfRange {
-                queue,
-                num_queues: self.num_queues,
-            })
+            Err(TransportError::QueueIndexOutOfRange { queue, num_queues })
         }
     }
 
@@ -591,8 +586,10 @@ impl<H: Hal> Transport for PciTransport<H> {
         }
     }
 
+    /// Read live, not cached: a device may change it when features are negotiated (QEMU's
+    /// virtio-net adds the extra queue pairs and moves the control queue once MQ is accepted).
     fn num_queues(&self) -> u16 {
-        self.num_queues
+        self.read_common16(common_cfg::NUM_QUEUES)
     }
 
     fn max_queue_size(&mut self, queue: u16) -> Result<u16, TransportError> {
