@@ -171,6 +171,39 @@ pub fn install_hint() -> String {
     format!("{sudo}apt-get update && {sudo}apt-get install -y {QEMU_PACKAGE}")
 }
 
+/// When `program` is not on PATH and this process runs as root with apt-get, announces and
+/// installs the Debian `package` that provides it. Otherwise does nothing: the tests that need
+/// the program then say so themselves (and fail under `CI=true`).
+pub fn ensure_root_tool(program: &str, package: &str) -> Result<(), Error> {
+    if find_on_path(Path::new(program)).is_some()
+        || !is_root()
+        || find_on_path(Path::new("apt-get")).is_none()
+    {
+        return Ok(());
+    }
+    log(&format!(
+        "`{program}` not found; running as root, so installing {package}: apt-get install -y {package}"
+    ));
+    for args in [&["update"][..], &["install", "-y", package][..]] {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|source| Error::QemuInstallFailed {
+                command: format!("apt-get {}", args.join(" ")),
+                status: source.to_string(),
+            })?;
+        if !status.success() {
+            return Err(Error::QemuInstallFailed {
+                command: format!("apt-get {}", args.join(" ")),
+                status: status.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn install_qemu() -> Result<(), Error> {
     let command = format!("apt-get update && apt-get install -y {QEMU_PACKAGE}");
     if find_on_path(Path::new("apt-get")).is_none() {

@@ -50,7 +50,7 @@ pub use demo::{
 pub use error::Error;
 pub use host::{
     ACCEL_ENV, Accel, AccelChoice, QEMU_ENV, QEMU_PACKAGE, QEMU_PROGRAM, Qemu, choose_accel,
-    cpu_virt_flag, find_on_path, install_hint, is_root, log, parse_qemu_version,
+    cpu_virt_flag, ensure_root_tool, find_on_path, install_hint, is_root, log, parse_qemu_version,
 };
 pub use netns::{
     DEFAULT_GUEST_IP, DEFAULT_HOST_CIDR, NETNS_PREFIX, NetNs, NetnsSelfTest, TapConfig,

@@ -290,6 +290,8 @@ fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
     // Both log what they found (QEMU path and version; accelerator and why).
     Qemu::ensure()?;
     choose_accel()?;
+    // The tap tests drive `ip` (iproute2); a minimal Debian may lack it. As root, install it.
+    xtask::ensure_root_tool("ip", "iproute2")?;
     // Checked after the environment so that the harness's own tests can run `xtask test` to see
     // its QEMU and VIREO_ACCEL errors, but can never start the suite again from inside it.
     if std::env::var_os(INSIDE_TEST_ENV).is_some() {
