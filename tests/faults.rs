@@ -412,7 +412,9 @@ fn syn_flood_from_host_then_listeners_recover() -> Result<(), RunError> {
     println!("stats after: {}", after.line);
     let accepted = grew(&booted, &before, &after, "tcp_accepted")?;
     println!(
-        "guest: tcp_accepted +{accepted}, tx_packets +{} (SYN-ACKs and resets)",
+        "guest: tcp_accepted +{accepted}, tcp_half_open_reset +{}, tx_packets +{} (SYN-ACKs \
+         and resets)",
+        grew(&booted, &before, &after, "tcp_half_open_reset")?,
         grew(&booted, &before, &after, "tx_packets")?
     );
     if accepted == 0 || accepted > syns.written {
@@ -429,7 +431,8 @@ fn syn_flood_from_host_then_listeners_recover() -> Result<(), RunError> {
 
 /// 2000 SYNs from made-up peers on the guest's subnet (10.0.2.100-199) that never answer, not
 /// even ARP. UDP and ICMP echo must work at once, and TCP echo must work again within 30 s: a
-/// half-open connection must not hold a listening socket forever.
+/// half-open connection must not hold a listening socket forever (the guest counts the ones it
+/// resets in `tcp_half_open_reset`).
 #[test]
 fn spoofed_syn_flood_then_tcp_echo_recovers() -> Result<(), RunError> {
     if !root_networking_or_skip() {
@@ -503,6 +506,18 @@ fn spoofed_syn_flood_then_tcp_echo_recovers() -> Result<(), RunError> {
             counter(&booted, &now, "tcp_connected")?,
             grew(&booted, &before, &now, "tcp_accepted")?,
             now.line
+        )));
+    }
+    let recovered = stats(&booted)?;
+    let reset = grew(&booted, &before, &recovered, "tcp_half_open_reset")?;
+    println!(
+        "guest: tcp_accepted +{}, tcp_half_open_reset +{reset}",
+        grew(&booted, &before, &recovered, "tcp_accepted")?
+    );
+    if reset == 0 {
+        return Err(booted.guest.check_failed(format!(
+            "TCP recovered from {} spoofed SYNs, but tcp_half_open_reset did not move: {:?}",
+            syns.written, recovered.line
         )));
     }
     echo_all(&booted, "after the spoofed SYN flood")?;
