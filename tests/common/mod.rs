@@ -231,29 +231,15 @@ pub fn root_networking_or_skip() -> bool {
 /// kernel inside it with `-netdev tap,...,vhost=off` and the default NIC, and waits for
 /// `ready`. Callers check [`root_networking_or_skip`] first.
 pub fn boot_tap(prefix: &str, append: &str) -> Result<TapGuest, RunError> {
-    let netns = NetNs::create(prefix).map_err(RunError::setup)?;
-    let mut command = QemuCommand::for_kernel(kernel())
-        .map_err(RunError::setup)?
-        .in_netns(netns.name())
-        .netdev(NetNs::tap_netdev("n0", "tap0", None))
-        .device(DEFAULT_NIC);
-    if !append.is_empty() {
-        command = command.append(append);
-    }
-    println!("running: {}", command.command_line());
-    let mut guest = Guest::spawn(
-        &command,
-        RunOptions {
-            timeout: NET_RUN_LIMIT,
-            echo: false,
-        },
-    )?;
-    let (ready, line) = wait_for_ready(&mut guest, READY_WAIT)?;
-    println!("ready after {:.3} s: {}", line.at.as_secs_f64(), ready.text);
-    Ok(TapGuest {
-        guest,
-        ready,
-        netns,
+    boot_tap_with(prefix, &[xtask::TapConfig::default()], |command| {
+        let command = command
+            .netdev(NetNs::tap_netdev("n0", "tap0", None))
+            .device(DEFAULT_NIC);
+        if append.is_empty() {
+            command
+        } else {
+            command.append(append)
+        }
     })
 }
 
