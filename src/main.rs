@@ -132,16 +132,27 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         Ok(apic) => apic,
         Err(error) => console::fatal(format_args!("local APIC: {error}")),
     };
-    let timer_hz = match arch::apic::start_timer(1000) {
+    let timer_hz = match arch::apic::calibrate_timer() {
         Ok(hz) => hz,
         Err(error) => console::fatal(format_args!("APIC timer: {error}")),
     };
     log::info!(
-        "apic: {} id {} version {:#x}; timer {} kHz input, 1000 Hz tick; legacy PIC masked",
+        "apic: {} id {} version {:#x}; timer {} kHz input, one-shot (tickless); legacy PIC masked",
         if apic.x2apic { "x2APIC" } else { "xAPIC" },
         apic.id,
         apic.version,
         timer_hz / 1000
+    );
+
+    let hypervisor = arch::Hypervisor::detect();
+    let pause = arch::init_spin_hint(hypervisor);
+    log::info!(
+        "cpu: hypervisor {hypervisor}; busy-wait hint {}",
+        if pause {
+            "PAUSE"
+        } else {
+            "none (PAUSE would take QEMU's global lock under TCG)"
+        }
     );
 
     if config.selftest {

@@ -412,6 +412,19 @@ pub fn probe_read_u64(address: u64) -> Result<u64, u64> {
     }
 }
 
+/// Runs `f` with interrupts enabled, then disables them again (the kernel's loops otherwise run
+/// with interrupts disabled and take them only when they halt). A busy-polling wait uses it:
+/// nothing may stay pending while the loop spins, because under QEMU's TCG a pending but masked
+/// interrupt makes the vCPU thread take QEMU's global lock at every translated-block exit,
+/// stalling it against the I/O thread that delivers the packets. `f` must not touch what the
+/// interrupt handlers touch except through atomics (the handlers only count and set flags).
+pub fn enabled_during<R>(f: impl FnOnce() -> R) -> R {
+    x86_64::instructions::interrupts::enable();
+    let result = f();
+    x86_64::instructions::interrupts::disable();
+    result
+}
+
 /// Enables interrupts.
 pub fn enable() {
     x86_64::instructions::interrupts::enable();

@@ -4,6 +4,13 @@
 //!   until there is no work, re-arms them (the driver re-checks the ring after a full fence, so
 //!   a packet that raced the re-arm is never stranded), then halts.
 //! * `poll`: receive interrupts stay disarmed and the loop spins on the used ring.
+//!
+//! The kernel is tickless: no periodic timer runs. Before it halts, the loop arms a one-shot
+//! APIC timer for its nearest deadline (smoltcp's next timer, housekeeping), and re-arms only
+//! when that deadline moves earlier or the timer has fired. Polling arms nothing. While it spins
+//! it has interrupts enabled, so nothing stays pending (see
+//! [`crate::arch::interrupts::enabled_during`]), and its busy-wait hint is
+//! [`crate::arch::spin_hint`] (no PAUSE under QEMU's TCG).
 //! * `adaptive`: polls while traffic arrived within the last `poll-window=` microseconds (200 by
 //!   default), then arms and
 //!   halts like `irq`; each switch is counted.
@@ -50,11 +57,48 @@ pub trait NicControl {
     fn write_stats(&self, out: &mut dyn Write);
 }
 
+/// Housekeeping (link status, device errors) runs at least this often.
+const HOUSEKEEPING_PERIOD_NS: u64 = 10_000_000;
+
 /// Loop counters.
 #[derive(Default)]
 struct LoopCounters {
     mode_switches: u64,
     halts: u64,
+    timer_arms: u64,
+    /// Nanoseconds spent running the stack and flushing the rings on passes that moved
+    /// packets: the guest's own work per packet, apart from waiting (`stack_busy_ns`).
+    busy_ns: u64,
+}
+
+/// The one-shot wake-up timer as the loop last armed it.
+#[derive(Default)]
+struct WakeTimer {
+    /// The deadline it was armed for, while it has not fired.
+    armed_for_ns: Option<u64>,
+    /// The APIC tick count when it was armed: a change means it fired.
+    ticks_at_arm: u64,
+}
+
+impl WakeTimer {
+    /// Makes sure an interrupt arrives by `deadline_ns`: keeps the armed timer when it is still
+    /// pending and due no later than that (one APIC register write saved per halt, which under
+    /// QEMU is an exit that takes its global lock), else arms a new one. Returns whether it
+    /// armed.
+    fn ensure_by(&mut self, now_ns: u64, deadline_ns: u64) -> bool {
+        let fired = arch::apic::ticks() != self.ticks_at_arm;
+        if let Some(armed) = self.armed_for_ns
+            && !fired
+            && armed > now_ns
+            && armed <= deadline_ns
+        {
+            return false;
+        }
+        self.ticks_at_arm = arch::apic::ticks();
+        arch::apic::arm_oneshot_ns(deadline_ns.saturating_sub(now_ns));
+        self.armed_for_ns = Some(deadline_ns);
+        true
+    }
 }
 
 fn now() -> Instant {
@@ -87,6 +131,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
     }
 
     let mut counters = LoopCounters::default();
+    let mut wake_timer = WakeTimer::default();
     let adaptive_window_ns = u64::from(config.poll_window_us) * 1000;
     let mut last_activity_ns = clock::now_ns();
     let mut polling = config.mode != Mode::Irq;
@@ -102,12 +147,15 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} halts={} heap_used={} heap_peak={} uptime_ms={}",
+                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
                     NIC_INTERRUPTS.load(Ordering::Relaxed),
                     arch::interrupts::unexpected_interrupt_count(),
                     config.mode,
                     counters.mode_switches,
                     counters.halts,
+                    counters.timer_arms,
+                    arch::apic::ticks(),
+                    counters.busy_ns,
                     heap_used,
                     crate::mem::heap_peak(),
                     now_ns / 1_000_000
@@ -116,7 +164,11 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
             services.poll(&mut device, now(), &mut write_stats)
         };
         nic.borrow_mut().flush();
-        if now_ns - last_housekeeping_ns > 10_000_000 || nic.borrow().needs_attention() {
+        if activity {
+            counters.busy_ns += clock::now_ns().saturating_sub(now_ns);
+        }
+        if now_ns - last_housekeeping_ns > HOUSEKEEPING_PERIOD_NS || nic.borrow().needs_attention()
+        {
             nic.borrow_mut().housekeeping();
             last_housekeeping_ns = now_ns;
             if !ready && nic.borrow().link_up() {
@@ -144,29 +196,40 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
             let timer_ns = services.poll_delay(now()).map_or(POLL_SLICE_NS, |delay| {
                 delay.total_micros().saturating_mul(1000)
             });
-            let deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
+            let mut deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
             if config.mode == Mode::Adaptive {
                 // Adaptive stops spinning when its window closes.
-                let window_end = last_activity_ns + adaptive_window_ns;
-                while !nic.borrow().rx_pending() && clock::now_ns() < deadline.min(window_end) {
-                    core::hint::spin_loop();
-                }
-            } else {
-                while !nic.borrow().rx_pending() && clock::now_ns() < deadline {
-                    core::hint::spin_loop();
-                }
+                deadline = deadline.min(last_activity_ns + adaptive_window_ns);
             }
+            arch::interrupts::enabled_during(|| {
+                while !nic.borrow().rx_pending() && clock::now_ns() < deadline {
+                    arch::spin_hint();
+                }
+            });
             continue;
         }
         if polling {
             polling = false;
             counters.mode_switches += 1;
         }
-        // Arm, and halt only if nothing raced in. The periodic timer bounds the sleep, which
-        // also serves smoltcp's timers (its poll_delay is at least a millisecond).
+        // Arm, and halt only if nothing raced in. The one-shot timer bounds the sleep by the
+        // nearest deadline: smoltcp's next timer or the next housekeeping.
+        let stack_timer_ns = services
+            .poll_delay(now())
+            .map(|delay| delay.total_micros().saturating_mul(1000));
+        let housekeeping_ns =
+            (last_housekeeping_ns + HOUSEKEEPING_PERIOD_NS).saturating_sub(clock::now_ns());
+        let sleep_ns = stack_timer_ns.map_or(housekeeping_ns, |ns| ns.min(housekeeping_ns));
+        if sleep_ns == 0 {
+            continue;
+        }
         if nic.borrow_mut().arm_rx_interrupt() {
             nic.borrow_mut().disarm_rx_interrupt();
             continue;
+        }
+        let halt_at_ns = clock::now_ns();
+        if wake_timer.ensure_by(halt_at_ns, halt_at_ns + sleep_ns) {
+            counters.timer_arms += 1;
         }
         counters.halts += 1;
         arch::idle_until_interrupt();
