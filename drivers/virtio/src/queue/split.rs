@@ -65,6 +65,9 @@ pub struct SplitQueue<H: DmaHal + Clone, T: DeviceBuffer> {
     last_used: u16,
     /// Our copy of `avail.flags` (§2.7.7).
     avail_flags: u16,
+    /// With EVENT_IDX while notifications are disabled: the `used_event` value last parked
+    /// ahead of the consumer (see [`Self::disable_cb`]).
+    parked_used_event: u16,
     callbacks: Callbacks,
     broken: Option<DeviceError>,
     stats: QueueStats,
@@ -97,6 +100,7 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
             unkicked: 0,
             last_used: 0,
             avail_flags: 0,
+            parked_used_event: 0,
             callbacks: Callbacks::Enabled,
             broken: None,
             stats: QueueStats::default(),
@@ -411,6 +415,11 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
             // is only an optimisation: waiting safely always goes through `enable_cb`.
             self.ring
                 .store16(self.layout.used_event(), Le16::new(self.last_used));
+        } else if self.callbacks == Callbacks::Disabled
+            && self.event_idx
+            && self.parked_used_event.wrapping_sub(self.last_used) <= self.size
+        {
+            self.park_used_event();
         }
         Ok(Some(Used {
             buffer: chain.buffer,
@@ -419,20 +428,34 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
     }
 
     /// Suppresses used-buffer notifications (§2.7.7): `VIRTQ_AVAIL_F_NO_INTERRUPT`, or with
-    /// EVENT_IDX (where flags must stay 0) `used_event` set just behind the consumer, which the
-    /// device reaches only after 2^16 − 1 more entries (a rare spurious notification the
-    /// driver must tolerate anyway, §2.7.7.1).
+    /// EVENT_IDX (where the flag is not honoured) `used_event` parked far ahead of the consumer.
+    ///
+    /// The device notifies when the used index steps over `used_event` (§2.7.7.2,
+    /// `vring_need_event`). Parking it at `last_used + 2^15` and moving it on again whenever
+    /// the consumer comes within `size` of it keeps it out of every window the device can
+    /// publish: the device is never more than `size` entries ahead of `last_used`, so it never
+    /// reaches `used_event`, and a whole wrap of the 16-bit index is never behind it. A
+    /// disabled queue therefore never interrupts, not even once per 65,536 completions (which
+    /// is what `used_event = last_used - 1`, or Linux's `used_event = 0`, gives a busy-polling
+    /// driver). The bound needs `size < 2^15`; a 32768-entry ring can still see one such
+    /// notification, which the driver tolerates like any spurious one (§2.7.7.1). One store
+    /// every `2^15 - size` completions.
     pub fn disable_cb(&mut self) {
         self.callbacks = Callbacks::Disabled;
         if self.event_idx {
-            let behind = self.last_used.wrapping_sub(1);
-            self.ring
-                .store16(self.layout.used_event(), Le16::new(behind));
+            self.park_used_event();
         } else if self.avail_flags & AVAIL_F_NO_INTERRUPT == 0 {
             self.avail_flags |= AVAIL_F_NO_INTERRUPT;
             self.ring
                 .store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
         }
+    }
+
+    /// Stores `used_event = last_used + 2^15` (see [`Self::disable_cb`]).
+    fn park_used_event(&mut self) {
+        self.parked_used_event = self.last_used.wrapping_add(0x8000);
+        self.ring
+            .store16(self.layout.used_event(), Le16::new(self.parked_used_event));
     }
 
     /// Arms the used-buffer notification at `last_used + delay` and re-checks (§2.7.14 note).
