@@ -46,6 +46,11 @@ pub struct Environment {
     pub rustc: String,
     /// The project's commit (`git rev-parse HEAD`), with `-dirty` when the tree has changes.
     pub git_commit: String,
+    /// How idle host CPUs wait: the cpuidle driver and governor, each idle state, and haltpoll's
+    /// poll budget. On a virtual host a halted CPU is woken by its hypervisor, which costs tens
+    /// of microseconds per cross-CPU wake-up; every guest pays it on each wake of a QEMU thread.
+    #[serde(default)]
+    pub host_idle: String,
 }
 
 impl Environment {
@@ -102,8 +107,41 @@ impl Environment {
             accelerator_reason: accel.reason.clone(),
             rustc: command_output("rustc", &["--version"]),
             git_commit: git_commit(),
+            host_idle: host_idle(),
         }
     }
+}
+
+/// The host's idle configuration (see [`Environment::host_idle`]), e.g. `cpuidle haltpoll
+/// (governor haltpoll): POLL, haltpoll idle; haltpoll guest_halt_poll_ns=0`.
+pub fn host_idle() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|text| text.trim().to_string())
+    };
+    let root = "/sys/devices/system/cpu/cpuidle";
+    let Some(driver) = read(&format!("{root}/current_driver")) else {
+        return "no cpuidle (the kernel's default idle loop)".to_string();
+    };
+    let governor = read(&format!("{root}/current_governor"))
+        .or_else(|| read(&format!("{root}/current_governor_ro")))
+        .unwrap_or_else(|| "unknown".to_string());
+    let states: Vec<String> = (0..16)
+        .map_while(|index| {
+            read(&format!(
+                "/sys/devices/system/cpu/cpu0/cpuidle/state{index}/name"
+            ))
+        })
+        .collect();
+    let mut text = format!(
+        "cpuidle {driver} (governor {governor}): {}",
+        states.join(", ")
+    );
+    if let Some(poll_ns) = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        text.push_str(&format!("; haltpoll guest_halt_poll_ns={poll_ns}"));
+    }
+    text
 }
 
 /// `/proc/loadavg` now.

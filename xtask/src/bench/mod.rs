@@ -170,6 +170,8 @@ pub struct BenchOptions {
     pub floors: bool,
     /// Guest RAM, MiB.
     pub memory_mib: u64,
+    /// Hold `/dev/cpu_dma_latency` at 0 for the run (idle host CPUs poll instead of halting).
+    pub host_idle_poll: bool,
 }
 
 impl BenchOptions {
@@ -191,6 +193,7 @@ impl BenchOptions {
             linux: true,
             floors: true,
             memory_mib: 256,
+            host_idle_poll: false,
         }
     }
 
@@ -276,6 +279,7 @@ impl BenchOptions {
                 "--no-linux" => options.linux = false,
                 "--linux" => options.linux = true,
                 "--no-floors" => options.floors = false,
+                "--host-idle-poll" => options.host_idle_poll = true,
                 other => return Err(format!("bench: unknown option {other:?}")),
             }
         }
@@ -291,9 +295,13 @@ pub const USAGE: &str = "\
   bench [--quick] [--out DIR] [--kernel PATH] [--samples N] [--warmup N] [--sizes 64,1400]
         [--forms blocking,spin] [--modes irq,poll,adaptive] [--icmp-samples N] [--window N]
         [--throughput-secs S] [--boots N] [--memory SIZE] [--no-linux] [--no-floors]
+        [--host-idle-poll]
         Latency benchmark (root): Vireo in each mode, the Linux guest peer and the floors
         (loopback, userspace tap reflector) over a tap in a private namespace. Writes
         bench.md, bench.json and bench-cdf.svg to DIR (default bench-results/).
+        --host-idle-poll: hold /dev/cpu_dma_latency at 0 for the run, so that idle host
+        CPUs poll instead of halting (as tuned's latency-performance profile does); the
+        JSON and the table header record it.
         --quick: Vireo poll mode and the floors, 64 B, 2000 samples (a smoke run).
   bench --render DIR/bench.json
         Re-render bench.md and bench-cdf.svg from a run's JSON, without measuring.";
@@ -307,6 +315,28 @@ pub struct Outputs {
     pub json: PathBuf,
     /// The SVG CDF.
     pub svg: PathBuf,
+}
+
+/// A PM QoS request for zero CPU wake-up latency, held while the value lives: the kernel keeps
+/// it while the file stays open and drops it when the file is closed (Linux
+/// `Documentation/power/pm_qos_interface.rst`), so the host is back to its own setting when the
+/// run ends, however it ends.
+struct CpuLatencyHold {
+    _file: std::fs::File,
+}
+
+impl CpuLatencyHold {
+    fn zero() -> Result<CpuLatencyHold, BenchError> {
+        use std::io::Write as _;
+        let path = "/dev/cpu_dma_latency";
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| BenchError(format!("--host-idle-poll: opening {path}: {e}")))?;
+        file.write_all(&0i32.to_ne_bytes())
+            .map_err(|e| BenchError(format!("--host-idle-poll: writing 0 to {path}: {e}")))?;
+        Ok(CpuLatencyHold { _file: file })
+    }
 }
 
 /// `cargo xtask bench ARGS`: runs the benchmark and returns the process exit status (0 when
@@ -433,6 +463,13 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         });
         None
     };
+    let _idle_hold = if options.host_idle_poll {
+        let hold = CpuLatencyHold::zero()?;
+        log("bench: holding /dev/cpu_dma_latency at 0 for the run (--host-idle-poll)");
+        Some(hold)
+    } else {
+        None
+    };
     let environment = Environment::capture(&qemu, &accel);
     if environment.other_qemu_processes_at_start > 0 {
         log(&format!(
@@ -463,6 +500,7 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
             "{DEFAULT_GUEST_IP}/24 ({GUEST_MAC}, static neighbour entry on the host side), \
              host side 10.0.2.2/24 on tap0"
         ),
+        host_idle_poll: options.host_idle_poll,
         teardown: "NetNs is removed on drop (normal end, error, panic); SIGINT/SIGTERM set a \
                    flag that every measuring loop checks, so Ctrl-C unwinds through the same \
                    drop; a second Ctrl-C exits at once and the stale-namespace sweep of the \

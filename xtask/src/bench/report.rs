@@ -88,6 +88,11 @@ pub struct Settings {
     pub addressing: String,
     /// How the namespace is torn down.
     pub teardown: String,
+    /// Whether the benchmark held `/dev/cpu_dma_latency` at 0 for the run (`--host-idle-poll`),
+    /// so that idle host CPUs poll instead of halting and a cross-CPU wake-up costs no
+    /// hypervisor exit. It applies to every row alike, floors included.
+    #[serde(default)]
+    pub host_idle_poll: bool,
 }
 
 /// What kind of system a row is.
@@ -661,6 +666,21 @@ pub fn markdown(report: &Report) -> String {
         env.load_average_at_end,
         env.git_commit
     );
+    let _ = writeln!(
+        out,
+        "Host idle: {}; {}.",
+        if env.host_idle.is_empty() {
+            "not recorded"
+        } else {
+            env.host_idle.as_str()
+        },
+        if report.settings.host_idle_poll {
+            "`/dev/cpu_dma_latency` held at 0 by the benchmark (`--host-idle-poll`: idle CPUs \
+             poll, so a wake-up across CPUs costs no halt exit)"
+        } else {
+            "left as it is (idle CPUs halt; `--host-idle-poll` makes them poll)"
+        }
+    );
     let s = &report.settings;
     let _ = writeln!(
         out,
@@ -687,11 +707,11 @@ pub fn markdown(report: &Report) -> String {
         out,
         "| System | UDP {size} B p50 / p99 (blocking), us | p50 / p99 (spin), us | ICMP p50, us | \
          echo pps (loss) | boot to first echo, ms | kicks/pkt | irqs/pkt | RX desc/pkt | mode \
-         switches/pkt | p50 vs Linux | pps vs Linux | boot vs Linux |"
+         switches/pkt | guest work/pkt, us | p50 vs Linux | pps vs Linux | boot vs Linux |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for system in &report.systems {
         let pair = |form| {
@@ -711,7 +731,7 @@ pub fn markdown(report: &Report) -> String {
             .unwrap_or_else(|| "–".to_string());
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             system.label,
             pair(ClientForm::Blocking),
             pair(ClientForm::Spin),
@@ -722,6 +742,12 @@ pub fn markdown(report: &Report) -> String {
             per("interrupts"),
             per("rx_descriptors"),
             per("mode_switches"),
+            fmt_opt(
+                counters
+                    .and_then(|c| c.per("stack_busy_ns"))
+                    .map(|ns| ns / 1000.0),
+                1
+            ),
             fmt_ratio(
                 system
                     .udp_run(size, ClientForm::Blocking)
@@ -735,7 +761,10 @@ pub fn markdown(report: &Report) -> String {
         out,
         "\nRatios are *times better than the Linux guest* (Linux's RTT or boot time over this \
          one's; this pps over Linux's). Counters are per echoed packet over the {size} B \
-         blocking ping-pong run, from the guest's stats service before and after.\n"
+         blocking ping-pong run, from the guest's stats service before and after. *Guest \
+         work* is the time Vireo's loop spent running the stack and flushing the rings on passes \
+         that moved packets (its `stack_busy_ns`, by the guest's TSC), the rest of the round \
+         trip is waiting: QEMU and the host.\n"
     );
     let _ = writeln!(
         out,
