@@ -11,9 +11,9 @@
 //! it has interrupts enabled, so nothing stays pending (see
 //! [`crate::arch::interrupts::enabled_during`]), and its busy-wait hint is
 //! [`crate::arch::spin_hint`] (no PAUSE under QEMU's TCG).
-//! * `adaptive`: polls while traffic arrived within the last `poll-window=` microseconds (200 by
-//!   default), then arms and
-//!   halts like `irq`; each switch is counted.
+//! * `adaptive`: polls while traffic arrived within the current polling window, then arms and
+//!   halts like `irq`; each switch is counted. The window starts at `poll-window=` (200 µs by
+//!   default) and adapts to how halts turn out ([`vireo::adaptive::PollWindow`]).
 
 pub mod device;
 pub mod services;
@@ -23,6 +23,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use smoltcp::time::Instant;
+use vireo::adaptive::{HaltOutcome, PollWindow};
 use vireo::config::{Config, Mode};
 
 use crate::arch::{self, clock};
@@ -66,6 +67,8 @@ struct LoopCounters {
     mode_switches: u64,
     halts: u64,
     timer_arms: u64,
+    window_grows: u64,
+    window_shrinks: u64,
     /// Nanoseconds spent running the stack and flushing the rings on passes that moved
     /// packets: the guest's own work per packet, apart from waiting (`stack_busy_ns`).
     busy_ns: u64,
@@ -132,7 +135,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
 
     let mut counters = LoopCounters::default();
     let mut wake_timer = WakeTimer::default();
-    let adaptive_window_ns = u64::from(config.poll_window_us) * 1000;
+    let mut window = PollWindow::new(u64::from(config.poll_window_us) * 1000);
     let mut last_activity_ns = clock::now_ns();
     let mut polling = config.mode != Mode::Irq;
     let mut last_housekeeping_ns = 0;
@@ -147,11 +150,14 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
+                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
                     NIC_INTERRUPTS.load(Ordering::Relaxed),
                     arch::interrupts::unexpected_interrupt_count(),
                     config.mode,
                     counters.mode_switches,
+                    window.current_ns() / 1000,
+                    counters.window_grows,
+                    counters.window_shrinks,
                     counters.halts,
                     counters.timer_arms,
                     arch::apic::ticks(),
@@ -183,7 +189,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         let keep_polling = match config.mode {
             Mode::Poll => true,
             Mode::Irq => false,
-            Mode::Adaptive => now_ns - last_activity_ns < adaptive_window_ns,
+            Mode::Adaptive => now_ns - last_activity_ns < window.current_ns(),
         };
         if keep_polling {
             if !polling {
@@ -199,7 +205,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
             let mut deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
             if config.mode == Mode::Adaptive {
                 // Adaptive stops spinning when its window closes.
-                deadline = deadline.min(last_activity_ns + adaptive_window_ns);
+                deadline = deadline.min(last_activity_ns + window.current_ns());
             }
             arch::interrupts::enabled_during(|| {
                 while !nic.borrow().rx_pending() && clock::now_ns() < deadline {
@@ -234,5 +240,13 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         counters.halts += 1;
         arch::idle_until_interrupt();
         nic.borrow_mut().disarm_rx_interrupt();
+        if config.mode == Mode::Adaptive {
+            let halted_ns = clock::now_ns().saturating_sub(halt_at_ns);
+            match window.after_halt(halted_ns, nic.borrow().rx_pending()) {
+                HaltOutcome::Grew => counters.window_grows += 1,
+                HaltOutcome::Shrank => counters.window_shrinks += 1,
+                HaltOutcome::Kept => {}
+            }
+        }
     }
 }
