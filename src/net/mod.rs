@@ -4,16 +4,18 @@
 //!   until there is no work, re-arms them (the driver re-checks the ring after a full fence, so
 //!   a packet that raced the re-arm is never stranded), then halts.
 //! * `poll`: receive interrupts stay disarmed and the loop spins on the used ring.
+//! * `adaptive`: polls while traffic arrived within the current polling window, then arms and
+//!   halts like `irq`; each switch is counted. The window starts at `poll-window=` (200 µs by
+//!   default) and adapts to how halts turn out ([`vireo::adaptive::PollWindow`]).
 //!
 //! The kernel is tickless: no periodic timer runs. Before it halts, the loop arms a one-shot
 //! APIC timer for its nearest deadline (smoltcp's next timer, housekeeping), and re-arms only
 //! when that deadline moves earlier or the timer has fired. Polling arms nothing. While it spins
 //! it has interrupts enabled, so nothing stays pending (see
 //! [`crate::arch::interrupts::enabled_during`]), and its busy-wait hint is
-//! [`crate::arch::spin_hint`] (no PAUSE under QEMU's TCG).
-//! * `adaptive`: polls while traffic arrived within the current polling window, then arms and
-//!   halts like `irq`; each switch is counted. The window starts at `poll-window=` (200 µs by
-//!   default) and adapts to how halts turn out ([`vireo::adaptive::PollWindow`]).
+//! [`crate::arch::spin_hint`] (no PAUSE under QEMU's TCG). It also
+//! counts the time the host took from it: gaps between two clock reads longer than 20 µs
+//! (`stolen_ns`, `steals`).
 
 pub mod device;
 pub mod services;
@@ -58,6 +60,9 @@ pub trait NicControl {
     fn write_stats(&self, out: &mut dyn Write);
 }
 
+/// A gap between two clock reads in the spin loop longer than this is time the host took.
+const STEAL_GAP_NS: u64 = 20_000;
+
 /// Housekeeping (link status, device errors) runs at least this often.
 const HOUSEKEEPING_PERIOD_NS: u64 = 10_000_000;
 
@@ -69,6 +74,9 @@ struct LoopCounters {
     timer_arms: u64,
     window_grows: u64,
     window_shrinks: u64,
+    /// Time the host took from the spinning loop (gaps over `STEAL_GAP_NS`), and how often.
+    stolen_ns: u64,
+    steals: u64,
     /// Nanoseconds spent running the stack and flushing the rings on passes that moved
     /// packets: the guest's own work per packet, apart from waiting (`stack_busy_ns`).
     busy_ns: u64,
@@ -150,7 +158,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
+                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} stolen_ns={} steals={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
                     NIC_INTERRUPTS.load(Ordering::Relaxed),
                     arch::interrupts::unexpected_interrupt_count(),
                     config.mode,
@@ -158,6 +166,8 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                     window.current_ns() / 1000,
                     counters.window_grows,
                     counters.window_shrinks,
+                    counters.stolen_ns,
+                    counters.steals,
                     counters.halts,
                     counters.timer_arms,
                     arch::apic::ticks(),
@@ -207,11 +217,27 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 // Adaptive stops spinning when its window closes.
                 deadline = deadline.min(last_activity_ns + window.current_ns());
             }
-            arch::interrupts::enabled_during(|| {
-                while !nic.borrow().rx_pending() && clock::now_ns() < deadline {
+            let (stolen_ns, steals) = arch::interrupts::enabled_during(|| {
+                let mut stolen = (0u64, 0u64);
+                let mut last = clock::now_ns();
+                while !nic.borrow().rx_pending() {
+                    let at = clock::now_ns();
+                    if at >= deadline {
+                        break;
+                    }
+                    // A gap this long between two reads of the clock in a loop of a few
+                    // hundred instructions means the host ran something else on our CPU.
+                    if at - last > STEAL_GAP_NS {
+                        stolen.0 += at - last;
+                        stolen.1 += 1;
+                    }
+                    last = at;
                     arch::spin_hint();
                 }
+                stolen
             });
+            counters.stolen_ns += stolen_ns;
+            counters.steals += steals;
             continue;
         }
         if polling {
