@@ -191,6 +191,90 @@ fn check_timer() -> CheckResult {
     Ok(())
 }
 
+/// `memcpy`, `memmove` (both directions) and `memset` against a byte-at-a-time reference, for
+/// every length 0..=136 and every source and destination alignment 0..8: the quadword bulk and
+/// the byte tail of `mem::rt` meet at every possible split.
+fn check_mem_functions() -> CheckResult {
+    const SPAN: usize = 136;
+    let pattern = |index: usize| (index as u8).wrapping_mul(37).wrapping_add(11);
+    let mut source = [0u8; SPAN + 16];
+    let mut target = [0u8; SPAN + 16];
+    for (index, byte) in source.iter_mut().enumerate() {
+        *byte = pattern(index);
+    }
+    // Volatile reads and writes: the reference must not itself become a memcpy call.
+    let get = |buffer: &[u8], index: usize| {
+        // SAFETY: `index` is in bounds (callers iterate over the buffer's length).
+        unsafe { core::ptr::read_volatile(buffer.as_ptr().add(index)) }
+    };
+    for length in 0..=SPAN {
+        for from in 0..8 {
+            for to in 0..8 {
+                target.fill(0xee);
+                // SAFETY: both ranges lie inside their arrays (8 + SPAN <= SPAN + 16) and the arrays
+                // are distinct.
+                unsafe {
+                    crate::mem::rt::memcpy(
+                        target.as_mut_ptr().add(to),
+                        source.as_ptr().add(from),
+                        length,
+                    )
+                };
+                for index in 0..target.len() {
+                    let expected = if (to..to + length).contains(&index) {
+                        pattern(from + index - to)
+                    } else {
+                        0xee
+                    };
+                    ensure!(
+                        get(&target, index) == expected,
+                        "memcpy of {length} bytes from offset {from} to {to}: byte {index} wrong"
+                    );
+                }
+                // memmove within one buffer, destination above and below the source.
+                for (first, second) in [(from, to + 8), (to + 8, from)] {
+                    let mut buffer = source;
+                    // SAFETY: both ranges lie inside `buffer` (16 + SPAN <= SPAN + 16); memmove allows
+                    // the overlap.
+                    unsafe {
+                        crate::mem::rt::memmove(
+                            buffer.as_mut_ptr().add(second),
+                            buffer.as_ptr().add(first),
+                            length,
+                        )
+                    };
+                    for index in 0..buffer.len() {
+                        let expected = if (second..second + length).contains(&index) {
+                            pattern(first + index - second)
+                        } else {
+                            pattern(index)
+                        };
+                        ensure!(
+                            get(&buffer, index) == expected,
+                            "memmove of {length} bytes from {first} to {second}: byte {index} wrong"
+                        );
+                    }
+                }
+            }
+            target.fill(0xee);
+            // SAFETY: the range lies inside `target`.
+            unsafe { crate::mem::rt::memset(target.as_mut_ptr().add(from), 0x5a, length) };
+            for index in 0..target.len() {
+                let expected = if (from..from + length).contains(&index) {
+                    0x5a
+                } else {
+                    0xee
+                };
+                ensure!(
+                    get(&target, index) == expected,
+                    "memset of {length} bytes at offset {from}: byte {index} wrong"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_allocator() -> CheckResult {
     let (used_before, _) = mem::heap_usage();
     {
@@ -297,11 +381,12 @@ fn check_interrupt_stacks() -> CheckResult {
 pub fn run() -> ! {
     // The checks below need a steady tick; the network loop is tickless and never starts one.
     apic::start_periodic(1000);
-    let checks: [Check; 5] = [
+    let checks: [Check; 6] = [
         ("breakpoint", check_breakpoint),
         ("page-fault", check_page_fault),
         ("timer", check_timer),
         ("allocator", check_allocator),
+        ("mem-functions", check_mem_functions),
         ("interrupt-stacks", check_interrupt_stacks),
     ];
     let mut failed = 0;
