@@ -738,7 +738,8 @@ fn stats(netns: &NetNs) -> Result<crate::client::Stats, BenchError> {
     Ok(netns.run(|| query_stats(guest_address(STATS_PORT), Duration::from_millis(500), 5))??)
 }
 
-/// Boots a guest, measures it fully, then boots it again `boots - 1` times for the boot time.
+/// Boots a guest, measures it fully, then boots it again `boots - 1` times for the boot time
+/// and the throughput (the table gives the median pps over all boots).
 fn measure_guest(
     netns: &NetNs,
     spec: &GuestSpec,
@@ -801,11 +802,36 @@ fn measure_guest(
             "boots",
         );
         let (mut guest, first_echo, ready) = boot_and_probe(netns, spec)?;
+        bar.finish(&format!("{:.1} ms", first_echo.as_secs_f64() * 1e3));
+        if let Some(throughput) = result.throughput.as_mut() {
+            check_cancelled()?;
+            let mut bar = Progress::new(
+                format!(
+                    "{}: boot {}/{}: throughput, {} in flight",
+                    spec.label,
+                    index + 1,
+                    options.boots,
+                    options.window
+                ),
+                options.throughput.as_millis() as u64,
+                "ms",
+            );
+            let run = netns.run(|| {
+                measure::udp_throughput(
+                    guest_address(ECHO_PORT),
+                    64,
+                    options.window,
+                    options.throughput,
+                    &mut bar,
+                )
+            })??;
+            bar.finish(&format!("{:.0} pps", run.pps));
+            throughput.pps_per_boot.push(run.pps);
+        }
         guest.kill();
         boot.first_echo_ms.push(first_echo.as_secs_f64() * 1e3);
         boot.ready_line_ms
             .extend(ready.map(|at| at.as_secs_f64() * 1e3));
-        bar.finish(&format!("{:.1} ms", first_echo.as_secs_f64() * 1e3));
     }
     boot.finish();
     result.boot = Some(boot);
@@ -920,6 +946,7 @@ fn measure_services(
         None => None,
     };
     let throughput = Some(ThroughputRun {
+        pps_per_boot: vec![result.pps],
         result,
         counters,
         vs_linux: None,
@@ -988,6 +1015,7 @@ fn measure_loopback_floor(
         Ok((
             udp,
             Some(ThroughputRun {
+                pps_per_boot: vec![result.pps],
                 result,
                 counters: None,
                 vs_linux: None,
