@@ -202,17 +202,20 @@ fn check_mem_functions() -> CheckResult {
     for (index, byte) in source.iter_mut().enumerate() {
         *byte = pattern(index);
     }
-    // Volatile reads and writes: the reference must not itself become a memcpy call.
-    let get = |buffer: &[u8], index: usize| {
-        // SAFETY: `index` is in bounds (callers iterate over the buffer's length).
-        unsafe { core::ptr::read_volatile(buffer.as_ptr().add(index)) }
+    // The first byte of `buffer` that differs from `expected(index)`. Volatile reads: the
+    // reference must not itself become a call to the functions under test.
+    let first_wrong = |buffer: &[u8], expected: &dyn Fn(usize) -> u8| {
+        (0..buffer.len()).find(|&index| {
+            // SAFETY: `index` is below the buffer's length.
+            unsafe { core::ptr::read_volatile(buffer.as_ptr().add(index)) != expected(index) }
+        })
     };
     for length in 0..=SPAN {
         for from in 0..8 {
             for to in 0..8 {
                 target.fill(0xee);
-                // SAFETY: both ranges lie inside their arrays (8 + SPAN <= SPAN + 16) and the arrays
-                // are distinct.
+                // SAFETY: both ranges lie inside their arrays (8 + SPAN <= SPAN + 16) and the
+                // arrays are distinct.
                 unsafe {
                     crate::mem::rt::memcpy(
                         target.as_mut_ptr().add(to),
@@ -220,22 +223,23 @@ fn check_mem_functions() -> CheckResult {
                         length,
                     )
                 };
-                for index in 0..target.len() {
-                    let expected = if (to..to + length).contains(&index) {
+                let copied = to..to + length;
+                let wrong = first_wrong(&target, &|index| {
+                    if copied.contains(&index) {
                         pattern(from + index - to)
                     } else {
                         0xee
-                    };
-                    ensure!(
-                        get(&target, index) == expected,
-                        "memcpy of {length} bytes from offset {from} to {to}: byte {index} wrong"
-                    );
-                }
+                    }
+                });
+                ensure!(
+                    wrong.is_none(),
+                    "memcpy of {length} bytes from offset {from} to {to}: byte {wrong:?} wrong"
+                );
                 // memmove within one buffer, destination above and below the source.
                 for (first, second) in [(from, to + 8), (to + 8, from)] {
                     let mut buffer = source;
-                    // SAFETY: both ranges lie inside `buffer` (16 + SPAN <= SPAN + 16); memmove allows
-                    // the overlap.
+                    // SAFETY: both ranges lie inside `buffer` (16 + SPAN <= SPAN + 16); memmove
+                    // allows the overlap.
                     unsafe {
                         crate::mem::rt::memmove(
                             buffer.as_mut_ptr().add(second),
@@ -243,33 +247,31 @@ fn check_mem_functions() -> CheckResult {
                             length,
                         )
                     };
-                    for index in 0..buffer.len() {
-                        let expected = if (second..second + length).contains(&index) {
+                    let moved = second..second + length;
+                    let wrong = first_wrong(&buffer, &|index| {
+                        if moved.contains(&index) {
                             pattern(first + index - second)
                         } else {
                             pattern(index)
-                        };
-                        ensure!(
-                            get(&buffer, index) == expected,
-                            "memmove of {length} bytes from {first} to {second}: byte {index} wrong"
-                        );
-                    }
+                        }
+                    });
+                    ensure!(
+                        wrong.is_none(),
+                        "memmove of {length} bytes from {first} to {second}: byte {wrong:?} wrong"
+                    );
                 }
             }
             target.fill(0xee);
             // SAFETY: the range lies inside `target`.
             unsafe { crate::mem::rt::memset(target.as_mut_ptr().add(from), 0x5a, length) };
-            for index in 0..target.len() {
-                let expected = if (from..from + length).contains(&index) {
-                    0x5a
-                } else {
-                    0xee
-                };
-                ensure!(
-                    get(&target, index) == expected,
-                    "memset of {length} bytes at offset {from}: byte {index} wrong"
-                );
-            }
+            let filled = from..from + length;
+            let wrong = first_wrong(&target, &|index| {
+                if filled.contains(&index) { 0x5a } else { 0xee }
+            });
+            ensure!(
+                wrong.is_none(),
+                "memset of {length} bytes at offset {from}: byte {wrong:?} wrong"
+            );
         }
     }
     Ok(())
