@@ -233,7 +233,8 @@ fn check_mem_functions() -> CheckResult {
                 });
                 ensure!(
                     wrong.is_none(),
-                    "memcpy of {length} bytes from offset {from} to {to}: byte {wrong:?} wrong"
+                    "memcpy of {length} bytes from offset {from} to {to}: byte {} wrong",
+                    wrong.unwrap_or_default()
                 );
                 // memmove within one buffer, destination above and below the source.
                 for (first, second) in [(from, to + 8), (to + 8, from)] {
@@ -257,7 +258,8 @@ fn check_mem_functions() -> CheckResult {
                     });
                     ensure!(
                         wrong.is_none(),
-                        "memmove of {length} bytes from {first} to {second}: byte {wrong:?} wrong"
+                        "memmove of {length} bytes from {first} to {second}: byte {} wrong",
+                        wrong.unwrap_or_default()
                     );
                 }
             }
@@ -270,7 +272,8 @@ fn check_mem_functions() -> CheckResult {
             });
             ensure!(
                 wrong.is_none(),
-                "memset of {length} bytes at offset {from}: byte {wrong:?} wrong"
+                "memset of {length} bytes at offset {from}: byte {} wrong",
+                wrong.unwrap_or_default()
             );
         }
     }
