@@ -201,7 +201,7 @@ pub fn ticks_address() -> *const u64 {
 }
 
 /// Measures the APIC timer's input rate against the calibrated TSC clock, installs the timer
-/// handler and leaves the timer stopped (masked). Returns the input frequency in Hz.
+/// handler and leaves the timer stopped, in one-shot mode. Returns the input frequency in Hz.
 ///
 /// Vireo is tickless: nothing runs the timer periodically. The network loop arms a one-shot
 /// ([`arm_oneshot_ns`]) only before it halts, for the nearest deadline it has (the stack's next
@@ -218,7 +218,10 @@ pub fn calibrate_timer() -> Result<u64, ApicError> {
     write(reg::TIMER_INITIAL_COUNT, u32::MAX);
     clock::spin_for_ns(2_000_000);
     let elapsed = u32::MAX - read(reg::TIMER_CURRENT_COUNT);
+    // Stopped (an initial count of 0 stops it) in one-shot mode, unmasked: arming is then one
+    // register write, the count (under QEMU each APIC write is an exit under its global lock).
     write(reg::TIMER_INITIAL_COUNT, 0);
+    write(reg::LVT_TIMER, u32::from(interrupts::TIMER_VECTOR));
     if elapsed == 0 {
         return Err(ApicError::TimerDead);
     }
@@ -240,10 +243,10 @@ pub fn start_periodic(hz: u64) {
 
 /// Arms a one-shot timer interrupt `ns` nanoseconds from now (at least one timer count, at most
 /// the counter's range: 2^32 counts, over a minute at QEMU's rate). Re-arming replaces the
-/// previous deadline. [`calibrate_timer`] must have succeeded.
+/// previous deadline. [`calibrate_timer`] must have succeeded, and [`start_periodic`] must not
+/// have run since (the self test's tick, which exits the kernel when done).
 pub fn arm_oneshot_ns(ns: u64) {
     let counts = (u128::from(ns) * u128::from(TIMER_HZ.load(Ordering::Relaxed)) / 1_000_000_000)
         .clamp(1, u128::from(u32::MAX));
-    write(reg::LVT_TIMER, u32::from(interrupts::TIMER_VECTOR));
     write(reg::TIMER_INITIAL_COUNT, counts as u32);
 }

@@ -116,6 +116,14 @@ fn now() -> Instant {
     Instant::from_micros((clock::now_ns() / 1000) as i64)
 }
 
+/// Nanoseconds until the stack's next timer (TCP retransmission, delayed ACK, idle timeout),
+/// or `None` when it has none.
+fn stack_timer_ns(services: &mut Services) -> Option<u64> {
+    services
+        .poll_delay(now())
+        .map(|delay| delay.total_micros().saturating_mul(1000))
+}
+
 /// Serves forever.
 pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
     let nic = RefCell::new(nic);
@@ -209,9 +217,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
             // The fast path: watch only the used ring (one volatile load) until a frame
             // arrives or smoltcp's next timer is due, instead of running the whole stack
             // per spin. Bounded by a millisecond so housekeeping still runs.
-            let timer_ns = services.poll_delay(now()).map_or(POLL_SLICE_NS, |delay| {
-                delay.total_micros().saturating_mul(1000)
-            });
+            let timer_ns = stack_timer_ns(&mut services).unwrap_or(POLL_SLICE_NS);
             let mut deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
             if config.mode == Mode::Adaptive {
                 // Adaptive stops spinning when its window closes.
@@ -246,12 +252,10 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         }
         // Arm, and halt only if nothing raced in. The one-shot timer bounds the sleep by the
         // nearest deadline: smoltcp's next timer or the next housekeeping.
-        let stack_timer_ns = services
-            .poll_delay(now())
-            .map(|delay| delay.total_micros().saturating_mul(1000));
         let housekeeping_ns =
             (last_housekeeping_ns + HOUSEKEEPING_PERIOD_NS).saturating_sub(clock::now_ns());
-        let sleep_ns = stack_timer_ns.map_or(housekeeping_ns, |ns| ns.min(housekeeping_ns));
+        let sleep_ns =
+            stack_timer_ns(&mut services).map_or(housekeeping_ns, |ns| ns.min(housekeeping_ns));
         if sleep_ns == 0 {
             continue;
         }

@@ -805,27 +805,8 @@ fn measure_guest(
         bar.finish(&format!("{:.1} ms", first_echo.as_secs_f64() * 1e3));
         if let Some(throughput) = result.throughput.as_mut() {
             check_cancelled()?;
-            let mut bar = Progress::new(
-                format!(
-                    "{}: boot {}/{}: throughput, {} in flight",
-                    spec.label,
-                    index + 1,
-                    options.boots,
-                    options.window
-                ),
-                options.throughput.as_millis() as u64,
-                "ms",
-            );
-            let run = netns.run(|| {
-                measure::udp_throughput(
-                    guest_address(ECHO_PORT),
-                    64,
-                    options.window,
-                    options.throughput,
-                    &mut bar,
-                )
-            })??;
-            bar.finish(&format!("{:.0} pps", run.pps));
+            let label = format!("{}: boot {}/{}", spec.label, index + 1, options.boots);
+            let run = throughput_run(netns, &label, guest_address(ECHO_PORT), options, || {})?;
             throughput.pps_per_boot.push(run.pps);
         }
         guest.kill();
@@ -839,6 +820,33 @@ fn measure_guest(
 }
 
 type Measured = (Vec<RttRun>, Option<RttRun>, Option<ThroughputRun>);
+
+/// One windowed throughput run (64-byte datagrams, `options.window` in flight for
+/// `options.throughput`) against `target` from inside the namespace, with its progress bar;
+/// `pin` runs first on the client's thread.
+fn throughput_run(
+    netns: &NetNs,
+    label: &str,
+    target: SocketAddr,
+    options: &BenchOptions,
+    pin: impl FnOnce() + Send,
+) -> Result<measure::Throughput, BenchError> {
+    let mut bar = Progress::new(
+        format!("{label}: throughput, {} in flight", options.window),
+        options.throughput.as_millis() as u64,
+        "ms",
+    );
+    let result = netns.run(|| {
+        pin();
+        measure::udp_throughput(target, 64, options.window, options.throughput, &mut bar)
+    })??;
+    bar.finish(&format!(
+        "{:.0} pps, loss {:.2}%",
+        result.pps,
+        result.loss_rate * 100.0
+    ));
+    Ok(result)
+}
 
 /// UDP ping-pong per size and form, ICMP and throughput against the echo service at the guest
 /// address; with `counters`, the stats service is read before and after each UDP measurement.
@@ -927,20 +935,7 @@ fn measure_services(
     };
     check_cancelled()?;
     let before = if counters { Some(stats(netns)?) } else { None };
-    let mut bar = Progress::new(
-        format!("{label}: throughput, {} in flight", options.window),
-        options.throughput.as_millis() as u64,
-        "ms",
-    );
-    let result = netns.run(|| {
-        pin();
-        measure::udp_throughput(target, 64, options.window, options.throughput, &mut bar)
-    })??;
-    bar.finish(&format!(
-        "{:.0} pps, loss {:.2}%",
-        result.pps,
-        result.loss_rate * 100.0
-    ));
+    let result = throughput_run(netns, label, target, options, pin)?;
     let counters = match before {
         Some(before) => Some(Counters::between(&before, &stats(netns)?, result.received)),
         None => None,
@@ -1002,16 +997,9 @@ fn measure_loopback_floor(
                 udp.push(run);
             }
         }
-        let mut bar = Progress::new(
-            format!("{label}: throughput, {} in flight", options.window),
-            options.throughput.as_millis() as u64,
-            "ms",
-        );
-        let result = netns.run(|| {
+        let result = throughput_run(netns, label, target, options, || {
             measure::pin_current_thread(0);
-            measure::udp_throughput(target, 64, options.window, options.throughput, &mut bar)
-        })??;
-        bar.finish(&format!("{:.0} pps", result.pps));
+        })?;
         Ok((
             udp,
             Some(ThroughputRun {
