@@ -27,7 +27,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::NonNull;
 
-use crate::hal::{DmaBuffer, Hal, HalError, PAGE_SIZE};
+use crate::hal::{DmaBuffer, DmaDirection, Hal, HalError, PAGE_SIZE};
 
 /// A [`Hal`] whose DMA allocations can be dereferenced by this crate.
 ///
@@ -400,10 +400,10 @@ impl<H: DmaHal> fmt::Debug for DmaBuf<H> {
 }
 
 /// One physically contiguous element of a buffer, as the device sees it (§2.7.13.1,
-/// §2.8.21.1): a bus address, a length and a direction.
+/// §2.8.21.1): a device address, a length and a direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
-    /// Bus address of the first byte.
+    /// The address the device uses for the first byte ([`Hal::share`]'s answer).
     pub phys: u64,
     /// Length in bytes.
     pub len: u32,
@@ -430,11 +430,18 @@ pub unsafe trait DeviceBuffer {
     fn segment(&self, index: usize) -> Option<Segment>;
 }
 
-/// A [`DmaBuf`] with a direction and the length the device may use: one segment.
+/// A [`DmaBuf`] shared with the device for one transfer, with a direction and the length the
+/// device may use: one segment.
+///
+/// Making a `Part` calls [`Hal::share`] (the per-transfer DMA seam, see [`crate::hal`]) and the
+/// segment carries the address it returned; [`Part::into_buf`], or dropping the part, calls
+/// [`Hal::unshare`]. So the driver reads a device-written buffer only after `into_buf`.
 pub struct Part<H: DmaHal> {
     buf: DmaBuf<H>,
     len: u32,
     device_writable: bool,
+    /// What [`Hal::share`] returned for `buf`.
+    device_address: u64,
 }
 
 impl<H: DmaHal> Part<H> {
@@ -443,23 +450,42 @@ impl<H: DmaHal> Part<H> {
         len: usize,
         device_writable: bool,
     ) -> Result<Self, (DmaBuf<H>, DmaError)> {
-        match u32::try_from(len) {
-            Ok(len32) if len <= buf.len() => Ok(Self {
+        let Ok(len32) = u32::try_from(len) else {
+            let error = DmaError::OutOfBounds {
+                offset: len,
+                len: buf.len(),
+            };
+            return Err((buf, error));
+        };
+        if len > buf.len() {
+            let error = DmaError::OutOfBounds {
+                offset: len,
+                len: buf.len(),
+            };
+            return Err((buf, error));
+        }
+        let direction = Self::direction_of(device_writable);
+        match buf.allocation.hal.share(buf.phys(), len, direction) {
+            Ok(device_address) => Ok(Self {
                 buf,
                 len: len32,
                 device_writable,
+                device_address,
             }),
-            _ => {
-                let error = DmaError::OutOfBounds {
-                    offset: len,
-                    len: buf.len(),
-                };
-                Err((buf, error))
-            }
+            Err(error) => Err((buf, DmaError::Hal(error))),
         }
     }
 
-    /// The first `len` bytes of `buf`, for the device to read (a transmitted frame).
+    const fn direction_of(device_writable: bool) -> DmaDirection {
+        if device_writable {
+            DmaDirection::FromDevice
+        } else {
+            DmaDirection::ToDevice
+        }
+    }
+
+    /// The first `len` bytes of `buf`, for the device to read (a transmitted frame). Fill the
+    /// buffer before: sharing may copy it (a bounce-buffer HAL).
     pub fn readable(buf: DmaBuf<H>, len: usize) -> Result<Self, (DmaBuf<H>, DmaError)> {
         Self::with(buf, len, false)
     }
@@ -470,14 +496,11 @@ impl<H: DmaHal> Part<H> {
         Self::with(buf, len, true)
     }
 
-    /// The buffer.
+    /// The buffer, for its address and length. Its bytes are what the driver wrote: bytes the
+    /// device wrote are only guaranteed visible after [`Part::into_buf`] (a bounce-buffer HAL
+    /// copies them back in [`Hal::unshare`]), so read received data from the returned buffer.
     pub fn buf(&self) -> &DmaBuf<H> {
         &self.buf
-    }
-
-    /// The buffer, mutably (for filling before the part is added to a queue).
-    pub fn buf_mut(&mut self) -> &mut DmaBuf<H> {
-        &mut self.buf
     }
 
     /// The length offered to the device.
@@ -495,17 +518,44 @@ impl<H: DmaHal> Part<H> {
         self.device_writable
     }
 
-    /// Gives the buffer back.
+    /// The address the device uses for the first byte (what [`Hal::share`] returned).
+    pub fn device_address(&self) -> u64 {
+        self.device_address
+    }
+
+    fn unshare(&self) {
+        self.buf.allocation.hal.unshare(
+            self.device_address,
+            self.buf.phys(),
+            self.len as usize,
+            Self::direction_of(self.device_writable),
+        );
+    }
+
+    /// Ends the transfer ([`Hal::unshare`]) and gives the buffer back, readable by the driver.
     pub fn into_buf(self) -> DmaBuf<H> {
-        self.buf
+        self.unshare();
+        let this = core::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used again and, being `ManuallyDrop`, never dropped, so
+        // moving `buf` out of it leaves exactly one owner of the buffer; the other fields are
+        // `Copy`.
+        unsafe { core::ptr::read(&this.buf) }
     }
 
     fn as_segment(&self) -> Segment {
         Segment {
-            phys: self.buf.phys(),
+            phys: self.device_address,
             len: self.len,
             device_writable: self.device_writable,
         }
+    }
+}
+
+impl<H: DmaHal> Drop for Part<H> {
+    /// A part dropped while shared (a queue torn down after a device reset) still ends its
+    /// transfer, so a mapping HAL never leaks one.
+    fn drop(&mut self) {
+        self.unshare();
     }
 }
 
@@ -569,7 +619,7 @@ pub(crate) mod host {
     use std::collections::BTreeMap;
 
     use super::DmaHal;
-    use crate::hal::{DeviceMemory, DmaBuffer, Hal, HalError, PAGE_SIZE, Window};
+    use crate::hal::{DeviceMemory, DmaBuffer, DmaDirection, Hal, HalError, PAGE_SIZE, Window};
 
     /// A device access outside every live allocation (a driver bug the tests catch).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -580,12 +630,20 @@ pub(crate) mod host {
         pub len: usize,
     }
 
-    /// Real memory; bus address == virtual address.
+    /// Real memory; bus address == virtual address. With [`HostDma::translate_shares`] it
+    /// also plays a translating platform (an IOMMU): every [`Hal::share`] gets a device address
+    /// in a separate window, and the device side resolves such addresses only while shared.
     #[derive(Default)]
     pub(crate) struct HostDma {
         live: RefCell<BTreeMap<u64, usize>>,
         fail_after: Cell<Option<usize>>,
         delayed_us: Cell<u64>,
+        /// Device address of bus address 0 for shared buffers, when translating.
+        share_window: Cell<Option<u64>>,
+        /// Live shares: device address -> (bus address, length, direction).
+        shared: RefCell<BTreeMap<u64, (u64, usize, DmaDirection)>>,
+        shares: Cell<u64>,
+        unshares: Cell<u64>,
     }
 
     impl HostDma {
@@ -608,8 +666,43 @@ pub(crate) mod host {
             self.live.borrow().len()
         }
 
+        /// From now on, shared buffers get device addresses `window + bus address` (the
+        /// window must lie above every host address), as an IOMMU would give.
+        pub(crate) fn translate_shares(&self, window: u64) {
+            self.share_window.set(Some(window));
+        }
+
+        /// (shares, unshares) so far, and the shares still live.
+        pub(crate) fn share_counts(&self) -> (u64, u64, usize) {
+            (
+                self.shares.get(),
+                self.unshares.get(),
+                self.shared.borrow().len(),
+            )
+        }
+
+        /// The bus address behind a device address: translated through a live share when it
+        /// lies in the share window, else unchanged (ring memory is not shared per transfer).
+        fn resolve(&self, address: u64, len: usize) -> Result<u64, Fault> {
+            let fault = Fault { phys: address, len };
+            let Some(window) = self.share_window.get() else {
+                return Ok(address);
+            };
+            if address < window {
+                return Ok(address);
+            }
+            let shared = self.shared.borrow();
+            let (&start, &(phys, size, _)) = shared.range(..=address).next_back().ok_or(fault)?;
+            let end = address.checked_add(len as u64).ok_or(fault)?;
+            if end > start + size as u64 {
+                return Err(fault);
+            }
+            Ok(phys + (address - start))
+        }
+
         /// The pointer for `[phys, phys + len)` if it lies inside one live allocation.
-        fn locate(&self, phys: u64, len: usize) -> Result<*mut u8, Fault> {
+        fn locate(&self, address: u64, len: usize) -> Result<*mut u8, Fault> {
+            let phys = self.resolve(address, len)?;
             let fault = Fault { phys, len };
             let live = self.live.borrow();
             let (&base, &size) = live.range(..=phys).next_back().ok_or(fault)?;
@@ -754,6 +847,32 @@ pub(crate) mod host {
         fn spin_delay_us(&self, micros: u32) {
             self.delayed_us
                 .set(self.delayed_us.get() + u64::from(micros));
+        }
+
+        fn share(&self, phys: u64, len: usize, direction: DmaDirection) -> Result<u64, HalError> {
+            self.shares.set(self.shares.get() + 1);
+            let Some(window) = self.share_window.get() else {
+                return Ok(phys);
+            };
+            let device_address = window + phys;
+            let previous = self
+                .shared
+                .borrow_mut()
+                .insert(device_address, (phys, len, direction));
+            assert!(previous.is_none(), "buffer {phys:#x} shared twice");
+            Ok(device_address)
+        }
+
+        fn unshare(&self, device_address: u64, phys: u64, len: usize, direction: DmaDirection) {
+            self.unshares.set(self.unshares.get() + 1);
+            if self.share_window.get().is_some() {
+                let entry = self.shared.borrow_mut().remove(&device_address);
+                assert_eq!(
+                    entry,
+                    Some((phys, len, direction)),
+                    "unshare of {device_address:#x} does not match its share"
+                );
+            }
         }
     }
 

@@ -4,7 +4,33 @@
 //! * [`DeviceMemory`]: volatile loads and stores to memory the device can see (its BAR
 //!   registers and DMA buffers), addressed as a [`Window`] plus a byte offset, and 16-bit I/O
 //!   port writes for a notification capability in an I/O BAR.
-//! * [`Hal`]: DMA allocation, uncached MMIO mapping and a bounded busy-wait.
+//! * [`Hal`]: DMA allocation, uncached MMIO mapping, a bounded busy-wait, and the per-transfer
+//!   DMA address seam ([`Hal::share`]/[`Hal::unshare`]) described below.
+//!
+//! # DMA addresses and VIRTIO_F_ACCESS_PLATFORM
+//!
+//! With VIRTIO_F_ACCESS_PLATFORM negotiated (§6.1) the device accesses memory through the
+//! platform's DMA translation (an IOMMU, or the shared-memory rules of a confidential-computing
+//! guest) instead of by guest-physical address. The driver therefore never invents a device
+//! address; every address it gives the device comes from this trait, in two ways:
+//!
+//! * **Long-lived memory** (descriptor tables, rings, event suppression areas, indirect tables,
+//!   and the pages packet buffers are carved from): [`Hal::dma_alloc`] returns the address the
+//!   device must use in [`DmaBuffer::phys`], like Linux's coherent DMA allocations. An IOMMU HAL
+//!   maps the pages there; a confidential guest allocates them from memory shared with the
+//!   host.
+//! * **Each transfer** (a receive buffer posted, a frame sent, a control command): when a
+//!   buffer is handed to a queue it becomes a [`crate::dma::Part`], whose construction calls
+//!   [`Hal::share`] and uses the address it returns in the descriptor; when the device gives it
+//!   back, turning the part into a buffer again calls [`Hal::unshare`] *before* the driver reads
+//!   a byte of it. A bounce-buffer HAL copies out in `share` (device-readable parts) and back
+//!   in `unshare` (device-writable parts); a strict IOMMU HAL maps and unmaps there. The queues
+//!   only ever see the address in the segment, so such a HAL needs no change to them.
+//!
+//! The kernel's HAL implements the identity mapping: there is no IOMMU it programs, so bus
+//! addresses are guest-physical addresses and `share`/`unshare` are the defaults below. That is
+//! what §6.1 asks of a driver that accepts ACCESS_PLATFORM on such a platform (the IOMMU, if
+//! any, is left disabled, translating nothing).
 //!
 //! The kernel implements both with `read_volatile`/`write_volatile` and port instructions. Host
 //! tests implement them with a fake device that reacts to register writes, so every line of the
@@ -100,6 +126,14 @@ pub enum HalError {
         /// Pages requested.
         pages: usize,
     },
+    /// A buffer could not be shared with the device for a transfer ([`Hal::share`]: no
+    /// bounce space or IOMMU mapping left).
+    ShareFailed {
+        /// Bus address of the buffer.
+        phys: u64,
+        /// Length in bytes.
+        len: usize,
+    },
     /// The physical range could not be mapped (not device memory, or no virtual space left).
     MapFailed {
         /// Physical address requested.
@@ -114,6 +148,9 @@ impl fmt::Display for HalError {
         match *self {
             Self::OutOfDmaMemory { pages } => {
                 write!(f, "out of DMA memory ({pages} contiguous pages requested)")
+            }
+            Self::ShareFailed { phys, len } => {
+                write!(f, "cannot share DMA buffer {phys:#x}+{len:#x} with the device")
             }
             Self::MapFailed { phys, len } => {
                 write!(f, "cannot map MMIO {phys:#x}+{len:#x}")
@@ -146,6 +183,31 @@ pub trait Hal: DeviceMemory {
     /// (the reset handshake of §4.1.4.3.2); the delay need not be precise but must not be
     /// shorter than asked, so that timeouts are real.
     fn spin_delay_us(&self, micros: u32);
+
+    /// Hands `len` bytes at bus address `phys` (inside a live [`Hal::dma_alloc`] buffer) to the
+    /// device for one transfer in `direction`, and returns the address the device must use for
+    /// them (see the module docs). Called every time a buffer is made available to a queue.
+    /// The default is the identity: no IOMMU, no bounce buffers.
+    fn share(&self, phys: u64, len: usize, direction: DmaDirection) -> Result<u64, HalError> {
+        let _ = (len, direction);
+        Ok(phys)
+    }
+
+    /// Ends a transfer started by [`Hal::share`]: called once the device has given the buffer
+    /// back (or been reset) and before the driver reads it. `device_address` is what `share`
+    /// returned. The default does nothing.
+    fn unshare(&self, device_address: u64, phys: u64, len: usize, direction: DmaDirection) {
+        let _ = (device_address, phys, len, direction);
+    }
+}
+
+/// Which way the data of one transfer flows (see [`Hal::share`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DmaDirection {
+    /// The device reads the buffer (a frame to send, a control command).
+    ToDevice,
+    /// The device writes the buffer (a receive buffer, a control ack).
+    FromDevice,
 }
 
 impl<T: DeviceMemory + ?Sized> DeviceMemory for &T {
@@ -184,5 +246,11 @@ impl<T: Hal + ?Sized> Hal for &T {
     }
     fn spin_delay_us(&self, micros: u32) {
         (**self).spin_delay_us(micros)
+    }
+    fn share(&self, phys: u64, len: usize, direction: DmaDirection) -> Result<u64, HalError> {
+        (**self).share(phys, len, direction)
+    }
+    fn unshare(&self, device_address: u64, phys: u64, len: usize, direction: DmaDirection) {
+        (**self).unshare(device_address, phys, len, direction)
     }
 }

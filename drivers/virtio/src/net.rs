@@ -1,6 +1,20 @@
 //! The virtio-net driver (§5.1): feature negotiation, one receive/transmit queue pair (and
 //! the control queue when negotiated), receive buffers kept posted and recycled in place,
-//! mergeable receive buffers, checksum offload in both directions, link status, and counters.
+//! mergeable receive buffers, checksum offload in both directions, link status, the MAC
+//! address and receive filter (§5.1.6.5.1, §5.1.6.5.2), announce requests (§5.1.6.5.4), and
+//! counters.
+//!
+//! MAC address: the caller's choice ([`NetOptions::mac`]) wins, then the device's `mac` field
+//! (VIRTIO_NET_F_MAC) unless it is all-zero or multicast, then [`NetOptions::fallback_mac`]
+//! (the kernel draws a random locally administered one). When the chosen address is not the
+//! one the device already filters on, the device is told with VIRTIO_NET_CTRL_MAC_ADDR_SET, or
+//! failing that put in its unicast filter table. With VIRTIO_NET_F_CTRL_RX promiscuous mode
+//! is turned off so the device drops frames for other stations; whatever still arrives for
+//! another unicast or a multicast address is dropped here and counted (`rx_foreign`).
+//!
+//! VIRTIO_F_ACCESS_PLATFORM (§6.1) is accepted: every address the device sees comes from the
+//! HAL ([`crate::hal`]: allocation addresses and per-transfer `share`), so a platform with DMA
+//! translation plugs in there; the kernel's HAL is the identity (no IOMMU is programmed).
 //!
 //! Data path, without allocation: every receive buffer and every transmit buffer is carved out
 //! of one DMA allocation per queue at start-up. A received frame is handed to the caller in
@@ -41,7 +55,32 @@ pub const DEFAULT_MTU: u16 = 1500;
 const MIN_BUFFER: usize = 2048;
 
 /// Control queue classes and commands (§5.1.6.5).
-mod ctrl {
+pub mod ctrl {
+    /// VIRTIO_NET_CTRL_RX: receive modes, one byte of data, 0 off / 1 on (§5.1.6.5.1).
+    pub const CLASS_RX: u8 = 0;
+    /// VIRTIO_NET_CTRL_RX_PROMISC.
+    pub const RX_PROMISC: u8 = 0;
+    /// VIRTIO_NET_CTRL_RX_ALLMULTI.
+    pub const RX_ALLMULTI: u8 = 1;
+    /// VIRTIO_NET_CTRL_RX_ALLUNI (VIRTIO_NET_F_CTRL_RX_EXTRA).
+    pub const RX_ALLUNI: u8 = 2;
+    /// VIRTIO_NET_CTRL_RX_NOMULTI (VIRTIO_NET_F_CTRL_RX_EXTRA).
+    pub const RX_NOMULTI: u8 = 3;
+    /// VIRTIO_NET_CTRL_RX_NOUNI (VIRTIO_NET_F_CTRL_RX_EXTRA).
+    pub const RX_NOUNI: u8 = 4;
+    /// VIRTIO_NET_CTRL_RX_NOBCAST (VIRTIO_NET_F_CTRL_RX_EXTRA).
+    pub const RX_NOBCAST: u8 = 5;
+    /// VIRTIO_NET_CTRL_MAC (§5.1.6.5.2).
+    pub const CLASS_MAC: u8 = 1;
+    /// VIRTIO_NET_CTRL_MAC_TABLE_SET: two `virtio_net_ctrl_mac` tables, unicast then
+    /// multicast, each a le32 count and that many 6-byte addresses.
+    pub const MAC_TABLE_SET: u8 = 0;
+    /// VIRTIO_NET_CTRL_MAC_ADDR_SET: the 6-byte default MAC (VIRTIO_NET_F_CTRL_MAC_ADDR).
+    pub const MAC_ADDR_SET: u8 = 1;
+    /// VIRTIO_NET_CTRL_ANNOUNCE (§5.1.6.5.4).
+    pub const CLASS_ANNOUNCE: u8 = 3;
+    /// VIRTIO_NET_CTRL_ANNOUNCE_ACK.
+    pub const ANNOUNCE_ACK: u8 = 0;
     /// VIRTIO_NET_CTRL_MQ.
     pub const CLASS_MQ: u8 = 4;
     /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
@@ -50,11 +89,30 @@ mod ctrl {
     pub const OK: u8 = 0;
 }
 
+/// The Ethernet broadcast address.
+pub const BROADCAST_MAC: [u8; 6] = [0xff; 6];
+
+/// Whether `mac` can be a station's own address: not all-zero and not multicast (the I/G bit,
+/// bit 0 of the first octet, clear; IEEE 802 §8.2). Broadcast is multicast.
+pub const fn is_valid_station_mac(mac: [u8; 6]) -> bool {
+    let zero = mac[0] == 0 && mac[1] == 0 && mac[2] == 0 && mac[3] == 0 && mac[4] == 0;
+    (mac[0] & 1 == 0) && !(zero && mac[5] == 0)
+}
+
+/// Makes a locally administered unicast MAC from 6 random bytes (U/L bit set, I/G bit clear,
+/// never all-zero since the U/L bit is set).
+pub const fn locally_administered_mac(random: [u8; 6]) -> [u8; 6] {
+    let mut mac = random;
+    mac[0] = (mac[0] | 0x02) & !0x01;
+    mac
+}
+
 /// The device-independent and net features this driver can honour.
 pub const DRIVER_FEATURES: u64 = feature::bit(feature::VERSION_1)
     | feature::bit(feature::RING_PACKED)
     | feature::bit(feature::EVENT_IDX)
     | feature::bit(feature::INDIRECT_DESC)
+    | feature::bit(feature::ACCESS_PLATFORM)
     | feature::bit(net_feature::MAC)
     | feature::bit(net_feature::STATUS)
     | feature::bit(net_feature::MTU)
@@ -62,6 +120,18 @@ pub const DRIVER_FEATURES: u64 = feature::bit(feature::VERSION_1)
     | feature::bit(net_feature::CSUM)
     | feature::bit(net_feature::GUEST_CSUM)
     | feature::bit(net_feature::CTRL_VQ)
+    | feature::bit(net_feature::CTRL_RX)
+    | feature::bit(net_feature::CTRL_RX_EXTRA)
+    | feature::bit(net_feature::GUEST_ANNOUNCE)
+    | feature::bit(net_feature::CTRL_MAC_ADDR)
+    | feature::bit(net_feature::MQ);
+
+/// The features that only work through the control queue (§5.1.3.1): dropped from the request
+/// when VIRTIO_NET_F_CTRL_VQ will not be negotiated.
+const NEEDS_CTRL_VQ: u64 = feature::bit(net_feature::CTRL_RX)
+    | feature::bit(net_feature::CTRL_RX_EXTRA)
+    | feature::bit(net_feature::GUEST_ANNOUNCE)
+    | feature::bit(net_feature::CTRL_MAC_ADDR)
     | feature::bit(net_feature::MQ);
 
 /// MSI-X table entries for the device's notifications; `None` means no vector (polling or
@@ -89,6 +159,16 @@ pub struct NetOptions {
     pub vectors: NetVectors,
     /// Microseconds to wait for a control-queue command before giving up.
     pub ctrl_timeout_us: u32,
+    /// The MAC to use instead of the device's (the kernel's `mac=`); it must pass
+    /// [`is_valid_station_mac`], else it is ignored and [`VirtioNet::mac_origin`] says so.
+    pub mac: Option<[u8; 6]>,
+    /// The MAC to use when neither `mac` nor the device gives a valid one; must be a valid
+    /// station address (the kernel passes a random locally administered one).
+    pub fallback_mac: [u8; 6],
+    /// Drop received frames whose destination is neither the station's MAC nor broadcast
+    /// (counted in `rx_foreign`). On by default; tests of other parts turn it off to feed
+    /// arbitrary frames.
+    pub drop_foreign: bool,
 }
 
 impl Default for NetOptions {
@@ -100,6 +180,9 @@ impl Default for NetOptions {
             tx_queue_size: 1024,
             vectors: NetVectors::default(),
             ctrl_timeout_us: 1_000_000,
+            mac: None,
+            fallback_mac: locally_administered_mac([0x02, 0x00, 0x5e, 0x00, 0x00, 0x01]),
+            drop_foreign: true,
         }
     }
 }
@@ -217,6 +300,13 @@ pub struct NetStats {
     pub kicks_suppressed: u64,
     /// Configuration-change events handled.
     pub config_changes: u64,
+    /// Device status re-reads on the timer (no configuration interrupt to wait for).
+    pub status_polls: u64,
+    /// Received frames for another station (unicast to another MAC, or multicast) that the
+    /// device still delivered; dropped here.
+    pub rx_foreign: u64,
+    /// Announce requests from the device (VIRTIO_NET_S_ANNOUNCE) acknowledged.
+    pub announce_acks: u64,
 }
 
 impl core::ops::AddAssign for NetStats {
@@ -236,12 +326,16 @@ impl core::ops::AddAssign for NetStats {
         self.kicks += other.kicks;
         self.kicks_suppressed += other.kicks_suppressed;
         self.config_changes += other.config_changes;
+        self.status_polls += other.status_polls;
+        self.rx_foreign += other.rx_foreign;
+        self.announce_acks += other.announce_acks;
     }
 }
 
 /// A received frame, owned by the caller until [`VirtioNet::recycle`].
 pub struct RxFrame<H: DmaHal + Clone> {
-    parts: Vec<Part<H>>,
+    /// The receive buffers it came in, no longer shared with the device.
+    parts: Vec<DmaBuf<H>>,
     /// Frame bytes, when in place: (offset, length) in the first part.
     in_place: Option<(usize, usize)>,
     merged: Vec<u8>,
@@ -252,13 +346,83 @@ impl<H: DmaHal + Clone> RxFrame<H> {
     pub fn bytes(&self) -> &[u8] {
         match (self.in_place, self.parts.first()) {
             (Some((offset, length)), Some(part)) => part
-                .buf()
                 .as_bytes()
                 .get(offset..offset + length)
                 .unwrap_or(&[]),
             _ => &self.merged,
         }
     }
+}
+
+/// Where the MAC in use came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacOrigin {
+    /// The device's `mac` field (VIRTIO_NET_F_MAC).
+    Device,
+    /// The caller's [`NetOptions::mac`].
+    Requested,
+    /// [`NetOptions::fallback_mac`]: the device gave none, or an invalid one.
+    Generated,
+}
+
+/// How the device learned the MAC in use, which decides what it filters (§5.1.6.5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacProgramming {
+    /// It is the device's own `mac`: nothing to tell.
+    DeviceDefault,
+    /// Set with VIRTIO_NET_CTRL_MAC_ADDR_SET.
+    AddressSet,
+    /// Put in the unicast filter table with VIRTIO_NET_CTRL_MAC_TABLE_SET.
+    FilterTable,
+    /// The device could not be told (no CTRL_MAC_ADDR, no CTRL_RX, or it refused): it keeps
+    /// filtering on its own address unless it is promiscuous.
+    NotTold,
+}
+
+/// The receive filter the device applies (§5.1.6.5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxFilter {
+    /// Promiscuous off: the device delivers the station's unicast and broadcast only
+    /// (multicast off too with VIRTIO_NET_F_CTRL_RX_EXTRA).
+    UnicastAndBroadcast,
+    /// No VIRTIO_NET_F_CTRL_RX: the device's default, which for QEMU is promiscuous; foreign
+    /// frames are dropped by the driver.
+    DeviceDefault,
+    /// The device could not be told the MAC in use, so promiscuous mode stays on (turning it
+    /// off would drop the station's own frames); foreign frames are dropped by the driver.
+    MacNotTold,
+    /// A filter command was refused or timed out; the device keeps its default.
+    Failed(NetError),
+}
+
+impl fmt::Display for RxFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnicastAndBroadcast => {
+                f.write_str("promiscuous off: the device delivers our unicast and broadcast")
+            }
+            Self::DeviceDefault => f.write_str(
+                "no CTRL_RX: the device's default filter (promiscuous on QEMU); foreign frames dropped in software",
+            ),
+            Self::MacNotTold => f.write_str(
+                "the device cannot be told our MAC, so it stays promiscuous; foreign frames dropped in software",
+            ),
+            Self::Failed(error) => write!(
+                f,
+                "filter command failed ({error}); the device keeps its default, foreign frames dropped in software"
+            ),
+        }
+    }
+}
+
+/// The data of VIRTIO_NET_CTRL_MAC_TABLE_SET with one unicast address and no multicast ones
+/// (§5.1.6.5.2: two `virtio_net_ctrl_mac`, each a le32 count then the addresses).
+fn mac_table_one_unicast(mac: [u8; 6]) -> [u8; 14] {
+    let mut data = [0u8; 14];
+    data[0..4].copy_from_slice(&1u32.to_le_bytes());
+    data[4..10].copy_from_slice(&mac);
+    // data[10..14]: le32 0, the empty multicast table.
+    data
 }
 
 /// Link state changes reported by [`VirtioNet::handle_config_change`].
@@ -283,6 +447,12 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
     tx_pool: Vec<DmaBuf<H>>,
     buffer_len: usize,
     mac: [u8; 6],
+    mac_origin: MacOrigin,
+    rejected_device_mac: Option<[u8; 6]>,
+    mac_programming: MacProgramming,
+    rx_filter: RxFilter,
+    announce_requested: bool,
+    drop_foreign: bool,
     mtu: u16,
     link_up: bool,
     mergeable: bool,
@@ -292,7 +462,7 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
     tx_added: bool,
     vectors: NetVectors,
     stats: NetStats,
-    scratch_parts: Vec<Part<H>>,
+    scratch_parts: Vec<DmaBuf<H>>,
 }
 
 fn has(features: u64, number: u32) -> bool {
@@ -314,10 +484,18 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         device.reset()?;
         let offered = device.transport_mut().read_device_features();
         let mut wanted = DRIVER_FEATURES & options.allowed_features;
-        // MQ needs the control queue to set the number of pairs (§5.1.3.1): drop it when
-        // CTRL_VQ will not be negotiated, whether the device or the caller ruled it out.
+        // MQ, CTRL_RX, GUEST_ANNOUNCE and CTRL_MAC_ADDR need the control queue (§5.1.3.1):
+        // drop them when CTRL_VQ will not be negotiated, whether the device or the caller
+        // ruled it out; CTRL_RX_EXTRA needs CTRL_RX.
         if !has(offered & wanted, net_feature::CTRL_VQ) {
-            wanted &= !(feature::bit(net_feature::MQ) | feature::bit(net_feature::CTRL_VQ));
+            wanted &= !(NEEDS_CTRL_VQ | feature::bit(net_feature::CTRL_VQ));
+        }
+        if !has(offered & wanted, net_feature::CTRL_RX) {
+            wanted &= !feature::bit(net_feature::CTRL_RX_EXTRA);
+        }
+        // GUEST_ANNOUNCE is signalled through the status field (§5.1.4).
+        if !has(offered & wanted, net_feature::STATUS) {
+            wanted &= !feature::bit(net_feature::GUEST_ANNOUNCE);
         }
         let features = device.begin(wanted)?;
 
@@ -330,12 +508,22 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         } else {
             DEFAULT_MTU
         };
-        let mut mac = [0u8; 6];
-        if has(features, net_feature::MAC) {
+        let device_mac = if has(features, net_feature::MAC) {
+            let mut mac = [0u8; 6];
             device
                 .transport()
                 .read_config_bytes(net_config::MAC, &mut mac)?;
-        }
+            Some(mac)
+        } else {
+            None
+        };
+        let rejected_device_mac = device_mac.filter(|&mac| !is_valid_station_mac(mac));
+        let valid_device_mac = device_mac.filter(|&mac| is_valid_station_mac(mac));
+        let (mac, mac_origin) = match (options.mac.filter(|&mac| is_valid_station_mac(mac)), valid_device_mac) {
+            (Some(requested), _) => (requested, MacOrigin::Requested),
+            (None, Some(device_mac)) => (device_mac, MacOrigin::Device),
+            (None, None) => (options.fallback_mac, MacOrigin::Generated),
+        };
         let max_pairs = if has(features, net_feature::MQ) {
             let pairs = device
                 .transport()
@@ -429,6 +617,12 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             tx_pool,
             buffer_len,
             mac,
+            mac_origin,
+            rejected_device_mac,
+            mac_programming: MacProgramming::NotTold,
+            rx_filter: RxFilter::DeviceDefault,
+            announce_requested: false,
+            drop_foreign: options.drop_foreign,
             mtu,
             link_up: true,
             mergeable: has(features, net_feature::MRG_RXBUF),
@@ -455,9 +649,67 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                 options.ctrl_timeout_us,
             )?;
         }
-        net.link_up = net.read_link_up();
+        net.program_mac_and_filter(valid_device_mac, options.ctrl_timeout_us);
+        net.refresh_status();
         net.flush()?;
         Ok(net)
+    }
+
+    /// Tells the device the MAC in use when it is not the device's own (§5.1.6.5.2), then
+    /// turns promiscuous mode off (§5.1.6.5.1). A refused or unanswered command is recorded
+    /// ([`Self::rx_filter`], [`Self::mac_programming`]), not fatal: the device then keeps its
+    /// default filter and the driver's own check drops foreign frames.
+    fn program_mac_and_filter(&mut self, device_mac: Option<[u8; 6]>, timeout_us: u32) {
+        let features = self.device.features();
+        let mac = self.mac;
+        self.mac_programming = if device_mac == Some(mac) {
+            MacProgramming::DeviceDefault
+        } else if has(features, net_feature::CTRL_MAC_ADDR)
+            && self
+                .control(ctrl::CLASS_MAC, ctrl::MAC_ADDR_SET, &mac, timeout_us)
+                .is_ok()
+        {
+            MacProgramming::AddressSet
+        } else if has(features, net_feature::CTRL_RX)
+            && self
+                .control(
+                    ctrl::CLASS_MAC,
+                    ctrl::MAC_TABLE_SET,
+                    &mac_table_one_unicast(mac),
+                    timeout_us,
+                )
+                .is_ok()
+        {
+            MacProgramming::FilterTable
+        } else {
+            MacProgramming::NotTold
+        };
+        if !has(features, net_feature::CTRL_RX) {
+            self.rx_filter = RxFilter::DeviceDefault;
+            return;
+        }
+        if self.mac_programming == MacProgramming::NotTold {
+            // The device does not know our address: filtering would drop our own frames.
+            self.rx_filter = RxFilter::MacNotTold;
+            return;
+        }
+        let mut commands: Vec<(u8, u8)> =
+            alloc::vec![(ctrl::RX_PROMISC, 0), (ctrl::RX_ALLMULTI, 0)];
+        if has(features, net_feature::CTRL_RX_EXTRA) {
+            commands.extend([
+                (ctrl::RX_ALLUNI, 0),
+                (ctrl::RX_NOMULTI, 1),
+                (ctrl::RX_NOUNI, 0),
+                (ctrl::RX_NOBCAST, 0),
+            ]);
+        }
+        for (command, on) in commands {
+            if let Err(error) = self.control(ctrl::CLASS_RX, command, &[on], timeout_us) {
+                self.rx_filter = RxFilter::Failed(error);
+                return;
+            }
+        }
+        self.rx_filter = RxFilter::UnicastAndBroadcast;
     }
 
     fn build_queue<B: crate::dma::DeviceBuffer>(
@@ -542,10 +794,11 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             };
             match ctrl.pop_used() {
                 Ok(Some(used)) => {
-                    let ack = used
-                        .buffer
-                        .get(1)
-                        .and_then(|part| part.buf().as_bytes().first().copied());
+                    // End the transfers before reading the ack (a bounce HAL copies it back).
+                    let mut parts = used.buffer.into_iter().map(Part::into_buf);
+                    let ack = parts
+                        .nth(1)
+                        .and_then(|ack| ack.as_bytes().first().copied());
                     return match ack {
                         Some(ctrl::OK) if used.len >= 1 => Ok(()),
                         other => Err(NetError::Control {
@@ -579,9 +832,29 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         self.hal.clone()
     }
 
-    /// The MAC address (all zeros without VIRTIO_NET_F_MAC).
+    /// The MAC address in use (see the module docs for how it is chosen).
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Where the MAC in use came from.
+    pub fn mac_origin(&self) -> MacOrigin {
+        self.mac_origin
+    }
+
+    /// The device's `mac` field when it was all-zero or multicast and therefore not used.
+    pub fn rejected_device_mac(&self) -> Option<[u8; 6]> {
+        self.rejected_device_mac
+    }
+
+    /// How the device learned the MAC in use.
+    pub fn mac_programming(&self) -> MacProgramming {
+        self.mac_programming
+    }
+
+    /// The receive filter the device applies.
+    pub fn rx_filter(&self) -> RxFilter {
+        self.rx_filter
     }
 
     /// The MTU in use.
@@ -642,18 +915,36 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         self.device.transport()
     }
 
-    fn read_link_up(&self) -> bool {
-        if !has(self.device.features(), net_feature::STATUS) {
-            return true;
+    /// Re-reads the `status` field (§5.1.4): the link bit (always up without
+    /// VIRTIO_NET_F_STATUS) and, with VIRTIO_NET_F_GUEST_ANNOUNCE, the announce request. A
+    /// failed read keeps the last state.
+    fn refresh_status(&mut self) -> Option<LinkChange> {
+        let features = self.device.features();
+        let up = if has(features, net_feature::STATUS) {
+            match self
+                .device
+                .transport()
+                .read_config(net_config::STATUS, ConfigWidth::U16)
+            {
+                Ok(status) => {
+                    let status = status as u16;
+                    if has(features, net_feature::GUEST_ANNOUNCE)
+                        && status & net_config::STATUS_ANNOUNCE != 0
+                    {
+                        self.announce_requested = true;
+                    }
+                    status & net_config::STATUS_LINK_UP != 0
+                }
+                Err(_) => self.link_up,
+            }
+        } else {
+            true
+        };
+        if up == self.link_up {
+            return None;
         }
-        match self
-            .device
-            .transport()
-            .read_config(net_config::STATUS, ConfigWidth::U16)
-        {
-            Ok(status) => status as u16 & net_config::STATUS_LINK_UP != 0,
-            Err(_) => self.link_up,
-        }
+        self.link_up = up;
+        Some(if up { LinkChange::Up } else { LinkChange::Down })
     }
 
     /// Re-reads the link status after a configuration-change notification; reports a change.
@@ -663,15 +954,41 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         if self.device.needs_reset() {
             return Err(NetError::NeedsReset);
         }
-        let up = self.read_link_up();
-        if up == self.link_up {
-            return Ok(None);
-        }
-        self.link_up = up;
-        Ok(Some(if up { LinkChange::Up } else { LinkChange::Down }))
+        Ok(self.refresh_status())
     }
 
-    /// Takes the next received frame. Malformed buffers are dropped (counted) and recycled.
+    /// The same checks as [`Self::handle_config_change`] for a driver that gets no
+    /// configuration-change notification (polling only, no MSI-X config vector and no INTx):
+    /// the caller runs it on a timer. Counted in `status_polls`, not `config_changes`.
+    pub fn poll_status(&mut self) -> Result<Option<LinkChange>, NetError> {
+        self.stats.status_polls += 1;
+        if self.device.needs_reset() {
+            return Err(NetError::NeedsReset);
+        }
+        Ok(self.refresh_status())
+    }
+
+    /// Whether the device asked the driver to announce itself (VIRTIO_NET_S_ANNOUNCE, seen by
+    /// the last status read). The caller sends its gratuitous packets, then calls
+    /// [`Self::ack_announce`] (§5.1.6.5.4).
+    pub fn announce_requested(&self) -> bool {
+        self.announce_requested
+    }
+
+    /// Acknowledges an announce request with VIRTIO_NET_CTRL_ANNOUNCE_ACK, after which the
+    /// device clears VIRTIO_NET_S_ANNOUNCE (§5.1.6.5.4). Does nothing when none is pending.
+    pub fn ack_announce(&mut self, timeout_us: u32) -> Result<(), NetError> {
+        if !self.announce_requested {
+            return Ok(());
+        }
+        self.announce_requested = false;
+        self.control(ctrl::CLASS_ANNOUNCE, ctrl::ANNOUNCE_ACK, &[], timeout_us)?;
+        self.stats.announce_acks += 1;
+        Ok(())
+    }
+
+    /// Takes the next received frame. Malformed buffers are dropped (counted) and recycled,
+    /// and so are frames for another station (counted in `rx_foreign`).
     pub fn receive(&mut self) -> Result<Option<RxFrame<H>>, NetError> {
         loop {
             let used = match self.rx.pop_used() {
@@ -684,14 +1001,16 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                     });
                 }
             };
+            // `len` is at most the buffer's size (the queue checked it). End the transfer
+            // before reading a byte: a bounce-buffer HAL copies the data back here.
             let length = used.len as usize;
-            let mut part = used.buffer;
+            let mut buf = used.buffer.into_buf();
             if length < NET_HEADER_LEN + ETHERNET_HEADER_LEN {
                 self.stats.rx_malformed += 1;
-                self.post_rx(part.into_buf())?;
+                self.post_rx(buf)?;
                 continue;
             }
-            let header = parse_header(part.buf().as_bytes());
+            let header = parse_header(buf.as_bytes());
             let buffers = if self.mergeable {
                 header.num_buffers
             } else {
@@ -699,7 +1018,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             };
             if buffers == 0 || usize::from(buffers) > usize::from(self.rx.size()) {
                 self.stats.rx_malformed += 1;
-                self.post_rx(part.into_buf())?;
+                self.post_rx(buf)?;
                 continue;
             }
             let mut frame = RxFrame {
@@ -709,32 +1028,33 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             };
             if buffers == 1 {
                 if header.flags & HDR_F_NEEDS_CSUM != 0 {
-                    let bytes = &mut part.buf_mut().as_bytes_mut()[NET_HEADER_LEN..length];
+                    let bytes = &mut buf.as_bytes_mut()[NET_HEADER_LEN..length];
                     if !complete_checksum(bytes, header.csum_start, header.csum_offset) {
                         self.stats.rx_malformed += 1;
-                        self.post_rx(part.into_buf())?;
+                        self.post_rx(buf)?;
                         continue;
                     }
                     self.stats.rx_checksums_completed += 1;
                 }
                 frame.in_place = Some((NET_HEADER_LEN, length - NET_HEADER_LEN));
-                frame.parts.push(part);
+                frame.parts.push(buf);
             } else {
                 // Mergeable: the frame continues in the next `buffers - 1` used buffers
                 // (§5.1.6.4). Copy them together; they must already be in the used ring.
                 frame
                     .merged
-                    .extend_from_slice(&part.buf().as_bytes()[NET_HEADER_LEN..length]);
-                frame.parts.push(part);
+                    .extend_from_slice(&buf.as_bytes()[NET_HEADER_LEN..length]);
+                frame.parts.push(buf);
                 let mut complete = true;
                 for _ in 1..buffers {
                     match self.rx.pop_used() {
                         Ok(Some(next)) => {
-                            let next_length = (next.len as usize).min(next.buffer.buf().len());
+                            let next_buf = next.buffer.into_buf();
+                            let next_length = (next.len as usize).min(next_buf.len());
                             frame
                                 .merged
-                                .extend_from_slice(&next.buffer.buf().as_bytes()[..next_length]);
-                            frame.parts.push(next.buffer);
+                                .extend_from_slice(&next_buf.as_bytes()[..next_length]);
+                            frame.parts.push(next_buf);
                         }
                         Ok(None) => {
                             complete = false;
@@ -765,9 +1085,22 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                 }
                 self.stats.rx_merged += 1;
             }
+            if self.drop_foreign && !self.is_for_us(frame.bytes()) {
+                self.stats.rx_foreign += 1;
+                self.recycle(frame)?;
+                continue;
+            }
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += frame.bytes().len() as u64;
             return Ok(Some(frame));
+        }
+    }
+
+    /// Whether a frame's destination is this station's MAC or broadcast.
+    fn is_for_us(&self, frame: &[u8]) -> bool {
+        match frame.get(..6) {
+            Some(destination) => destination == self.mac || destination == BROADCAST_MAC,
+            None => false,
         }
     }
 
@@ -776,8 +1109,8 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     pub fn recycle(&mut self, mut frame: RxFrame<H>) -> Result<(), NetError> {
         core::mem::swap(&mut self.scratch_parts, &mut frame.parts);
         let mut result = Ok(());
-        while let Some(part) = self.scratch_parts.pop() {
-            if let Err(error) = self.post_rx(part.into_buf()) {
+        while let Some(buffer) = self.scratch_parts.pop() {
+            if let Err(error) = self.post_rx(buffer) {
                 result = Err(error);
             }
         }

@@ -363,6 +363,7 @@ fn driver(input: &mut Input<'_>, summary: &mut Summary) {
         let options = NetOptions {
             rx_queue_size: 16,
             tx_queue_size: 16,
+            drop_foreign: false,
             ..NetOptions::default()
         };
         let Ok(net) = VirtioNet::new(&hal, transport, options) else {

@@ -12,6 +12,7 @@ mod datapath;
 mod device;
 mod misbehaving;
 mod negotiation;
+mod platform;
 mod recovery;
 
 use std::cell::RefCell;
@@ -33,7 +34,7 @@ fn bits(numbers: &[u32]) -> u64 {
 }
 
 /// What QEMU 7.2's `virtio-net-pci` offers by default that this driver cares about, plus a
-/// few it does not (TSO/UFO, CTRL_RX, GUEST_ANNOUNCE), which must never be negotiated.
+/// few it does not (TSO/UFO), which must never be negotiated.
 fn qemu_features() -> u64 {
     bits(&[
         feature::VERSION_1,
@@ -68,6 +69,8 @@ fn small() -> NetOptions {
     NetOptions {
         rx_queue_size: 64,
         tx_queue_size: 64,
+        // The frames here are built for both directions (destination: the host's MAC).
+        drop_foreign: false,
         ..NetOptions::default()
     }
 }

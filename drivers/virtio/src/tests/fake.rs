@@ -679,7 +679,15 @@ impl DeviceState {
                 if status & spec::status::FEATURES_OK != 0 {
                     let driver = u64::from(self.driver_features[0])
                         | (u64::from(self.driver_features[1]) << 32);
-                    if self.refuse_features_ok || driver & !self.device_features != 0 {
+                    // Like QEMU (virtio_validate_features): a device that offers
+                    // ACCESS_PLATFORM refuses a driver that does not accept it (§6.1).
+                    let access_platform = spec::feature::bit(spec::feature::ACCESS_PLATFORM);
+                    let platform_refused = self.device_features & access_platform != 0
+                        && driver & access_platform == 0;
+                    if self.refuse_features_ok
+                        || driver & !self.device_features != 0
+                        || platform_refused
+                    {
                         status &= !spec::status::FEATURES_OK;
                     }
                 }

@@ -26,11 +26,20 @@ fn mq_pairs_command_acked_ok_brings_the_device_up() {
         let mut net = up(&world, &model, small()).expect("up");
         {
             let model = model.borrow();
-            assert_eq!(model.ctrl_commands.len(), 1);
-            let command = &model.ctrl_commands[0];
+            let mq: Vec<_> = model
+                .ctrl_commands
+                .iter()
+                .filter(|command| command.class == 4)
+                .collect();
+            assert_eq!(mq.len(), 1);
+            let command = mq[0];
             assert_eq!((command.class, command.command), (4, 0));
             assert_eq!(command.data, [1, 0]);
-            assert_eq!(model.doorbells.get(&2), Some(&1), "one control doorbell");
+            assert_eq!(
+                model.doorbells.get(&2),
+                Some(&(model.ctrl_commands.len() as u64)),
+                "one control doorbell per command"
+            );
         }
         assert_eq!(
             world.dma.delayed_us(),

@@ -130,6 +130,8 @@ pub(super) struct NetModel<'w> {
     pub ctrl_reply: CtrlReply,
     /// Control commands received.
     pub ctrl_commands: Vec<CtrlCommand>,
+    /// (class, command) pairs answered with VIRTIO_NET_ERR (1) whatever `ctrl_reply` says.
+    pub ctrl_refused: Vec<(u8, u8)>,
     /// Doorbells per queue.
     pub doorbells: BTreeMap<u16, u64>,
     /// Resets seen.
@@ -155,6 +157,7 @@ impl<'w> NetModel<'w> {
             tx_frames: Vec::new(),
             ctrl_reply: CtrlReply::Ack(0),
             ctrl_commands: Vec::new(),
+            ctrl_refused: Vec::new(),
             doorbells: BTreeMap::new(),
             resets: 0,
         }
@@ -341,7 +344,17 @@ impl<'w> NetModel<'w> {
             });
         }
         if let CtrlReply::Ack(ack) = reply {
-            let acks = vec![[ack]; queue.popped.len()];
+            let mut acks = vec![[ack]; queue.popped.len()];
+            for (position, command) in commands.iter().enumerate() {
+                if self.ctrl_refused.contains(&(command.class, command.command)) {
+                    acks[before + position] = [1];
+                } else if (command.class, command.command) == (3, 0) && ack == 0 {
+                    // VIRTIO_NET_CTRL_ANNOUNCE_ACK: the device clears VIRTIO_NET_S_ANNOUNCE
+                    // (§5.1.6.5.4), as QEMU does.
+                    self.pci.with(|state| state.device_config[6] &= !2);
+                }
+            }
+            let queue = self.queue(index);
             let picks: Vec<(usize, &[u8])> = acks
                 .iter()
                 .enumerate()

@@ -31,7 +31,10 @@ fn set_max_pairs(world: &World, pairs: u16) {
 fn negotiates_every_offered_feature_the_driver_supports_and_nothing_else() {
     let extras = bits(&[
         feature::RING_PACKED,
+        feature::ACCESS_PLATFORM,
         net_feature::MQ,
+        net_feature::CTRL_RX_EXTRA,
+        net_feature::CTRL_MAC_ADDR,
         feature::IN_ORDER,
         feature::NOTIFICATION_DATA,
         net_feature::CTRL_VLAN,
@@ -179,6 +182,7 @@ fn mtu_comes_from_config_only_when_offered_allowed_and_sane() {
         let mut options = NetOptions {
             rx_queue_size: 4,
             tx_queue_size: 4,
+            drop_foreign: false,
             ..NetOptions::default()
         };
         if !allowed {
@@ -493,6 +497,7 @@ fn every_combination_of_optional_features_negotiates_consistently_and_passes_tra
         let options = NetOptions {
             rx_queue_size: 8,
             tx_queue_size: 8,
+            drop_foreign: false,
             ..NetOptions::default()
         };
         let mut net = up(&world, &model, options).expect("up");
@@ -511,7 +516,7 @@ fn every_combination_of_optional_features_negotiates_consistently_and_passes_tra
         let mac = if has(net_feature::MAC) {
             [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]
         } else {
-            [0; 6]
+            NetOptions::default().fallback_mac
         };
         assert_eq!(net.mac(), mac);
         assert!(net.link_up());
