@@ -1,7 +1,8 @@
 //! The kernel command line (`-append`): parsing and validation into a [`Config`].
 //!
 //! The guest contract (README): space-separated `key=value` words and flags.
-//! `ip=A.B.C.D/N` (default 10.0.2.15/24), `gw=A.B.C.D` (default 10.0.2.2), `mode=irq|poll|adaptive`
+//! `ip=A.B.C.D/N` or `ip=dhcp` (default 10.0.2.15/24), `gw=A.B.C.D` (default 10.0.2.2),
+//! `mac=XX:XX:XX:XX:XX:XX` (a unicast, non-zero MAC; default the device's), `mode=irq|poll|adaptive`
 //! (default adaptive), `poll-window=MICROSECONDS` (how long `adaptive` keeps polling after the
 //! last packet, default 200), `log=error|warn|info|debug` (default info), the flag `selftest`, and the
 //! fault-injection key `inject-reset=N` (tests only: treat the NIC as failed every N received
@@ -116,6 +117,13 @@ pub struct Config {
     pub inject_reset_every: Option<u32>,
     /// How long `adaptive` keeps polling after the last packet (`poll-window=`), microseconds.
     pub poll_window_us: u32,
+    /// `ip=dhcp`: address, prefix and gateway come from DHCPv4 (`ip` and `gateway` unused).
+    pub dhcp: bool,
+    /// The MAC to use instead of the device's (`mac=`).
+    pub mac: Option<[u8; 6]>,
+    /// Caps the DHCP lease at this many seconds (`dhcp-max-lease=`), so renewals can be
+    /// watched in tests; `None` takes the server's lease.
+    pub dhcp_max_lease_s: Option<u32>,
 }
 
 /// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
@@ -138,6 +146,9 @@ impl Default for Config {
             selftest: false,
             inject_reset_every: None,
             poll_window_us: DEFAULT_POLL_WINDOW_US,
+            dhcp: false,
+            mac: None,
+            dhcp_max_lease_s: None,
         }
     }
 }
@@ -161,6 +172,10 @@ pub enum ValueProblem {
     MissingValue,
     /// Not a whole number from 1 to 999999999.
     NotACount,
+    /// Not six hexadecimal octets separated by `:` or `-`.
+    NotAMac,
+    /// A multicast (or broadcast) or all-zero MAC, which cannot be a station's address.
+    NotAStationMac,
 }
 
 impl fmt::Display for ValueProblem {
@@ -185,6 +200,10 @@ impl fmt::Display for ValueProblem {
             Self::UnexpectedValue => f.write_str("this flag takes no value"),
             Self::MissingValue => f.write_str("expected key=value"),
             Self::NotACount => f.write_str("expected a whole number from 1 to 999999999"),
+            Self::NotAMac => f.write_str("expected a MAC address XX:XX:XX:XX:XX:XX"),
+            Self::NotAStationMac => {
+                f.write_str("not a station address (multicast, broadcast or all-zero)")
+            }
         }
     }
 }
@@ -232,6 +251,8 @@ pub enum CmdlineError<'a> {
         /// The key.
         key: &'static str,
     },
+    /// `gw=` together with `ip=dhcp`: the DHCP server's router is used instead.
+    GatewayWithDhcp,
     /// The gateway is not inside the interface's subnet, so there is no default route.
     GatewayNotOnLink {
         /// The gateway.
@@ -256,6 +277,8 @@ pub enum Kept {
     Flag(bool),
     /// A duration in microseconds.
     Micros(u32),
+    /// A MAC, or the device's.
+    Mac(Option<[u8; 6]>),
 }
 
 impl fmt::Display for Kept {
@@ -268,6 +291,8 @@ impl fmt::Display for Kept {
             Self::Level(level) => write!(f, "{level}"),
             Self::Flag(on) => write!(f, "{}", if *on { "on" } else { "off" }),
             Self::Micros(micros) => write!(f, "{micros} us"),
+            Self::Mac(Some(mac)) => write!(f, "{}", MacDisplay(*mac)),
+            Self::Mac(None) => f.write_str("the device's MAC"),
         }
     }
 }
@@ -285,10 +310,24 @@ impl fmt::Display for CmdlineError<'_> {
                 write!(f, "invalid {key}= value '{value}': {problem}; using {kept}")
             }
             Self::Duplicate { key } => write!(f, "{key}= given more than once; the last one wins"),
+            Self::GatewayWithDhcp => {
+                f.write_str("gw= is ignored with ip=dhcp; the DHCP server's router is used")
+            }
             Self::GatewayNotOnLink { gateway, ip } => {
                 write!(f, "gateway {gateway} is not inside {ip}; no default route")
             }
         }
+    }
+}
+
+/// A MAC address shown as `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacDisplay(pub [u8; 6]);
+
+impl fmt::Display for MacDisplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
     }
 }
 
@@ -305,6 +344,8 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
     let mut seen_selftest = false;
     let mut seen_inject = false;
     let mut seen_window = false;
+    let mut seen_mac = false;
+    let mut seen_lease = false;
     let mut explicit_gateway = false;
 
     for word in cmdline.split(|byte| byte.is_ascii_whitespace() || *byte == 0) {
@@ -323,9 +364,23 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
         match key {
             b"ip" => {
                 check_duplicate(&mut seen_ip, "ip");
+                if value == Some(b"dhcp") {
+                    config.dhcp = true;
+                    continue;
+                }
                 match value.ok_or(ValueProblem::MissingValue).and_then(parse_cidr) {
-                    Ok(cidr) => config.ip = cidr,
+                    Ok(cidr) => {
+                        config.ip = cidr;
+                        config.dhcp = false;
+                    }
                     Err(problem) => report(invalid("ip", value, problem, Kept::Cidr(config.ip))),
+                }
+            }
+            b"mac" => {
+                check_duplicate(&mut seen_mac, "mac");
+                match value.ok_or(ValueProblem::MissingValue).and_then(parse_mac) {
+                    Ok(mac) => config.mac = Some(mac),
+                    Err(problem) => report(invalid("mac", value, problem, Kept::Mac(config.mac))),
                 }
             }
             b"gw" => {
@@ -382,6 +437,21 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                     )),
                 }
             }
+            b"dhcp-max-lease" => {
+                check_duplicate(&mut seen_lease, "dhcp-max-lease");
+                match value
+                    .ok_or(ValueProblem::MissingValue)
+                    .and_then(parse_count)
+                {
+                    Ok(seconds) => config.dhcp_max_lease_s = Some(seconds),
+                    Err(problem) => report(invalid(
+                        "dhcp-max-lease",
+                        value,
+                        problem,
+                        Kept::Flag(config.dhcp_max_lease_s.is_some()),
+                    )),
+                }
+            }
             b"inject-reset" => {
                 check_duplicate(&mut seen_inject, "inject-reset");
                 match value
@@ -413,7 +483,12 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
         }
     }
 
-    if let Some(gateway) = config.gateway
+    if config.dhcp {
+        if explicit_gateway {
+            report(CmdlineError::GatewayWithDhcp);
+        }
+        config.gateway = None;
+    } else if let Some(gateway) = config.gateway
         && !config.ip.contains(gateway)
     {
         // The default gateway only makes sense with the default subnet; an explicit one that is
@@ -499,6 +574,28 @@ fn parse_cidr(text: &[u8]) -> Result<Ipv4Cidr, ValueProblem> {
         }
     }
     Ok(cidr)
+}
+
+/// `XX:XX:XX:XX:XX:XX` (or with `-`), hexadecimal in either case; a station address only: the
+/// I/G bit clear (not multicast or broadcast) and not all-zero.
+fn parse_mac(text: &[u8]) -> Result<[u8; 6], ValueProblem> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(|&byte| byte == b':' || byte == b'-');
+    for octet in &mut mac {
+        let part = parts.next().ok_or(ValueProblem::NotAMac)?;
+        let [high, low] = part else {
+            return Err(ValueProblem::NotAMac);
+        };
+        let digit = |byte: u8| (byte as char).to_digit(16).ok_or(ValueProblem::NotAMac);
+        *octet = (digit(*high)? * 16 + digit(*low)?) as u8;
+    }
+    if parts.next().is_some() {
+        return Err(ValueProblem::NotAMac);
+    }
+    if mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(ValueProblem::NotAStationMac);
+    }
+    Ok(mac)
 }
 
 fn parse_count(text: &[u8]) -> Result<u32, ValueProblem> {
@@ -742,6 +839,57 @@ mod tests {
             assert!((1..=32).contains(&config.ip.prefix_len));
             assert!(count <= line.len());
         }
+    }
+
+    #[test]
+    fn mac_takes_a_unicast_non_zero_address_and_names_every_bad_one() {
+        let (config, errors) = parse_collect("mac=02:AB:cd:00:11:ff");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.mac, Some([0x02, 0xab, 0xcd, 0x00, 0x11, 0xff]));
+        let (config, _) = parse_collect("mac=52-54-00-12-34-57");
+        assert_eq!(config.mac, Some([0x52, 0x54, 0x00, 0x12, 0x34, 0x57]));
+        for (line, problem) in [
+            ("mac=01:00:5e:00:00:01", "not a station address"),
+            ("mac=ff:ff:ff:ff:ff:ff", "not a station address"),
+            ("mac=00:00:00:00:00:00", "not a station address"),
+            ("mac=52:54:00:12:34", "expected a MAC address"),
+            ("mac=52:54:00:12:34:56:78", "expected a MAC address"),
+            ("mac=52:54:00:12:34:5", "expected a MAC address"),
+            ("mac=52:54:00:12:34:5g", "expected a MAC address"),
+            ("mac=", "expected a MAC address"),
+            ("mac", "expected key=value"),
+        ] {
+            let (config, errors) = parse_collect(line);
+            assert_eq!(config.mac, None, "{line}");
+            assert_eq!(errors.len(), 1, "{line}: {errors:?}");
+            assert!(errors[0].contains("invalid mac="), "{line}: {}", errors[0]);
+            assert!(errors[0].contains(problem), "{line}: {}", errors[0]);
+            assert!(errors[0].ends_with("using the device's MAC"), "{}", errors[0]);
+        }
+    }
+
+    #[test]
+    fn ip_dhcp_turns_dhcp_on_and_drops_the_static_gateway() {
+        let (config, errors) = parse_collect("ip=dhcp");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(config.dhcp);
+        assert_eq!(config.gateway, None);
+        let (config, errors) = parse_collect("ip=dhcp gw=10.0.2.2");
+        assert!(config.dhcp);
+        assert_eq!(config.gateway, None);
+        assert_eq!(
+            errors,
+            ["gw= is ignored with ip=dhcp; the DHCP server's router is used"]
+        );
+        // The last ip= wins, static or dhcp.
+        let (config, _) = parse_collect("ip=dhcp ip=10.1.2.3/16");
+        assert!(!config.dhcp);
+        assert_eq!(config.ip.to_string(), "10.1.2.3/16");
+        let (config, _) = parse_collect("ip=10.1.2.3/16 ip=dhcp");
+        assert!(config.dhcp);
+        let (config, errors) = parse_collect("ip=DHCP");
+        assert!(!config.dhcp, "the word is lower case");
+        assert_eq!(errors.len(), 1);
     }
 
     #[test]

@@ -144,6 +144,9 @@ impl core::fmt::Display for BringUpError {
     }
 }
 
+/// How long the loop waits for the device to take an VIRTIO_NET_CTRL_ANNOUNCE_ACK.
+const ANNOUNCE_ACK_TIMEOUT_US: u32 = 100_000;
+
 /// CPU vectors of the NIC.
 const CONFIG_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST;
 const RX_VECTOR: u8 = interrupts::DEVICE_VECTOR_FIRST + 1;
@@ -434,6 +437,12 @@ pub fn reinit_net(
 /// totals across resets.
 pub struct KernelNic {
     net: Option<KernelNet>,
+    /// Whether configuration changes interrupt (MSI-X config vector, or INTx's ISR bit);
+    /// without, housekeeping re-reads the device status itself.
+    config_interrupts: bool,
+    /// The link came up (at boot, after a link-down, after a reset) or the device asked
+    /// (VIRTIO_NET_S_ANNOUNCE): the loop owes the network a gratuitous ARP.
+    announce_pending: bool,
     failed: Option<NetError>,
     reinit: Reinit,
     resets: u64,
@@ -444,9 +453,17 @@ pub struct KernelNic {
 }
 
 impl KernelNic {
-    /// Wraps the driver, with the recipe to rebuild it.
-    pub fn new(net: KernelNet, reinit: Reinit, inject_reset_every: Option<u32>) -> Self {
+    /// Wraps the driver, with the recipe to rebuild it. `config_interrupts`: whether the
+    /// interrupt path delivers configuration changes (all but [`InterruptPath::Polling`]).
+    pub fn new(
+        net: KernelNet,
+        reinit: Reinit,
+        inject_reset_every: Option<u32>,
+        config_interrupts: bool,
+    ) -> Self {
         Self {
+            announce_pending: net.link_up(),
+            config_interrupts,
             net: Some(net),
             failed: None,
             reinit,
@@ -477,6 +494,8 @@ impl KernelNic {
         }
         match (self.reinit)() {
             Ok(net) => {
+                // A reset device starts over: announce again once its link is up.
+                self.announce_pending |= net.link_up();
                 self.net = Some(net);
                 self.resets += 1;
                 log::info!("virtio-net: device re-initialised (reset {})", self.resets);
@@ -595,15 +614,47 @@ impl net::NicControl for KernelNic {
             self.recover();
             return;
         }
-        if CONFIG_PENDING.swap(false, Ordering::Acquire)
-            && let Some(net) = self.net.as_mut()
-        {
-            match net.handle_config_change() {
-                Ok(Some(LinkChange::Up)) => log::info!("virtio-net: link up"),
-                Ok(Some(LinkChange::Down)) => log::info!("virtio-net: link down"),
-                Ok(None) => {}
-                Err(error) => self.note(error),
+        let Some(net) = self.net.as_mut() else {
+            return;
+        };
+        // With a configuration interrupt, only when it fired; without one, on every pass
+        // (at least every 10 ms, the housekeeping period): link changes and
+        // DEVICE_NEEDS_RESET are seen either way.
+        let change = if CONFIG_PENDING.swap(false, Ordering::Acquire) {
+            Some(net.handle_config_change())
+        } else if !self.config_interrupts {
+            Some(net.poll_status())
+        } else {
+            None
+        };
+        match change {
+            Some(Ok(Some(LinkChange::Up))) => {
+                log::info!("virtio-net: link up");
+                self.announce_pending = true;
             }
+            Some(Ok(Some(LinkChange::Down))) => log::info!("virtio-net: link down"),
+            Some(Ok(None)) | None => {}
+            Some(Err(error)) => self.note(error),
+        }
+        if let Some(net) = self.net.as_ref()
+            && net.announce_requested()
+            && !self.announce_pending
+        {
+            log::info!("virtio-net: the device asks for an announcement");
+            self.announce_pending = true;
+        }
+    }
+
+    fn announce_pending(&self) -> bool {
+        self.announce_pending && self.link_up()
+    }
+
+    fn announced(&mut self) {
+        self.announce_pending = false;
+        let Some(net) = self.net.as_mut() else { return };
+        if let Err(error) = net.ack_announce(ANNOUNCE_ACK_TIMEOUT_US) {
+            log::warn!("virtio-net: announce not acknowledged: {error}");
+            self.note(error);
         }
     }
 
@@ -624,10 +675,11 @@ impl net::NicControl for KernelNic {
         let stats = self.stats();
         let _ = write!(
             out,
-            " rx_packets={} rx_bytes={} rx_dropped={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} device_resets={} link={}",
+            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
             stats.rx_packets,
             stats.rx_bytes,
             stats.rx_malformed,
+            stats.rx_foreign,
             stats.rx_merged,
             stats.rx_buffers_posted,
             stats.rx_checksums_completed,
@@ -639,6 +691,8 @@ impl net::NicControl for KernelNic {
             stats.kicks,
             stats.kicks_suppressed,
             stats.config_changes,
+            stats.status_polls,
+            stats.announce_acks,
             self.resets,
             if self.link_up() { "up" } else { "down" }
         );

@@ -86,7 +86,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     );
     log::info!(
         "cmdline: ip={} gw={} mode={} poll-window={}us log={}",
-        config.ip,
+        DisplayIp(&config),
         DisplayGateway(config.gateway),
         config.mode,
         config.poll_window_us,
@@ -176,7 +176,14 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     for error in &enumeration.errors {
         log::warn!("pci: {error}");
     }
-    let options = virtio::net::NetOptions::default();
+    let random = arch::boot_unique_u64().to_le_bytes();
+    let mut options = virtio::net::NetOptions {
+        mac: config.mac,
+        fallback_mac: virtio::net::locally_administered_mac([
+            random[0], random[1], random[2], random[3], random[4], random[5],
+        ]),
+        ..virtio::net::NetOptions::default()
+    };
     let nic = match devices::bring_up_net(
         config_space,
         &enumeration.functions,
@@ -197,12 +204,36 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         net.features(),
         devices::net_feature_names(net.features())
     );
+    if net.features() & virtio::spec::feature::bit(virtio::spec::feature::ACCESS_PLATFORM) != 0 {
+        log::info!(
+            "virtio-net: ACCESS_PLATFORM negotiated: the device uses platform DMA addresses, which here are guest-physical (no IOMMU is programmed; identity mapping)"
+        );
+    }
     let mac = net.mac();
-    let [a, b, c, d, e, f] = mac;
+    if let Some(rejected) = net.rejected_device_mac() {
+        log::warn!(
+            "virtio-net: the device's MAC {} is not a station address (zero or multicast); not used",
+            config::MacDisplay(rejected)
+        );
+    }
     log::info!(
-        "virtio-net: {} MAC {a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}",
-        nic.function.address
+        "virtio-net: {} MAC {} ({}; {})",
+        nic.function.address,
+        config::MacDisplay(mac),
+        match net.mac_origin() {
+            virtio::net::MacOrigin::Device => "the device's",
+            virtio::net::MacOrigin::Requested => "from mac=",
+            virtio::net::MacOrigin::Generated => "generated, locally administered",
+        },
+        match net.mac_programming() {
+            virtio::net::MacProgramming::DeviceDefault => "the device filters on it",
+            virtio::net::MacProgramming::AddressSet => "set with VIRTIO_NET_CTRL_MAC_ADDR_SET",
+            virtio::net::MacProgramming::FilterTable =>
+                "added to the device's filter with VIRTIO_NET_CTRL_MAC_TABLE_SET",
+            virtio::net::MacProgramming::NotTold => "the device could not be told",
+        }
     );
+    log::info!("virtio-net: receive filter: {}", net.rx_filter());
     log::info!(
         "virtio-net: MTU {}, queues rx {} tx {}, link {}",
         net.mtu(),
@@ -220,13 +251,32 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         config.mode = vireo::config::Mode::Poll;
     }
     let (function, path) = (nic.function, nic.interrupts);
+    // A device reset must bring back the same address (a generated one included).
+    options.mac = Some(mac);
     let reinit: devices::Reinit =
         alloc::boxed::Box::new(move || devices::reinit_net(config_space, &function, path, options));
     net::run(
-        devices::KernelNic::new(nic.net, reinit, config.inject_reset_every),
+        devices::KernelNic::new(
+            nic.net,
+            reinit,
+            config.inject_reset_every,
+            path != devices::InterruptPath::Polling,
+        ),
         mac,
         &config,
     )
+}
+
+struct DisplayIp<'a>(&'a Config);
+
+impl core::fmt::Display for DisplayIp<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0.dhcp {
+            f.write_str("dhcp")
+        } else {
+            write!(f, "{}", self.0.ip)
+        }
+    }
 }
 
 struct DisplayGateway(Option<config::Ipv4>);

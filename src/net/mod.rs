@@ -58,6 +58,12 @@ pub trait NicControl {
     fn rx_pending(&self) -> bool;
     /// Appends the driver's counters (`key=value` pairs, space separated, leading space).
     fn write_stats(&self, out: &mut dyn Write);
+    /// Whether the network is owed a gratuitous ARP: the link came up (at boot, after a
+    /// link-down or a device reset) or the device asked (VIRTIO_NET_S_ANNOUNCE), and the link
+    /// is up now.
+    fn announce_pending(&self) -> bool;
+    /// The announcement went out: acknowledges a device request (VIRTIO_NET_CTRL_ANNOUNCE_ACK).
+    fn announced(&mut self);
 }
 
 /// A gap between two clock reads in the spin loop longer than this is time the host took.
@@ -80,6 +86,85 @@ struct LoopCounters {
     /// Nanoseconds spent running the stack and flushing the rings on passes that moved
     /// packets: the guest's own work per packet, apart from waiting (`stack_busy_ns`).
     busy_ns: u64,
+    /// Gratuitous ARPs sent (`announces`).
+    announces: u64,
+}
+
+/// What the network is told, and when: the gratuitous ARP owed at link-up, after a device
+/// reset, on a device request and for every new address (RFC 5227 §2.3), the `ready` line
+/// once the link is up with an address, and, with `ip=dhcp`, a note while no lease came.
+struct LinkState {
+    mac: [u8; 6],
+    mode: vireo::config::Mode,
+    dhcp: bool,
+    ready: bool,
+    /// The current address has not been announced yet.
+    address_unannounced: bool,
+    /// When the loop began waiting for a DHCP lease, and the next note to log.
+    dhcp_waiting_since_ns: Option<u64>,
+    next_dhcp_note_s: u64,
+}
+
+impl LinkState {
+    fn new(mac: [u8; 6], config: &Config) -> Self {
+        Self {
+            mac,
+            mode: config.mode,
+            dhcp: config.dhcp,
+            ready: false,
+            address_unannounced: true,
+            dhcp_waiting_since_ns: None,
+            next_dhcp_note_s: 5,
+        }
+    }
+
+    fn update<N: Nic + NicControl>(
+        &mut self,
+        nic: &RefCell<N>,
+        services: &Services,
+        address_changed: bool,
+        now_ns: u64,
+        counters: &mut LoopCounters,
+    ) {
+        self.address_unannounced |= address_changed;
+        let Some(address) = services.address() else {
+            if self.dhcp {
+                let since = *self.dhcp_waiting_since_ns.get_or_insert(now_ns);
+                let waited_s = (now_ns - since) / 1_000_000_000;
+                if waited_s >= self.next_dhcp_note_s {
+                    log::warn!("dhcp: no lease after {waited_s} s; still asking");
+                    self.next_dhcp_note_s = waited_s + 10;
+                }
+            }
+            return;
+        };
+        self.dhcp_waiting_since_ns = None;
+        self.next_dhcp_note_s = 5;
+        if !nic.borrow().link_up() {
+            return;
+        }
+        if self.address_unannounced || nic.borrow().announce_pending() {
+            let frame = vireo::announce::gratuitous_arp(self.mac, address.address().octets());
+            let sent = nic
+                .borrow_mut()
+                .transmit(frame.len(), |buffer| buffer.copy_from_slice(&frame));
+            if sent.is_some() {
+                nic.borrow_mut().flush();
+                counters.announces += 1;
+                self.address_unannounced = false;
+                nic.borrow_mut().announced();
+            }
+        }
+        if !self.ready {
+            self.ready = true;
+            let [a, b, c, d, e, f] = self.mac;
+            crate::println!(
+                "vireo: ready ip={address} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={} udp-echo=7 tcp-echo=7 stats=7007{}",
+                self.mode,
+                if self.dhcp { " addressing=dhcp" } else { "" }
+            );
+        }
+    }
 }
 
 /// The one-shot wake-up timer as the loop last armed it.
@@ -134,19 +219,12 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         let mut device = NicDevice::new(&nic, &held, services::ECHO_PORT, 0);
         Services::new(&mut device, mac, config, now(), seed)
     };
-    let [a, b, c, d, e, f] = mac;
-    let announce_ready = || {
-        crate::println!(
-            "vireo: ready ip={} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={} udp-echo=7 tcp-echo=7 stats=7007",
-            config.ip,
-            config.mode
-        )
-    };
-    let mut ready = nic.borrow().link_up();
-    if ready {
-        announce_ready();
-    } else {
+    let mut link = LinkState::new(mac, config);
+    if !nic.borrow().link_up() {
         log::info!("net: link down; `ready` follows when it comes up");
+    }
+    if config.dhcp {
+        log::info!("dhcp: asking for an address (DHCPDISCOVER every 2 s until a server answers)");
     }
 
     let mut counters = LoopCounters::default();
@@ -166,7 +244,8 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} stolen_ns={} steals={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
+                    " announces={} interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} stolen_ns={} steals={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
+                    counters.announces,
                     NIC_INTERRUPTS.load(Ordering::Relaxed),
                     arch::interrupts::unexpected_interrupt_count(),
                     config.mode,
@@ -191,14 +270,14 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
         if activity {
             counters.busy_ns += clock::now_ns().saturating_sub(now_ns);
         }
+        let address_changed = services.take_address_change();
         if now_ns - last_housekeeping_ns > HOUSEKEEPING_PERIOD_NS || nic.borrow().needs_attention()
         {
             nic.borrow_mut().housekeeping();
             last_housekeeping_ns = now_ns;
-            if !ready && nic.borrow().link_up() {
-                ready = true;
-                announce_ready();
-            }
+            link.update(&nic, &services, address_changed, now_ns, &mut counters);
+        } else if address_changed {
+            link.update(&nic, &services, true, now_ns, &mut counters);
         }
         if activity {
             last_activity_ns = now_ns;

@@ -2,6 +2,10 @@
 //! on port 7 (a pool of listening sockets, so many concurrent connections), ICMP echo (answered
 //! by smoltcp's interface itself), and the read-only stats service on UDP port 7007.
 //!
+//! The address is the command line's, or with `ip=dhcp` leased by smoltcp's DHCPv4 client
+//! (RFC 2131), which retries discovery on its own timers, renews at T1 and rebinds at T2; each
+//! lease and each loss is logged and counted, and the loop announces the new address.
+//!
 //! Nothing here allocates per packet: the socket buffers are allocated once at start-up, and
 //! echo moves bytes between a socket's receive and send buffers through one scratch buffer.
 //!
@@ -16,9 +20,9 @@ use core::fmt::Write;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
-use smoltcp::socket::{tcp, udp};
+use smoltcp::socket::{dhcpv4, tcp, udp};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 use vireo::config::Config;
 
 /// The echo port (RFC 862).
@@ -62,7 +66,14 @@ pub struct ServiceCounters {
     pub tcp_aborted: u64,
     /// Half-open connections (SYN-RECEIVED too long) reset: the SYN-flood defence.
     pub tcp_half_open_reset: u64,
+    /// DHCP leases obtained or changed (`ip=dhcp`).
+    pub dhcp_leases: u64,
+    /// DHCP leases lost (expired without renewal, or the server refused it).
+    pub dhcp_lost: u64,
 }
+
+/// How long the DHCP client waits for an offer before it asks again.
+const DHCP_DISCOVER_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(2);
 
 /// The interface, the sockets and their counters.
 pub struct Services {
@@ -76,6 +87,12 @@ pub struct Services {
     pub counters: ServiceCounters,
     stats_line: alloc::string::String,
     scratch: Vec<u8>,
+    /// The DHCP client, with `ip=dhcp`.
+    dhcp: Option<SocketHandle>,
+    /// The interface address in use, once there is one.
+    address: Option<smoltcp::wire::Ipv4Cidr>,
+    /// Set when the address changed (leased, renewed with another address, or lost).
+    address_changed: bool,
 }
 
 /// One socket of the TCP pool.
@@ -135,10 +152,15 @@ impl Services {
         iface_config.random_seed = seed;
         let mut iface = Interface::new(iface_config, device, now);
         let [a, b, c, d] = config.ip.address.0;
-        iface.update_ip_addrs(|addresses| {
-            // One address: the capacity (IFACE_MAX_ADDR_COUNT >= 1) cannot be exceeded.
-            let _ = addresses.push(IpCidr::new(IpAddress::v4(a, b, c, d), config.ip.prefix_len));
+        let address = (!config.dhcp).then(|| {
+            smoltcp::wire::Ipv4Cidr::new(Ipv4Address::new(a, b, c, d), config.ip.prefix_len)
         });
+        if let Some(address) = address {
+            iface.update_ip_addrs(|addresses| {
+                // One address: the capacity (IFACE_MAX_ADDR_COUNT >= 1) cannot be exceeded.
+                let _ = addresses.push(IpCidr::Ipv4(address));
+            });
+        }
         if let Some(gateway) = config.gateway {
             let [a, b, c, d] = gateway.0;
             // Fails only if the gateway is not on-link, which the config parser ruled out.
@@ -153,7 +175,7 @@ impl Services {
 
         // Sized once for the most sockets there can be, so that the pool growing and shrinking
         // never reallocates (and heap use returns exactly to its level after a churn).
-        let mut sockets = SocketSet::new(Vec::with_capacity(2 + TCP_CONNECTIONS + TCP_LISTENERS));
+        let mut sockets = SocketSet::new(Vec::with_capacity(3 + TCP_CONNECTIONS + TCP_LISTENERS));
         let mut echo = udp_socket();
         let mut stats = udp_socket();
         // Binding a fresh socket to a non-zero port cannot fail.
@@ -163,6 +185,18 @@ impl Services {
         let stats = sockets.add(stats);
         let mut tcp = Vec::with_capacity(TCP_CONNECTIONS + TCP_LISTENERS);
         tcp.extend((0..TCP_LISTENERS).map(|_| TcpSlot::new(sockets.add(tcp_listener()))));
+        let dhcp = config.dhcp.then(|| {
+            let mut client = dhcpv4::Socket::new();
+            let mut retry = client.get_retry_config();
+            retry.discover_timeout = DHCP_DISCOVER_TIMEOUT;
+            client.set_retry_config(retry);
+            client.set_max_lease_duration(
+                config
+                    .dhcp_max_lease_s
+                    .map(|seconds| smoltcp::time::Duration::from_secs(u64::from(seconds))),
+            );
+            sockets.add(client)
+        });
         Self {
             iface,
             sockets,
@@ -172,6 +206,66 @@ impl Services {
             counters: ServiceCounters::default(),
             stats_line: alloc::string::String::with_capacity(1024),
             scratch: vec![0; SCRATCH_BYTES],
+            dhcp,
+            address,
+            address_changed: address.is_some(),
+        }
+    }
+
+    /// The interface address, once there is one (always with a static `ip=`).
+    pub fn address(&self) -> Option<smoltcp::wire::Ipv4Cidr> {
+        self.address
+    }
+
+    /// Whether the address changed since the last call (the loop then announces it).
+    pub fn take_address_change(&mut self) -> bool {
+        core::mem::take(&mut self.address_changed)
+    }
+
+    /// Applies the DHCP client's news: a lease (address, prefix, router) or its loss.
+    fn serve_dhcp(&mut self) -> bool {
+        let Some(handle) = self.dhcp else {
+            return false;
+        };
+        match self.sockets.get_mut::<dhcpv4::Socket>(handle).poll() {
+            None => false,
+            Some(dhcpv4::Event::Configured(lease)) => {
+                let address = lease.address;
+                let router = lease.router;
+                let server = lease.server.address;
+                self.iface.update_ip_addrs(|addresses| {
+                    addresses.clear();
+                    let _ = addresses.push(IpCidr::Ipv4(address));
+                });
+                match router {
+                    Some(router) => {
+                        if self.iface.routes_mut().add_default_ipv4_route(router).is_err() {
+                            log::warn!("dhcp: default route via {router} rejected");
+                        }
+                    }
+                    None => {
+                        self.iface.routes_mut().remove_default_ipv4_route();
+                    }
+                }
+                log::info!(
+                    "dhcp: leased {address} from server {server}, router {}",
+                    router.map_or(alloc::string::String::from("none"), |router| alloc::format!("{router}"))
+                );
+                self.counters.dhcp_leases += 1;
+                self.address = Some(address);
+                self.address_changed = true;
+                true
+            }
+            Some(dhcpv4::Event::Deconfigured) => {
+                if let Some(address) = self.address.take() {
+                    log::warn!("dhcp: lease on {address} lost; asking again");
+                    self.counters.dhcp_lost += 1;
+                    self.address_changed = true;
+                }
+                self.iface.update_ip_addrs(|addresses| addresses.clear());
+                self.iface.routes_mut().remove_default_ipv4_route();
+                true
+            }
         }
     }
 
@@ -186,6 +280,7 @@ impl Services {
     ) -> bool {
         let mut activity =
             self.iface.poll(now, device, &mut self.sockets) != smoltcp::iface::PollResult::None;
+        activity |= self.serve_dhcp();
         activity |= self.serve_udp_echo();
         activity |= self.serve_stats(write_stats);
         activity |= self.serve_tcp(now);
@@ -245,7 +340,7 @@ impl Services {
             let connected = self.tcp.iter().filter(|slot| slot.active).count();
             let _ = write!(
                 line,
-                "udp_echoed={} udp_echo_dropped={} tcp_accepted={} tcp_connected={} tcp_aborted={} tcp_half_open_reset={} tcp_bytes_echoed={} stats_requests={}",
+                "udp_echoed={} udp_echo_dropped={} tcp_accepted={} tcp_connected={} tcp_aborted={} tcp_half_open_reset={} tcp_bytes_echoed={} stats_requests={} dhcp_leases={} dhcp_lost={}",
                 counters.udp_echoed,
                 counters.udp_echo_dropped,
                 counters.tcp_accepted,
@@ -253,7 +348,9 @@ impl Services {
                 counters.tcp_aborted,
                 counters.tcp_half_open_reset,
                 counters.tcp_bytes_echoed,
-                counters.stats_requests
+                counters.stats_requests,
+                counters.dhcp_leases,
+                counters.dhcp_lost
             );
             write_stats(line);
             line.push('\n');
