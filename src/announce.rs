@@ -50,11 +50,19 @@ mod tests {
         assert_eq!(frame[6..12], MAC, "from the station");
         assert_eq!(frame[12..14], [0x08, 0x06], "EtherType ARP");
         let arp = &frame[14..42];
-        assert_eq!(arp[..8], [0, 1, 0x08, 0x00, 6, 4, 0, 1], "Ethernet/IPv4 request");
+        assert_eq!(
+            arp[..8],
+            [0, 1, 0x08, 0x00, 6, 4, 0, 1],
+            "Ethernet/IPv4 request"
+        );
         assert_eq!(arp[8..14], MAC, "sender hardware address");
         assert_eq!(arp[14..18], [10, 0, 2, 15], "sender protocol address");
         assert_eq!(arp[18..24], [0; 6], "target hardware address zero");
-        assert_eq!(arp[24..28], [10, 0, 2, 15], "target protocol address: our own");
+        assert_eq!(
+            arp[24..28],
+            [10, 0, 2, 15],
+            "target protocol address: our own"
+        );
         assert!(frame[42..].iter().all(|&byte| byte == 0), "zero padding");
     }
 

@@ -864,7 +864,11 @@ mod tests {
             assert_eq!(errors.len(), 1, "{line}: {errors:?}");
             assert!(errors[0].contains("invalid mac="), "{line}: {}", errors[0]);
             assert!(errors[0].contains(problem), "{line}: {}", errors[0]);
-            assert!(errors[0].ends_with("using the device's MAC"), "{}", errors[0]);
+            assert!(
+                errors[0].ends_with("using the device's MAC"),
+                "{}",
+                errors[0]
+            );
         }
     }
 

@@ -239,7 +239,12 @@ impl Services {
                 });
                 match router {
                     Some(router) => {
-                        if self.iface.routes_mut().add_default_ipv4_route(router).is_err() {
+                        if self
+                            .iface
+                            .routes_mut()
+                            .add_default_ipv4_route(router)
+                            .is_err()
+                        {
                             log::warn!("dhcp: default route via {router} rejected");
                         }
                     }
@@ -249,7 +254,10 @@ impl Services {
                 }
                 log::info!(
                     "dhcp: leased {address} from server {server}, router {}",
-                    router.map_or(alloc::string::String::from("none"), |router| alloc::format!("{router}"))
+                    router.map_or(
+                        alloc::string::String::from("none"),
+                        |router| alloc::format!("{router}")
+                    )
                 );
                 self.counters.dhcp_leases += 1;
                 self.address = Some(address);

@@ -150,7 +150,10 @@ impl fmt::Display for HalError {
                 write!(f, "out of DMA memory ({pages} contiguous pages requested)")
             }
             Self::ShareFailed { phys, len } => {
-                write!(f, "cannot share DMA buffer {phys:#x}+{len:#x} with the device")
+                write!(
+                    f,
+                    "cannot share DMA buffer {phys:#x}+{len:#x} with the device"
+                )
             }
             Self::MapFailed { phys, len } => {
                 write!(f, "cannot map MMIO {phys:#x}+{len:#x}")

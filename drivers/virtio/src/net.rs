@@ -345,10 +345,9 @@ impl<H: DmaHal + Clone> RxFrame<H> {
     /// The Ethernet frame.
     pub fn bytes(&self) -> &[u8] {
         match (self.in_place, self.parts.first()) {
-            (Some((offset, length)), Some(part)) => part
-                .as_bytes()
-                .get(offset..offset + length)
-                .unwrap_or(&[]),
+            (Some((offset, length)), Some(part)) => {
+                part.as_bytes().get(offset..offset + length).unwrap_or(&[])
+            }
             _ => &self.merged,
         }
     }
@@ -519,7 +518,10 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         };
         let rejected_device_mac = device_mac.filter(|&mac| !is_valid_station_mac(mac));
         let valid_device_mac = device_mac.filter(|&mac| is_valid_station_mac(mac));
-        let (mac, mac_origin) = match (options.mac.filter(|&mac| is_valid_station_mac(mac)), valid_device_mac) {
+        let (mac, mac_origin) = match (
+            options.mac.filter(|&mac| is_valid_station_mac(mac)),
+            valid_device_mac,
+        ) {
             (Some(requested), _) => (requested, MacOrigin::Requested),
             (None, Some(device_mac)) => (device_mac, MacOrigin::Device),
             (None, None) => (options.fallback_mac, MacOrigin::Generated),
@@ -796,9 +798,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                 Ok(Some(used)) => {
                     // End the transfers before reading the ack (a bounce HAL copies it back).
                     let mut parts = used.buffer.into_iter().map(Part::into_buf);
-                    let ack = parts
-                        .nth(1)
-                        .and_then(|ack| ack.as_bytes().first().copied());
+                    let ack = parts.nth(1).and_then(|ack| ack.as_bytes().first().copied());
                     return match ack {
                         Some(ctrl::OK) if used.len >= 1 => Ok(()),
                         other => Err(NetError::Control {

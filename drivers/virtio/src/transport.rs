@@ -193,8 +193,9 @@ pub const TRANSPORT_UNSUPPORTED_FEATURES: u64 =
 /// driver supports, always including VIRTIO_F_VERSION_1, which a modern device must offer.
 ///
 /// A device that offers VIRTIO_F_ACCESS_PLATFORM may refuse FEATURES_OK unless the driver
-/// accepts it (§6.1); pass it in `driver_supported` when the platform's DMA addresses are
-/// physical addresses, as on Vireo (no IOMMU).
+/// accepts it (§6.1; QEMU does). Nothing here adds it: a device driver accepts it by listing it
+/// in `driver_supported`, as the net driver does, because every address it gives the device
+/// comes from the HAL (see [`crate::hal`]: allocation addresses and per-transfer `share`).
 pub fn negotiate_features(
     device_features: u64,
     driver_supported: u64,

@@ -346,7 +346,10 @@ impl<'w> NetModel<'w> {
         if let CtrlReply::Ack(ack) = reply {
             let mut acks = vec![[ack]; queue.popped.len()];
             for (position, command) in commands.iter().enumerate() {
-                if self.ctrl_refused.contains(&(command.class, command.command)) {
+                if self
+                    .ctrl_refused
+                    .contains(&(command.class, command.command))
+                {
                     acks[before + position] = [1];
                 } else if (command.class, command.command) == (3, 0) && ack == 0 {
                     // VIRTIO_NET_CTRL_ANNOUNCE_ACK: the device clears VIRTIO_NET_S_ANNOUNCE

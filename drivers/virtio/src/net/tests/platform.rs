@@ -4,9 +4,7 @@
 //! announce requests (§5.1.6.5.4).
 
 use super::device::World;
-use super::{
-    GUEST_MAC, UDP, bits, bounce, ipv4_frame, qemu_features, raw_frame, send, small, up,
-};
+use super::{GUEST_MAC, UDP, bits, bounce, ipv4_frame, qemu_features, raw_frame, send, small, up};
 use crate::net::{
     LinkChange, MacOrigin, MacProgramming, NetError, NetOptions, RxFilter, ctrl,
     is_valid_station_mac, locally_administered_mac,
@@ -104,7 +102,10 @@ fn a_translating_platform_carries_traffic_through_shared_addresses_only() {
             assert_eq!(send(&mut net, &model, &raw).frame, raw, "sent {seed}");
         }
         let (shares, unshares, live) = world.dma.share_counts();
-        assert!(shares > 80 && unshares > 40, "{shares} shares, {unshares} unshares");
+        assert!(
+            shares > 80 && unshares > 40,
+            "{shares} shares, {unshares} unshares"
+        );
         assert_eq!(
             live,
             usize::from(net.rx.in_flight()) + usize::from(net.tx.in_flight()),
@@ -174,7 +175,11 @@ fn a_requested_mac_is_set_with_ctrl_mac_addr_and_the_filter_drops_promiscuous_mo
     assert_eq!(bounce(&mut net, &model, &ours), ours);
     let broadcast = frame_to([0xff; 6]);
     assert_eq!(bounce(&mut net, &model, &broadcast), broadcast);
-    for foreign in [GUEST_MAC, [0x52, 0x54, 0, 0, 0, 9], [0x01, 0, 0x5e, 0, 0, 1]] {
+    for foreign in [
+        GUEST_MAC,
+        [0x52, 0x54, 0, 0, 0, 9],
+        [0x01, 0, 0x5e, 0, 0, 1],
+    ] {
         model
             .borrow_mut()
             .deliver(super::device::WireHeader::default(), &frame_to(foreign));
@@ -323,7 +328,12 @@ fn station_mac_rules_and_generated_macs() {
     assert!(!is_valid_station_mac([0; 6]));
     assert!(!is_valid_station_mac([0xff; 6]));
     assert!(!is_valid_station_mac([0x33, 0x33, 0, 0, 0, 1]));
-    for random in [[0u8; 6], [0xff; 6], [0x01, 0, 0, 0, 0, 0], [0xfe, 1, 2, 3, 4, 5]] {
+    for random in [
+        [0u8; 6],
+        [0xff; 6],
+        [0x01, 0, 0, 0, 0, 0],
+        [0xfe, 1, 2, 3, 4, 5],
+    ] {
         let mac = locally_administered_mac(random);
         assert!(is_valid_station_mac(mac), "{mac:02x?}");
         assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
@@ -340,7 +350,11 @@ fn an_announce_request_is_seen_on_config_change_and_acknowledged_once() {
     assert_eq!(net.ack_announce(1000), Ok(()), "nothing to acknowledge");
     let before = commands(&model).len();
     set_status(&world, true, true);
-    assert_eq!(net.handle_config_change(), Ok(None), "the link did not change");
+    assert_eq!(
+        net.handle_config_change(),
+        Ok(None),
+        "the link did not change"
+    );
     assert!(net.announce_requested());
     assert_eq!(net.ack_announce(1000), Ok(()));
     assert!(!net.announce_requested());
