@@ -217,9 +217,12 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         );
     }
     log::info!(
-        "virtio-net: {} MAC {} ({}; {})",
+        "virtio-net: {} MAC {}",
         nic.function.address,
-        config::MacDisplay(mac),
+        config::MacDisplay(mac)
+    );
+    log::info!(
+        "virtio-net: MAC origin: {}; {}",
         match net.mac_origin() {
             virtio::net::MacOrigin::Device => "the device's",
             virtio::net::MacOrigin::Requested => "from mac=",

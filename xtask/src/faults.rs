@@ -1360,7 +1360,8 @@ fn churn_one(
 pub struct RxRingAccount {
     /// `rx_descriptors`: buffers posted since the driver started.
     pub posted: u64,
-    /// `rx_packets + rx_dropped`: buffers the device filled and the driver took back.
+    /// `rx_packets + rx_dropped + rx_foreign`: buffers the device filled and the driver took
+    /// back.
     pub consumed: u64,
     /// `posted - consumed`: buffers the device holds now.
     pub in_ring: i64,
@@ -1372,7 +1373,9 @@ impl RxRingAccount {
     /// Computes the account from a stats line.
     pub fn from_stats(stats: &Stats) -> Result<RxRingAccount, ClientError> {
         let posted = stats.counter("rx_descriptors")?;
-        let consumed = stats.counter("rx_packets")? + stats.counter("rx_dropped")?;
+        let consumed = stats.counter("rx_packets")?
+            + stats.counter("rx_dropped")?
+            + stats.counter("rx_foreign")?;
         Ok(RxRingAccount {
             posted,
             consumed,
@@ -1386,7 +1389,7 @@ impl fmt::Display for RxRingAccount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "rx_descriptors {} - (rx_packets + rx_dropped) {} = {} buffers in the ring (rx_merged {})",
+            "rx_descriptors {} - (rx_packets + rx_dropped + rx_foreign) {} = {} buffers in the ring (rx_merged {})",
             self.posted, self.consumed, self.in_ring, self.merged
         )
     }
