@@ -10,6 +10,9 @@
 //!   contract; the crate's only `unsafe` code.
 //! * [`barrier`]: the named memory fences of §2.7.13 and §2.8.21.
 //! * [`queue`]: split (§2.7) and packed (§2.8) virtqueues behind [`queue::VirtQueue`].
+//! * [`device`]: what every device driver shares: queue building, reset on a failed
+//!   bring-up, bounded waits for a request's answer.
+//! * [`net`]: the virtio-net driver (§5.1).
 //!
 //! `unsafe` is denied everywhere except in [`dma`]; all register access goes through the HAL
 //! traits.
@@ -22,6 +25,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod barrier;
+pub mod device;
 #[allow(unsafe_code)]
 pub mod dma;
 pub mod error;

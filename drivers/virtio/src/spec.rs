@@ -415,6 +415,66 @@ pub mod net_config {
     pub const STATUS_ANNOUNCE: u16 = 2;
 }
 
+/// The header in front of every virtio-net packet, `struct virtio_net_hdr` with VERSION_1
+/// (§5.1.6: `num_buffers` is always present, so it is 12 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioNetHdr {
+    /// VIRTIO_NET_HDR_F_NEEDS_CSUM (1), VIRTIO_NET_HDR_F_DATA_VALID (2) (§5.1.6).
+    pub flags: u8,
+    /// VIRTIO_NET_HDR_GSO_NONE (0) and the segmentation types (§5.1.6).
+    pub gso_type: u8,
+    /// le16, length of the headers to copy for segmentation (§5.1.6.2).
+    pub hdr_len: u16,
+    /// le16, segment size for segmentation (§5.1.6.2).
+    pub gso_size: u16,
+    /// le16, where the checksum starts, from the start of the frame (§5.1.6.2).
+    pub csum_start: u16,
+    /// le16, where the checksum goes, from `csum_start` (§5.1.6.2).
+    pub csum_offset: u16,
+    /// le16, receive buffers the packet spans, with VIRTIO_NET_F_MRG_RXBUF (§5.1.6.4).
+    pub num_buffers: u16,
+}
+
+/// Byte offsets of the [`VirtioNetHdr`] fields, and its length.
+pub mod net_hdr {
+    use super::VirtioNetHdr;
+    use core::mem::{offset_of, size_of};
+
+    /// `flags`.
+    pub const FLAGS: usize = offset_of!(VirtioNetHdr, flags);
+    /// `gso_type`.
+    pub const GSO_TYPE: usize = offset_of!(VirtioNetHdr, gso_type);
+    /// `hdr_len`.
+    pub const HDR_LEN: usize = offset_of!(VirtioNetHdr, hdr_len);
+    /// `gso_size`.
+    pub const GSO_SIZE: usize = offset_of!(VirtioNetHdr, gso_size);
+    /// `csum_start`.
+    pub const CSUM_START: usize = offset_of!(VirtioNetHdr, csum_start);
+    /// `csum_offset`.
+    pub const CSUM_OFFSET: usize = offset_of!(VirtioNetHdr, csum_offset);
+    /// `num_buffers`.
+    pub const NUM_BUFFERS: usize = offset_of!(VirtioNetHdr, num_buffers);
+    /// The whole header.
+    pub const LEN: usize = size_of::<VirtioNetHdr>();
+    /// `flags`: the checksum from `csum_start` to the end must be completed (§5.1.6.2).
+    pub const F_NEEDS_CSUM: u8 = 1;
+    /// `flags`: the device validated the packet's checksum (§5.1.6.4).
+    pub const F_DATA_VALID: u8 = 2;
+    /// `gso_type`: no segmentation.
+    pub const GSO_NONE: u8 = 0;
+}
+
+// §5.1.6's layout, checked against the declaration.
+const _: () = assert!(net_hdr::FLAGS == 0);
+const _: () = assert!(net_hdr::GSO_TYPE == 1);
+const _: () = assert!(net_hdr::HDR_LEN == 2);
+const _: () = assert!(net_hdr::GSO_SIZE == 4);
+const _: () = assert!(net_hdr::CSUM_START == 6);
+const _: () = assert!(net_hdr::CSUM_OFFSET == 8);
+const _: () = assert!(net_hdr::NUM_BUFFERS == 10);
+const _: () = assert!(net_hdr::LEN == 12);
+
 const _: () = assert!(offset_of!(NetConfig, mac) == 0);
 const _: () = assert!(offset_of!(NetConfig, status) == 6);
 const _: () = assert!(offset_of!(NetConfig, max_virtqueue_pairs) == 8);

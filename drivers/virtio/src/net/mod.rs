@@ -28,25 +28,27 @@
 //! bounded; a malformed packet is dropped and counted, and a queue the device broke is a
 //! [`NetError`] that the caller turns into a device reset.
 
+mod header;
+mod rx;
+mod tx;
+
 use alloc::vec::Vec;
 use core::fmt;
 
+use header::ETHERNET_HEADER_LEN;
+pub use header::{
+    HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_GSO_NONE, NET_HEADER_LEN, NetHeader, complete_checksum,
+    parse_header, prepare_checksum_offload,
+};
+pub use rx::RxFrame;
+
+use crate::device::{QueueSetupError, ResetOnError, build_queue, wait_for_used};
 use crate::dma::{DmaBuf, DmaError, DmaHal, Part};
 use crate::error::TransportError;
-use crate::queue::{CallbackState, DeviceError, QueueError, QueueFeatures, VirtQueue};
+use crate::queue::{DeviceError, QueueError, QueueFeatures, VirtQueue};
 use crate::spec::{feature, net_config, net_feature};
-use crate::transport::{ConfigWidth, QueueFormat, Transport, VirtioDevice, choose_queue_size};
+use crate::transport::{ConfigWidth, QueueFormat, Transport, VirtioDevice};
 
-/// Size of `struct virtio_net_hdr` with VERSION_1 (`num_buffers` always present, §5.1.6).
-pub const NET_HEADER_LEN: usize = 12;
-/// `flags`: the checksum from `csum_start` must be completed (§5.1.6.2).
-pub const HDR_F_NEEDS_CSUM: u8 = 1;
-/// `flags`: the device validated the checksum (§5.1.6.4).
-pub const HDR_F_DATA_VALID: u8 = 2;
-/// `gso_type`: no segmentation offload.
-pub const HDR_GSO_NONE: u8 = 0;
-/// Ethernet header length.
-const ETHERNET_HEADER_LEN: usize = 14;
 /// Room for one VLAN tag.
 const VLAN_TAG_LEN: usize = 4;
 /// Default MTU without VIRTIO_NET_F_MTU.
@@ -257,6 +259,16 @@ impl From<TransportError> for NetError {
     }
 }
 
+impl From<QueueSetupError> for NetError {
+    fn from(error: QueueSetupError) -> Self {
+        match error {
+            QueueSetupError::MissingQueue { queue } => Self::MissingQueue { queue },
+            QueueSetupError::Transport(error) => Self::Transport(error),
+            QueueSetupError::Queue(error) => Self::Queue(error),
+        }
+    }
+}
+
 impl From<QueueError> for NetError {
     fn from(error: QueueError) -> Self {
         Self::Queue(error)
@@ -329,27 +341,6 @@ impl core::ops::AddAssign for NetStats {
         self.status_polls += other.status_polls;
         self.rx_foreign += other.rx_foreign;
         self.announce_acks += other.announce_acks;
-    }
-}
-
-/// A received frame, owned by the caller until [`VirtioNet::recycle`].
-pub struct RxFrame<H: DmaHal + Clone> {
-    /// The receive buffers it came in, no longer shared with the device.
-    parts: Vec<DmaBuf<H>>,
-    /// Frame bytes, when in place: (offset, length) in the first part.
-    in_place: Option<(usize, usize)>,
-    merged: Vec<u8>,
-}
-
-impl<H: DmaHal + Clone> RxFrame<H> {
-    /// The Ethernet frame.
-    pub fn bytes(&self) -> &[u8] {
-        match (self.in_place, self.parts.first()) {
-            (Some((offset, length)), Some(part)) => {
-                part.as_bytes().get(offset..offset + length).unwrap_or(&[])
-            }
-            _ => &self.merged,
-        }
     }
 }
 
@@ -554,11 +545,11 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         let mut rx_slot: Option<VirtQueue<H, Part<H>>>;
         let mut tx_slot: Option<VirtQueue<H, Part<H>>>;
         let mut ctrl_slot: Option<VirtQueue<H, Vec<Part<H>>>> = None;
-        let mut guard = ResetOnError(Some(device));
-        let Some(device) = guard.0.as_mut() else {
+        let mut guard = ResetOnError::new(device);
+        let Some(device) = guard.device() else {
             return Err(NetError::NeedsReset);
         };
-        rx_slot = Some(Self::build_queue(
+        rx_slot = Some(build_queue(
             &hal,
             device,
             rx_index,
@@ -566,7 +557,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             queue_features,
             options.vectors.rx,
         )?);
-        tx_slot = Some(Self::build_queue(
+        tx_slot = Some(build_queue(
             &hal,
             device,
             tx_index,
@@ -575,14 +566,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             options.vectors.tx,
         )?);
         if let Some(index) = ctrl_index {
-            ctrl_slot = Some(Self::build_queue(
-                &hal,
-                device,
-                index,
-                16,
-                queue_features,
-                None,
-            )?);
+            ctrl_slot = Some(build_queue(&hal, device, index, 16, queue_features, None)?);
         }
         device.set_config_vector(options.vectors.config)?;
 
@@ -603,7 +587,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             return Err(NetError::NeedsReset);
         };
         let ctrl = ctrl_slot.take();
-        let Some(device) = guard.0.take() else {
+        let Some(device) = guard.take() else {
             return Err(NetError::NeedsReset);
         };
 
@@ -714,36 +698,6 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         self.rx_filter = RxFilter::UnicastAndBroadcast;
     }
 
-    fn build_queue<B: crate::dma::DeviceBuffer>(
-        hal: &H,
-        device: &mut VirtioDevice<T>,
-        index: u16,
-        requested: u16,
-        features: QueueFeatures,
-        vector: Option<u16>,
-    ) -> Result<VirtQueue<H, B>, NetError> {
-        if index >= device.transport().num_queues() {
-            return Err(NetError::MissingQueue { queue: index });
-        }
-        let max = device.transport_mut().max_queue_size(index)?;
-        let size = choose_queue_size(index, max, requested, features.format)?;
-        let queue = VirtQueue::new(hal.clone(), index, size, features)?;
-        device.setup_queue(index, &queue.transport_config(vector))?;
-        Ok(queue)
-    }
-
-    fn post_rx(&mut self, buffer: DmaBuf<H>) -> Result<(), NetError> {
-        let part = Part::writable(buffer).map_err(|(_, error)| NetError::Dma(error))?;
-        match self.rx.add(part) {
-            Ok(()) => {
-                self.rx_added = true;
-                self.stats.rx_buffers_posted += 1;
-                Ok(())
-            }
-            Err(error) => Err(NetError::Queue(error.error)),
-        }
-    }
-
     /// Sends one control command and waits (bounded) for the device's ack (§5.1.6.5).
     fn control(
         &mut self,
@@ -785,46 +739,32 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             self.device.transport().notify(ctrl_index)?;
             self.stats.kicks += 1;
         }
-        let mut waited = 0u32;
-        loop {
-            let Some(ctrl) = self.ctrl.as_mut() else {
-                return Err(NetError::Control {
-                    class,
-                    command,
-                    ack: None,
-                });
-            };
-            match ctrl.pop_used() {
-                Ok(Some(used)) => {
-                    // End the transfers before reading the ack (a bounce HAL copies it back).
-                    let mut parts = used.buffer.into_iter().map(Part::into_buf);
-                    let ack = parts.nth(1).and_then(|ack| ack.as_bytes().first().copied());
-                    return match ack {
-                        Some(ctrl::OK) if used.len >= 1 => Ok(()),
-                        other => Err(NetError::Control {
-                            class,
-                            command,
-                            ack: other,
-                        }),
-                    };
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    return Err(NetError::Device {
-                        queue: ctrl_index,
-                        error,
-                    });
-                }
-            }
-            if waited >= timeout_us {
+        let used = match wait_for_used(ctrl, &self.hal, timeout_us) {
+            Ok(Some(used)) => used,
+            Ok(None) => {
                 return Err(NetError::Control {
                     class,
                     command,
                     ack: None,
                 });
             }
-            self.hal.spin_delay_us(10);
-            waited = waited.saturating_add(10);
+            Err(error) => {
+                return Err(NetError::Device {
+                    queue: ctrl_index,
+                    error,
+                });
+            }
+        };
+        // End the transfers before reading the ack (a bounce HAL copies it back).
+        let mut parts = used.buffer.into_iter().map(Part::into_buf);
+        let ack = parts.nth(1).and_then(|ack| ack.as_bytes().first().copied());
+        match ack {
+            Some(ctrl::OK) if used.len >= 1 => Ok(()),
+            other => Err(NetError::Control {
+                class,
+                command,
+                ack: other,
+            }),
         }
     }
 
@@ -986,276 +926,6 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         self.stats.announce_acks += 1;
         Ok(())
     }
-
-    /// Takes the next received frame. Malformed buffers are dropped (counted) and recycled,
-    /// and so are frames for another station (counted in `rx_foreign`).
-    pub fn receive(&mut self) -> Result<Option<RxFrame<H>>, NetError> {
-        loop {
-            let used = match self.rx.pop_used() {
-                Ok(Some(used)) => used,
-                Ok(None) => return Ok(None),
-                Err(error) => {
-                    return Err(NetError::Device {
-                        queue: self.rx_index,
-                        error,
-                    });
-                }
-            };
-            // `len` is at most the buffer's size (the queue checked it). End the transfer
-            // before reading a byte: a bounce-buffer HAL copies the data back here.
-            let length = used.len as usize;
-            let mut buf = used.buffer.into_buf();
-            if length < NET_HEADER_LEN + ETHERNET_HEADER_LEN {
-                self.stats.rx_malformed += 1;
-                self.post_rx(buf)?;
-                continue;
-            }
-            let header = parse_header(buf.as_bytes());
-            let buffers = if self.mergeable {
-                header.num_buffers
-            } else {
-                1
-            };
-            if buffers == 0 || usize::from(buffers) > usize::from(self.rx.size()) {
-                self.stats.rx_malformed += 1;
-                self.post_rx(buf)?;
-                continue;
-            }
-            let mut frame = RxFrame {
-                parts: Vec::new(),
-                in_place: None,
-                merged: Vec::new(),
-            };
-            if buffers == 1 {
-                if header.flags & HDR_F_NEEDS_CSUM != 0 {
-                    let bytes = &mut buf.as_bytes_mut()[NET_HEADER_LEN..length];
-                    if !complete_checksum(bytes, header.csum_start, header.csum_offset) {
-                        self.stats.rx_malformed += 1;
-                        self.post_rx(buf)?;
-                        continue;
-                    }
-                    self.stats.rx_checksums_completed += 1;
-                }
-                frame.in_place = Some((NET_HEADER_LEN, length - NET_HEADER_LEN));
-                frame.parts.push(buf);
-            } else {
-                // Mergeable: the frame continues in the next `buffers - 1` used buffers
-                // (§5.1.6.4). Copy them together; they must already be in the used ring.
-                frame
-                    .merged
-                    .extend_from_slice(&buf.as_bytes()[NET_HEADER_LEN..length]);
-                frame.parts.push(buf);
-                let mut complete = true;
-                for _ in 1..buffers {
-                    match self.rx.pop_used() {
-                        Ok(Some(next)) => {
-                            let next_buf = next.buffer.into_buf();
-                            let next_length = (next.len as usize).min(next_buf.len());
-                            frame
-                                .merged
-                                .extend_from_slice(&next_buf.as_bytes()[..next_length]);
-                            frame.parts.push(next_buf);
-                        }
-                        Ok(None) => {
-                            complete = false;
-                            break;
-                        }
-                        Err(error) => {
-                            return Err(NetError::Device {
-                                queue: self.rx_index,
-                                error,
-                            });
-                        }
-                    }
-                }
-                if !complete
-                    || (header.flags & HDR_F_NEEDS_CSUM != 0
-                        && !complete_checksum(
-                            &mut frame.merged,
-                            header.csum_start,
-                            header.csum_offset,
-                        ))
-                {
-                    self.stats.rx_malformed += 1;
-                    self.recycle(frame)?;
-                    continue;
-                }
-                if header.flags & HDR_F_NEEDS_CSUM != 0 {
-                    self.stats.rx_checksums_completed += 1;
-                }
-                self.stats.rx_merged += 1;
-            }
-            if self.drop_foreign && !self.is_for_us(frame.bytes()) {
-                self.stats.rx_foreign += 1;
-                self.recycle(frame)?;
-                continue;
-            }
-            self.stats.rx_packets += 1;
-            self.stats.rx_bytes += frame.bytes().len() as u64;
-            return Ok(Some(frame));
-        }
-    }
-
-    /// Whether a frame's destination is this station's MAC or broadcast.
-    fn is_for_us(&self, frame: &[u8]) -> bool {
-        match frame.get(..6) {
-            Some(destination) => destination == self.mac || destination == BROADCAST_MAC,
-            None => false,
-        }
-    }
-
-    /// Gives a received frame's buffers back to the device (published at the next
-    /// [`flush`](Self::flush)).
-    pub fn recycle(&mut self, mut frame: RxFrame<H>) -> Result<(), NetError> {
-        core::mem::swap(&mut self.scratch_parts, &mut frame.parts);
-        let mut result = Ok(());
-        while let Some(buffer) = self.scratch_parts.pop() {
-            if let Err(error) = self.post_rx(buffer) {
-                result = Err(error);
-            }
-        }
-        result
-    }
-
-    /// Takes back transmit buffers the device has finished with.
-    fn reclaim_tx(&mut self) -> Result<(), NetError> {
-        loop {
-            match self.tx.pop_used() {
-                Ok(Some(used)) => self.tx_pool.push(used.buffer.into_buf()),
-                Ok(None) => return Ok(()),
-                Err(error) => {
-                    return Err(NetError::Device {
-                        queue: self.tx_index,
-                        error,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Whether a frame can be queued now (reclaims completions first).
-    pub fn can_transmit(&mut self) -> bool {
-        // A broken queue reports its error on the next transmit; here it only means "no".
-        let _ = self.reclaim_tx();
-        !self.tx_pool.is_empty() && self.tx.can_add(1)
-    }
-
-    /// Queues one frame of `length` bytes, which `fill` writes in place. Returns `Ok(None)`
-    /// without calling `fill` when the ring is full (back-pressure) or the frame is too long;
-    /// `Ok(Some(_))` exactly when `fill` ran and the frame was queued.
-    pub fn transmit<R>(
-        &mut self,
-        length: usize,
-        fill: impl FnOnce(&mut [u8]) -> R,
-    ) -> Result<Option<R>, NetError> {
-        self.reclaim_tx()?;
-        // §5.1.4.2: no frame larger than the MTU plus the Ethernet header (the buffers are
-        // larger, so their size alone is not the limit).
-        if length == 0 || length > self.max_frame() || NET_HEADER_LEN + length > self.buffer_len {
-            self.stats.tx_oversize += 1;
-            return Ok(None);
-        }
-        if !self.tx.can_add(1) {
-            self.stats.tx_full += 1;
-            return Ok(None);
-        }
-        let Some(mut buffer) = self.tx_pool.pop() else {
-            self.stats.tx_full += 1;
-            return Ok(None);
-        };
-        let bytes = buffer.as_bytes_mut();
-        let (header, frame) = bytes.split_at_mut(NET_HEADER_LEN);
-        let frame = &mut frame[..length];
-        let result = fill(frame);
-        header.fill(0);
-        if self.tx_checksum_offload
-            && let Some((start, offset)) = prepare_checksum_offload(frame)
-        {
-            header[0] = HDR_F_NEEDS_CSUM;
-            header[1] = HDR_GSO_NONE;
-            header[6..8].copy_from_slice(&start.to_le_bytes());
-            header[8..10].copy_from_slice(&offset.to_le_bytes());
-            self.stats.tx_checksum_offloaded += 1;
-        }
-        let part = match Part::readable(buffer, NET_HEADER_LEN + length) {
-            Ok(part) => part,
-            Err((buffer, error)) => {
-                self.tx_pool.push(buffer);
-                return Err(NetError::Dma(error));
-            }
-        };
-        match self.tx.add(part) {
-            Ok(()) => {
-                self.tx_added = true;
-                self.stats.tx_packets += 1;
-                self.stats.tx_bytes += length as u64;
-                Ok(Some(result))
-            }
-            Err(error) => {
-                self.tx_pool.push(error.buffer.into_buf());
-                Err(NetError::Queue(error.error))
-            }
-        }
-    }
-
-    /// Notifies the device of new receive buffers and queued frames, once per queue and only
-    /// if it asked to be notified.
-    pub fn flush(&mut self) -> Result<(), NetError> {
-        if core::mem::take(&mut self.rx_added) && self.rx.should_notify() {
-            self.device.transport().notify(self.rx_index)?;
-            self.stats.kicks += 1;
-        }
-        if core::mem::take(&mut self.tx_added) && self.tx.should_notify() {
-            self.device.transport().notify(self.tx_index)?;
-            self.stats.kicks += 1;
-        }
-        Ok(())
-    }
-
-    /// Arms receive interrupts; `true` when frames arrived that the interrupt may not report
-    /// (poll before waiting).
-    pub fn arm_rx_interrupt(&mut self) -> bool {
-        self.rx.enable_cb() == CallbackState::UsedPending
-    }
-
-    /// Disarms receive interrupts.
-    pub fn disarm_rx_interrupt(&mut self) {
-        self.rx.disable_cb();
-    }
-
-    /// Before the caller sleeps: if every transmit buffer is in flight (back-pressure), arms a
-    /// delayed transmit interrupt for when most of them are done (§2.7.7, `used_event` 3/4 of
-    /// the way), so the sleeper wakes to send again. `true` when completions are already
-    /// waiting (do not sleep). Without back-pressure transmit interrupts stay off.
-    pub fn arm_tx_interrupt_if_backlogged(&mut self) -> bool {
-        if !self.tx_pool.is_empty() {
-            return false;
-        }
-        self.tx.enable_cb_delayed() == CallbackState::UsedPending
-    }
-
-    /// Disarms transmit interrupts again (completions are reclaimed on the send path).
-    pub fn disarm_tx_interrupt(&mut self) {
-        self.tx.disable_cb();
-    }
-
-    /// Whether the receive queue has used buffers waiting.
-    pub fn rx_pending(&self) -> bool {
-        self.rx.has_used()
-    }
-}
-
-/// Holds the device during [`VirtioNet::new`]; if construction fails it gives up on the device
-/// (FAILED, §3.1.1) and resets it so that it lets go of every queue.
-struct ResetOnError<T: Transport>(Option<VirtioDevice<T>>);
-
-impl<T: Transport> Drop for ResetOnError<T> {
-    fn drop(&mut self) {
-        if let Some(device) = self.0.as_mut() {
-            device.fail();
-            let _ = device.reset();
-        }
-    }
 }
 
 impl<H: DmaHal + Clone, T: Transport> Drop for VirtioNet<H, T> {
@@ -1264,112 +934,6 @@ impl<H: DmaHal + Clone, T: Transport> Drop for VirtioNet<H, T> {
     fn drop(&mut self) {
         let _ = self.device.reset();
     }
-}
-
-/// The fields of `struct virtio_net_hdr` the receive path uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetHeader {
-    /// `flags`.
-    pub flags: u8,
-    /// `gso_type`.
-    pub gso_type: u8,
-    /// `csum_start`.
-    pub csum_start: u16,
-    /// `csum_offset`.
-    pub csum_offset: u16,
-    /// `num_buffers`.
-    pub num_buffers: u16,
-}
-
-/// Parses the 12-byte header at the start of `bytes` (zeros past the end).
-pub fn parse_header(bytes: &[u8]) -> NetHeader {
-    let byte = |index: usize| bytes.get(index).copied().unwrap_or(0);
-    let le16 = |index: usize| u16::from_le_bytes([byte(index), byte(index + 1)]);
-    NetHeader {
-        flags: byte(0),
-        gso_type: byte(1),
-        csum_start: le16(6),
-        csum_offset: le16(8),
-        num_buffers: le16(10),
-    }
-}
-
-/// The internet checksum (RFC 1071) accumulator over `bytes`, unfolded.
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
-    for pair in &mut chunks {
-        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([pair[0], pair[1]])));
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if let [last] = chunks.remainder() {
-        sum = sum.wrapping_add(u32::from(*last) << 8);
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Completes a partial checksum (NEEDS_CSUM, §5.1.6.4): the ones' complement of the sum from
-/// `start` to the end of the frame goes at `start + offset`. The field holds the pseudo-header
-/// sum already. Returns false (the frame is malformed) when the offsets do not fit.
-pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
-    let start = usize::from(start);
-    let field = start + usize::from(offset);
-    if field + 2 > frame.len() || start >= frame.len() {
-        return false;
-    }
-    // A computed 0 goes out as 0xffff, its ones'-complement equal: for UDP a 0 field means
-    // "no checksum" (RFC 768); Linux does the same (CSUM_MANGLED_0).
-    let checksum = match !fold(sum_words(&frame[start..], 0)) {
-        0 => 0xffff,
-        checksum => checksum,
-    };
-    frame[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
-    true
-}
-
-/// For a TCP or UDP over IPv4 frame, stores the pseudo-header sum in the transport checksum
-/// field and returns (`csum_start`, `csum_offset`) for NEEDS_CSUM (§5.1.6.2). Other frames
-/// (ARP, ICMP, fragments, malformed) return `None` and keep the checksum the stack computed.
-pub fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
-    if frame.len() < ETHERNET_HEADER_LEN + 20 || frame[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &frame[ETHERNET_HEADER_LEN..];
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
-    if ip[0] >> 4 != 4
-        || header_len < 20
-        || total_len < header_len
-        || total_len > ip.len()
-        || fragment != 0
-    {
-        return None;
-    }
-    let protocol = ip[9];
-    let checksum_offset: usize = match protocol {
-        6 => 16,
-        17 => 6,
-        _ => return None,
-    };
-    let segment_len = total_len - header_len;
-    if segment_len < checksum_offset + 2 {
-        return None;
-    }
-    let mut sum = sum_words(&ip[12..20], 0);
-    sum = sum.wrapping_add(u32::from(protocol));
-    sum = sum.wrapping_add(segment_len as u32);
-    let pseudo = fold(sum);
-    let start = ETHERNET_HEADER_LEN + header_len;
-    let field = start + checksum_offset;
-    frame[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
-    Some((start as u16, checksum_offset as u16))
 }
 
 impl<H: DmaHal + Clone, T: Transport> fmt::Debug for VirtioNet<H, T> {

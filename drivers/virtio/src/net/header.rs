@@ -1,0 +1,139 @@
+//! `struct virtio_net_hdr` (§5.1.6) and the internet checksum work around it: parsing the
+//! header of a received buffer, completing a partial checksum the device left (NEEDS_CSUM,
+//! §5.1.6.4), and preparing a frame for checksum offload on transmit (§5.1.6.2). The field
+//! offsets come from [`crate::spec::VirtioNetHdr`]. Pure functions over byte slices: the
+//! fuzz targets and the host tests call them directly.
+
+use crate::spec::net_hdr;
+
+/// Size of `struct virtio_net_hdr` with VERSION_1 (`num_buffers` always present, §5.1.6).
+pub const NET_HEADER_LEN: usize = 12;
+
+/// `flags`: the checksum from `csum_start` must be completed (§5.1.6.2).
+pub const HDR_F_NEEDS_CSUM: u8 = 1;
+
+/// `flags`: the device validated the checksum (§5.1.6.4).
+pub const HDR_F_DATA_VALID: u8 = 2;
+
+/// `gso_type`: no segmentation offload.
+pub const HDR_GSO_NONE: u8 = 0;
+
+/// Ethernet header length.
+pub(crate) const ETHERNET_HEADER_LEN: usize = 14;
+
+/// The fields of `struct virtio_net_hdr` the receive path uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHeader {
+    /// `flags`.
+    pub flags: u8,
+    /// `gso_type`.
+    pub gso_type: u8,
+    /// `csum_start`.
+    pub csum_start: u16,
+    /// `csum_offset`.
+    pub csum_offset: u16,
+    /// `num_buffers`.
+    pub num_buffers: u16,
+}
+
+/// Writes the header of a frame to send with checksum offload: NEEDS_CSUM, no segmentation,
+/// and where the checksum starts and goes (§5.1.6.2). `header` is [`NET_HEADER_LEN`] bytes,
+/// zeroed by the caller.
+pub fn write_checksum_offload_header(header: &mut [u8], csum_start: u16, csum_offset: u16) {
+    header[net_hdr::FLAGS] = HDR_F_NEEDS_CSUM;
+    header[net_hdr::GSO_TYPE] = HDR_GSO_NONE;
+    header[net_hdr::CSUM_START..net_hdr::CSUM_START + 2].copy_from_slice(&csum_start.to_le_bytes());
+    header[net_hdr::CSUM_OFFSET..net_hdr::CSUM_OFFSET + 2]
+        .copy_from_slice(&csum_offset.to_le_bytes());
+}
+
+/// Parses the 12-byte header at the start of `bytes` (zeros past the end).
+pub fn parse_header(bytes: &[u8]) -> NetHeader {
+    let byte = |index: usize| bytes.get(index).copied().unwrap_or(0);
+    let le16 = |index: usize| u16::from_le_bytes([byte(index), byte(index + 1)]);
+    NetHeader {
+        flags: byte(net_hdr::FLAGS),
+        gso_type: byte(net_hdr::GSO_TYPE),
+        csum_start: le16(net_hdr::CSUM_START),
+        csum_offset: le16(net_hdr::CSUM_OFFSET),
+        num_buffers: le16(net_hdr::NUM_BUFFERS),
+    }
+}
+
+/// The internet checksum (RFC 1071) accumulator over `bytes`, unfolded.
+fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = bytes.chunks_exact(2);
+    for pair in &mut chunks {
+        sum = sum.wrapping_add(u32::from(u16::from_be_bytes([pair[0], pair[1]])));
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if let [last] = chunks.remainder() {
+        sum = sum.wrapping_add(u32::from(*last) << 8);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Completes a partial checksum (NEEDS_CSUM, §5.1.6.4): the ones' complement of the sum from
+/// `start` to the end of the frame goes at `start + offset`. The field holds the pseudo-header
+/// sum already. Returns false (the frame is malformed) when the offsets do not fit.
+pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
+    let start = usize::from(start);
+    let field = start + usize::from(offset);
+    if field + 2 > frame.len() || start >= frame.len() {
+        return false;
+    }
+    // A computed 0 goes out as 0xffff, its ones'-complement equal: for UDP a 0 field means
+    // "no checksum" (RFC 768); Linux does the same (CSUM_MANGLED_0).
+    let checksum = match !fold(sum_words(&frame[start..], 0)) {
+        0 => 0xffff,
+        checksum => checksum,
+    };
+    frame[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
+    true
+}
+
+/// For a TCP or UDP over IPv4 frame, stores the pseudo-header sum in the transport checksum
+/// field and returns (`csum_start`, `csum_offset`) for NEEDS_CSUM (§5.1.6.2). Other frames
+/// (ARP, ICMP, fragments, malformed) return `None` and keep the checksum the stack computed.
+pub fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
+    if frame.len() < ETHERNET_HEADER_LEN + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[ETHERNET_HEADER_LEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+    if ip[0] >> 4 != 4
+        || header_len < 20
+        || total_len < header_len
+        || total_len > ip.len()
+        || fragment != 0
+    {
+        return None;
+    }
+    let protocol = ip[9];
+    let checksum_offset: usize = match protocol {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    let segment_len = total_len - header_len;
+    if segment_len < checksum_offset + 2 {
+        return None;
+    }
+    let mut sum = sum_words(&ip[12..20], 0);
+    sum = sum.wrapping_add(u32::from(protocol));
+    sum = sum.wrapping_add(segment_len as u32);
+    let pseudo = fold(sum);
+    let start = ETHERNET_HEADER_LEN + header_len;
+    let field = start + checksum_offset;
+    frame[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+    Some((start as u16, checksum_offset as u16))
+}

@@ -1,0 +1,196 @@
+//! The receive path (§5.1.6.3, §5.1.6.4): posting receive buffers, taking used ones back
+//! (one buffer, or several with VIRTIO_NET_F_MRG_RXBUF), completing partial checksums,
+//! dropping malformed frames and frames for other stations, and recycling buffers in place.
+//! Every length and count the device wrote is bounded before use.
+
+use alloc::vec::Vec;
+
+use super::header::{
+    ETHERNET_HEADER_LEN, HDR_F_NEEDS_CSUM, NET_HEADER_LEN, complete_checksum, parse_header,
+};
+use super::{BROADCAST_MAC, NetError, VirtioNet};
+use crate::dma::{DmaBuf, DmaHal, Part};
+use crate::queue::CallbackState;
+use crate::transport::Transport;
+
+/// A received frame, owned by the caller until [`VirtioNet::recycle`].
+pub struct RxFrame<H: DmaHal + Clone> {
+    /// The receive buffers it came in, no longer shared with the device.
+    pub(super) parts: Vec<DmaBuf<H>>,
+    /// Frame bytes, when in place: (offset, length) in the first part.
+    pub(super) in_place: Option<(usize, usize)>,
+    /// The frame copied together from several buffers (VIRTIO_NET_F_MRG_RXBUF).
+    pub(super) merged: Vec<u8>,
+}
+
+impl<H: DmaHal + Clone> RxFrame<H> {
+    /// The Ethernet frame.
+    pub fn bytes(&self) -> &[u8] {
+        match (self.in_place, self.parts.first()) {
+            (Some((offset, length)), Some(part)) => {
+                part.as_bytes().get(offset..offset + length).unwrap_or(&[])
+            }
+            _ => &self.merged,
+        }
+    }
+}
+
+impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
+    pub(super) fn post_rx(&mut self, buffer: DmaBuf<H>) -> Result<(), NetError> {
+        let part = Part::writable(buffer).map_err(|(_, error)| NetError::Dma(error))?;
+        match self.rx.add(part) {
+            Ok(()) => {
+                self.rx_added = true;
+                self.stats.rx_buffers_posted += 1;
+                Ok(())
+            }
+            Err(error) => Err(NetError::Queue(error.error)),
+        }
+    }
+
+    /// Takes the next received frame. Malformed buffers are dropped (counted) and recycled,
+    /// and so are frames for another station (counted in `rx_foreign`).
+    pub fn receive(&mut self) -> Result<Option<RxFrame<H>>, NetError> {
+        loop {
+            let used = match self.rx.pop_used() {
+                Ok(Some(used)) => used,
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    return Err(NetError::Device {
+                        queue: self.rx_index,
+                        error,
+                    });
+                }
+            };
+            // `len` is at most the buffer's size (the queue checked it). End the transfer
+            // before reading a byte: a bounce-buffer HAL copies the data back here.
+            let length = used.len as usize;
+            let mut buf = used.buffer.into_buf();
+            if length < NET_HEADER_LEN + ETHERNET_HEADER_LEN {
+                self.stats.rx_malformed += 1;
+                self.post_rx(buf)?;
+                continue;
+            }
+            let header = parse_header(buf.as_bytes());
+            let buffers = if self.mergeable {
+                header.num_buffers
+            } else {
+                1
+            };
+            if buffers == 0 || usize::from(buffers) > usize::from(self.rx.size()) {
+                self.stats.rx_malformed += 1;
+                self.post_rx(buf)?;
+                continue;
+            }
+            let mut frame = RxFrame {
+                parts: Vec::new(),
+                in_place: None,
+                merged: Vec::new(),
+            };
+            if buffers == 1 {
+                if header.flags & HDR_F_NEEDS_CSUM != 0 {
+                    let bytes = &mut buf.as_bytes_mut()[NET_HEADER_LEN..length];
+                    if !complete_checksum(bytes, header.csum_start, header.csum_offset) {
+                        self.stats.rx_malformed += 1;
+                        self.post_rx(buf)?;
+                        continue;
+                    }
+                    self.stats.rx_checksums_completed += 1;
+                }
+                frame.in_place = Some((NET_HEADER_LEN, length - NET_HEADER_LEN));
+                frame.parts.push(buf);
+            } else {
+                // Mergeable: the frame continues in the next `buffers - 1` used buffers
+                // (§5.1.6.4). Copy them together; they must already be in the used ring.
+                frame
+                    .merged
+                    .extend_from_slice(&buf.as_bytes()[NET_HEADER_LEN..length]);
+                frame.parts.push(buf);
+                let mut complete = true;
+                for _ in 1..buffers {
+                    match self.rx.pop_used() {
+                        Ok(Some(next)) => {
+                            let next_buf = next.buffer.into_buf();
+                            let next_length = (next.len as usize).min(next_buf.len());
+                            frame
+                                .merged
+                                .extend_from_slice(&next_buf.as_bytes()[..next_length]);
+                            frame.parts.push(next_buf);
+                        }
+                        Ok(None) => {
+                            complete = false;
+                            break;
+                        }
+                        Err(error) => {
+                            return Err(NetError::Device {
+                                queue: self.rx_index,
+                                error,
+                            });
+                        }
+                    }
+                }
+                if !complete
+                    || (header.flags & HDR_F_NEEDS_CSUM != 0
+                        && !complete_checksum(
+                            &mut frame.merged,
+                            header.csum_start,
+                            header.csum_offset,
+                        ))
+                {
+                    self.stats.rx_malformed += 1;
+                    self.recycle(frame)?;
+                    continue;
+                }
+                if header.flags & HDR_F_NEEDS_CSUM != 0 {
+                    self.stats.rx_checksums_completed += 1;
+                }
+                self.stats.rx_merged += 1;
+            }
+            if self.drop_foreign && !self.is_for_us(frame.bytes()) {
+                self.stats.rx_foreign += 1;
+                self.recycle(frame)?;
+                continue;
+            }
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += frame.bytes().len() as u64;
+            return Ok(Some(frame));
+        }
+    }
+
+    /// Whether a frame's destination is this station's MAC or broadcast.
+    fn is_for_us(&self, frame: &[u8]) -> bool {
+        match frame.get(..6) {
+            Some(destination) => destination == self.mac || destination == BROADCAST_MAC,
+            None => false,
+        }
+    }
+
+    /// Gives a received frame's buffers back to the device (published at the next
+    /// [`flush`](Self::flush)).
+    pub fn recycle(&mut self, mut frame: RxFrame<H>) -> Result<(), NetError> {
+        core::mem::swap(&mut self.scratch_parts, &mut frame.parts);
+        let mut result = Ok(());
+        while let Some(buffer) = self.scratch_parts.pop() {
+            if let Err(error) = self.post_rx(buffer) {
+                result = Err(error);
+            }
+        }
+        result
+    }
+
+    /// Arms receive interrupts; `true` when frames arrived that the interrupt may not report
+    /// (poll before waiting).
+    pub fn arm_rx_interrupt(&mut self) -> bool {
+        self.rx.enable_cb() == CallbackState::UsedPending
+    }
+
+    /// Disarms receive interrupts.
+    pub fn disarm_rx_interrupt(&mut self) {
+        self.rx.disable_cb();
+    }
+
+    /// Whether the receive queue has used buffers waiting.
+    pub fn rx_pending(&self) -> bool {
+        self.rx.has_used()
+    }
+}
