@@ -191,7 +191,7 @@ fn intx_interrupt(_vector: u8) {
     if isr != 0 {
         net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
     }
-    if isr & virtio::spec::isr::DEVICE_CONFIG != 0 {
+    if virtio::spec::IsrStatus::from_bits_retain(isr).config_changed() {
         CONFIG_PENDING.store(true, Ordering::Release);
     }
 }

@@ -561,12 +561,12 @@ impl<H: Hal> Transport for PciTransport<H> {
     }
 
     fn read_status(&self) -> DeviceStatus {
-        DeviceStatus(self.hal.read8(self.common, common_cfg::DEVICE_STATUS))
+        DeviceStatus::from_bits_retain(self.hal.read8(self.common, common_cfg::DEVICE_STATUS))
     }
 
     fn write_status(&mut self, status: DeviceStatus) {
         self.hal
-            .write8(self.common, common_cfg::DEVICE_STATUS, status.0);
+            .write8(self.common, common_cfg::DEVICE_STATUS, status.bits());
     }
 
     fn reset(&mut self) -> Result<(), TransportError> {
@@ -652,7 +652,7 @@ impl<H: Hal> Transport for PciTransport<H> {
     }
 
     fn read_isr(&self) -> IsrStatus {
-        IsrStatus(self.hal.read8(self.isr, 0))
+        IsrStatus::from_bits_retain(self.hal.read8(self.isr, 0))
     }
 
     fn set_config_vector(&mut self, vector: Option<u16>) -> Result<(), TransportError> {

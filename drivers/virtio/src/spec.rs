@@ -1,12 +1,13 @@
 //! Constants and wire layouts from the virtio 1.2 specification, and nothing else.
 //!
-//! This module owns the numbers: device status bits (§2.1), feature bits (§6 and §5.1.3), the
+//! This module owns the numbers, as constants and as `bitflags` sets: device status bits (§2.1), feature bits (§6 and §5.1.3), the
 //! PCI identifiers (§4.1.2), the vendor capability layout and `cfg_type` values (§4.1.4), the
 //! common configuration register block (§4.1.4.3) and the ISR bits (§4.1.4.5). Behaviour lives
 //! in `transport` and `pci`. The `#[repr(C)]` structs are never overlaid on device memory (the
 //! crate has no `unsafe`): they are the declarative source of the register offsets, which are
 //! derived with `offset_of!` and checked at compile time against the spec's tables.
 
+use core::fmt;
 use core::mem::{offset_of, size_of};
 
 /// PCI vendor id of every virtio device (§4.1.2).
@@ -27,20 +28,49 @@ pub const NO_VECTOR: u16 = 0xffff;
 /// Largest queue size any virtqueue format allows (§2.6 split, §2.7 packed: 32768).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
-/// Device status bits (§2.1).
-pub mod status {
-    /// The guest OS has found the device and recognised it as a valid virtio device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest OS knows how to drive the device.
-    pub const DRIVER: u8 = 2;
-    /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
-    /// The driver has acknowledged all the features it understands; negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device has experienced an error from which it cannot recover.
-    pub const DEVICE_NEEDS_RESET: u8 = 64;
-    /// Something went wrong in the guest and it has given up on the device.
-    pub const FAILED: u8 = 128;
+bitflags::bitflags! {
+    /// The device status byte (§2.1), its bits declared in the order of the §3.1.1
+    /// initialization sequence (which is also the order [`fmt::Display`] names them in).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct DeviceStatus: u8 {
+        /// The guest OS has found the device and recognised it as a valid virtio device.
+        const ACKNOWLEDGE = 1;
+        /// The guest OS knows how to drive the device.
+        const DRIVER = 2;
+        /// The driver has acknowledged all the features it understands; negotiation is
+        /// complete.
+        const FEATURES_OK = 8;
+        /// The driver is set up and ready to drive the device.
+        const DRIVER_OK = 4;
+        /// The device has experienced an error from which it cannot recover.
+        const DEVICE_NEEDS_RESET = 64;
+        /// Something went wrong in the guest and it has given up on the device.
+        const FAILED = 128;
+    }
+}
+
+impl DeviceStatus {
+    /// DEVICE_NEEDS_RESET (§2.1.2): the device hit an error and must be reset.
+    pub const fn needs_reset(self) -> bool {
+        self.contains(Self::DEVICE_NEEDS_RESET)
+    }
+}
+
+impl fmt::Display for DeviceStatus {
+    /// `0x0f (ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK)`: the byte, then the names of its set
+    /// bits from the flag definitions (unknown bits show only in the byte).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#04x}", self.bits())?;
+        let mut separator = " (";
+        for (name, _) in self.iter_names() {
+            write!(f, "{separator}{name}")?;
+            separator = "|";
+        }
+        if separator == "|" {
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
 }
 
 /// Device-independent feature bits (§6 "Reserved Feature Bits"), as bit numbers.
@@ -182,12 +212,27 @@ pub mod cfg_type {
     pub const VENDOR: u8 = 9;
 }
 
-/// ISR status bits (§4.1.4.5).
-pub mod isr {
-    /// A used buffer notification (queue interrupt) is pending.
-    pub const QUEUE: u8 = 1;
-    /// A configuration change notification is pending.
-    pub const DEVICE_CONFIG: u8 = 2;
+bitflags::bitflags! {
+    /// The ISR status byte (§4.1.4.5), as returned by the read that cleared it.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct IsrStatus: u8 {
+        /// A used buffer notification (queue interrupt) was pending.
+        const QUEUE = 1;
+        /// A configuration change notification was pending.
+        const DEVICE_CONFIG = 2;
+    }
+}
+
+impl IsrStatus {
+    /// A used buffer notification (queue interrupt) was pending.
+    pub const fn queue_interrupt(self) -> bool {
+        self.contains(Self::QUEUE)
+    }
+
+    /// A configuration change notification was pending.
+    pub const fn config_changed(self) -> bool {
+        self.contains(Self::DEVICE_CONFIG)
+    }
 }
 
 /// The virtio vendor capability in PCI configuration space, `struct virtio_pci_cap` (§4.1.4).

@@ -51,63 +51,7 @@ impl fmt::Display for DeviceType {
     }
 }
 
-/// The device status byte (§2.1).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DeviceStatus(pub u8);
-
-impl DeviceStatus {
-    /// Whether every bit of `bits` (a [`spec::status`] value) is set.
-    pub const fn contains(self, bits: u8) -> bool {
-        self.0 & bits == bits
-    }
-
-    /// DEVICE_NEEDS_RESET (§2.1.2): the device hit an error and must be reset.
-    pub const fn needs_reset(self) -> bool {
-        self.contains(spec::status::DEVICE_NEEDS_RESET)
-    }
-}
-
-impl fmt::Display for DeviceStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(u8, &str); 6] = [
-            (spec::status::ACKNOWLEDGE, "ACKNOWLEDGE"),
-            (spec::status::DRIVER, "DRIVER"),
-            (spec::status::FEATURES_OK, "FEATURES_OK"),
-            (spec::status::DRIVER_OK, "DRIVER_OK"),
-            (spec::status::DEVICE_NEEDS_RESET, "DEVICE_NEEDS_RESET"),
-            (spec::status::FAILED, "FAILED"),
-        ];
-        write!(f, "{:#04x}", self.0)?;
-        let mut separator = " (";
-        for (bit, name) in NAMES {
-            if self.0 & bit != 0 {
-                write!(f, "{separator}{name}")?;
-                separator = "|";
-            }
-        }
-        if separator == "|" {
-            f.write_str(")")
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// The ISR status byte, as returned by the read that cleared it (§4.1.4.5).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct IsrStatus(pub u8);
-
-impl IsrStatus {
-    /// A used buffer notification (queue interrupt) was pending.
-    pub const fn queue_interrupt(self) -> bool {
-        self.0 & spec::isr::QUEUE != 0
-    }
-
-    /// A configuration change notification was pending.
-    pub const fn config_changed(self) -> bool {
-        self.0 & spec::isr::DEVICE_CONFIG != 0
-    }
-}
+pub use crate::spec::{DeviceStatus, IsrStatus};
 
 /// Width of one raw register access to device configuration (§4.1.3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -478,7 +422,7 @@ pub struct VirtioDevice<T: Transport> {
     transport: T,
     stage: InitStage,
     /// The status bits this driver has set, written whole on every transition.
-    status: u8,
+    status: DeviceStatus,
     features: u64,
 }
 
@@ -488,7 +432,7 @@ impl<T: Transport> VirtioDevice<T> {
         Self {
             transport,
             stage: InitStage::Unknown,
-            status: 0,
+            status: DeviceStatus::empty(),
             features: 0,
         }
     }
@@ -539,7 +483,7 @@ impl<T: Transport> VirtioDevice<T> {
 
     /// Step 1: resets the device (allowed from any stage).
     pub fn reset(&mut self) -> Result<(), TransportError> {
-        self.status = 0;
+        self.status = DeviceStatus::empty();
         self.features = 0;
         match self.transport.reset() {
             Ok(()) => {
@@ -556,7 +500,7 @@ impl<T: Transport> VirtioDevice<T> {
     /// Step 2: sets ACKNOWLEDGE.
     pub fn acknowledge(&mut self) -> Result<(), TransportError> {
         self.expect(InitStep::Acknowledge, InitStage::Reset)?;
-        self.set_status_bit(spec::status::ACKNOWLEDGE);
+        self.set_status_bit(DeviceStatus::ACKNOWLEDGE);
         self.stage = InitStage::Acknowledged;
         Ok(())
     }
@@ -564,7 +508,7 @@ impl<T: Transport> VirtioDevice<T> {
     /// Step 3: sets DRIVER.
     pub fn driver(&mut self) -> Result<(), TransportError> {
         self.expect(InitStep::Driver, InitStage::Acknowledged)?;
-        self.set_status_bit(spec::status::DRIVER);
+        self.set_status_bit(DeviceStatus::DRIVER);
         self.stage = InitStage::Driver;
         Ok(())
     }
@@ -583,11 +527,11 @@ impl<T: Transport> VirtioDevice<T> {
             }
         };
         self.transport.write_driver_features(features);
-        self.set_status_bit(spec::status::FEATURES_OK);
+        self.set_status_bit(DeviceStatus::FEATURES_OK);
         if !self
             .transport
             .read_status()
-            .contains(spec::status::FEATURES_OK)
+            .contains(DeviceStatus::FEATURES_OK)
         {
             self.fail();
             return Err(TransportError::FeaturesRejected {
@@ -615,14 +559,14 @@ impl<T: Transport> VirtioDevice<T> {
     /// Step 8: sets DRIVER_OK; the device is live.
     pub fn driver_ok(&mut self) -> Result<(), TransportError> {
         self.expect(InitStep::DriverOk, InitStage::FeaturesOk)?;
-        self.set_status_bit(spec::status::DRIVER_OK);
+        self.set_status_bit(DeviceStatus::DRIVER_OK);
         self.stage = InitStage::DriverOk;
         Ok(())
     }
 
     /// Gives up on the device: sets FAILED (§3.1.1). Only [`reset`](Self::reset) leaves this.
     pub fn fail(&mut self) {
-        self.set_status_bit(spec::status::FAILED);
+        self.set_status_bit(DeviceStatus::FAILED);
         self.stage = InitStage::Failed;
     }
 
@@ -637,8 +581,8 @@ impl<T: Transport> VirtioDevice<T> {
         }
     }
 
-    fn set_status_bit(&mut self, bit: u8) {
+    fn set_status_bit(&mut self, bit: DeviceStatus) {
         self.status |= bit;
-        self.transport.write_status(DeviceStatus(self.status));
+        self.transport.write_status(self.status);
     }
 }

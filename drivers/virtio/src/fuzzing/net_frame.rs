@@ -21,7 +21,7 @@ use crate::net::{
 };
 use crate::queue::QueueError;
 use crate::queue::{QueueAddresses, QueueFormat};
-use crate::spec::{feature, net_feature, status};
+use crate::spec::{feature, net_feature};
 use crate::transport::{
     DeviceStatus, DeviceType, IsrStatus, QueueConfig, RegisterWidth, Transport,
 };
@@ -236,14 +236,14 @@ impl Transport for FuzzTransport {
     }
     fn read_status(&self) -> DeviceStatus {
         let reset = if self.needs_reset.get() {
-            status::DEVICE_NEEDS_RESET
+            DeviceStatus::DEVICE_NEEDS_RESET.bits()
         } else {
             0
         };
-        DeviceStatus(self.status.get() | reset)
+        DeviceStatus::from_bits_retain(self.status.get() | reset)
     }
     fn write_status(&mut self, status: DeviceStatus) {
-        self.status.set(status.0);
+        self.status.set(status.bits());
     }
     fn reset(&mut self) -> Result<(), TransportError> {
         self.status.set(0);
@@ -274,7 +274,7 @@ impl Transport for FuzzTransport {
         Ok(())
     }
     fn read_isr(&self) -> IsrStatus {
-        IsrStatus(0)
+        IsrStatus::empty()
     }
     fn set_config_vector(&mut self, _vector: Option<u16>) -> Result<(), TransportError> {
         Ok(())

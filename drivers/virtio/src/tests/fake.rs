@@ -676,7 +676,7 @@ impl DeviceState {
                     self.reset();
                     return;
                 }
-                if status & spec::status::FEATURES_OK != 0 {
+                if status & crate::spec::DeviceStatus::FEATURES_OK.bits() != 0 {
                     let driver = u64::from(self.driver_features[0])
                         | (u64::from(self.driver_features[1]) << 32);
                     // Like QEMU (virtio_validate_features): a device that offers
@@ -688,10 +688,11 @@ impl DeviceState {
                         || driver & !self.device_features != 0
                         || platform_refused
                     {
-                        status &= !spec::status::FEATURES_OK;
+                        status &= !crate::spec::DeviceStatus::FEATURES_OK.bits();
                     }
                 }
-                self.status = status | (self.status & spec::status::DEVICE_NEEDS_RESET);
+                self.status =
+                    status | (self.status & crate::spec::DeviceStatus::DEVICE_NEEDS_RESET.bits());
             }
             common_cfg::QUEUE_SELECT => {
                 if value < 1024 {

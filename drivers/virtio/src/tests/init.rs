@@ -4,7 +4,7 @@ use super::fake::{Layout, qemu_net_features};
 use super::open;
 use crate::error::TransportError;
 use crate::pci::RESET_TIMEOUT_US;
-use crate::spec::{common_cfg, feature, net_feature, status};
+use crate::spec::{DeviceStatus, common_cfg, feature, net_feature};
 use crate::transport::{
     InitStage, InitStep, TRANSPORT_UNSUPPORTED_FEATURES, Transport, VirtioDevice,
     negotiate_features,
@@ -49,11 +49,14 @@ fn full_sequence_writes_the_status_bits_in_spec_order() {
     assert_eq!(virtio.stage(), InitStage::DriverOk);
 
     device.with(|state| {
-        let a = status::ACKNOWLEDGE;
-        let d = a | status::DRIVER;
-        let f = d | status::FEATURES_OK;
-        assert_eq!(state.status_writes, [0, a, d, f, f | status::DRIVER_OK]);
-        assert_eq!(state.status, f | status::DRIVER_OK);
+        let a = DeviceStatus::ACKNOWLEDGE.bits();
+        let d = a | DeviceStatus::DRIVER.bits();
+        let f = d | DeviceStatus::FEATURES_OK.bits();
+        assert_eq!(
+            state.status_writes,
+            [0, a, d, f, f | DeviceStatus::DRIVER_OK.bits()]
+        );
+        assert_eq!(state.status, f | DeviceStatus::DRIVER_OK.bits());
         let driver =
             u64::from(state.driver_features[0]) | (u64::from(state.driver_features[1]) << 32);
         assert_eq!(driver, negotiated);
@@ -130,7 +133,7 @@ fn out_of_order_steps_are_refused_and_change_nothing() {
     device.with(|state| {
         assert_eq!(
             state.status,
-            status::ACKNOWLEDGE,
+            DeviceStatus::ACKNOWLEDGE.bits(),
             "refused steps wrote nothing"
         )
     });
@@ -178,8 +181,8 @@ fn device_refusing_features_ok_gets_failed_and_a_typed_error() {
     );
     assert_eq!(virtio.stage(), InitStage::Failed);
     device.with(|state| {
-        assert_ne!(state.status & status::FAILED, 0, "FAILED set");
-        assert_eq!(state.status & status::FEATURES_OK, 0);
+        assert_ne!(state.status & DeviceStatus::FAILED.bits(), 0, "FAILED set");
+        assert_eq!(state.status & DeviceStatus::FEATURES_OK.bits(), 0);
     });
     assert!(matches!(
         virtio.driver_ok(),
@@ -212,7 +215,7 @@ fn device_without_version_1_is_refused_and_failed() {
     );
     assert_eq!(virtio.stage(), InitStage::Failed);
     device.with(|state| {
-        assert_ne!(state.status & status::FAILED, 0);
+        assert_ne!(state.status & DeviceStatus::FAILED.bits(), 0);
         assert_eq!(state.driver_features, [0, 0], "no features were written");
     });
 }
@@ -221,13 +224,13 @@ fn device_without_version_1_is_refused_and_failed() {
 fn a_reset_that_never_completes_times_out_instead_of_hanging() {
     let layout = Layout::modern_net();
     let (config, device) = layout.build();
-    device.with(|state| state.stuck_reset_status = Some(status::ACKNOWLEDGE));
+    device.with(|state| state.stuck_reset_status = Some(DeviceStatus::ACKNOWLEDGE.bits()));
     let mut virtio = VirtioDevice::new(open(&config, &device, &layout).expect("opens"));
     assert_eq!(
         virtio.reset(),
         Err(TransportError::ResetTimeout {
             waited_us: RESET_TIMEOUT_US,
-            status: status::ACKNOWLEDGE
+            status: DeviceStatus::ACKNOWLEDGE.bits()
         })
     );
     assert_eq!(virtio.stage(), InitStage::Unknown);
@@ -252,7 +255,7 @@ fn device_needs_reset_is_detected() {
     virtio.begin(0).expect("init");
     virtio.driver_ok().expect("live");
     assert!(!virtio.needs_reset());
-    device.with(|state| state.status |= status::DEVICE_NEEDS_RESET);
+    device.with(|state| state.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits());
     assert!(virtio.needs_reset());
     assert!(virtio.transport().read_status().needs_reset());
     virtio.reset().expect("reset clears it");
@@ -293,9 +296,12 @@ fn negotiation_is_the_intersection_plus_version_1_minus_what_the_transport_canno
 fn status_displays_its_bits_by_name() {
     use crate::transport::DeviceStatus;
     assert_eq!(
-        format!("{}", DeviceStatus(0x0f)),
+        format!("{}", DeviceStatus::from_bits_retain(0x0f)),
         "0x0f (ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK)"
     );
-    assert_eq!(format!("{}", DeviceStatus(0x80)), "0x80 (FAILED)");
-    assert_eq!(format!("{}", DeviceStatus(0)), "0x00");
+    assert_eq!(
+        format!("{}", DeviceStatus::from_bits_retain(0x80)),
+        "0x80 (FAILED)"
+    );
+    assert_eq!(format!("{}", DeviceStatus::from_bits_retain(0)), "0x00");
 }

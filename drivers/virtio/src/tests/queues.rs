@@ -428,7 +428,10 @@ fn isr_read_reports_queue_and_config_bits_and_clears_them() {
     let layout = Layout::modern_net();
     let (config, device) = layout.build();
     let transport = open(&config, &device, &layout).expect("opens");
-    device.with(|state| state.isr = spec::isr::QUEUE | spec::isr::DEVICE_CONFIG);
+    device.with(|state| {
+        state.isr =
+            crate::spec::IsrStatus::QUEUE.bits() | crate::spec::IsrStatus::DEVICE_CONFIG.bits()
+    });
     let isr = transport.read_isr();
     assert!(isr.queue_interrupt());
     assert!(isr.config_changed());
@@ -437,7 +440,7 @@ fn isr_read_reports_queue_and_config_bits_and_clears_them() {
         !again.queue_interrupt() && !again.config_changed(),
         "reading cleared it"
     );
-    device.with(|state| state.isr = spec::isr::QUEUE);
+    device.with(|state| state.isr = crate::spec::IsrStatus::QUEUE.bits());
     let isr = transport.read_isr();
     assert!(isr.queue_interrupt() && !isr.config_changed());
     device.assert_clean();

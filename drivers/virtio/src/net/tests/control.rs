@@ -6,7 +6,7 @@ use super::device::{CtrlReply, RX, TX, World};
 use super::{UDP, bits, bounce, ipv4_frame, qemu_features, small, up};
 use crate::error::TransportError;
 use crate::net::{LinkChange, NetError, NetOptions, NetVectors};
-use crate::spec::{self, feature, net_config, net_feature, status};
+use crate::spec::{self, feature, net_config, net_feature};
 use crate::transport::Transport;
 
 fn mq_world() -> World {
@@ -106,7 +106,7 @@ fn set_link(world: &World, up: bool) {
     world.device(|state| {
         state.device_config[at..at + 2].copy_from_slice(&value.to_le_bytes());
         state.generation = state.generation.wrapping_add(1);
-        state.isr |= spec::isr::DEVICE_CONFIG;
+        state.isr |= crate::spec::IsrStatus::DEVICE_CONFIG.bits();
     });
 }
 
@@ -159,8 +159,8 @@ fn device_needs_reset_is_reported_by_handle_config_change() {
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");
     world.device(|state| {
-        state.status |= status::DEVICE_NEEDS_RESET;
-        state.isr |= spec::isr::DEVICE_CONFIG;
+        state.status |= crate::spec::DeviceStatus::DEVICE_NEEDS_RESET.bits();
+        state.isr |= crate::spec::IsrStatus::DEVICE_CONFIG.bits();
     });
     assert_eq!(net.handle_config_change(), Err(NetError::NeedsReset));
     assert_eq!(

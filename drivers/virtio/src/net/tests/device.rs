@@ -22,7 +22,7 @@ use crate::error::TransportError;
 use crate::pci::{DeviceConfigRequirement, PciTransport};
 use crate::queue::fake::{Completion, FakeDevice as QueueDevice};
 use crate::queue::{QueueAddresses, QueueFeatures};
-use crate::spec::{feature, net_feature, status};
+use crate::spec::{feature, net_feature};
 use crate::tests::fake::{ADDRESS, FakeConfig, FakeDevice as PciDevice, Layout};
 use crate::transport::{
     DeviceStatus, DeviceType, IsrStatus, QueueConfig, RegisterWidth, Transport,
@@ -314,7 +314,9 @@ impl<'w> NetModel<'w> {
     /// [`NetModel::ctrl_reply`] says (§5.1.6.5).
     fn process_ctrl(&mut self, index: u16) {
         let dma = self.dma;
-        let after_driver_ok = self.pci.with(|state| state.status & status::DRIVER_OK != 0);
+        let after_driver_ok = self
+            .pci
+            .with(|state| state.status & DeviceStatus::DRIVER_OK.bits() != 0);
         let reply = self.ctrl_reply;
         let queue = self.queue(index);
         let before = queue.popped.len();

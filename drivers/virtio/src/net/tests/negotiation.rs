@@ -8,7 +8,7 @@ use crate::error::TransportError;
 use crate::net::{DRIVER_FEATURES, HDR_F_NEEDS_CSUM, NetError, NetOptions, buffer_len_for_mtu};
 use crate::queue::QueueFormat;
 use crate::queue::fake::KickRequest;
-use crate::spec::{feature, net_config, net_feature, status};
+use crate::spec::{DeviceStatus, feature, net_config, net_feature};
 
 const VERSION_1: u32 = feature::VERSION_1;
 
@@ -71,7 +71,9 @@ fn version_1_missing_is_refused_with_a_typed_error_and_the_device_marked_failed(
     );
     let writes = world.device(|state| state.status_writes.clone());
     assert!(
-        writes.last().is_some_and(|w| w & status::FAILED != 0),
+        writes
+            .last()
+            .is_some_and(|w| w & DeviceStatus::FAILED.bits() != 0),
         "{writes:?}"
     );
     assert!(!model.borrow().has_queue(RX), "no queue was set up");

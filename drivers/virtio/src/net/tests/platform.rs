@@ -138,7 +138,7 @@ fn without_a_config_interrupt_polling_the_status_sees_link_and_needs_reset() {
     assert_eq!(net.poll_status(), Ok(Some(LinkChange::Down)));
     let stats = net.stats();
     assert_eq!((stats.status_polls, stats.config_changes), (4, 0));
-    world.device(|state| state.status |= crate::spec::status::DEVICE_NEEDS_RESET);
+    world.device(|state| state.status |= crate::spec::DeviceStatus::DEVICE_NEEDS_RESET.bits());
     assert_eq!(net.poll_status(), Err(NetError::NeedsReset));
 }
 

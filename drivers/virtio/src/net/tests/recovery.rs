@@ -15,7 +15,7 @@ use super::device::{NetModel, RX, TX, World};
 use super::{Net, UDP, bits, bounce, ipv4_frame, qemu_features, raw_frame, send, small, up};
 use crate::net::NetError;
 use crate::queue::DeviceError;
-use crate::spec::{feature, status};
+use crate::spec::{DeviceStatus, feature};
 
 fn both_formats() -> [u64; 2] {
     [0, bits(&[feature::RING_PACKED])]
@@ -87,7 +87,7 @@ fn a_bad_used_id_is_a_device_error_and_a_rebuilt_driver_carries_traffic_again() 
         assert_eq!(world.dma.live_allocations(), 0, "all driver memory freed");
 
         let mut net = up(&world, &model, small()).expect("up again");
-        assert!(world.device(|state| state.status & status::DRIVER_OK != 0));
+        assert!(world.device(|state| state.status & DeviceStatus::DRIVER_OK.bits() != 0));
         assert_eq!(net.stats().rx_packets, 0, "a new driver, new counters");
         for seed in 2..6 {
             traffic(&mut net, &model, seed);
@@ -142,14 +142,14 @@ fn device_needs_reset_is_reported_and_a_rebuilt_driver_carries_traffic_again() {
         let mut net = up(&world, &model, small()).expect("up");
         traffic(&mut net, &model, 1);
 
-        world.device(|state| state.status |= status::DEVICE_NEEDS_RESET);
+        world.device(|state| state.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits());
         assert_eq!(net.handle_config_change(), Err(NetError::NeedsReset));
         assert_eq!(net.handle_config_change(), Err(NetError::NeedsReset));
 
         drop(net);
         assert!(device_reset(&world, &model));
         assert!(
-            world.device(|state| state.status & status::DEVICE_NEEDS_RESET == 0),
+            world.device(|state| state.status & DeviceStatus::DEVICE_NEEDS_RESET.bits() == 0),
             "the reset cleared DEVICE_NEEDS_RESET"
         );
         assert_eq!(world.dma.live_allocations(), 0);
@@ -176,7 +176,7 @@ fn recovery_can_be_repeated() {
                 Err(NetError::Device { queue: RX, .. })
             ));
         } else {
-            world.device(|state| state.status |= status::DEVICE_NEEDS_RESET);
+            world.device(|state| state.status |= DeviceStatus::DEVICE_NEEDS_RESET.bits());
             assert_eq!(net.handle_config_change(), Err(NetError::NeedsReset));
         }
         drop(net);
@@ -198,7 +198,7 @@ fn replacing_the_driver_before_dropping_the_old_one_leaves_the_new_one_without_a
     assert!(old.receive().is_err());
 
     let new = up(&world, &model, small()).expect("the replacement comes up");
-    assert!(world.device(|state| state.status & status::DRIVER_OK != 0));
+    assert!(world.device(|state| state.status & DeviceStatus::DRIVER_OK.bits() != 0));
     drop(old);
     assert!(
         device_reset(&world, &model),
