@@ -3,7 +3,6 @@
 //! §4.1) with the best interrupt path it accepts; everything else is reported and left alone.
 //! Also the NIC's interrupt handlers and its adapter to the network loop ([`KernelNic`]).
 
-use alloc::string::String;
 use core::fmt::Write;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use ::pci::{Function, PciAddress};
 use virtio::net::{LinkChange, NetError, NetOptions, NetStats, NetVectors, RxFrame, VirtioNet};
 use virtio::pci::{DeviceConfigRequirement, PciTransport, identify};
-use virtio::spec::{feature, net_feature};
+use virtio::spec::{FeatureNames, NetFeatures};
 use virtio::transport::DeviceType;
 
 use crate::acpi::AcpiInfo;
@@ -20,62 +19,10 @@ use crate::hal::KernelHal;
 use crate::net;
 use crate::pci::PlatformConfig;
 
-const FEATURE_NAMES: &[(u32, &str)] = &[
-    (net_feature::CSUM, "CSUM"),
-    (net_feature::GUEST_CSUM, "GUEST_CSUM"),
-    (net_feature::CTRL_GUEST_OFFLOADS, "CTRL_GUEST_OFFLOADS"),
-    (net_feature::MTU, "MTU"),
-    (net_feature::MAC, "MAC"),
-    (net_feature::GUEST_TSO4, "GUEST_TSO4"),
-    (net_feature::GUEST_TSO6, "GUEST_TSO6"),
-    (net_feature::GUEST_ECN, "GUEST_ECN"),
-    (net_feature::GUEST_UFO, "GUEST_UFO"),
-    (net_feature::HOST_TSO4, "HOST_TSO4"),
-    (net_feature::HOST_TSO6, "HOST_TSO6"),
-    (net_feature::HOST_ECN, "HOST_ECN"),
-    (net_feature::HOST_UFO, "HOST_UFO"),
-    (net_feature::MRG_RXBUF, "MRG_RXBUF"),
-    (net_feature::STATUS, "STATUS"),
-    (net_feature::CTRL_VQ, "CTRL_VQ"),
-    (net_feature::CTRL_RX, "CTRL_RX"),
-    (net_feature::CTRL_VLAN, "CTRL_VLAN"),
-    (net_feature::CTRL_RX_EXTRA, "CTRL_RX_EXTRA"),
-    (net_feature::GUEST_ANNOUNCE, "GUEST_ANNOUNCE"),
-    (net_feature::MQ, "MQ"),
-    (net_feature::CTRL_MAC_ADDR, "CTRL_MAC_ADDR"),
-    (feature::INDIRECT_DESC, "INDIRECT_DESC"),
-    (feature::EVENT_IDX, "EVENT_IDX"),
-    (feature::VERSION_1, "VERSION_1"),
-    (feature::ACCESS_PLATFORM, "ACCESS_PLATFORM"),
-    (feature::RING_PACKED, "RING_PACKED"),
-    (feature::IN_ORDER, "IN_ORDER"),
-    (feature::ORDER_PLATFORM, "ORDER_PLATFORM"),
-    (feature::NOTIFICATION_DATA, "NOTIFICATION_DATA"),
-    (feature::RING_RESET, "RING_RESET"),
-    (net_feature::NOTF_COAL, "NOTF_COAL"),
-    (net_feature::HASH_REPORT, "HASH_REPORT"),
-    (net_feature::RSS, "RSS"),
-    (net_feature::SPEED_DUPLEX, "SPEED_DUPLEX"),
-];
-
-/// Names of the set feature bits of a net device, unknown ones as `bit N`.
-pub fn net_feature_names(bits: u64) -> String {
-    let mut names = String::new();
-    for number in 0..64 {
-        if bits & (1 << number) == 0 {
-            continue;
-        }
-        if !names.is_empty() {
-            names.push(' ');
-        }
-        match FEATURE_NAMES.iter().find(|(known, _)| *known == number) {
-            Some((_, name)) => names.push_str(name),
-            None => {
-                let _ = write!(names, "bit{number}");
-            }
-        }
-    }
-    names
+/// Names of the set feature bits of a net device, from the flag definitions in
+/// `virtio::spec` (unknown ones as `bitN`).
+pub fn net_feature_names(bits: u64) -> FeatureNames<NetFeatures> {
+    FeatureNames::new(bits)
 }
 
 /// The virtio-net driver on this machine.

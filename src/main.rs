@@ -204,7 +204,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
         net.features(),
         devices::net_feature_names(net.features())
     );
-    if net.features() & virtio::spec::feature::bit(virtio::spec::feature::ACCESS_PLATFORM) != 0 {
+    if net.features() & virtio::spec::Features::ACCESS_PLATFORM.bits() != 0 {
         log::info!(
             "virtio-net: ACCESS_PLATFORM negotiated: the device uses platform DMA addresses, which here are guest-physical (no IOMMU is programmed; identity mapping)"
         );

@@ -73,103 +73,156 @@ impl fmt::Display for DeviceStatus {
     }
 }
 
-/// Device-independent feature bits (§6 "Reserved Feature Bits"), as bit numbers.
-pub mod feature {
-    /// The driver can use descriptors with VIRTQ_DESC_F_INDIRECT (§2.6.5.3, §2.7.7).
-    pub const INDIRECT_DESC: u32 = 28;
-    /// Enables the used_event and avail_event fields (§2.6.7, §2.6.8).
-    pub const EVENT_IDX: u32 = 29;
-    /// Compliance with virtio 1.x; a modern transport requires it (§6.1).
-    pub const VERSION_1: u32 = 32;
-    /// The device is behind an IOMMU or otherwise needs platform DMA translation (§6).
-    pub const ACCESS_PLATFORM: u32 = 33;
-    /// Support for the packed virtqueue layout (§2.7).
-    pub const RING_PACKED: u32 = 34;
-    /// The device uses buffers in the order in which they are made available (§6).
-    pub const IN_ORDER: u32 = 35;
-    /// Memory accesses by driver and device are ordered by the platform (§6).
-    pub const ORDER_PLATFORM: u32 = 36;
-    /// The device supports single root I/O virtualization (§6).
-    pub const SR_IOV: u32 = 37;
-    /// The driver passes extra data in its device notifications (§2.9).
-    pub const NOTIFICATION_DATA: u32 = 38;
-    /// The driver writes queue_notify_data instead of the queue index (§4.1.4.3).
-    pub const NOTIF_CONFIG_DATA: u32 = 39;
-    /// The driver can reset a queue individually (§2.6.1).
-    pub const RING_RESET: u32 = 40;
-
-    /// The feature mask of one bit number.
-    pub const fn bit(number: u32) -> u64 {
-        1u64 << number
+bitflags::bitflags! {
+    /// Device-independent feature bits (§6 "Reserved Feature Bits": bits 24 to 41 are for the
+    /// queue and negotiation mechanisms, the rest belong to the device type).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct Features: u64 {
+        /// The driver can use descriptors with VIRTQ_DESC_F_INDIRECT (§2.6.5.3, §2.7.7).
+        const INDIRECT_DESC = 1 << 28;
+        /// Enables the used_event and avail_event fields (§2.6.7, §2.6.8).
+        const EVENT_IDX = 1 << 29;
+        /// Compliance with virtio 1.x; a modern transport requires it (§6.1).
+        const VERSION_1 = 1 << 32;
+        /// The device is behind an IOMMU or otherwise needs platform DMA translation (§6).
+        const ACCESS_PLATFORM = 1 << 33;
+        /// Support for the packed virtqueue layout (§2.7).
+        const RING_PACKED = 1 << 34;
+        /// The device uses buffers in the order in which they are made available (§6).
+        const IN_ORDER = 1 << 35;
+        /// Memory accesses by driver and device are ordered by the platform (§6).
+        const ORDER_PLATFORM = 1 << 36;
+        /// The device supports single root I/O virtualization (§6).
+        const SR_IOV = 1 << 37;
+        /// The driver passes extra data in its device notifications (§2.9).
+        const NOTIFICATION_DATA = 1 << 38;
+        /// The driver writes queue_notify_data instead of the queue index (§4.1.4.3).
+        const NOTIF_CONFIG_DATA = 1 << 39;
+        /// The driver can reset a queue individually (§2.6.1).
+        const RING_RESET = 1 << 40;
     }
 }
 
-/// Network device feature bits (§5.1.3), as bit numbers.
-pub mod net_feature {
-    /// Device handles packets with partial checksum (checksum offload).
-    pub const CSUM: u32 = 0;
-    /// Driver handles packets with partial checksum.
-    pub const GUEST_CSUM: u32 = 1;
-    /// Control channel offloads reconfiguration support.
-    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
-    /// Device maximum MTU reporting (`mtu` config field).
-    pub const MTU: u32 = 3;
-    /// Device has given a MAC address (`mac` config field).
-    pub const MAC: u32 = 5;
-    /// Driver can receive TSOv4.
-    pub const GUEST_TSO4: u32 = 7;
-    /// Driver can receive TSOv6.
-    pub const GUEST_TSO6: u32 = 8;
-    /// Driver can receive TSO with ECN.
-    pub const GUEST_ECN: u32 = 9;
-    /// Driver can receive UFO.
-    pub const GUEST_UFO: u32 = 10;
-    /// Device can receive TSOv4.
-    pub const HOST_TSO4: u32 = 11;
-    /// Device can receive TSOv6.
-    pub const HOST_TSO6: u32 = 12;
-    /// Device can receive TSO with ECN.
-    pub const HOST_ECN: u32 = 13;
-    /// Device can receive UFO.
-    pub const HOST_UFO: u32 = 14;
-    /// Driver can merge receive buffers (`num_buffers` header field).
-    pub const MRG_RXBUF: u32 = 15;
-    /// Configuration status field (link up, announce) is available.
-    pub const STATUS: u32 = 16;
-    /// Control channel is available.
-    pub const CTRL_VQ: u32 = 17;
-    /// Control channel RX mode support.
-    pub const CTRL_RX: u32 = 18;
-    /// Control channel VLAN filtering.
-    pub const CTRL_VLAN: u32 = 19;
-    /// Control channel RX extra mode support.
-    pub const CTRL_RX_EXTRA: u32 = 20;
-    /// Driver can send gratuitous packets.
-    pub const GUEST_ANNOUNCE: u32 = 21;
-    /// Device supports multiqueue with automatic receive steering.
-    pub const MQ: u32 = 22;
-    /// Set MAC address through the control channel.
-    pub const CTRL_MAC_ADDR: u32 = 23;
-    /// Device supports notification coalescing.
-    pub const NOTF_COAL: u32 = 53;
-    /// Driver can receive USOv4 packets.
-    pub const GUEST_USO4: u32 = 54;
-    /// Driver can receive USOv6 packets.
-    pub const GUEST_USO6: u32 = 55;
-    /// Device can receive USO packets.
-    pub const HOST_USO: u32 = 56;
-    /// Device can report per-packet hash value and type.
-    pub const HASH_REPORT: u32 = 57;
-    /// Driver can provide the exact `hdr_len` value.
-    pub const GUEST_HDRLEN: u32 = 59;
-    /// Device supports RSS (receive-side scaling).
-    pub const RSS: u32 = 60;
-    /// Device can process duplicated ACKs and report coalesced segments.
-    pub const RSC_EXT: u32 = 61;
-    /// Device may act as a standby for a primary device with the same MAC.
-    pub const STANDBY: u32 = 62;
-    /// Device reports speed and duplex.
-    pub const SPEED_DUPLEX: u32 = 63;
+bitflags::bitflags! {
+    /// virtio-net feature bits (§5.1.3); a net device's full feature word is these plus
+    /// [`Features`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct NetFeatures: u64 {
+        /// Device handles packets with partial checksum (checksum offload).
+        const CSUM = 1 << 0;
+        /// Driver handles packets with partial checksum.
+        const GUEST_CSUM = 1 << 1;
+        /// Control channel offloads reconfiguration support.
+        const CTRL_GUEST_OFFLOADS = 1 << 2;
+        /// Device maximum MTU reporting (`mtu` config field).
+        const MTU = 1 << 3;
+        /// Device has given a MAC address (`mac` config field).
+        const MAC = 1 << 5;
+        /// Driver can receive TSOv4.
+        const GUEST_TSO4 = 1 << 7;
+        /// Driver can receive TSOv6.
+        const GUEST_TSO6 = 1 << 8;
+        /// Driver can receive TSO with ECN.
+        const GUEST_ECN = 1 << 9;
+        /// Driver can receive UFO.
+        const GUEST_UFO = 1 << 10;
+        /// Device can receive TSOv4.
+        const HOST_TSO4 = 1 << 11;
+        /// Device can receive TSOv6.
+        const HOST_TSO6 = 1 << 12;
+        /// Device can receive TSO with ECN.
+        const HOST_ECN = 1 << 13;
+        /// Device can receive UFO.
+        const HOST_UFO = 1 << 14;
+        /// Driver can merge receive buffers (`num_buffers` header field).
+        const MRG_RXBUF = 1 << 15;
+        /// Configuration status field (link up, announce) is available.
+        const STATUS = 1 << 16;
+        /// Control channel is available.
+        const CTRL_VQ = 1 << 17;
+        /// Control channel RX mode support.
+        const CTRL_RX = 1 << 18;
+        /// Control channel VLAN filtering.
+        const CTRL_VLAN = 1 << 19;
+        /// Control channel RX extra mode support.
+        const CTRL_RX_EXTRA = 1 << 20;
+        /// Driver can send gratuitous packets.
+        const GUEST_ANNOUNCE = 1 << 21;
+        /// Device supports multiqueue with automatic receive steering.
+        const MQ = 1 << 22;
+        /// Set MAC address through the control channel.
+        const CTRL_MAC_ADDR = 1 << 23;
+        /// Device supports notification coalescing.
+        const NOTF_COAL = 1 << 53;
+        /// Driver can receive USOv4 packets.
+        const GUEST_USO4 = 1 << 54;
+        /// Driver can receive USOv6 packets.
+        const GUEST_USO6 = 1 << 55;
+        /// Device can receive USO packets.
+        const HOST_USO = 1 << 56;
+        /// Device can report per-packet hash value and type.
+        const HASH_REPORT = 1 << 57;
+        /// Driver can provide the exact `hdr_len` value.
+        const GUEST_HDRLEN = 1 << 59;
+        /// Device supports RSS (receive-side scaling).
+        const RSS = 1 << 60;
+        /// Device can process duplicated ACKs and report coalesced segments.
+        const RSC_EXT = 1 << 61;
+        /// Device may act as a standby for a primary device with the same MAC.
+        const STANDBY = 1 << 62;
+        /// Device reports speed and duplex.
+        const SPEED_DUPLEX = 1 << 63;
+    }
+}
+
+impl Features {
+    /// The bits §6 reserves for the queue and feature negotiation mechanisms (24 to 41): a
+    /// device type's own bits are the others.
+    pub const RESERVED_RANGE: u64 = ((1u64 << 42) - 1) & !((1u64 << 24) - 1);
+}
+
+/// The names of the set bits of a device's 64-bit feature word, lowest bit first: the
+/// device-independent ones from [`Features`], the device type's from `D` (e.g.
+/// [`NetFeatures`]), any other as `bitN`. The names come from the flag definitions.
+pub struct FeatureNames<D> {
+    bits: u64,
+    device: core::marker::PhantomData<D>,
+}
+
+impl<D> FeatureNames<D> {
+    /// Names for `bits`.
+    pub const fn new(bits: u64) -> Self {
+        Self {
+            bits,
+            device: core::marker::PhantomData,
+        }
+    }
+}
+
+impl<D: bitflags::Flags<Bits = u64>> fmt::Display for FeatureNames<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let generic = Features::from_bits_truncate(self.bits & Features::RESERVED_RANGE);
+        let device = D::from_bits_truncate(self.bits & !Features::RESERVED_RANGE);
+        let mut separator = "";
+        for bit in 0..64 {
+            let mask = 1u64 << bit;
+            if self.bits & mask == 0 {
+                continue;
+            }
+            let name = generic
+                .iter_names()
+                .map(|(name, flag)| (name, flag.bits()))
+                .chain(device.iter_names().map(|(name, flag)| (name, flag.bits())))
+                .find(|&(_, flag)| flag == mask)
+                .map(|(name, _)| name);
+            match name {
+                Some(name) => write!(f, "{separator}{name}")?,
+                None => write!(f, "{separator}bit{bit}")?,
+            }
+            separator = " ";
+        }
+        Ok(())
+    }
 }
 
 /// Virtio device types (§5), as carried in the PCI device or subsystem id.

@@ -9,7 +9,7 @@
 use core::fmt;
 
 use crate::error::TransportError;
-use crate::spec::{self, feature};
+use crate::spec::{self, Features};
 
 /// A virtio device type (§5), e.g. [`DeviceType::NET`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -131,7 +131,7 @@ pub struct QueueConfig {
 /// accepted: VIRTIO_F_NOTIFICATION_DATA and VIRTIO_F_NOTIF_CONFIG_DATA change what a doorbell
 /// write must carry (§2.9, §4.1.5.2).
 pub const TRANSPORT_UNSUPPORTED_FEATURES: u64 =
-    feature::bit(feature::NOTIFICATION_DATA) | feature::bit(feature::NOTIF_CONFIG_DATA);
+    Features::NOTIFICATION_DATA.bits() | Features::NOTIF_CONFIG_DATA.bits();
 
 /// Feature negotiation (§2.2, §3.1.1 step 5): the subset of the device's features that the
 /// driver supports, always including VIRTIO_F_VERSION_1, which a modern device must offer.
@@ -144,7 +144,7 @@ pub fn negotiate_features(
     device_features: u64,
     driver_supported: u64,
 ) -> Result<u64, TransportError> {
-    let version_1 = feature::bit(feature::VERSION_1);
+    let version_1 = Features::VERSION_1.bits();
     if device_features & version_1 == 0 {
         return Err(TransportError::Version1NotOffered { device_features });
     }
@@ -447,9 +447,10 @@ impl<T: Transport> VirtioDevice<T> {
         self.features
     }
 
-    /// Whether feature bit `number` was negotiated.
-    pub fn has_feature(&self, number: u32) -> bool {
-        number < 64 && self.features & feature::bit(number) != 0
+    /// Whether every feature bit of `mask` (e.g. `Features::EVENT_IDX.bits()`) was
+    /// negotiated.
+    pub fn has_feature(&self, mask: u64) -> bool {
+        self.features & mask == mask
     }
 
     /// The transport, for notifications, ISR reads and configuration reads.

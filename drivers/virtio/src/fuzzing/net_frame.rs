@@ -21,7 +21,7 @@ use crate::net::{
 };
 use crate::queue::QueueError;
 use crate::queue::{QueueAddresses, QueueFormat};
-use crate::spec::{feature, net_feature};
+use crate::spec::{Features, NetFeatures};
 use crate::transport::{
     DeviceStatus, DeviceType, IsrStatus, QueueConfig, RegisterWidth, Transport,
 };
@@ -328,21 +328,21 @@ enum Expect {
 fn driver(input: &mut Input<'_>, summary: &mut Summary) {
     let config = input.u8();
     let optional = [
-        (0, feature::RING_PACKED),
-        (1, feature::EVENT_IDX),
-        (2, feature::INDIRECT_DESC),
-        (3, net_feature::MRG_RXBUF),
-        (4, net_feature::CSUM),
-        (5, net_feature::GUEST_CSUM),
-        (6, net_feature::MTU),
-        (7, net_feature::STATUS),
+        (0, Features::RING_PACKED.bits()),
+        (1, Features::EVENT_IDX.bits()),
+        (2, Features::INDIRECT_DESC.bits()),
+        (3, NetFeatures::MRG_RXBUF.bits()),
+        (4, NetFeatures::CSUM.bits()),
+        (5, NetFeatures::GUEST_CSUM.bits()),
+        (6, NetFeatures::MTU.bits()),
+        (7, NetFeatures::STATUS.bits()),
     ];
     let device_features = optional
         .iter()
         .filter(|&&(bit, _)| config & (1 << bit) != 0)
         .fold(
-            feature::bit(feature::VERSION_1) | feature::bit(net_feature::MAC),
-            |mask, &(_, number)| mask | feature::bit(number),
+            Features::VERSION_1.bits() | NetFeatures::MAC.bits(),
+            |all, &(_, mask)| all | mask,
         );
     // MTUs up to jumbo frames; below 68 the driver ignores it.
     let mtu = input.u16() % 9217;
@@ -424,8 +424,8 @@ impl<'a, 's> Harness<'a, 's> {
         };
         let (rx_device, tx_device) = (device(RX)?, device(TX)?);
         let features = net.features();
-        let mergeable = features & feature::bit(net_feature::MRG_RXBUF) != 0;
-        let packed = features & feature::bit(feature::RING_PACKED) != 0;
+        let mergeable = features & NetFeatures::MRG_RXBUF.bits() != 0;
+        let packed = features & Features::RING_PACKED.bits() != 0;
         assert_eq!(
             net.transport().queue(RX).map(|config| config.format),
             Some(if packed {
@@ -800,7 +800,7 @@ impl<'a, 's> Harness<'a, 's> {
         let transport = self.net.transport();
         transport.link_status.set(u16::from(link));
         transport.needs_reset.set(needs_reset);
-        let status = self.net.features() & feature::bit(net_feature::STATUS) != 0;
+        let status = self.net.features() & NetFeatures::STATUS.bits() != 0;
         let before = self.net.link_up();
         match self.net.handle_config_change() {
             Err(NetError::NeedsReset) => assert!(needs_reset),

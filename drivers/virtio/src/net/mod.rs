@@ -46,7 +46,7 @@ use crate::device::{QueueSetupError, ResetOnError, build_queue, wait_for_used};
 use crate::dma::{DmaBuf, DmaError, DmaHal, Part};
 use crate::error::TransportError;
 use crate::queue::{DeviceError, QueueError, QueueFeatures, VirtQueue};
-use crate::spec::{feature, net_config, net_feature};
+use crate::spec::{Features, NetFeatures, net_config};
 use crate::transport::{ConfigWidth, QueueFormat, Transport, VirtioDevice};
 
 /// Room for one VLAN tag.
@@ -110,31 +110,31 @@ pub const fn locally_administered_mac(random: [u8; 6]) -> [u8; 6] {
 }
 
 /// The device-independent and net features this driver can honour.
-pub const DRIVER_FEATURES: u64 = feature::bit(feature::VERSION_1)
-    | feature::bit(feature::RING_PACKED)
-    | feature::bit(feature::EVENT_IDX)
-    | feature::bit(feature::INDIRECT_DESC)
-    | feature::bit(feature::ACCESS_PLATFORM)
-    | feature::bit(net_feature::MAC)
-    | feature::bit(net_feature::STATUS)
-    | feature::bit(net_feature::MTU)
-    | feature::bit(net_feature::MRG_RXBUF)
-    | feature::bit(net_feature::CSUM)
-    | feature::bit(net_feature::GUEST_CSUM)
-    | feature::bit(net_feature::CTRL_VQ)
-    | feature::bit(net_feature::CTRL_RX)
-    | feature::bit(net_feature::CTRL_RX_EXTRA)
-    | feature::bit(net_feature::GUEST_ANNOUNCE)
-    | feature::bit(net_feature::CTRL_MAC_ADDR)
-    | feature::bit(net_feature::MQ);
+pub const DRIVER_FEATURES: u64 = Features::VERSION_1.bits()
+    | Features::RING_PACKED.bits()
+    | Features::EVENT_IDX.bits()
+    | Features::INDIRECT_DESC.bits()
+    | Features::ACCESS_PLATFORM.bits()
+    | NetFeatures::MAC.bits()
+    | NetFeatures::STATUS.bits()
+    | NetFeatures::MTU.bits()
+    | NetFeatures::MRG_RXBUF.bits()
+    | NetFeatures::CSUM.bits()
+    | NetFeatures::GUEST_CSUM.bits()
+    | NetFeatures::CTRL_VQ.bits()
+    | NetFeatures::CTRL_RX.bits()
+    | NetFeatures::CTRL_RX_EXTRA.bits()
+    | NetFeatures::GUEST_ANNOUNCE.bits()
+    | NetFeatures::CTRL_MAC_ADDR.bits()
+    | NetFeatures::MQ.bits();
 
 /// The features that only work through the control queue (§5.1.3.1): dropped from the request
 /// when VIRTIO_NET_F_CTRL_VQ will not be negotiated.
-const NEEDS_CTRL_VQ: u64 = feature::bit(net_feature::CTRL_RX)
-    | feature::bit(net_feature::CTRL_RX_EXTRA)
-    | feature::bit(net_feature::GUEST_ANNOUNCE)
-    | feature::bit(net_feature::CTRL_MAC_ADDR)
-    | feature::bit(net_feature::MQ);
+const NEEDS_CTRL_VQ: u64 = NetFeatures::CTRL_RX.bits()
+    | NetFeatures::CTRL_RX_EXTRA.bits()
+    | NetFeatures::GUEST_ANNOUNCE.bits()
+    | NetFeatures::CTRL_MAC_ADDR.bits()
+    | NetFeatures::MQ.bits();
 
 /// MSI-X table entries for the device's notifications; `None` means no vector (polling or
 /// INTx).
@@ -455,8 +455,9 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
     scratch_parts: Vec<DmaBuf<H>>,
 }
 
-fn has(features: u64, number: u32) -> bool {
-    features & feature::bit(number) != 0
+/// Whether every bit of `mask` is set in `features`.
+fn has(features: u64, mask: u64) -> bool {
+    features & mask == mask
 }
 
 /// Receive/transmit buffer size: the virtio header plus the largest frame, at least
@@ -477,19 +478,19 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         // MQ, CTRL_RX, GUEST_ANNOUNCE and CTRL_MAC_ADDR need the control queue (§5.1.3.1):
         // drop them when CTRL_VQ will not be negotiated, whether the device or the caller
         // ruled it out; CTRL_RX_EXTRA needs CTRL_RX.
-        if !has(offered & wanted, net_feature::CTRL_VQ) {
-            wanted &= !(NEEDS_CTRL_VQ | feature::bit(net_feature::CTRL_VQ));
+        if !has(offered & wanted, NetFeatures::CTRL_VQ.bits()) {
+            wanted &= !(NEEDS_CTRL_VQ | NetFeatures::CTRL_VQ.bits());
         }
-        if !has(offered & wanted, net_feature::CTRL_RX) {
-            wanted &= !feature::bit(net_feature::CTRL_RX_EXTRA);
+        if !has(offered & wanted, NetFeatures::CTRL_RX.bits()) {
+            wanted &= !NetFeatures::CTRL_RX_EXTRA.bits();
         }
         // GUEST_ANNOUNCE is signalled through the status field (§5.1.4).
-        if !has(offered & wanted, net_feature::STATUS) {
-            wanted &= !feature::bit(net_feature::GUEST_ANNOUNCE);
+        if !has(offered & wanted, NetFeatures::STATUS.bits()) {
+            wanted &= !NetFeatures::GUEST_ANNOUNCE.bits();
         }
         let features = device.begin(wanted)?;
 
-        let mtu = if has(features, net_feature::MTU) {
+        let mtu = if has(features, NetFeatures::MTU.bits()) {
             // A device MTU below 68 is nonsense (RFC 791's minimum); treat it as absent.
             let mtu = device
                 .transport()
@@ -498,7 +499,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         } else {
             DEFAULT_MTU
         };
-        let device_mac = if has(features, net_feature::MAC) {
+        let device_mac = if has(features, NetFeatures::MAC.bits()) {
             let mut mac = [0u8; 6];
             device
                 .transport()
@@ -517,7 +518,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             (None, Some(device_mac)) => (device_mac, MacOrigin::Device),
             (None, None) => (options.fallback_mac, MacOrigin::Generated),
         };
-        let max_pairs = if has(features, net_feature::MQ) {
+        let max_pairs = if has(features, NetFeatures::MQ.bits()) {
             let pairs = device
                 .transport()
                 .read_config(net_config::MAX_VIRTQUEUE_PAIRS, ConfigWidth::U16)?;
@@ -532,7 +533,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         };
         let queue_features = QueueFeatures::from_negotiated(features);
         let (rx_index, tx_index) = (0u16, 1u16);
-        let ctrl_index = if has(features, net_feature::CTRL_VQ) {
+        let ctrl_index = if has(features, NetFeatures::CTRL_VQ.bits()) {
             Some(max_pairs.saturating_mul(2))
         } else {
             None
@@ -611,9 +612,9 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             drop_foreign: options.drop_foreign,
             mtu,
             link_up: true,
-            mergeable: has(features, net_feature::MRG_RXBUF),
-            tx_checksum_offload: has(features, net_feature::CSUM),
-            rx_checksum_offload: has(features, net_feature::GUEST_CSUM),
+            mergeable: has(features, NetFeatures::MRG_RXBUF.bits()),
+            tx_checksum_offload: has(features, NetFeatures::CSUM.bits()),
+            rx_checksum_offload: has(features, NetFeatures::GUEST_CSUM.bits()),
             rx_added: false,
             tx_added: false,
             vectors: options.vectors,
@@ -626,7 +627,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         }
         // Transmit completions are reclaimed on the send path: no interrupts for them.
         net.tx.disable_cb();
-        if net.ctrl.is_some() && has(features, net_feature::MQ) {
+        if net.ctrl.is_some() && has(features, NetFeatures::MQ.bits()) {
             // One CPU, one pair; set it explicitly as §5.1.6.5.6 requires once MQ is on.
             net.control(
                 ctrl::CLASS_MQ,
@@ -650,13 +651,13 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         let mac = self.mac;
         self.mac_programming = if device_mac == Some(mac) {
             MacProgramming::DeviceDefault
-        } else if has(features, net_feature::CTRL_MAC_ADDR)
+        } else if has(features, NetFeatures::CTRL_MAC_ADDR.bits())
             && self
                 .control(ctrl::CLASS_MAC, ctrl::MAC_ADDR_SET, &mac, timeout_us)
                 .is_ok()
         {
             MacProgramming::AddressSet
-        } else if has(features, net_feature::CTRL_RX)
+        } else if has(features, NetFeatures::CTRL_RX.bits())
             && self
                 .control(
                     ctrl::CLASS_MAC,
@@ -670,7 +671,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         } else {
             MacProgramming::NotTold
         };
-        if !has(features, net_feature::CTRL_RX) {
+        if !has(features, NetFeatures::CTRL_RX.bits()) {
             self.rx_filter = RxFilter::DeviceDefault;
             return;
         }
@@ -681,7 +682,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         }
         let mut commands: Vec<(u8, u8)> =
             alloc::vec![(ctrl::RX_PROMISC, 0), (ctrl::RX_ALLMULTI, 0)];
-        if has(features, net_feature::CTRL_RX_EXTRA) {
+        if has(features, NetFeatures::CTRL_RX_EXTRA.bits()) {
             commands.extend([
                 (ctrl::RX_ALLUNI, 0),
                 (ctrl::RX_NOMULTI, 1),
@@ -860,7 +861,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     /// failed read keeps the last state.
     fn refresh_status(&mut self) -> Option<LinkChange> {
         let features = self.device.features();
-        let up = if has(features, net_feature::STATUS) {
+        let up = if has(features, NetFeatures::STATUS.bits()) {
             match self
                 .device
                 .transport()
@@ -868,7 +869,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             {
                 Ok(status) => {
                     let status = status as u16;
-                    if has(features, net_feature::GUEST_ANNOUNCE)
+                    if has(features, NetFeatures::GUEST_ANNOUNCE.bits())
                         && status & net_config::STATUS_ANNOUNCE != 0
                     {
                         self.announce_requested = true;

@@ -21,37 +21,35 @@ use device::{NetModel, NetTransport, World};
 
 use super::{NetError, NetOptions, VirtioNet};
 use crate::dma::host::HostDma;
-use crate::spec::{feature, net_feature};
+use crate::spec::{Features, NetFeatures};
 
 /// The driver under test.
 type Net<'m, 'w> = VirtioNet<&'w HostDma, NetTransport<'m, 'w>>;
 
 /// Feature mask of the given bit numbers.
-fn bits(numbers: &[u32]) -> u64 {
-    numbers
-        .iter()
-        .fold(0, |mask, &number| mask | feature::bit(number))
+fn bits(masks: &[u64]) -> u64 {
+    masks.iter().fold(0, |all, mask| all | mask)
 }
 
 /// What QEMU 7.2's `virtio-net-pci` offers by default that this driver cares about, plus a
 /// few it does not (TSO/UFO), which must never be negotiated.
 fn qemu_features() -> u64 {
     bits(&[
-        feature::VERSION_1,
-        feature::INDIRECT_DESC,
-        feature::EVENT_IDX,
-        net_feature::CSUM,
-        net_feature::GUEST_CSUM,
-        net_feature::MAC,
-        net_feature::MRG_RXBUF,
-        net_feature::STATUS,
-        net_feature::CTRL_VQ,
-        net_feature::MTU,
-        net_feature::GUEST_TSO4,
-        net_feature::HOST_TSO4,
-        net_feature::HOST_UFO,
-        net_feature::CTRL_RX,
-        net_feature::GUEST_ANNOUNCE,
+        Features::VERSION_1.bits(),
+        Features::INDIRECT_DESC.bits(),
+        Features::EVENT_IDX.bits(),
+        NetFeatures::CSUM.bits(),
+        NetFeatures::GUEST_CSUM.bits(),
+        NetFeatures::MAC.bits(),
+        NetFeatures::MRG_RXBUF.bits(),
+        NetFeatures::STATUS.bits(),
+        NetFeatures::CTRL_VQ.bits(),
+        NetFeatures::MTU.bits(),
+        NetFeatures::GUEST_TSO4.bits(),
+        NetFeatures::HOST_TSO4.bits(),
+        NetFeatures::HOST_UFO.bits(),
+        NetFeatures::CTRL_RX.bits(),
+        NetFeatures::GUEST_ANNOUNCE.bits(),
     ])
 }
 

@@ -47,7 +47,7 @@ pub use packed::PackedQueue;
 pub use split::SplitQueue;
 
 use crate::dma::{DmaError, DmaHal};
-use crate::spec::{MAX_QUEUE_SIZE, feature};
+use crate::spec::{Features, MAX_QUEUE_SIZE};
 use crate::transport::QueueConfig;
 
 /// Which optional ring features a queue uses (all from the negotiated feature bits).
@@ -65,24 +65,22 @@ pub struct QueueFeatures {
 impl QueueFeatures {
     /// The ring features implied by the negotiated feature bits.
     pub const fn from_negotiated(features: u64) -> Self {
-        let packed = features & feature::bit(feature::RING_PACKED) != 0;
+        let packed = features & Features::RING_PACKED.bits() != 0;
         Self {
             format: if packed {
                 QueueFormat::Packed
             } else {
                 QueueFormat::Split
             },
-            event_idx: features & feature::bit(feature::EVENT_IDX) != 0,
-            indirect: features & feature::bit(feature::INDIRECT_DESC) != 0,
+            event_idx: features & Features::EVENT_IDX.bits() != 0,
+            indirect: features & Features::INDIRECT_DESC.bits() != 0,
         }
     }
 
     /// The device-independent feature bits this queue implementation supports, to offer in
     /// negotiation.
     pub const fn supported_bits() -> u64 {
-        feature::bit(feature::RING_PACKED)
-            | feature::bit(feature::EVENT_IDX)
-            | feature::bit(feature::INDIRECT_DESC)
+        Features::RING_PACKED.bits() | Features::EVENT_IDX.bits() | Features::INDIRECT_DESC.bits()
     }
 }
 

@@ -141,10 +141,11 @@ fn ring_memory_allocation_failure_is_a_typed_error() {
 
 #[test]
 fn features_from_negotiated_bits_pick_the_format_and_options() {
-    use crate::spec::feature::{EVENT_IDX, INDIRECT_DESC, RING_PACKED, bit};
-    let packed = QueueFeatures::from_negotiated(bit(RING_PACKED) | bit(EVENT_IDX));
+    use crate::spec::Features;
+    let packed =
+        QueueFeatures::from_negotiated((Features::RING_PACKED | Features::EVENT_IDX).bits());
     assert_eq!(packed, features(PACKED, true, false));
-    let split = QueueFeatures::from_negotiated(bit(INDIRECT_DESC));
+    let split = QueueFeatures::from_negotiated(Features::INDIRECT_DESC.bits());
     assert_eq!(split, features(SPLIT, false, true));
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use pci::{Bar, Bars, ConfigSpace, PciAddress};
 
 use crate::hal::{DeviceMemory, DmaBuffer, Hal, HalError, PAGE_SIZE, Window};
-use crate::spec::{self, cfg_type, common_cfg, feature, net_feature};
+use crate::spec::{self, Features, NetFeatures, cfg_type, common_cfg};
 
 /// The function address every fake uses.
 pub const ADDRESS: PciAddress = PciAddress::new(0, 1, 0);
@@ -394,19 +394,19 @@ pub fn net_config_bytes() -> Vec<u8> {
 /// The features QEMU 7.2's virtio-net-pci offers by default (a representative subset).
 pub fn qemu_net_features() -> u64 {
     [
-        feature::VERSION_1,
-        feature::INDIRECT_DESC,
-        feature::EVENT_IDX,
-        net_feature::CSUM,
-        net_feature::GUEST_CSUM,
-        net_feature::MAC,
-        net_feature::MRG_RXBUF,
-        net_feature::STATUS,
-        net_feature::CTRL_VQ,
-        net_feature::MTU,
+        Features::VERSION_1.bits(),
+        Features::INDIRECT_DESC.bits(),
+        Features::EVENT_IDX.bits(),
+        NetFeatures::CSUM.bits(),
+        NetFeatures::GUEST_CSUM.bits(),
+        NetFeatures::MAC.bits(),
+        NetFeatures::MRG_RXBUF.bits(),
+        NetFeatures::STATUS.bits(),
+        NetFeatures::CTRL_VQ.bits(),
+        NetFeatures::MTU.bits(),
     ]
     .into_iter()
-    .fold(0, |bits, number| bits | feature::bit(number))
+    .fold(0, |bits, mask| bits | mask)
 }
 
 impl FakeDevice {
@@ -681,7 +681,7 @@ impl DeviceState {
                         | (u64::from(self.driver_features[1]) << 32);
                     // Like QEMU (virtio_validate_features): a device that offers
                     // ACCESS_PLATFORM refuses a driver that does not accept it (§6.1).
-                    let access_platform = spec::feature::bit(spec::feature::ACCESS_PLATFORM);
+                    let access_platform = spec::Features::ACCESS_PLATFORM.bits();
                     let platform_refused = self.device_features & access_platform != 0
                         && driver & access_platform == 0;
                     if self.refuse_features_ok

@@ -4,16 +4,14 @@ use super::fake::{Layout, qemu_net_features};
 use super::open;
 use crate::error::TransportError;
 use crate::pci::RESET_TIMEOUT_US;
-use crate::spec::{DeviceStatus, common_cfg, feature, net_feature};
+use crate::spec::{DeviceStatus, Features, NetFeatures, common_cfg};
 use crate::transport::{
     InitStage, InitStep, TRANSPORT_UNSUPPORTED_FEATURES, Transport, VirtioDevice,
     negotiate_features,
 };
 
-fn bits(numbers: &[u32]) -> u64 {
-    numbers
-        .iter()
-        .fold(0, |acc, number| acc | feature::bit(*number))
+fn bits(masks: &[u64]) -> u64 {
+    masks.iter().fold(0, |all, mask| all | mask)
 }
 
 #[test]
@@ -24,24 +22,24 @@ fn full_sequence_writes_the_status_bits_in_spec_order() {
     assert_eq!(virtio.stage(), InitStage::Unknown);
 
     let supported = bits(&[
-        net_feature::MAC,
-        net_feature::STATUS,
-        feature::EVENT_IDX,
-        feature::RING_PACKED,
+        NetFeatures::MAC.bits(),
+        NetFeatures::STATUS.bits(),
+        Features::EVENT_IDX.bits(),
+        Features::RING_PACKED.bits(),
     ]);
     let negotiated = virtio.begin(supported).expect("negotiation succeeds");
     assert_eq!(
         negotiated,
         bits(&[
-            feature::VERSION_1,
-            net_feature::MAC,
-            net_feature::STATUS,
-            feature::EVENT_IDX
+            Features::VERSION_1.bits(),
+            NetFeatures::MAC.bits(),
+            NetFeatures::STATUS.bits(),
+            Features::EVENT_IDX.bits()
         ])
     );
-    assert!(virtio.has_feature(net_feature::MAC));
+    assert!(virtio.has_feature(NetFeatures::MAC.bits()));
     assert!(
-        !virtio.has_feature(feature::RING_PACKED),
+        !virtio.has_feature(Features::RING_PACKED.bits()),
         "not offered by the device"
     );
     assert_eq!(virtio.stage(), InitStage::FeaturesOk);
@@ -87,7 +85,11 @@ fn full_sequence_writes_the_status_bits_in_spec_order() {
 fn all_64_device_feature_bits_are_read_through_the_select_register() {
     let layout = Layout::modern_net();
     let (config, device) = layout.build();
-    let offered = qemu_net_features() | bits(&[feature::RING_PACKED, net_feature::SPEED_DUPLEX]);
+    let offered = qemu_net_features()
+        | bits(&[
+            Features::RING_PACKED.bits(),
+            NetFeatures::SPEED_DUPLEX.bits(),
+        ]);
     device.with(|state| state.device_features = offered);
     let mut transport = open(&config, &device, &layout).expect("opens");
     assert_eq!(transport.read_device_features(), offered);
@@ -171,12 +173,12 @@ fn device_refusing_features_ok_gets_failed_and_a_typed_error() {
     let (config, device) = layout.build();
     device.with(|state| state.refuse_features_ok = true);
     let mut virtio = VirtioDevice::new(open(&config, &device, &layout).expect("opens"));
-    let supported = bits(&[net_feature::MAC]);
+    let supported = bits(&[NetFeatures::MAC.bits()]);
     let error = virtio.begin(supported).expect_err("device refuses");
     assert_eq!(
         error,
         TransportError::FeaturesRejected {
-            driver_features: bits(&[feature::VERSION_1, net_feature::MAC])
+            driver_features: bits(&[Features::VERSION_1.bits(), NetFeatures::MAC.bits()])
         }
     );
     assert_eq!(virtio.stage(), InitStage::Failed);
@@ -204,7 +206,7 @@ fn device_refusing_features_ok_gets_failed_and_a_typed_error() {
 fn device_without_version_1_is_refused_and_failed() {
     let layout = Layout::transitional_net();
     let (config, device) = layout.build();
-    let legacy_features = qemu_net_features() & !feature::bit(feature::VERSION_1);
+    let legacy_features = qemu_net_features() & !Features::VERSION_1.bits();
     device.with(|state| state.device_features = legacy_features);
     let mut virtio = VirtioDevice::new(open(&config, &device, &layout).expect("opens"));
     assert_eq!(
@@ -265,19 +267,22 @@ fn device_needs_reset_is_detected() {
 #[test]
 fn negotiation_is_the_intersection_plus_version_1_minus_what_the_transport_cannot_do() {
     let device = bits(&[
-        feature::VERSION_1,
-        feature::NOTIFICATION_DATA,
-        feature::NOTIF_CONFIG_DATA,
-        net_feature::MAC,
-        net_feature::CSUM,
+        Features::VERSION_1.bits(),
+        Features::NOTIFICATION_DATA.bits(),
+        Features::NOTIF_CONFIG_DATA.bits(),
+        NetFeatures::MAC.bits(),
+        NetFeatures::CSUM.bits(),
     ]);
     let driver = bits(&[
-        feature::NOTIFICATION_DATA,
-        net_feature::MAC,
-        net_feature::MQ,
+        Features::NOTIFICATION_DATA.bits(),
+        NetFeatures::MAC.bits(),
+        NetFeatures::MQ.bits(),
     ]);
     let negotiated = negotiate_features(device, driver).expect("VERSION_1 offered");
-    assert_eq!(negotiated, bits(&[feature::VERSION_1, net_feature::MAC]));
+    assert_eq!(
+        negotiated,
+        bits(&[Features::VERSION_1.bits(), NetFeatures::MAC.bits()])
+    );
     assert_eq!(negotiated & TRANSPORT_UNSUPPORTED_FEATURES, 0);
     assert_eq!(
         negotiated & !device,
@@ -285,9 +290,9 @@ fn negotiation_is_the_intersection_plus_version_1_minus_what_the_transport_canno
         "never accepts a feature the device did not offer"
     );
     assert_eq!(
-        negotiate_features(bits(&[net_feature::MAC]), u64::MAX),
+        negotiate_features(bits(&[NetFeatures::MAC.bits()]), u64::MAX),
         Err(TransportError::Version1NotOffered {
-            device_features: bits(&[net_feature::MAC])
+            device_features: bits(&[NetFeatures::MAC.bits()])
         })
     );
 }
@@ -304,4 +309,27 @@ fn status_displays_its_bits_by_name() {
         "0x80 (FAILED)"
     );
     assert_eq!(format!("{}", DeviceStatus::from_bits_retain(0)), "0x00");
+    assert_eq!(
+        format!("{}", DeviceStatus::from_bits_retain(0x30)),
+        "0x30",
+        "unknown bits show only in the byte"
+    );
+}
+
+#[test]
+fn feature_names_come_from_the_flag_definitions_lowest_bit_first() {
+    use crate::spec::{FeatureNames, Features, NetFeatures};
+    let word = (NetFeatures::CSUM | NetFeatures::MAC | NetFeatures::SPEED_DUPLEX).bits()
+        | (Features::VERSION_1 | Features::ACCESS_PLATFORM).bits()
+        | 1 << 41
+        | 1 << 4;
+    assert_eq!(
+        FeatureNames::<NetFeatures>::new(word).to_string(),
+        "CSUM bit4 MAC VERSION_1 ACCESS_PLATFORM bit41 SPEED_DUPLEX"
+    );
+    assert_eq!(FeatureNames::<NetFeatures>::new(0).to_string(), "");
+    // Bits in the range §6 reserves are never given a device type's name.
+    assert_eq!(Features::RESERVED_RANGE.count_ones(), 18);
+    assert_eq!(NetFeatures::all().bits() & Features::RESERVED_RANGE, 0);
+    assert_eq!(Features::all().bits() & !Features::RESERVED_RANGE, 0);
 }

@@ -7,7 +7,7 @@ use super::{
     partial_checksum, pseudo_header, qemu_features, rfc1071, send, small, up, with_l4_checksum,
 };
 use crate::net::{HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_GSO_NONE, parse_header};
-use crate::spec::{feature, net_feature};
+use crate::spec::{Features, NetFeatures};
 
 fn needs_csum(start: u16, offset: u16) -> WireHeader {
     WireHeader {
@@ -20,7 +20,7 @@ fn needs_csum(start: u16, offset: u16) -> WireHeader {
 
 #[test]
 fn needs_csum_completion_gives_the_correct_tcp_and_udp_checksum() {
-    for format in [0, bits(&[feature::RING_PACKED])] {
+    for format in [0, bits(&[Features::RING_PACKED.bits()])] {
         let world = World::new(qemu_features() | format);
         let model = world.model();
         let mut net = up(&world, &model, small()).expect("up");
@@ -181,7 +181,7 @@ fn data_valid_frames_are_handed_up_unchanged() {
 
 #[test]
 fn tx_offload_sets_needs_csum_start_offset_and_the_pseudo_header_sum_for_tcp_and_udp() {
-    for format in [0, bits(&[feature::RING_PACKED])] {
+    for format in [0, bits(&[Features::RING_PACKED.bits()])] {
         let world = World::new(qemu_features() | format);
         let model = world.model();
         let mut net = up(&world, &model, small()).expect("up");
@@ -267,7 +267,7 @@ fn tx_offload_leaves_arp_icmp_fragments_and_non_ipv4_frames_alone() {
 
 #[test]
 fn without_csum_the_stack_checksum_goes_out_untouched() {
-    let world = World::new(qemu_features() & !bits(&[net_feature::CSUM]));
+    let world = World::new(qemu_features() & !bits(&[NetFeatures::CSUM.bits()]));
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");
     for protocol in [TCP, UDP] {

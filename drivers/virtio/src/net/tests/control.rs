@@ -6,11 +6,11 @@ use super::device::{CtrlReply, RX, TX, World};
 use super::{UDP, bits, bounce, ipv4_frame, qemu_features, small, up};
 use crate::error::TransportError;
 use crate::net::{LinkChange, NetError, NetOptions, NetVectors};
-use crate::spec::{self, feature, net_config, net_feature};
+use crate::spec::{self, Features, NetFeatures, net_config};
 use crate::transport::Transport;
 
 fn mq_world() -> World {
-    World::new(qemu_features() | bits(&[net_feature::MQ]))
+    World::new(qemu_features() | bits(&[NetFeatures::MQ.bits()]))
 }
 
 /// Whether the last status write was a reset (0).
@@ -20,8 +20,8 @@ fn reset_last(world: &World) -> bool {
 
 #[test]
 fn mq_pairs_command_acked_ok_brings_the_device_up() {
-    for format in [0, bits(&[feature::RING_PACKED])] {
-        let world = World::new(qemu_features() | bits(&[net_feature::MQ]) | format);
+    for format in [0, bits(&[Features::RING_PACKED.bits()])] {
+        let world = World::new(qemu_features() | bits(&[NetFeatures::MQ.bits()]) | format);
         let model = world.model();
         let mut net = up(&world, &model, small()).expect("up");
         {
@@ -139,7 +139,7 @@ fn a_link_down_at_start_is_seen_and_without_status_the_link_is_always_up() {
     assert!(!net.link_up());
     drop(net);
 
-    let world = World::new(qemu_features() & !bits(&[net_feature::STATUS]));
+    let world = World::new(qemu_features() & !bits(&[NetFeatures::STATUS.bits()]));
     set_link(&world, false);
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");

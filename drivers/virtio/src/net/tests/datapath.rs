@@ -7,10 +7,10 @@ use super::{
     Net, UDP, bits, bounce, ipv4_frame, payload, qemu_features, raw_frame, send, small, up,
 };
 use crate::net::{NetOptions, buffer_len_for_mtu};
-use crate::spec::{feature, net_config, net_feature};
+use crate::spec::{Features, NetFeatures, net_config};
 
 fn both_formats() -> [u64; 2] {
-    [0, bits(&[feature::RING_PACKED])]
+    [0, bits(&[Features::RING_PACKED.bits()])]
 }
 
 /// Byte counts for spreading `total` header+frame bytes over `buffers` buffers: the first
@@ -166,7 +166,7 @@ fn num_buffers_zero_or_beyond_the_queue_size_is_dropped_and_the_buffer_recycled(
 
 #[test]
 fn runt_buffers_shorter_than_the_two_headers_are_dropped_and_recycled() {
-    for features in [qemu_features(), bits(&[feature::VERSION_1])] {
+    for features in [qemu_features(), bits(&[Features::VERSION_1.bits()])] {
         let world = World::new(features);
         let model = world.model();
         let mut net = up(&world, &model, small()).expect("up");
@@ -247,7 +247,7 @@ fn frames_longer_than_the_mtu_or_empty_are_refused_without_calling_fill() {
     for (mtu, largest) in [(None, 1514usize), (Some(1400u16), 1414), (Some(9000), 9014)] {
         let mut features = qemu_features();
         if mtu.is_none() {
-            features &= !bits(&[net_feature::MTU]);
+            features &= !bits(&[NetFeatures::MTU.bits()]);
         }
         let world = World::new(features);
         if let Some(mtu) = mtu {
@@ -411,7 +411,7 @@ fn a_million_packets_leave_every_rx_buffer_posted_the_tx_pool_full_and_counters_
 
 #[test]
 fn packed_ring_long_run_leaves_every_rx_buffer_posted_the_tx_pool_full_and_counters_exact() {
-    long_run(bits(&[feature::RING_PACKED]), 200_000, 0x5eed_0002);
+    long_run(bits(&[Features::RING_PACKED.bits()]), 200_000, 0x5eed_0002);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use crate::error::TransportError;
 use crate::pci::{DeviceConfigRequirement, PciTransport};
 use crate::queue::fake::{Completion, FakeDevice as QueueDevice};
 use crate::queue::{QueueAddresses, QueueFeatures};
-use crate::spec::{feature, net_feature};
+use crate::spec::NetFeatures;
 use crate::tests::fake::{ADDRESS, FakeConfig, FakeDevice as PciDevice, Layout};
 use crate::transport::{
     DeviceStatus, DeviceType, IsrStatus, QueueConfig, RegisterWidth, Transport,
@@ -238,7 +238,7 @@ impl<'w> NetModel<'w> {
             rest = &rest[take..];
         }
         assert!(rest.is_empty(), "no room for a {}-byte frame", frame.len());
-        if self.features & feature::bit(net_feature::MRG_RXBUF) != 0 {
+        if self.features & NetFeatures::MRG_RXBUF.bits() != 0 {
             let count = u16::try_from(chunks.len()).expect("count");
             chunks[0][10..12].copy_from_slice(&count.to_le_bytes());
         } else {

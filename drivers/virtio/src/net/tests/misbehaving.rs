@@ -6,14 +6,14 @@ use super::device::{RX, TX, WireHeader, World};
 use super::{UDP, bits, ipv4_frame, qemu_features, small, up};
 use crate::net::NetError;
 use crate::queue::DeviceError;
-use crate::spec::feature;
+use crate::spec::Features;
 
 fn split_world() -> World {
     World::new(qemu_features())
 }
 
 fn packed_world() -> World {
-    World::new(qemu_features() | bits(&[feature::RING_PACKED]))
+    World::new(qemu_features() | bits(&[Features::RING_PACKED.bits()]))
 }
 
 #[test]

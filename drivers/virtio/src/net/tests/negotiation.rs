@@ -8,9 +8,9 @@ use crate::error::TransportError;
 use crate::net::{DRIVER_FEATURES, HDR_F_NEEDS_CSUM, NetError, NetOptions, buffer_len_for_mtu};
 use crate::queue::QueueFormat;
 use crate::queue::fake::KickRequest;
-use crate::spec::{DeviceStatus, feature, net_config, net_feature};
+use crate::spec::{DeviceStatus, Features, NetFeatures, net_config};
 
-const VERSION_1: u32 = feature::VERSION_1;
+const VERSION_1: u64 = Features::VERSION_1.bits();
 
 fn set_mtu(world: &World, mtu: u16) {
     let at = net_config::MTU as usize;
@@ -30,14 +30,14 @@ fn set_max_pairs(world: &World, pairs: u16) {
 #[test]
 fn negotiates_every_offered_feature_the_driver_supports_and_nothing_else() {
     let extras = bits(&[
-        feature::RING_PACKED,
-        feature::ACCESS_PLATFORM,
-        net_feature::MQ,
-        net_feature::CTRL_RX_EXTRA,
-        net_feature::CTRL_MAC_ADDR,
-        feature::IN_ORDER,
-        feature::NOTIFICATION_DATA,
-        net_feature::CTRL_VLAN,
+        Features::RING_PACKED.bits(),
+        Features::ACCESS_PLATFORM.bits(),
+        NetFeatures::MQ.bits(),
+        NetFeatures::CTRL_RX_EXTRA.bits(),
+        NetFeatures::CTRL_MAC_ADDR.bits(),
+        Features::IN_ORDER.bits(),
+        Features::NOTIFICATION_DATA.bits(),
+        NetFeatures::CTRL_VLAN.bits(),
     ]);
     let offered = qemu_features() | extras;
     let world = World::new(offered);
@@ -82,11 +82,11 @@ fn version_1_missing_is_refused_with_a_typed_error_and_the_device_marked_failed(
 
 #[test]
 fn mrg_rxbuf_off_posts_buffers_for_the_whole_mtu_and_ignores_num_buffers() {
-    let world = World::new(bits(&[VERSION_1, net_feature::MTU]));
+    let world = World::new(bits(&[VERSION_1, NetFeatures::MTU.bits()]));
     set_mtu(&world, 9000);
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");
-    assert_eq!(net.features() & bits(&[net_feature::MRG_RXBUF]), 0);
+    assert_eq!(net.features() & bits(&[NetFeatures::MRG_RXBUF.bits()]), 0);
     let capacities = model.borrow_mut().rx_capacities();
     assert_eq!(capacities.len(), 64);
     assert!(
@@ -113,10 +113,10 @@ fn mrg_rxbuf_off_posts_buffers_for_the_whole_mtu_and_ignores_num_buffers() {
 
 #[test]
 fn mrg_rxbuf_on_reads_num_buffers() {
-    let world = World::new(bits(&[VERSION_1, net_feature::MRG_RXBUF]));
+    let world = World::new(bits(&[VERSION_1, NetFeatures::MRG_RXBUF.bits()]));
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");
-    assert_ne!(net.features() & bits(&[net_feature::MRG_RXBUF]), 0);
+    assert_ne!(net.features() & bits(&[NetFeatures::MRG_RXBUF.bits()]), 0);
     let frame = ipv4_frame(UDP, 400, 0, 0, 3);
     model.borrow_mut().deliver_split(
         Default::default(),
@@ -135,10 +135,10 @@ fn csum_and_guest_csum_are_negotiated_independently_and_steer_transmit_offload()
     for (csum, guest_csum) in [(false, false), (true, false), (false, true), (true, true)] {
         let mut offered = bits(&[VERSION_1]);
         if csum {
-            offered |= bits(&[net_feature::CSUM]);
+            offered |= bits(&[NetFeatures::CSUM.bits()]);
         }
         if guest_csum {
-            offered |= bits(&[net_feature::GUEST_CSUM]);
+            offered |= bits(&[NetFeatures::GUEST_CSUM.bits()]);
         }
         let world = World::new(offered);
         let model = world.model();
@@ -174,9 +174,9 @@ fn mtu_comes_from_config_only_when_offered_allowed_and_sane() {
         (true, false, 1400, 1500),
     ];
     for (offered, allowed, config, expected) in cases {
-        let mut features = bits(&[VERSION_1, net_feature::MRG_RXBUF]);
+        let mut features = bits(&[VERSION_1, NetFeatures::MRG_RXBUF.bits()]);
         if offered {
-            features |= bits(&[net_feature::MTU]);
+            features |= bits(&[NetFeatures::MTU.bits()]);
         }
         let world = World::new(features);
         set_mtu(&world, config);
@@ -188,10 +188,10 @@ fn mtu_comes_from_config_only_when_offered_allowed_and_sane() {
             ..NetOptions::default()
         };
         if !allowed {
-            options.allowed_features &= !bits(&[net_feature::MTU]);
+            options.allowed_features &= !bits(&[NetFeatures::MTU.bits()]);
         }
         let net = up(&world, &model, options).expect("up");
-        let negotiated = net.features() & bits(&[net_feature::MTU]) != 0;
+        let negotiated = net.features() & bits(&[NetFeatures::MTU.bits()]) != 0;
         assert_eq!(negotiated, offered && allowed);
         assert_eq!(
             net.mtu(),
@@ -211,13 +211,21 @@ fn mtu_comes_from_config_only_when_offered_allowed_and_sane() {
 
 #[test]
 fn mq_with_ctrl_vq_puts_the_control_queue_after_all_pairs_and_sets_one_pair() {
-    let world = World::new(bits(&[VERSION_1, net_feature::CTRL_VQ, net_feature::MQ]));
+    let world = World::new(bits(&[
+        VERSION_1,
+        NetFeatures::CTRL_VQ.bits(),
+        NetFeatures::MQ.bits(),
+    ]));
     set_max_pairs(&world, 4);
     let model = world.model();
     let net = up(&world, &model, small()).expect("up");
     assert_eq!(
         net.features(),
-        bits(&[VERSION_1, net_feature::CTRL_VQ, net_feature::MQ])
+        bits(&[
+            VERSION_1,
+            NetFeatures::CTRL_VQ.bits(),
+            NetFeatures::MQ.bits()
+        ])
     );
     let model = model.borrow();
     assert_eq!(
@@ -240,7 +248,7 @@ fn mq_with_ctrl_vq_puts_the_control_queue_after_all_pairs_and_sets_one_pair() {
 
 #[test]
 fn mq_without_ctrl_vq_is_not_negotiated() {
-    let world = World::new(bits(&[VERSION_1, net_feature::MQ]));
+    let world = World::new(bits(&[VERSION_1, NetFeatures::MQ.bits()]));
     set_max_pairs(&world, 4);
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up");
@@ -253,11 +261,15 @@ fn mq_without_ctrl_vq_is_not_negotiated() {
 
 #[test]
 fn mq_is_dropped_when_the_caller_disallows_ctrl_vq() {
-    let world = World::new(bits(&[VERSION_1, net_feature::CTRL_VQ, net_feature::MQ]));
+    let world = World::new(bits(&[
+        VERSION_1,
+        NetFeatures::CTRL_VQ.bits(),
+        NetFeatures::MQ.bits(),
+    ]));
     set_max_pairs(&world, 2);
     let model = world.model();
     let options = NetOptions {
-        allowed_features: DRIVER_FEATURES & !bits(&[net_feature::CTRL_VQ]),
+        allowed_features: DRIVER_FEATURES & !bits(&[NetFeatures::CTRL_VQ.bits()]),
         ..small()
     };
     let net = up(&world, &model, options).expect("up");
@@ -271,10 +283,13 @@ fn mq_is_dropped_when_the_caller_disallows_ctrl_vq() {
 
 #[test]
 fn ctrl_vq_without_mq_sets_up_the_control_queue_at_2_and_sends_no_command() {
-    let world = World::new(bits(&[VERSION_1, net_feature::CTRL_VQ]));
+    let world = World::new(bits(&[VERSION_1, NetFeatures::CTRL_VQ.bits()]));
     let model = world.model();
     let net = up(&world, &model, small()).expect("up");
-    assert_eq!(net.features(), bits(&[VERSION_1, net_feature::CTRL_VQ]));
+    assert_eq!(
+        net.features(),
+        bits(&[VERSION_1, NetFeatures::CTRL_VQ.bits()])
+    );
     assert_eq!(model.borrow().ctrl_queue, Some(2));
     assert!(model.borrow().ctrl_commands.is_empty());
 }
@@ -282,7 +297,11 @@ fn ctrl_vq_without_mq_sets_up_the_control_queue_at_2_and_sends_no_command() {
 #[test]
 fn mq_with_an_out_of_range_max_pairs_uses_one_pair() {
     for pairs in [0u16, 0x8001, 0xffff] {
-        let world = World::new(bits(&[VERSION_1, net_feature::CTRL_VQ, net_feature::MQ]));
+        let world = World::new(bits(&[
+            VERSION_1,
+            NetFeatures::CTRL_VQ.bits(),
+            NetFeatures::MQ.bits(),
+        ]));
         set_max_pairs(&world, pairs);
         let model = world.model();
         let _net = up(&world, &model, small()).expect("up");
@@ -300,13 +319,13 @@ fn ring_packed_is_used_exactly_when_offered_and_allowed_and_carries_traffic() {
     for (offered, allowed) in [(true, true), (true, false), (false, true)] {
         let mut features = qemu_features();
         if offered {
-            features |= bits(&[feature::RING_PACKED]);
+            features |= bits(&[Features::RING_PACKED.bits()]);
         }
         let world = World::new(features);
         let model = world.model();
         let mut options = small();
         if !allowed {
-            options.allowed_features &= !bits(&[feature::RING_PACKED]);
+            options.allowed_features &= !bits(&[Features::RING_PACKED.bits()]);
         }
         let mut net = up(&world, &model, options).expect("up");
         let packed = offered && allowed;
@@ -351,13 +370,13 @@ fn kicked_by_one_send(
 
 #[test]
 fn without_event_idx_no_notify_flag_suppresses_kicks_and_with_it_avail_event_places_them() {
-    for format_bits in [0, bits(&[feature::RING_PACKED])] {
+    for format_bits in [0, bits(&[Features::RING_PACKED.bits()])] {
         // No EVENT_IDX: the device's "don't notify" (VIRTQ_USED_F_NO_NOTIFY, or
         // RING_EVENT_FLAGS_DISABLE for packed) is honoured, and lifting it brings kicks back.
         let world = World::new(bits(&[VERSION_1]) | format_bits);
         let model = world.model();
         let mut net = up(&world, &model, small()).expect("up");
-        assert_eq!(net.features() & bits(&[feature::EVENT_IDX]), 0);
+        assert_eq!(net.features() & bits(&[Features::EVENT_IDX.bits()]), 0);
         model.borrow_mut().tx_auto = false;
         model
             .borrow_mut()
@@ -376,10 +395,10 @@ fn without_event_idx_no_notify_flag_suppresses_kicks_and_with_it_avail_event_pla
         assert!(kicked_by_one_send(&mut net, &world, &model));
 
         // EVENT_IDX: the device asks to hear about the third buffer from now only.
-        let world = World::new(bits(&[VERSION_1, feature::EVENT_IDX]) | format_bits);
+        let world = World::new(bits(&[VERSION_1, Features::EVENT_IDX.bits()]) | format_bits);
         let model = world.model();
         let mut net = up(&world, &model, small()).expect("up");
-        assert_ne!(net.features() & bits(&[feature::EVENT_IDX]), 0);
+        assert_ne!(net.features() & bits(&[Features::EVENT_IDX.bits()]), 0);
         model.borrow_mut().tx_auto = false;
         let published = model.borrow_mut().queue(TX).published().expect("published");
         model
@@ -408,9 +427,9 @@ fn without_event_idx_no_notify_flag_suppresses_kicks_and_with_it_avail_event_pla
 fn receive_interrupts_follow_arm_and_disarm_and_transmit_completions_raise_none() {
     for extra in [
         0,
-        bits(&[feature::EVENT_IDX]),
-        bits(&[feature::RING_PACKED]),
-        bits(&[feature::RING_PACKED, feature::EVENT_IDX]),
+        bits(&[Features::EVENT_IDX.bits()]),
+        bits(&[Features::RING_PACKED.bits()]),
+        bits(&[Features::RING_PACKED.bits(), Features::EVENT_IDX.bits()]),
     ] {
         let world = World::new(bits(&[VERSION_1]) | extra);
         let model = world.model();
@@ -448,9 +467,13 @@ fn receive_interrupts_follow_arm_and_disarm_and_transmit_completions_raise_none(
 #[test]
 fn indirect_desc_carries_the_two_part_control_command_in_one_slot() {
     for indirect in [false, true] {
-        let mut features = bits(&[VERSION_1, net_feature::CTRL_VQ, net_feature::MQ]);
+        let mut features = bits(&[
+            VERSION_1,
+            NetFeatures::CTRL_VQ.bits(),
+            NetFeatures::MQ.bits(),
+        ]);
         if indirect {
-            features |= bits(&[feature::INDIRECT_DESC]);
+            features |= bits(&[Features::INDIRECT_DESC.bits()]);
         }
         let world = World::new(features);
         let model = world.model();
@@ -472,27 +495,27 @@ fn indirect_desc_carries_the_two_part_control_command_in_one_slot() {
 #[test]
 fn every_combination_of_optional_features_negotiates_consistently_and_passes_traffic() {
     let optional = [
-        net_feature::MRG_RXBUF,
-        net_feature::CSUM,
-        net_feature::GUEST_CSUM,
-        net_feature::MTU,
-        net_feature::MAC,
-        net_feature::STATUS,
-        net_feature::CTRL_VQ,
-        net_feature::MQ,
-        feature::EVENT_IDX,
-        feature::INDIRECT_DESC,
-        feature::RING_PACKED,
+        NetFeatures::MRG_RXBUF.bits(),
+        NetFeatures::CSUM.bits(),
+        NetFeatures::GUEST_CSUM.bits(),
+        NetFeatures::MTU.bits(),
+        NetFeatures::MAC.bits(),
+        NetFeatures::STATUS.bits(),
+        NetFeatures::CTRL_VQ.bits(),
+        NetFeatures::MQ.bits(),
+        Features::EVENT_IDX.bits(),
+        Features::INDIRECT_DESC.bits(),
+        Features::RING_PACKED.bits(),
     ];
     let mut combinations = 0;
     for mask in 0u32..1 << optional.len() {
         combinations += 1;
-        let chosen: Vec<u32> = (0..optional.len())
+        let chosen: Vec<u64> = (0..optional.len())
             .filter(|&bit| mask & (1 << bit) != 0)
             .map(|bit| optional[bit])
             .collect();
         let offered = bits(&[VERSION_1]) | bits(&chosen);
-        let has = |number: u32| offered & feature::bit(number) != 0;
+        let has = |mask: u64| offered & mask != 0;
         let world = World::new(offered);
         set_mtu(&world, 1400);
         let model = world.model();
@@ -504,31 +527,38 @@ fn every_combination_of_optional_features_negotiates_consistently_and_passes_tra
         };
         let mut net = up(&world, &model, options).expect("up");
         let mut expected = offered;
-        if !has(net_feature::CTRL_VQ) {
-            expected &= !bits(&[net_feature::MQ]);
+        if !has(NetFeatures::CTRL_VQ.bits()) {
+            expected &= !bits(&[NetFeatures::MQ.bits()]);
         }
         assert_eq!(net.features(), expected, "offered {offered:#x}");
-        let format = if has(feature::RING_PACKED) {
+        let format = if has(Features::RING_PACKED.bits()) {
             QueueFormat::Packed
         } else {
             QueueFormat::Split
         };
         assert_eq!(net.rx.format(), format);
-        assert_eq!(net.mtu(), if has(net_feature::MTU) { 1400 } else { 1500 });
-        let mac = if has(net_feature::MAC) {
+        assert_eq!(
+            net.mtu(),
+            if has(NetFeatures::MTU.bits()) {
+                1400
+            } else {
+                1500
+            }
+        );
+        let mac = if has(NetFeatures::MAC.bits()) {
             [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]
         } else {
             NetOptions::default().fallback_mac
         };
         assert_eq!(net.mac(), mac);
         assert!(net.link_up());
-        let ctrl = has(net_feature::CTRL_VQ);
+        let ctrl = has(NetFeatures::CTRL_VQ.bits());
         assert_eq!(model.borrow().ctrl_queue.is_some(), ctrl);
-        let mq = ctrl && has(net_feature::MQ);
+        let mq = ctrl && has(NetFeatures::MQ.bits());
         assert_eq!(model.borrow().ctrl_commands.len(), usize::from(mq));
         let tcp = ipv4_frame(TCP, 200, 0, 0, u64::from(mask));
         let sent = send(&mut net, &model, &tcp);
-        let offload = has(net_feature::CSUM);
+        let offload = has(NetFeatures::CSUM.bits());
         assert_eq!(sent.header.flags == HDR_F_NEEDS_CSUM, offload);
         let udp = ipv4_frame(UDP, 1000, 0, 0, u64::from(mask));
         assert_eq!(bounce(&mut net, &model, &udp), udp, "offered {offered:#x}");

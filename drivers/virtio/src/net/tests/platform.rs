@@ -9,9 +9,9 @@ use crate::net::{
     LinkChange, MacOrigin, MacProgramming, NetError, NetOptions, RxFilter, ctrl,
     is_valid_station_mac, locally_administered_mac,
 };
-use crate::spec::{feature, net_config, net_feature};
+use crate::spec::{Features, NetFeatures, net_config};
 
-const ACCESS_PLATFORM: u32 = feature::ACCESS_PLATFORM;
+const ACCESS_PLATFORM: u64 = Features::ACCESS_PLATFORM.bits();
 /// A MAC the user asks for on the kernel command line.
 const USER_MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
 /// The generated fallback of these tests.
@@ -68,14 +68,14 @@ fn access_platform_is_accepted_and_a_device_offering_it_reaches_driver_ok() {
     let world = World::new(qemu_features() | bits(&[ACCESS_PLATFORM]));
     let model = world.model();
     let mut net = up(&world, &model, small()).expect("up: FEATURES_OK accepted");
-    assert_ne!(net.features() & feature::bit(ACCESS_PLATFORM), 0);
+    assert_ne!(net.features() & ACCESS_PLATFORM, 0);
     let frame = ipv4_frame(UDP, 100, 0, 0, 1);
     assert_eq!(bounce(&mut net, &model, &frame), frame);
     // The fake refuses FEATURES_OK exactly as QEMU does when the bit is not acknowledged.
     let world = World::new(qemu_features() | bits(&[ACCESS_PLATFORM]));
     let model = world.model();
     let options = NetOptions {
-        allowed_features: crate::net::DRIVER_FEATURES & !feature::bit(ACCESS_PLATFORM),
+        allowed_features: crate::net::DRIVER_FEATURES & !ACCESS_PLATFORM,
         ..small()
     };
     let error = up(&world, &model, options).expect_err("refused");
@@ -87,7 +87,7 @@ fn access_platform_is_accepted_and_a_device_offering_it_reaches_driver_ok() {
 
 #[test]
 fn a_translating_platform_carries_traffic_through_shared_addresses_only() {
-    for format in [0, bits(&[feature::RING_PACKED])] {
+    for format in [0, bits(&[Features::RING_PACKED.bits()])] {
         let world = World::new(qemu_features() | bits(&[ACCESS_PLATFORM]) | format);
         // Device addresses of shared buffers start at 2^52, far above any host address: the
         // device can reach a buffer only through a live share.
@@ -145,7 +145,11 @@ fn without_a_config_interrupt_polling_the_status_sees_link_and_needs_reset() {
 #[test]
 fn a_requested_mac_is_set_with_ctrl_mac_addr_and_the_filter_drops_promiscuous_mode() {
     let world = World::new(
-        qemu_features() | bits(&[net_feature::CTRL_MAC_ADDR, net_feature::CTRL_RX_EXTRA]),
+        qemu_features()
+            | bits(&[
+                NetFeatures::CTRL_MAC_ADDR.bits(),
+                NetFeatures::CTRL_RX_EXTRA.bits(),
+            ]),
     );
     let model = world.model();
     let options = NetOptions {
@@ -218,7 +222,7 @@ fn without_ctrl_mac_addr_the_requested_mac_goes_in_the_unicast_filter_table() {
 #[test]
 fn a_device_that_cannot_be_told_the_mac_stays_promiscuous_and_the_driver_filters() {
     // No CTRL_RX, no CTRL_MAC_ADDR: nothing to tell the device with.
-    let offered = qemu_features() & !bits(&[net_feature::CTRL_RX]);
+    let offered = qemu_features() & !bits(&[NetFeatures::CTRL_RX.bits()]);
     let world = World::new(offered);
     let model = world.model();
     let options = NetOptions {
@@ -281,8 +285,8 @@ fn a_refused_filter_command_is_reported_and_the_device_keeps_serving() {
 #[test]
 fn without_a_device_mac_or_with_an_invalid_one_the_fallback_is_used_and_told() {
     // No VIRTIO_NET_F_MAC at all.
-    let offered = qemu_features() & !bits(&[net_feature::MAC]);
-    let world = World::new(offered | bits(&[net_feature::CTRL_MAC_ADDR]));
+    let offered = qemu_features() & !bits(&[NetFeatures::MAC.bits()]);
+    let world = World::new(offered | bits(&[NetFeatures::CTRL_MAC_ADDR.bits()]));
     let model = world.model();
     let net = up(&world, &model, filtering()).expect("up");
     assert_eq!(net.mac(), FALLBACK_MAC);
@@ -370,7 +374,7 @@ fn an_announce_request_is_seen_on_config_change_and_acknowledged_once() {
     assert!(!net.announce_requested());
 
     // Without GUEST_ANNOUNCE negotiated the bit is ignored.
-    let world = World::new(qemu_features() & !bits(&[net_feature::GUEST_ANNOUNCE]));
+    let world = World::new(qemu_features() & !bits(&[NetFeatures::GUEST_ANNOUNCE.bits()]));
     let model = world.model();
     let mut net = up(&world, &model, filtering()).expect("up");
     set_status(&world, true, true);

@@ -15,10 +15,10 @@ use super::device::{NetModel, RX, TX, World};
 use super::{Net, UDP, bits, bounce, ipv4_frame, qemu_features, raw_frame, send, small, up};
 use crate::net::NetError;
 use crate::queue::DeviceError;
-use crate::spec::{DeviceStatus, feature};
+use crate::spec::{DeviceStatus, Features};
 
 fn both_formats() -> [u64; 2] {
-    [0, bits(&[feature::RING_PACKED])]
+    [0, bits(&[Features::RING_PACKED.bits()])]
 }
 
 /// Traffic in both directions, checked byte for byte: a UDP frame received in place, a
