@@ -13,8 +13,8 @@
 use std::collections::HashSet;
 
 use super::layout::{
-    AVAIL_F_NO_INTERRUPT, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE,
-    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, USED_F_NO_NOTIFY,
+    AvailFlags, DescFlags, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE, UsedFlags,
 };
 use super::{QueueAddresses, QueueFeatures, QueueFormat};
 use crate::dma::host::HostDma;
@@ -257,11 +257,11 @@ impl<'a> FakeDevice<'a> {
                 self.r16(at + 12)?,
                 self.r16(at + 14)?,
             );
-            if flags & DESC_F_INDIRECT != 0 {
+            if flags & DescFlags::INDIRECT.bits() != 0 {
                 return self.fault("nested indirect table");
             }
-            self.push_element(chain, addr, elen, flags & DESC_F_WRITE != 0)?;
-            if flags & DESC_F_NEXT == 0 {
+            self.push_element(chain, addr, elen, flags & DescFlags::WRITE.bits() != 0)?;
+            if flags & DescFlags::NEXT.bits() == 0 {
                 return Ok(());
             }
             if next >= count {
@@ -328,16 +328,16 @@ impl<'a> FakeDevice<'a> {
                 self.r16(at + 12)?,
                 self.r16(at + 14)?,
             );
-            if flags & DESC_F_INDIRECT != 0 {
-                if flags & DESC_F_NEXT != 0 {
+            if flags & DescFlags::INDIRECT.bits() != 0 {
+                if flags & DescFlags::NEXT.bits() != 0 {
                     return self.fault("INDIRECT together with NEXT");
                 }
                 chain.indirect = true;
                 self.read_split_indirect(&mut chain, addr, len)?;
                 break;
             }
-            self.push_element(&mut chain, addr, len, flags & DESC_F_WRITE != 0)?;
-            if flags & DESC_F_NEXT == 0 {
+            self.push_element(&mut chain, addr, len, flags & DescFlags::WRITE.bits() != 0)?;
+            if flags & DescFlags::NEXT.bits() == 0 {
                 break;
             }
             if next >= self.size {
@@ -355,7 +355,8 @@ impl<'a> FakeDevice<'a> {
     }
 
     fn is_avail(flags: u16, wrap: bool) -> bool {
-        (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) != wrap
+        (flags & DescFlags::AVAIL.bits() != 0) == wrap
+            && (flags & DescFlags::USED.bits() != 0) != wrap
     }
 
     fn step(&self, slot: u16, wrap: bool) -> (u16, bool) {
@@ -394,11 +395,11 @@ impl<'a> FakeDevice<'a> {
             }
             chain.slots += 1;
             (slot, wrap) = self.step(slot, wrap);
-            if flags & DESC_F_INDIRECT != 0 {
+            if flags & DescFlags::INDIRECT.bits() != 0 {
                 if !self.features.indirect {
                     return self.fault("INDIRECT without VIRTIO_F_INDIRECT_DESC");
                 }
-                if flags & DESC_F_NEXT != 0 || chain.slots > 1 {
+                if flags & DescFlags::NEXT.bits() != 0 || chain.slots > 1 {
                     return self.fault("indirect descriptor inside a chain");
                 }
                 if len == 0 || !len.is_multiple_of(16) {
@@ -409,15 +410,20 @@ impl<'a> FakeDevice<'a> {
                     let at = addr + 16 * entry;
                     let (eaddr, elen, eflags) =
                         (self.r64(at)?, self.r32(at + 8)?, self.r16(at + 14)?);
-                    if eflags & !DESC_F_WRITE != 0 {
+                    if eflags & !DescFlags::WRITE.bits() != 0 {
                         return self.fault(format!("indirect entry flags {eflags:#x}"));
                     }
-                    self.push_element(&mut chain, eaddr, elen, eflags & DESC_F_WRITE != 0)?;
+                    self.push_element(
+                        &mut chain,
+                        eaddr,
+                        elen,
+                        eflags & DescFlags::WRITE.bits() != 0,
+                    )?;
                 }
                 break;
             }
-            self.push_element(&mut chain, addr, len, flags & DESC_F_WRITE != 0)?;
-            if flags & DESC_F_NEXT == 0 {
+            self.push_element(&mut chain, addr, len, flags & DescFlags::WRITE.bits() != 0)?;
+            if flags & DescFlags::NEXT.bits() == 0 {
                 break;
             }
         }
@@ -533,7 +539,7 @@ impl<'a> FakeDevice<'a> {
             self.w32(at + 8, len)?;
             self.w16(at + 12, chain.id)?;
             let flags = if self.used_wrap {
-                DESC_F_AVAIL | DESC_F_USED
+                DescFlags::AVAIL.bits() | DescFlags::USED.bits()
             } else {
                 0
             };
@@ -562,7 +568,7 @@ impl<'a> FakeDevice<'a> {
         if self.split() {
             if !self.features.event_idx {
                 let flags = self.r16(self.addrs.driver)?;
-                return Ok(flags & AVAIL_F_NO_INTERRUPT == 0);
+                return Ok(flags & AvailFlags::NO_INTERRUPT.bits() == 0);
             }
             // Notify if any entry written in this batch sat at index `used_event`.
             let used_event = self.r16(self.used_event_addr())?;
@@ -598,7 +604,7 @@ impl<'a> FakeDevice<'a> {
         if self.split() {
             match request {
                 KickRequest::Always => self.w16(self.addrs.device, 0)?,
-                KickRequest::Never => self.w16(self.addrs.device, USED_F_NO_NOTIFY)?,
+                KickRequest::Never => self.w16(self.addrs.device, UsedFlags::NO_NOTIFY.bits())?,
                 KickRequest::At(event) => self.w16(self.avail_event_addr(), event as u16)?,
             }
         } else {
@@ -680,7 +686,14 @@ impl<'a> FakeDevice<'a> {
         let at = self.addrs.desc + 16 * u64::from(self.used_slot);
         self.w32(at + 8, len)?;
         self.w16(at + 12, id)?;
-        self.w16(at + 14, if wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 })
+        self.w16(
+            at + 14,
+            if wrap {
+                DescFlags::AVAIL.bits() | DescFlags::USED.bits()
+            } else {
+                0
+            },
+        )
     }
 
     /// Packed: overwrites the flags at the device's used position.

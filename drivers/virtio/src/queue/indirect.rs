@@ -65,13 +65,13 @@ impl<H: DmaHal> IndirectPool<H> {
     pub(super) fn store_split(&mut self, table: u16, index: usize, segment: Segment, last: bool) {
         let at = Self::entry(table, index);
         let mut flags = if segment.device_writable {
-            super::layout::DESC_F_WRITE
+            super::layout::DescFlags::WRITE.bits()
         } else {
             0
         };
         let mut next = 0;
         if !last {
-            flags |= super::layout::DESC_F_NEXT;
+            flags |= super::layout::DescFlags::NEXT.bits();
             // index + 1 < MAX_INDIRECT_SEGMENTS, so it fits.
             next = u16::try_from(index + 1).unwrap_or(0);
         }
@@ -86,7 +86,7 @@ impl<H: DmaHal> IndirectPool<H> {
     pub(super) fn store_packed(&mut self, table: u16, index: usize, segment: Segment) {
         let at = Self::entry(table, index);
         let flags = if segment.device_writable {
-            super::layout::DESC_F_WRITE
+            super::layout::DescFlags::WRITE.bits()
         } else {
             0
         };

@@ -112,20 +112,45 @@ pub const EVENT_FLAGS: usize = offset_of!(EventSuppress, flags);
 /// Size of an event suppression structure.
 pub const EVENT_SIZE: usize = size_of::<EventSuppress>();
 
-/// VIRTQ_DESC_F_NEXT: the chain continues (§2.7.5; §2.8.6).
-pub const DESC_F_NEXT: u16 = 1;
-/// VIRTQ_DESC_F_WRITE: device-writable element (§2.7.5; §2.8.3).
-pub const DESC_F_WRITE: u16 = 2;
-/// VIRTQ_DESC_F_INDIRECT: the element is an indirect table (§2.7.5.3; §2.8.7).
-pub const DESC_F_INDIRECT: u16 = 4;
-/// VIRTQ_DESC_F_AVAIL (packed): equals the driver's wrap counter when made available (§2.8.1).
-pub const DESC_F_AVAIL: u16 = 1 << 7;
-/// VIRTQ_DESC_F_USED (packed): equals the device's wrap counter when used (§2.8.1).
-pub const DESC_F_USED: u16 = 1 << 15;
-/// VIRTQ_AVAIL_F_NO_INTERRUPT: the driver asks for no used-buffer notifications (§2.7.7).
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// VIRTQ_USED_F_NO_NOTIFY: the device asks for no available-buffer notifications (§2.7.10).
-pub const USED_F_NO_NOTIFY: u16 = 1;
+bitflags::bitflags! {
+    /// A descriptor's `flags` (§2.7.5 split, §2.8.1 and §2.8.6 packed).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct DescFlags: u16 {
+        /// VIRTQ_DESC_F_NEXT: the chain continues (§2.7.5; §2.8.6).
+        const NEXT = 1;
+        /// VIRTQ_DESC_F_WRITE: device-writable element (§2.7.5; §2.8.3).
+        const WRITE = 2;
+        /// VIRTQ_DESC_F_INDIRECT: the element is an indirect table (§2.7.5.3; §2.8.7).
+        const INDIRECT = 4;
+        /// VIRTQ_DESC_F_AVAIL (packed): equals the driver's wrap counter when made available
+        /// (§2.8.1).
+        const AVAIL = 1 << 7;
+        /// VIRTQ_DESC_F_USED (packed): equals the device's wrap counter when used (§2.8.1).
+        const USED = 1 << 15;
+    }
+}
+
+bitflags::bitflags! {
+    /// The available ring's `flags` (split, §2.7.6).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct AvailFlags: u16 {
+        /// VIRTQ_AVAIL_F_NO_INTERRUPT: the driver asks for no used-buffer notifications
+        /// (§2.7.7).
+        const NO_INTERRUPT = 1;
+    }
+}
+
+bitflags::bitflags! {
+    /// The used ring's `flags` (split, §2.7.8).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct UsedFlags: u16 {
+        /// VIRTQ_USED_F_NO_NOTIFY: the device asks for no available-buffer notifications
+        /// (§2.7.10).
+        const NO_NOTIFY = 1;
+    }
+}
+
+// The packed ring's event suppression `flags` (§2.8.10) hold a two-bit value, not flags:
 /// RING_EVENT_FLAGS_ENABLE (§2.8.10).
 pub const RING_EVENT_FLAGS_ENABLE: u16 = 0;
 /// RING_EVENT_FLAGS_DISABLE (§2.8.10).

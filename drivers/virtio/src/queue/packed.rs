@@ -16,10 +16,9 @@ use alloc::vec::Vec;
 
 use super::indirect::{IndirectPool, MAX_INDIRECT_SEGMENTS};
 use super::layout::{
-    DESC_ADDR, DESC_F_AVAIL, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE, DESC_LEN,
-    DESC_SIZE, EVENT_FLAGS, EVENT_OFF_WRAP, EVENT_WRAP_BIT, PACKED_FLAGS, PACKED_ID, PackedLayout,
-    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
-    RING_EVENT_FLAGS_MASK,
+    DESC_ADDR, DESC_LEN, DESC_SIZE, DescFlags, EVENT_FLAGS, EVENT_OFF_WRAP, EVENT_WRAP_BIT,
+    PACKED_FLAGS, PACKED_ID, PackedLayout, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_MASK,
 };
 use super::{
     AddError, CallbackState, Callbacks, DeviceError, QueueAddresses, QueueError, QueueFeatures,
@@ -52,7 +51,11 @@ enum SlotState {
 /// The AVAIL/USED bits with which the driver makes a descriptor available in a lap whose
 /// driver wrap counter is `wrap`: AVAIL = wrap, USED = !wrap (§2.8.1, §2.8.21.1).
 const fn avail_bits(wrap: bool) -> u16 {
-    if wrap { DESC_F_AVAIL } else { DESC_F_USED }
+    if wrap {
+        DescFlags::AVAIL.bits()
+    } else {
+        DescFlags::USED.bits()
+    }
 }
 
 /// A packed virtqueue (§2.8) carrying owned buffers `T`.
@@ -261,7 +264,7 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
             // At most 16 × 16 bytes.
             let table_len = u32::try_from(shape.segments * DESC_SIZE).unwrap_or(u32::MAX);
             self.write_body(head, table_phys, table_len, id);
-            head_flags = DESC_F_INDIRECT | avail_bits(head_wrap);
+            head_flags = DescFlags::INDIRECT.bits() | avail_bits(head_wrap);
             (slot, wrap) = self.advance(slot, wrap, 1);
             self.stats.indirect_buffers += 1;
             self.stats.indirect_descriptors += shape.segments as u64;
@@ -276,10 +279,10 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
                 };
                 let mut flags = avail_bits(wrap);
                 if segment.device_writable {
-                    flags |= DESC_F_WRITE;
+                    flags |= DescFlags::WRITE.bits();
                 }
                 if position + 1 < shape.segments {
-                    flags |= DESC_F_NEXT;
+                    flags |= DescFlags::NEXT.bits();
                 }
                 self.write_body(slot, segment.phys, segment.len, id);
                 if position == 0 {
@@ -375,8 +378,8 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> PackedQueue<H, T> {
             .ring
             .load16(self.layout.desc(slot) + PACKED_FLAGS)
             .get();
-        let avail = flags & DESC_F_AVAIL != 0;
-        let used = flags & DESC_F_USED != 0;
+        let avail = flags & DescFlags::AVAIL.bits() != 0;
+        let used = flags & DescFlags::USED.bits() != 0;
         let queue = self.index;
         if avail == used {
             match (used == wrap, in_flight_slots > 0) {

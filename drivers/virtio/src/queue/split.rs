@@ -12,9 +12,8 @@ use alloc::vec::Vec;
 
 use super::indirect::{IndirectPool, MAX_INDIRECT_SEGMENTS};
 use super::layout::{
-    AVAIL_F_NO_INTERRUPT, DESC_ADDR, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_FLAGS,
-    DESC_LEN, DESC_NEXT, DESC_SIZE, RING_FLAGS, RING_IDX, SplitLayout, USED_ELEM_ID, USED_ELEM_LEN,
-    USED_F_NO_NOTIFY,
+    AvailFlags, DESC_ADDR, DESC_FLAGS, DESC_LEN, DESC_NEXT, DESC_SIZE, DescFlags, RING_FLAGS,
+    RING_IDX, SplitLayout, USED_ELEM_ID, USED_ELEM_LEN, UsedFlags,
 };
 use super::{
     AddError, CallbackState, Callbacks, DeviceError, QueueAddresses, QueueError, QueueFeatures,
@@ -230,7 +229,7 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
                 addr: pool.phys(table),
                 // At most 16 × 16 bytes.
                 len: u32::try_from(table_len).unwrap_or(u32::MAX),
-                flags: DESC_F_INDIRECT,
+                flags: DescFlags::INDIRECT.bits(),
                 next: 0,
             };
             self.write_desc(head, desc);
@@ -244,13 +243,13 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
                 };
                 let last = position + 1 == shape.segments;
                 let mut flags = if segment.device_writable {
-                    DESC_F_WRITE
+                    DescFlags::WRITE.bits()
                 } else {
                     0
                 };
                 let mut next = 0;
                 if !last {
-                    flags |= DESC_F_NEXT;
+                    flags |= DescFlags::NEXT.bits();
                     next = descriptor_at(&self.free, position + 1);
                 }
                 let index = descriptor_at(&self.free, position);
@@ -318,7 +317,7 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
             }
         } else {
             let flags = self.ring.load16(self.layout.used + RING_FLAGS).get();
-            flags & USED_F_NO_NOTIFY == 0
+            flags & UsedFlags::NO_NOTIFY.bits() == 0
         };
         self.unkicked = 0;
         if needed {
@@ -444,8 +443,8 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
         self.callbacks = Callbacks::Disabled;
         if self.event_idx {
             self.park_used_event();
-        } else if self.avail_flags & AVAIL_F_NO_INTERRUPT == 0 {
-            self.avail_flags |= AVAIL_F_NO_INTERRUPT;
+        } else if self.avail_flags & AvailFlags::NO_INTERRUPT.bits() == 0 {
+            self.avail_flags |= AvailFlags::NO_INTERRUPT.bits();
             self.ring
                 .store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
         }
@@ -464,8 +463,8 @@ impl<H: DmaHal + Clone, T: DeviceBuffer> SplitQueue<H, T> {
             let event = self.last_used.wrapping_add(delay);
             self.ring
                 .store16(self.layout.used_event(), Le16::new(event));
-        } else if self.avail_flags & AVAIL_F_NO_INTERRUPT != 0 {
-            self.avail_flags &= !AVAIL_F_NO_INTERRUPT;
+        } else if self.avail_flags & AvailFlags::NO_INTERRUPT.bits() != 0 {
+            self.avail_flags &= !AvailFlags::NO_INTERRUPT.bits();
             self.ring
                 .store16(self.layout.avail + RING_FLAGS, Le16::new(self.avail_flags));
         }
