@@ -1,6 +1,6 @@
 //! The C runtime symbols that the prebuilt `core` calls: `memcpy`, `memmove`, `memset`,
-//! `memcmp`, `bcmp` (PLATFORM.md). Copies use string instructions, never Rust loops that the
-//! compiler could turn back into calls to these very functions.
+//! `memcmp`, `bcmp` (docs/design.md, Platform facts). Copies use string instructions, never
+//! Rust loops that the compiler could turn back into calls to these very functions.
 //!
 //! Forward copies and fills move eight bytes per iteration (`rep movsq`/`rep stosq`) and only
 //! the last `count % 8` bytes one at a time. On hardware with fast strings `rep movsb` alone
