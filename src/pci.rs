@@ -45,12 +45,11 @@ impl EcamAccess {
     }
 
     fn dword_address(&self, address: pci_types::PciAddress, offset: u16) -> Option<u64> {
+        // `pci_types::PciAddress` holds only device < 32 and function < 8.
         let bus = address.bus();
         if address.segment() != self.window.segment
             || bus < self.window.bus_start
             || bus > self.window.bus_end
-            || address.device() >= 32
-            || address.function() >= 8
             || offset >= 4096
         {
             return None;
@@ -79,11 +78,8 @@ impl PortAccess {
     }
 
     fn config_address(address: pci_types::PciAddress, offset: u16) -> Option<u32> {
-        if address.segment() != 0
-            || address.device() >= 32
-            || address.function() >= 8
-            || offset >= 256
-        {
+        // `pci_types::PciAddress` holds only device < 32 and function < 8.
+        if address.segment() != 0 || offset >= 256 {
             return None;
         }
         Some(
@@ -163,24 +159,19 @@ impl PlatformConfig {
 
 impl pci::ConfigSpace for PlatformConfig {
     fn read32(&self, address: pci::PciAddress, offset: u16) -> u32 {
-        let address = pci_types::PciAddress::new(
-            address.segment,
-            address.bus,
-            address.device,
-            address.function,
-        );
+        // An address no mechanism can reach reads as an absent function's all ones.
+        let Ok(address) = pci_types::PciAddress::try_from(address) else {
+            return u32::MAX;
+        };
         // SAFETY: configuration reads have no memory effects; out-of-range addresses read as
         // all ones in both mechanisms.
         unsafe { self.access().read(address, offset) }
     }
 
     fn write32(&self, address: pci::PciAddress, offset: u16, value: u32) {
-        let address = pci_types::PciAddress::new(
-            address.segment,
-            address.bus,
-            address.device,
-            address.function,
-        );
+        let Ok(address) = pci_types::PciAddress::try_from(address) else {
+            return;
+        };
         // SAFETY: configuration writes reprogram devices. The callers are the pci crate (BAR
         // sizing with restore, command bits on devices Vireo drives, MSI-X control) and the
         // virtio transport; none of them points a device's DMA at memory it does not own.

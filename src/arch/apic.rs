@@ -3,7 +3,9 @@
 
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use super::{clock, cpuid, interrupts, outb, rdmsr, wrmsr};
+use x86_64::registers::model_specific::Msr;
+
+use super::{clock, cpuid, interrupts, outb};
 use crate::mem;
 
 const IA32_APIC_BASE: u32 = 0x1b;
@@ -81,7 +83,7 @@ fn read(register: u32) -> u32 {
         MODE_X2APIC => {
             // SAFETY: x2APIC mode is enabled, so MSRs 0x800.. exist; `register` is one of the
             // documented offsets above.
-            unsafe { rdmsr(X2APIC_MSR_BASE + register / 16) as u32 }
+            unsafe { Msr::new(X2APIC_MSR_BASE + register / 16).read() as u32 }
         }
         _ => {
             let address = XAPIC_BASE.load(Ordering::Relaxed) + u64::from(register);
@@ -96,7 +98,7 @@ fn write(register: u32, value: u32) {
     match MODE.load(Ordering::Relaxed) {
         MODE_X2APIC => {
             // SAFETY: as in `read`; writes to APIC registers do not affect memory safety.
-            unsafe { wrmsr(X2APIC_MSR_BASE + register / 16, u64::from(value)) }
+            unsafe { Msr::new(X2APIC_MSR_BASE + register / 16).write(u64::from(value)) }
         }
         _ => {
             let address = XAPIC_BASE.load(Ordering::Relaxed) + u64::from(register);
@@ -128,18 +130,16 @@ pub fn init() -> Result<ApicInfo, ApicError> {
     if features_edx & (1 << 9) == 0 {
         return Err(ApicError::NotPresent);
     }
+    let mut apic_base_msr = Msr::new(IA32_APIC_BASE);
     // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC (checked above).
-    let apic_base = unsafe { rdmsr(IA32_APIC_BASE) };
+    let apic_base = unsafe { apic_base_msr.read() };
     let x2apic = features_ecx & (1 << 21) != 0;
     if x2apic {
         // SAFETY: CPUID offers x2APIC; enabling it (global enable first, then EXTD) is the
         // documented sequence and changes no memory mappings.
         unsafe {
-            wrmsr(IA32_APIC_BASE, apic_base | APIC_BASE_ENABLE);
-            wrmsr(
-                IA32_APIC_BASE,
-                apic_base | APIC_BASE_ENABLE | APIC_BASE_X2APIC,
-            );
+            apic_base_msr.write(apic_base | APIC_BASE_ENABLE);
+            apic_base_msr.write(apic_base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
         }
         MODE.store(MODE_X2APIC, Ordering::Relaxed);
     } else {
@@ -147,7 +147,7 @@ pub fn init() -> Result<ApicInfo, ApicError> {
         let virtual_address = mem::map_mmio(physical, 4096).map_err(ApicError::Map)?;
         XAPIC_BASE.store(virtual_address, Ordering::Relaxed);
         // SAFETY: as above, for the xAPIC global enable bit.
-        unsafe { wrmsr(IA32_APIC_BASE, apic_base | APIC_BASE_ENABLE) };
+        unsafe { apic_base_msr.write(apic_base | APIC_BASE_ENABLE) };
         MODE.store(MODE_XAPIC, Ordering::Relaxed);
     }
     write(reg::TASK_PRIORITY, 0);

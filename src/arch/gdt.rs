@@ -1,9 +1,9 @@
 //! The GDT and the TSS with its interrupt stack table (IST).
 //!
 //! The prebuilt `core` uses the red zone, and the CPU does not skip it when it pushes an
-//! interrupt frame on the current stack (PLATFORM.md). So every gate in the IDT switches to an
-//! IST stack; none runs on the interrupted stack. Separate stacks keep a nested exception from
-//! overwriting the frame of the handler it interrupted:
+//! interrupt frame on the current stack (docs/design.md, Platform facts). So every gate in the
+//! IDT switches to an IST stack; none runs on the interrupted stack. Separate stacks keep a
+//! nested exception from overwriting the frame of the handler it interrupted:
 //! double fault, NMI/machine check, page fault, other exceptions, and device interrupts (which
 //! never nest: interrupt gates clear IF).
 

@@ -6,9 +6,17 @@
 //! SSE state (FXSAVE, since handlers are ordinary Rust that may use XMM registers), calls
 //! [`dispatch`] with a pointer to the saved [`InterruptFrame`], restores, and `iretq`s. Every
 //! gate runs on an IST stack (see `gdt`), never on the interrupted stack and its red zone.
+//!
+//! The table is the `x86_64` crate's [`InterruptDescriptorTable`]. Its typed handlers need
+//! `extern "x86-interrupt"` (its nightly `abi_x86_interrupt` feature, not enabled), so each gate
+//! is set with `set_handler_addr` to a stub's address and `set_stack_index` to its IST slot.
 
 use core::arch::{global_asm, naked_asm};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use spin::Once;
+use x86_64::VirtAddr;
+use x86_64::structures::idt::InterruptDescriptorTable;
 
 use super::gdt::IstSlot;
 use crate::console;
@@ -65,9 +73,11 @@ pub struct InterruptFrame {
 
 const _: () = assert!(core::mem::size_of::<InterruptFrame>() == 22 * 8);
 
-/// The common entry path. On arrival the stack holds vector, error code and the CPU's frame;
-/// the IST stack top is 16-byte aligned and the CPU's frame plus the two pushes plus 15
-/// registers is 176 bytes, so the FXSAVE area below is aligned once `rsp` is rounded down.
+/// The common entry path (naked assembly: stable Rust has no `extern "x86-interrupt"`, and the
+/// interrupted registers must be saved before any Rust code runs). On arrival the stack holds
+/// vector, error code and the CPU's frame; the IST stack top is 16-byte aligned and the CPU's
+/// frame plus the two pushes plus 15 registers is 176 bytes, so the FXSAVE area below is
+/// aligned once `rsp` is rounded down.
 #[unsafe(naked)]
 unsafe extern "C" fn interrupt_common() {
     naked_asm!(
@@ -96,6 +106,7 @@ macro_rules! entry_stubs {
         /// Every installed stub with its vector.
         static ENTRY_STUBS: &[(u8, unsafe extern "C" fn())] = &[$(($vector, $name)),*];
     };
+    // Naked stubs: the CPU jumps here with no ABI at all (see `interrupt_common`).
     (@stub $vector:literal, $name:ident, error_code) => {
         #[unsafe(naked)]
         unsafe extern "C" fn $name() {
@@ -110,15 +121,16 @@ macro_rules! entry_stubs {
     };
 }
 
+// Intel's reserved exception vectors (15, 22..=27, 31) get no stub: the CPU never raises them
+// and the `x86_64` IDT keeps their gates private (not present).
 entry_stubs! {
     0 => vector_0; 1 => vector_1; 2 => vector_2; 3 => vector_3; 4 => vector_4; 5 => vector_5;
     6 => vector_6; 7 => vector_7; 8 => vector_8, error_code; 9 => vector_9;
     10 => vector_10, error_code; 11 => vector_11, error_code; 12 => vector_12, error_code;
-    13 => vector_13, error_code; 14 => vector_14, error_code; 15 => vector_15; 16 => vector_16;
+    13 => vector_13, error_code; 14 => vector_14, error_code; 16 => vector_16;
     17 => vector_17, error_code; 18 => vector_18; 19 => vector_19; 20 => vector_20;
-    21 => vector_21, error_code; 22 => vector_22; 23 => vector_23; 24 => vector_24;
-    25 => vector_25; 26 => vector_26; 27 => vector_27; 28 => vector_28;
-    29 => vector_29, error_code; 30 => vector_30, error_code; 31 => vector_31;
+    21 => vector_21, error_code; 28 => vector_28;
+    29 => vector_29, error_code; 30 => vector_30, error_code;
     32 => vector_32; 33 => vector_33; 34 => vector_34; 35 => vector_35; 36 => vector_36;
     37 => vector_37; 38 => vector_38; 39 => vector_39; 40 => vector_40; 41 => vector_41;
     42 => vector_42; 43 => vector_43; 44 => vector_44; 45 => vector_45; 46 => vector_46;
@@ -139,83 +151,70 @@ pub const TIMER_VECTOR: u8 = 0xef;
 /// The local APIC's spurious vector (no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
-/// One IDT gate (Intel SDM vol. 3, 6.14.1).
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Gate {
-    offset_low: u16,
-    selector: u16,
-    ist: u8,
-    type_attributes: u8,
-    offset_middle: u16,
-    offset_high: u32,
-    reserved: u32,
-}
-
-const _: () = assert!(core::mem::size_of::<Gate>() == 16);
-
-impl Gate {
-    const MISSING: Gate = Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        type_attributes: 0,
-        offset_middle: 0,
-        offset_high: 0,
-        reserved: 0,
-    };
-
-    /// A present, DPL 0, 64-bit interrupt gate (IF cleared on entry) on IST `slot`.
-    fn interrupt_gate(handler: u64, code_selector: u16, slot: IstSlot) -> Gate {
-        Gate {
-            offset_low: handler as u16,
-            selector: code_selector,
-            ist: slot as u8,
-            type_attributes: 0x8e,
-            offset_middle: (handler >> 16) as u16,
-            offset_high: (handler >> 32) as u32,
-            reserved: 0,
-        }
+/// The IST slot each vector's gate switches to (see `gdt`).
+fn ist_slot(vector: u8) -> IstSlot {
+    match vector {
+        8 => IstSlot::DoubleFault,
+        2 | 18 => IstSlot::NonMaskable,
+        14 => IstSlot::PageFault,
+        0..=31 => IstSlot::Exception,
+        _ => IstSlot::Interrupt,
     }
 }
 
-#[repr(C, align(16))]
-struct Idt([Gate; 256]);
+/// Points the gate of `vector` at `stub` on its IST stack: a present, DPL 0, 64-bit interrupt
+/// gate (IF cleared on entry) with the current code selector (Intel SDM vol. 3, §6.14.1).
+/// The vectors Intel reserves (15, 22..=27, 31) are left alone: the `x86_64` crate keeps their
+/// gates private (not present), the CPU never raises them, and nothing here does.
+fn install_gate(idt: &mut InterruptDescriptorTable, vector: u8, stub: unsafe extern "C" fn()) {
+    let handler = VirtAddr::new(stub as usize as u64);
+    // The IDT encodes IST slots from 1; `set_stack_index` takes them from 0.
+    let stack_index = ist_slot(vector) as u16 - 1;
+    macro_rules! set {
+        ($entry:expr) => {{
+            // SAFETY: `handler` is a naked entry stub of this module, which follows the
+            // interrupt ABI described at the top (dummy error code where the CPU pushes none,
+            // `iretq` at the end) for whatever entry type the gate has; `stack_index` names one
+            // of the five IST stacks `gdt::init` put in the TSS, and the stacks of classes that
+            // may nest differ (see `IstSlot`).
+            unsafe {
+                $entry
+                    .set_handler_addr(handler)
+                    .set_stack_index(stack_index)
+            };
+        }};
+    }
+    match vector {
+        8 => set!(idt.double_fault),
+        10 => set!(idt.invalid_tss),
+        11 => set!(idt.segment_not_present),
+        12 => set!(idt.stack_segment_fault),
+        13 => set!(idt.general_protection_fault),
+        14 => set!(idt.page_fault),
+        17 => set!(idt.alignment_check),
+        18 => set!(idt.machine_check),
+        21 => set!(idt.cp_protection_exception),
+        29 => set!(idt.vmm_communication_exception),
+        30 => set!(idt.security_exception),
+        0..=7 | 9 | 16 | 19 | 20 | 28 | 32..=255 => set!(idt[vector]),
+        15 | 22..=27 | 31 => {}
+    }
+}
 
-/// The IDT. Written once in [`init`] before `lidt`, then only read by the CPU.
-static mut IDT: Idt = Idt([Gate::MISSING; 256]);
+/// The IDT: the `x86_64` crate's table, filled once in [`init`] and then only read by the CPU.
+static IDT: Once<InterruptDescriptorTable> = Once::new();
 
 /// Fills and loads the IDT: every exception and every stubbed interrupt vector gets a gate on
 /// an IST stack.
 pub fn init() {
-    let code_selector = {
-        use x86_64::instructions::segmentation::Segment;
-        x86_64::instructions::segmentation::CS::get_reg().0
-    };
-    let mut gates = [Gate::MISSING; 256];
-    for &(vector, stub) in ENTRY_STUBS {
-        let slot = match vector {
-            8 => IstSlot::DoubleFault,
-            2 | 18 => IstSlot::NonMaskable,
-            14 => IstSlot::PageFault,
-            0..=31 => IstSlot::Exception,
-            _ => IstSlot::Interrupt,
-        };
-        gates[usize::from(vector)] =
-            Gate::interrupt_gate(stub as usize as u64, code_selector, slot);
-    }
-    // SAFETY: `init` runs once on the boot CPU before interrupts are enabled; nothing else
-    // references IDT. After `lidt` the table is never written again, and it is a static, so
-    // it outlives its use. Every gate points at a stub that follows the interrupt ABI above.
-    unsafe {
-        let idt = &mut *core::ptr::addr_of_mut!(IDT);
-        idt.0 = gates;
-        let pointer = x86_64::structures::DescriptorTablePointer {
-            limit: (core::mem::size_of::<Idt>() - 1) as u16,
-            base: x86_64::VirtAddr::new(idt as *const Idt as u64),
-        };
-        x86_64::instructions::tables::lidt(&pointer);
-    }
+    let idt = IDT.call_once(|| {
+        let mut idt = InterruptDescriptorTable::new();
+        for &(vector, stub) in ENTRY_STUBS {
+            install_gate(&mut idt, vector, stub);
+        }
+        idt
+    });
+    idt.load();
 }
 
 /// A device interrupt handler: runs with interrupts disabled on the interrupt IST stack; keep it
@@ -356,7 +355,8 @@ fn fatal_exception(frame: &InterruptFrame) -> ! {
     super::exit_qemu(super::ExitCode::Failure)
 }
 
-// The page-fault probe: `probe_read_u64(address)` loads a qword; if the load faults, the #PF
+// The page-fault probe (assembly: the #PF handler must recognise the one faulting instruction
+// by its address, which only a label gives): `probe_read_u64(address)` loads a qword; if the load faults, the #PF
 // handler moves RIP to the fixup, which returns (fault address, 1) instead of (value, 0).
 global_asm!(
     ".pushsection .text.probe, \"ax\"",

@@ -1,6 +1,12 @@
-//! The CPU: port I/O, MSRs, CPUID, QEMU exit, and the submodules for descriptor tables,
-//! interrupts, the local APIC and the clock. Everything in here is platform code and may use
-//! `unsafe`; each block says why it is sound.
+//! The CPU: port I/O, CPUID, the TSC, the spin hint, QEMU exit, and the submodules for
+//! descriptor tables, interrupts, the local APIC and the clock. Everything in here is platform
+//! code and may use `unsafe`; each block says why it is sound.
+//!
+//! Instructions come from the `x86_64` crate (port I/O, MSRs, control registers, descriptor
+//! tables, `hlt`/`sti`/`cli`) or from `core::arch` (CPUID, RDTSC). The only assembly left is
+//! what neither can express on stable Rust: the naked interrupt entry stubs and the page-fault
+//! probe (`interrupts`), the C memory functions (`mem::rt`), the boot code (`boot/entry.S`) and
+//! the self test's probes.
 
 pub mod apic;
 pub mod clock;
@@ -8,79 +14,41 @@ pub mod gdt;
 pub mod interrupts;
 pub mod ioapic;
 
-use core::arch::asm;
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use x86_64::instructions::port::Port;
+
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
-    let value: u8;
     // SAFETY: port reads have no memory effects; every port Vireo reads (COM1, PIT, PIC, PCI
     // 0xCFC, ACPI PM timer) has no read side effects that could break memory safety.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { Port::<u8>::new(port).read() }
 }
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: see `inb`; the ports Vireo writes control devices that do not DMA into memory we
     // have not handed them.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Port::<u8>::new(port).write(value) }
 }
 
 /// Writes a 16-bit word to an I/O port.
 pub fn outw(port: u16, value: u16) {
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Port::<u16>::new(port).write(value) }
 }
 
 /// Reads a 32-bit dword from an I/O port.
 pub fn inl(port: u16) -> u32 {
-    let value: u32;
     // SAFETY: as for `inb`.
-    unsafe {
-        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
-    };
-    value
+    unsafe { Port::<u32>::new(port).read() }
 }
 
 /// Writes a 32-bit dword to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    };
-}
-
-/// Reads a model-specific register.
-///
-/// # Safety
-/// `msr` must exist on this CPU (reading an absent MSR raises #GP).
-pub unsafe fn rdmsr(msr: u32) -> u64 {
-    let (low, high): (u32, u32);
-    // SAFETY: the caller guarantees the MSR exists.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
-    };
-    (u64::from(high) << 32) | u64::from(low)
-}
-
-/// Writes a model-specific register.
-///
-/// # Safety
-/// `msr` must exist and `value` must be valid for it, and the write must not break invariants
-/// that Rust code relies on (paging, segmentation).
-pub unsafe fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: the caller guarantees the MSR and value are valid.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
-    };
+    unsafe { Port::<u32>::new(port).write(value) }
 }
 
 /// CPUID leaf `leaf`, subleaf 0: (eax, ebx, ecx, edx).

@@ -279,8 +279,11 @@ pub fn init(boot: &BootInfo) -> Result<MemSummary, MemError> {
     // themselves, which live in BSS), the first MiB and all RAM, so every address Rust holds
     // stays valid across the switch. Writing CR3 also flushes the TLB.
     unsafe {
-        core::arch::asm!("mov cr3, {}", in(reg) mapper.root(), options(nostack, preserves_flags));
-    }
+        x86_64::registers::control::Cr3::write(
+            mapper.root(),
+            x86_64::registers::control::Cr3Flags::empty(),
+        )
+    };
 
     let (heap_start, heap_end) = boot
         .regions()

@@ -5,17 +5,23 @@
 //! addresses Rust uses. 2 MiB pages are used where a range covers a whole aligned 2 MiB block,
 //! 4 KiB pages elsewhere; a 2 MiB page is split when part of it needs other attributes (the
 //! stack guard, an MMIO window). Page-table pages come from a fixed pool in BSS.
+//!
+//! Tables, entries and their flags are the `x86_64` crate's [`PageTable`], `PageTableEntry` and
+//! [`PageTableFlags`] (Intel SDM vol. 3, §4.5, "4-Level Paging"); this module only decides what
+//! to map and owns the pool.
 
 use core::fmt;
 
-const PRESENT: u64 = 1 << 0;
-const WRITABLE: u64 = 1 << 1;
-const WRITE_THROUGH: u64 = 1 << 3;
-const CACHE_DISABLE: u64 = 1 << 4;
-const HUGE: u64 = 1 << 7;
-const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+use x86_64::PhysAddr;
+use x86_64::structures::paging::{PageTable, PageTableFlags, PhysFrame};
+
 /// Attribute bits a split 2 MiB page hands to its 4 KiB pages.
-const LEAF_ATTRIBUTES: u64 = PRESENT | WRITABLE | WRITE_THROUGH | CACHE_DISABLE;
+const LEAF_ATTRIBUTES: PageTableFlags = PageTableFlags::PRESENT
+    .union(PageTableFlags::WRITABLE)
+    .union(PageTableFlags::WRITE_THROUGH)
+    .union(PageTableFlags::NO_CACHE);
+/// The flags of an entry that points at a next-level table.
+const TABLE_FLAGS: PageTableFlags = PageTableFlags::PRESENT.union(PageTableFlags::WRITABLE);
 
 const PAGE: u64 = 4096;
 const LARGE_PAGE: u64 = 2 * 1024 * 1024;
@@ -59,18 +65,20 @@ impl fmt::Display for MapError {
 const POOL_PAGES: usize = 192;
 
 #[repr(C, align(4096))]
-struct Table([u64; 512]);
-
-#[repr(C, align(4096))]
-struct Pool([Table; POOL_PAGES]);
+struct Pool([PageTable; POOL_PAGES]);
 
 /// Page-table pages. Reached only through raw pointers by `Mapper`, which the caller
 /// serialises (it lives behind the `mem` module's mutex).
-static mut POOL: Pool = Pool([const { Table([0; 512]) }; POOL_PAGES]);
+static mut POOL: Pool = Pool([const { PageTable::new() }; POOL_PAGES]);
+
+/// The physical (identity-mapped) address of a pool table.
+fn table_address(table: *mut PageTable) -> PhysAddr {
+    PhysAddr::new(table as u64)
+}
 
 /// The page tables and their allocator.
 pub struct Mapper {
-    pml4: *mut Table,
+    pml4: *mut PageTable,
     used: usize,
 }
 
@@ -94,12 +102,12 @@ impl Mapper {
         (self.used, POOL_PAGES)
     }
 
-    /// Physical address of the PML4, for CR3.
-    pub fn root(&self) -> u64 {
-        self.pml4 as u64
+    /// The PML4's frame, for CR3.
+    pub fn root(&self) -> PhysFrame {
+        PhysFrame::containing_address(table_address(self.pml4))
     }
 
-    fn allocate_table(&mut self) -> Result<*mut Table, MapError> {
+    fn allocate_table(&mut self) -> Result<*mut PageTable, MapError> {
         if self.used == POOL_PAGES {
             return Err(MapError::OutOfTablePages);
         }
@@ -114,26 +122,35 @@ impl Mapper {
     /// pages with the same attributes) when needed.
     fn next_table(
         &mut self,
-        table: *mut Table,
+        table: *mut PageTable,
         index: usize,
         splittable: bool,
-    ) -> Result<*mut Table, MapError> {
-        // SAFETY: `table` is a pool page (or the PML4) owned by this mapper; index < 512.
-        let entry = unsafe { (*table).0[index] };
-        if entry & PRESENT != 0 && entry & HUGE == 0 {
-            return Ok((entry & ADDRESS_MASK) as *mut Table);
+    ) -> Result<*mut PageTable, MapError> {
+        // SAFETY: `table` is a pool page (or the PML4) owned by this mapper, which is reached
+        // only through it (behind the `mem` mutex), so the short-lived reference aliases no
+        // other; index < 512.
+        let (flags, address) = unsafe {
+            let entry = &(&*table)[index];
+            (entry.flags(), entry.addr())
+        };
+        let present = flags.contains(PageTableFlags::PRESENT);
+        let huge = flags.contains(PageTableFlags::HUGE_PAGE);
+        if present && !huge {
+            return Ok(address.as_u64() as *mut PageTable);
         }
         let new_table = self.allocate_table()?;
-        if entry & PRESENT != 0 && splittable {
-            let base = entry & ADDRESS_MASK & !(LARGE_PAGE - 1);
-            let attributes = entry & LEAF_ATTRIBUTES;
-            for (small, slot) in (0..512u64).zip(0..512usize) {
+        if present && splittable {
+            let base = address.align_down(LARGE_PAGE);
+            let attributes = flags & LEAF_ATTRIBUTES;
+            for small in 0..512usize {
                 // SAFETY: `new_table` is a fresh pool page owned by this mapper.
-                unsafe { (*new_table).0[slot] = (base + small * PAGE) | attributes };
+                unsafe {
+                    (&mut *new_table)[small].set_addr(base + small as u64 * PAGE, attributes)
+                };
             }
         }
         // SAFETY: as above; the parent entry now points at the new table.
-        unsafe { (*table).0[index] = new_table as u64 | PRESENT | WRITABLE };
+        unsafe { (&mut *table)[index].set_addr(table_address(new_table), TABLE_FLAGS) };
         Ok(new_table)
     }
 
@@ -146,11 +163,11 @@ impl Mapper {
         let Some(end) = end else {
             return Err(MapError::BadRange { start, length });
         };
-        let attributes = PRESENT
-            | WRITABLE
+        let attributes = PageTableFlags::PRESENT
+            | PageTableFlags::WRITABLE
             | match caching {
-                Caching::WriteBack => 0,
-                Caching::Uncached => WRITE_THROUGH | CACHE_DISABLE,
+                Caching::WriteBack => PageTableFlags::empty(),
+                Caching::Uncached => PageTableFlags::WRITE_THROUGH | PageTableFlags::NO_CACHE,
             };
         let mut address = start & !(PAGE - 1);
         let end = end.div_ceil(PAGE) * PAGE;
@@ -161,20 +178,26 @@ impl Mapper {
             let pdpt = self.next_table(self.pml4, pml4_index, false)?;
             let pd = self.next_table(pdpt, pdpt_index, false)?;
             // SAFETY: `pd` is a table owned by this mapper.
-            let pd_entry = unsafe { (*pd).0[pd_index] };
+            let pd_flags = unsafe { (&*pd)[pd_index].flags() };
             let whole_large_page =
                 address.is_multiple_of(LARGE_PAGE) && end - address >= LARGE_PAGE;
-            let already_split = pd_entry & PRESENT != 0 && pd_entry & HUGE == 0;
+            let already_split = pd_flags.contains(PageTableFlags::PRESENT)
+                && !pd_flags.contains(PageTableFlags::HUGE_PAGE);
             if whole_large_page && !already_split {
-                // SAFETY: as above.
-                unsafe { (*pd).0[pd_index] = address | attributes | HUGE };
+                // SAFETY: as above; `address` is 2 MiB aligned and below MAX_PHYSICAL.
+                unsafe {
+                    (&mut *pd)[pd_index].set_addr(
+                        PhysAddr::new(address),
+                        attributes | PageTableFlags::HUGE_PAGE,
+                    )
+                };
                 address += LARGE_PAGE;
                 continue;
             }
             let pt = self.next_table(pd, pd_index, true)?;
             let pt_index = ((address >> 12) & 511) as usize;
-            // SAFETY: as above.
-            unsafe { (*pt).0[pt_index] = address | attributes };
+            // SAFETY: as above; `address` is 4 KiB aligned and below MAX_PHYSICAL.
+            unsafe { (&mut *pt)[pt_index].set_addr(PhysAddr::new(address), attributes) };
             address += PAGE;
         }
         Ok(())
@@ -187,7 +210,7 @@ impl Mapper {
         let pd = self.next_table(pdpt, ((address >> 30) & 511) as usize, false)?;
         let pt = self.next_table(pd, ((address >> 21) & 511) as usize, true)?;
         // SAFETY: `pt` is a table owned by this mapper; the index is < 512.
-        unsafe { (*pt).0[((address >> 12) & 511) as usize] = 0 };
+        unsafe { (&mut *pt)[((address >> 12) & 511) as usize].set_unused() };
         Ok(())
     }
 }

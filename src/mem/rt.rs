@@ -1,6 +1,6 @@
 //! The C runtime symbols that the prebuilt `core` calls: `memcpy`, `memmove`, `memset`,
-//! `memcmp`, `bcmp` (PLATFORM.md). Copies use string instructions, never Rust loops that the
-//! compiler could turn back into calls to these very functions.
+//! `memcmp`, `bcmp` (docs/design.md, Platform facts). Copies use string instructions, never
+//! Rust loops that the compiler could turn back into calls to these very functions.
 //!
 //! Forward copies and fills move eight bytes per iteration (`rep movsq`/`rep stosq`) and only
 //! the last `count % 8` bytes one at a time. On hardware with fast strings `rep movsb` alone
@@ -21,7 +21,8 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, count: usize) -> 
     dest
 }
 
-/// Copies `count` bytes forwards: `count / 8` quadwords, then the remaining bytes.
+/// Copies `count` bytes forwards: `count / 8` quadwords, then the remaining bytes (assembly:
+/// a Rust loop could be compiled back into a call to `memcpy` itself).
 ///
 /// # Safety
 /// `dest` and `src` are valid for `count` bytes, and `dest` does not overlap `src` above it.
@@ -58,7 +59,8 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, count: usize) ->
         // already overwritten when the destination is below the source.
         unsafe { copy_forward(dest, src, count) };
     } else {
-        // Overlap with the destination above: copy backwards from the last byte.
+        // Overlap with the destination above: copy backwards from the last byte (assembly, as
+        // in `copy_forward`; DF has no Rust equivalent).
         // SAFETY: as above with DF set for the copy and cleared again before returning, as
         // the ABI requires. The pointers address the last byte of each range.
         unsafe {
@@ -81,6 +83,7 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, count: usize) ->
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, count: usize) -> *mut u8 {
     let byte = u64::from(value as u8);
+    // Assembly, as in `copy_forward`: a Rust loop could become a call to `memset` itself.
     // SAFETY: the caller upholds memset's contract; `rep stosq` writes `count / 8` quadwords of
     // the byte repeated and `rep stosb` the `count % 8` bytes after them: exactly `count` bytes,
     // forwards (DF is clear on entry, as the ABI requires).

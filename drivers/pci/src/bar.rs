@@ -7,7 +7,7 @@
 
 use core::fmt;
 
-use crate::command::{read_command, write_command};
+use crate::command::{CommandRegister, read_command, write_command};
 use crate::{ConfigSpace, PciAddress, regs};
 
 /// A decoded and sized Base Address Register (PCI LB 3.0 §6.2.5.1).
@@ -194,9 +194,9 @@ pub fn probe_bars<C: ConfigSpace + ?Sized>(
 
     // Decoding off while a BAR holds all ones, so the device never claims a bogus range.
     let command = read_command(config, address);
-    let decode = regs::COMMAND_MEMORY_SPACE | regs::COMMAND_IO_SPACE;
-    if command & decode != 0 {
-        write_command(config, address, command & !decode);
+    let decode = CommandRegister::MEMORY_ENABLE | CommandRegister::IO_ENABLE;
+    if command.intersects(decode) {
+        write_command(config, address, command.difference(decode));
     }
 
     let mut slot = 0;
@@ -255,7 +255,7 @@ pub fn probe_bars<C: ConfigSpace + ?Sized>(
         }
     }
 
-    if command & decode != 0 {
+    if command.intersects(decode) {
         write_command(config, address, command);
     }
     probed

@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::vec::Vec;
 
-use crate::{ConfigSpace, PciAddress, regs};
+use crate::{ConfigSpace, PciAddress, Status, regs};
 
 /// One logged configuration access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +57,7 @@ pub struct FakeFunction {
 /// Command register bits a write can change.
 const COMMAND_WRITABLE: u32 = 0x0000_07ff;
 /// Status bits that are write-one-to-clear (parity, signalled/received aborts, SERR#).
-const STATUS_WRITE_ONE_TO_CLEAR: u32 = 0xf900_0000;
+const STATUS_WRITE_ONE_TO_CLEAR: u32 = (Status::WRITE_ONE_TO_CLEAR.bits() as u32) << 16;
 
 impl FakeFunction {
     fn new(vendor: u16, device: u16, class_code: u32, revision: u8, header: u8) -> Self {

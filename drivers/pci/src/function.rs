@@ -6,54 +6,21 @@ use core::fmt;
 
 use crate::bar::{BRIDGE_BAR_SLOTS, BarError, Bars, ENDPOINT_BAR_SLOTS, probe_bars};
 use crate::msix::{MsixCapability, MsixError};
-use crate::{Capabilities, ConfigSpace, PciAddress, regs};
+use crate::{Capabilities, ConfigSpace, PciAddress, ReadOnlyAccess, regs};
+use pci_types::device_type::DeviceType;
+use pci_types::{EndpointHeader, PciHeader, PciPciBridgeHeader};
 
-/// Header type bit 7: the device implements more than one function.
-const HEADER_TYPE_MULTIFUNCTION: u8 = 0x80;
-/// Header type bits 6:0: the layout of bytes 0x10..0x40.
-const HEADER_TYPE_LAYOUT_MASK: u8 = 0x7f;
+/// The layout of a function's header (header type bits 6:0, PCI LB 3.0 §6.2.1): `pci_types`'
+/// type, decoded by `pci_types`' `PciHeader::header_type`.
+pub use pci_types::HeaderType;
 
-/// The layout of a function's header (header type bits 6:0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeaderType {
-    /// Type 0: an endpoint, with six BARs.
-    Endpoint,
-    /// Type 1: a PCI-to-PCI bridge, with two BARs and bus numbers.
-    PciToPciBridge,
-    /// Type 2: a CardBus bridge; Vireo decodes no BARs on it.
-    CardBusBridge,
-    /// Any other value, which the specification does not define.
-    Unknown(u8),
-}
-
-impl HeaderType {
-    /// Decodes header type bits 6:0 (bit 7, multi-function, is ignored).
-    pub const fn from_raw(raw: u8) -> Self {
-        match raw & HEADER_TYPE_LAYOUT_MASK {
-            0 => Self::Endpoint,
-            1 => Self::PciToPciBridge,
-            2 => Self::CardBusBridge,
-            other => Self::Unknown(other),
-        }
-    }
-
-    /// The raw layout value (0, 1, 2, ...).
-    pub const fn raw(self) -> u8 {
-        match self {
-            Self::Endpoint => 0,
-            Self::PciToPciBridge => 1,
-            Self::CardBusBridge => 2,
-            Self::Unknown(raw) => raw,
-        }
-    }
-
-    /// How many BAR slots Vireo decodes for this layout.
-    pub const fn bar_slots(self) -> usize {
-        match self {
-            Self::Endpoint => ENDPOINT_BAR_SLOTS,
-            Self::PciToPciBridge => BRIDGE_BAR_SLOTS,
-            Self::CardBusBridge | Self::Unknown(_) => 0,
-        }
+/// How many BAR slots Vireo decodes for a header layout: six for an endpoint (type 0), two for a
+/// PCI-to-PCI bridge (type 1), none for a CardBus bridge or an undefined layout.
+pub const fn bar_slots(header_type: HeaderType) -> usize {
+    match header_type {
+        HeaderType::Endpoint => ENDPOINT_BAR_SLOTS,
+        HeaderType::PciPciBridge => BRIDGE_BAR_SLOTS,
+        _ => 0,
     }
 }
 
@@ -125,43 +92,44 @@ impl Function {
     /// Sizing BARs writes to configuration space (see [`probe_bars`]); every other access is a
     /// read, and every register is left as it was found.
     pub fn probe<C: ConfigSpace + ?Sized>(config: &C, address: PciAddress) -> Option<Self> {
-        let id = config.read32(address, regs::VENDOR_DEVICE);
-        let vendor_id = id as u16;
+        // An address no configuration mechanism can reach holds no function.
+        let types_address = pci_types::PciAddress::try_from(address).ok()?;
+        let access = ReadOnlyAccess(config);
+        let header = PciHeader::new(types_address);
+        let (vendor_id, device_id) = header.id(&access);
         if !Self::vendor_is_present(vendor_id) {
             return None;
         }
-        let class_revision = config.read32(address, regs::CLASS_REVISION);
-        let header_raw = config.read8(address, regs::HEADER_TYPE_DWORD + 2);
-        let header_type = HeaderType::from_raw(header_raw);
-        let interrupt = config.read32(address, regs::INTERRUPT);
+        let (revision, class, subclass, prog_if) = header.revision_and_class(&access);
+        let header_type = header.header_type(&access);
+        let multifunction = header.has_multiple_functions(&access);
 
-        let subsystem = (header_type == HeaderType::Endpoint).then(|| {
-            let subsystem = config.read32(address, regs::SUBSYSTEM);
-            Subsystem {
-                vendor_id: subsystem as u16,
-                id: (subsystem >> 16) as u16,
-            }
-        });
-        let bridge_buses = (header_type == HeaderType::PciToPciBridge).then(|| {
-            let buses = config.read32(address, regs::BRIDGE_BUS_NUMBERS);
-            BridgeBuses {
-                primary: buses as u8,
-                secondary: (buses >> 8) as u8,
-                subordinate: (buses >> 16) as u8,
-            }
-        });
-        let probed = probe_bars(config, address, header_type.bar_slots());
+        let subsystem =
+            EndpointHeader::from_header(PciHeader::new(types_address), &access).map(|endpoint| {
+                let (id, vendor_id) = endpoint.subsystem(&access);
+                Subsystem { vendor_id, id }
+            });
+        let bridge_buses = PciPciBridgeHeader::from_header(PciHeader::new(types_address), &access)
+            .map(|bridge| BridgeBuses {
+                primary: bridge.primary_bus_number(&access),
+                secondary: bridge.secondary_bus_number(&access),
+                subordinate: bridge.subordinate_bus_number(&access),
+            });
+        // Both header types keep the interrupt line and pin at 0x3c (`pci_types` reads it for
+        // endpoints only).
+        let interrupt = config.read32(address, regs::INTERRUPT);
+        let probed = probe_bars(config, address, bar_slots(header_type));
 
         Some(Self {
             address,
             vendor_id,
-            device_id: (id >> 16) as u16,
-            class: (class_revision >> 24) as u8,
-            subclass: (class_revision >> 16) as u8,
-            prog_if: (class_revision >> 8) as u8,
-            revision: class_revision as u8,
+            device_id,
+            class,
+            subclass,
+            prog_if,
+            revision,
             header_type,
-            multifunction: header_raw & HEADER_TYPE_MULTIFUNCTION != 0,
+            multifunction,
             subsystem,
             bridge_buses,
             interrupt_line: interrupt as u8,
@@ -172,8 +140,13 @@ impl Function {
     }
 
     /// A short name for the function's class, e.g. `ethernet` or `host bridge`.
-    pub const fn class_name(&self) -> &'static str {
+    pub fn class_name(&self) -> &'static str {
         class_name(self.class, self.subclass)
+    }
+
+    /// The function's class and subclass, classified by `pci_types`.
+    pub fn device_type(&self) -> DeviceType {
+        DeviceType::from((self.class, self.subclass))
     }
 
     /// Walks the function's capability list.
@@ -190,24 +163,28 @@ impl Function {
     }
 }
 
-/// A short name for a class/subclass pair; `other` for the ones Vireo does not name.
-pub const fn class_name(class: u8, subclass: u8) -> &'static str {
-    match (class, subclass) {
-        (0x01, 0x01) => "IDE",
-        (0x01, 0x06) => "SATA",
-        (0x01, 0x08) => "NVMe",
-        (0x01, _) => "storage",
-        (0x02, 0x00) => "ethernet",
-        (0x02, _) => "network",
-        (0x03, 0x00) => "VGA",
-        (0x03, _) => "display",
-        (0x06, 0x00) => "host bridge",
-        (0x06, 0x01) => "ISA bridge",
-        (0x06, 0x04) => "PCI bridge",
-        (0x06, _) => "bridge",
-        (0x0c, 0x03) => "USB",
-        (0x0c, 0x05) => "SMBus",
-        _ => "other",
+/// A short name for a class/subclass pair, from `pci_types`' classification
+/// ([`DeviceType`]); the base class's name for the subclasses Vireo does not name, and `other`
+/// for the rest.
+pub fn class_name(class: u8, subclass: u8) -> &'static str {
+    match DeviceType::from((class, subclass)) {
+        DeviceType::IdeController => "IDE",
+        DeviceType::SataController => "SATA",
+        DeviceType::NvmeController => "NVMe",
+        DeviceType::EthernetController => "ethernet",
+        DeviceType::VgaCompatibleController => "VGA",
+        DeviceType::HostBridge => "host bridge",
+        DeviceType::IsaBridge => "ISA bridge",
+        DeviceType::PciPciBridge => "PCI bridge",
+        DeviceType::UsbController => "USB",
+        DeviceType::SmBusController => "SMBus",
+        _ => match class {
+            0x01 => "storage",
+            0x02 => "network",
+            0x03 => "display",
+            0x06 => "bridge",
+            _ => "other",
+        },
     }
 }
 
@@ -231,10 +208,9 @@ impl fmt::Display for Function {
             f.write_str(" multifunction")?;
         }
         match self.header_type {
-            HeaderType::Endpoint => {}
-            HeaderType::PciToPciBridge => {}
             HeaderType::CardBusBridge => f.write_str(" cardbus")?,
             HeaderType::Unknown(raw) => write!(f, " header-type {raw:#04x}")?,
+            _ => {}
         }
         if let Some(buses) = self.bridge_buses {
             write!(
@@ -333,7 +309,7 @@ mod tests {
             FakeFunction::bridge(0x1b36, 0x0001, 0, 3, 5).bar32(0, 0xfe00_0000, 0x100, false),
         );
         let function = Function::probe(&config, address).expect("present");
-        assert_eq!(function.header_type, HeaderType::PciToPciBridge);
+        assert_eq!(function.header_type, HeaderType::PciPciBridge);
         assert_eq!(
             function.bridge_buses,
             Some(BridgeBuses {
@@ -405,10 +381,47 @@ mod tests {
 
     #[test]
     fn header_type_layouts() {
-        assert_eq!(HeaderType::from_raw(0x80), HeaderType::Endpoint);
-        assert_eq!(HeaderType::from_raw(0x81), HeaderType::PciToPciBridge);
-        assert_eq!(HeaderType::from_raw(0x02).bar_slots(), 0);
-        assert_eq!(HeaderType::from_raw(0x7f), HeaderType::Unknown(0x7f));
-        assert_eq!(HeaderType::Unknown(0x7f).raw(), 0x7f);
+        let config = FakeConfig::new();
+        let address = PciAddress::new(0, 6, 0);
+        for (raw, expected, slots, multifunction) in [
+            (0x00, HeaderType::Endpoint, 6, false),
+            (0x80, HeaderType::Endpoint, 6, true),
+            (0x81, HeaderType::PciPciBridge, 2, true),
+            (0x02, HeaderType::CardBusBridge, 0, false),
+            (0x7f, HeaderType::Unknown(0x7f), 0, false),
+        ] {
+            config.insert(
+                address,
+                FakeFunction::endpoint(0x1234, 0x0001, 0xff0000, 0).header(raw),
+            );
+            let function = Function::probe(&config, address).expect("present");
+            assert_eq!(function.header_type, expected, "header type {raw:#04x}");
+            assert_eq!(bar_slots(function.header_type), slots);
+            assert_eq!(function.multifunction, multifunction);
+        }
+    }
+
+    #[test]
+    fn out_of_range_address_holds_no_function() {
+        let config = FakeConfig::new();
+        assert_eq!(Function::probe(&config, PciAddress::new(0, 32, 0)), None);
+        assert_eq!(config.log(), [], "nothing was read");
+    }
+
+    #[test]
+    fn device_type_from_pci_types() {
+        let config = FakeConfig::new();
+        let address = PciAddress::new(0, 1, 0);
+        config.insert(address, crate::fake::q35_virtio_net());
+        let function = Function::probe(&config, address).expect("present");
+        assert_eq!(function.device_type(), DeviceType::EthernetController);
+        assert_eq!(class_name(0x01, 0x00), "storage");
+        assert_eq!(class_name(0x02, 0x80), "network");
+        assert_eq!(class_name(0x03, 0x02), "display");
+        assert_eq!(class_name(0x03, 0x00), "VGA");
+        assert_eq!(class_name(0x06, 0x80), "bridge");
+        assert_eq!(class_name(0x0c, 0x03), "USB");
+        assert_eq!(class_name(0x01, 0x01), "IDE");
+        assert_eq!(class_name(0x01, 0x08), "NVMe");
     }
 }

@@ -9,12 +9,50 @@
 //! - this file: the [`ConfigSpace`] seam, [`PciAddress`], register offsets and the capability
 //!   list walk;
 //! - [`bar`]: BAR decoding and sizing;
-//! - [`command`]: command register helpers;
+//! - [`command`]: the command and status registers;
 //! - [`function`]: a function's decoded header and its lspci-like `Display`;
 //! - [`enumerate`](mod@enumerate): the walk of the bus hierarchy;
 //! - [`msix`]: the MSI-X capability, Message Control and the x86 message encoding.
 //!
 //! Configuration space is untrusted input: nothing here panics or loops on what it reads.
+//!
+//! # What comes from `pci_types`, and what does not
+//!
+//! The ecosystem's `pci_types` crate (0.10) is the home of PCI's vocabulary, and this crate uses
+//! it wherever it is sound on a configuration space that a device controls:
+//!
+//! - header decoding: [`Function::probe`] reads the ids, class codes, header type, multi-function
+//!   bit, subsystem ids and bridge bus numbers through `pci_types`' `PciHeader`,
+//!   `EndpointHeader` and `PciPciBridgeHeader`, over a read-only adapter of [`ConfigSpace`]
+//!   (`pci_types` code never writes configuration space here);
+//! - [`HeaderType`] is `pci_types::HeaderType`; [`class_name`] and [`Function::device_type`]
+//!   classify through `pci_types::device_type::DeviceType`;
+//! - the command register is `pci_types::CommandRegister` ([`CommandRegister`]);
+//! - `pci_types::PciAddress` is the address at the kernel's `ConfigRegionAccess` seam, converted
+//!   from [`PciAddress`] with [`TryFrom`].
+//!
+//! It keeps its own code where `pci_types` is not sound for an untrusted device. Each claim is
+//! shown by a host test in `pci_types_limits.rs`, against this crate's fake configuration space:
+//!
+//! - **BAR decoding and sizing** ([`probe_bars`]): `EndpointHeader::bar` panics on a memory BAR
+//!   with a reserved type (bits 2:1 = 0b01 or 0b11), where [`probe_bars`] reports
+//!   [`BarError::ReservedMemoryType`]; it sizes a BAR with memory and I/O decoding left on, so the
+//!   device decodes the all-ones probe address for a moment; a memory BAR with read-only
+//!   address bits overflows a shift (a panic with overflow checks); it does not size I/O BARs.
+//! - **The capability walk** ([`Capabilities`]): `pci_types`' `CapabilityIterator` follows next
+//!   pointers with no bound, no check against the header (below 0x40) and no masking of the
+//!   reserved low bits, so a list that loops never ends; [`Capabilities`] reports
+//!   [`CapabilityError::Loop`] after at most 48 entries.
+//! - **Command-register writes** ([`update_command_flags`]): `PciHeader::update_command` writes
+//!   the status half back as it read it, clearing every write-one-to-clear error bit; this crate
+//!   writes zeros there.
+//! - **MSI-X** ([`MsixCapability`]): `pci_types`' MSI-X capability is only reachable through the
+//!   unbounded walk and does not check the table and PBA against the BARs (a reserved BIR is
+//!   taken as is); this crate's does, and has a typed [`msix::MessageControl`].
+//! - **The address type**: [`PciAddress`] stays, because `pci_types::PciAddress::new` panics on
+//!   a device number of 32 or more or a function number of 8 or more, and is not a `const fn`
+//!   (the virtio crate's tests name a fixed address in a constant). Conversion to it is a
+//!   checked [`TryFrom`].
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
@@ -29,15 +67,21 @@ pub mod enumerate;
 mod fake;
 pub mod function;
 pub mod msix;
+#[cfg(test)]
+mod pci_types_limits;
 
 pub use bar::{Bar, BarError, Bars, ProbedBars, probe_bars};
 pub use command::{
-    disable_intx, enable_bus_mastering, enable_io_space, enable_memory_space, read_command,
-    update_command, write_command,
+    CommandRegister, Status, disable_intx, enable_bus_mastering, enable_io_space,
+    enable_memory_space, read_command, read_status, update_command, update_command_flags,
+    write_command,
 };
 pub use enumerate::{Enumeration, EnumerationError, enumerate, enumerate_with_errors, is_present};
 pub use function::{BridgeBuses, Function, HeaderType, Subsystem, class_name};
-pub use msix::{MsiMessage, MsixCapability, MsixError, MsixStructure, x86_msi_message};
+pub use msix::{
+    MessageControl, MsiMessage, MsixCapability, MsixError, MsixStructure, x86_msi_message,
+};
+pub use pci_types::device_type::DeviceType;
 
 /// A PCI function's address: segment group, bus, device (0..32) and function (0..8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -74,6 +118,49 @@ impl fmt::Display for PciAddress {
     }
 }
 
+impl From<pci_types::PciAddress> for PciAddress {
+    fn from(address: pci_types::PciAddress) -> Self {
+        Self {
+            segment: address.segment(),
+            bus: address.bus(),
+            device: address.device(),
+            function: address.function(),
+        }
+    }
+}
+
+/// A [`PciAddress`] with a device number of 32 or more or a function number of 8 or more, which
+/// no configuration mechanism can address (`pci_types::PciAddress::new` would panic on it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressOutOfRange(pub PciAddress);
+
+impl fmt::Display for AddressOutOfRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let address = self.0;
+        write!(
+            f,
+            "PCI address {:04x}:{:02x}:{:02x}.{} is out of range (device < 32, function < 8)",
+            address.segment, address.bus, address.device, address.function
+        )
+    }
+}
+
+impl TryFrom<PciAddress> for pci_types::PciAddress {
+    type Error = AddressOutOfRange;
+
+    fn try_from(address: PciAddress) -> Result<Self, Self::Error> {
+        if address.device >= 32 || address.function >= 8 {
+            return Err(AddressOutOfRange(address));
+        }
+        Ok(pci_types::PciAddress::new(
+            address.segment,
+            address.bus,
+            address.device,
+            address.function,
+        ))
+    }
+}
+
 /// Access to PCI configuration space: the hardware seam of this crate.
 ///
 /// Offsets are byte offsets into the function's configuration space and must be 4-byte aligned;
@@ -99,6 +186,24 @@ pub trait ConfigSpace {
     }
 }
 
+/// A [`ConfigSpace`] seen as `pci_types`' `ConfigRegionAccess`, read-only: reads go through,
+/// writes are dropped. It lets this crate call `pci_types`' header decoders on any configuration
+/// space (fakes included) with the guarantee that `pci_types` code never writes one.
+pub(crate) struct ReadOnlyAccess<'a, C: ConfigSpace + ?Sized>(pub(crate) &'a C);
+
+// `ConfigRegionAccess` declares its methods `unsafe fn` because its usual implementors touch
+// hardware; these two perform no unsafe operation (they call the safe `ConfigSpace` methods or
+// nothing), so there is no contract for a caller to uphold. The lint only objects to the
+// `unsafe fn` signatures that the trait imposes.
+#[allow(unsafe_code)]
+impl<C: ConfigSpace + ?Sized> pci_types::ConfigRegionAccess for ReadOnlyAccess<'_, C> {
+    unsafe fn read(&self, address: pci_types::PciAddress, offset: u16) -> u32 {
+        self.0.read32(address.into(), offset)
+    }
+
+    unsafe fn write(&self, _address: pci_types::PciAddress, _offset: u16, _value: u32) {}
+}
+
 /// Configuration-space register offsets of the common header (PCI LB 3.0 §6.1).
 pub mod regs {
     /// Vendor id (16 bits) and device id (16 bits).
@@ -120,16 +225,18 @@ pub mod regs {
     /// Primary, secondary and subordinate bus numbers of a type-1 (bridge) header.
     pub const BRIDGE_BUS_NUMBERS: u16 = 0x18;
 
-    /// Command register: respond to I/O space accesses.
-    pub const COMMAND_IO_SPACE: u16 = 1 << 0;
-    /// Command register: respond to memory space accesses.
-    pub const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
-    /// Command register: may act as a bus master (DMA, MSI writes).
-    pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
-    /// Command register: INTx assertion disabled.
-    pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
-    /// Status register: the capability list is present.
-    pub const STATUS_CAPABILITIES_LIST: u16 = 1 << 4;
+    use crate::{CommandRegister, Status};
+
+    /// Command register bit 0, I/O Space, as raw bits (PCI LB 3.0 §6.2.2).
+    pub const COMMAND_IO_SPACE: u16 = CommandRegister::IO_ENABLE.bits();
+    /// Command register bit 1, Memory Space, as raw bits (PCI LB 3.0 §6.2.2).
+    pub const COMMAND_MEMORY_SPACE: u16 = CommandRegister::MEMORY_ENABLE.bits();
+    /// Command register bit 2, Bus Master: DMA and MSI writes, as raw bits (PCI LB 3.0 §6.2.2).
+    pub const COMMAND_BUS_MASTER: u16 = CommandRegister::BUS_MASTER_ENABLE.bits();
+    /// Command register bit 10, Interrupt Disable: no INTx, as raw bits (PCI LB 3.0 §6.2.2).
+    pub const COMMAND_INTX_DISABLE: u16 = CommandRegister::INTERRUPT_DISABLE.bits();
+    /// Status register bit 4, Capabilities List, as raw bits (PCI LB 3.0 §6.2.3).
+    pub const STATUS_CAPABILITIES_LIST: u16 = Status::CAPABILITIES_LIST.bits();
 }
 
 /// Capability ids used by Vireo (PCI LB 3.0 appendix H).
@@ -200,8 +307,8 @@ impl<'a, C: ConfigSpace + ?Sized> Capabilities<'a, C> {
     /// Starts a walk at the capabilities pointer, or yields nothing when the status register says
     /// there is no list.
     pub fn new(config: &'a C, address: PciAddress) -> Self {
-        let status = (config.read32(address, regs::COMMAND_STATUS) >> 16) as u16;
-        let next = if status & regs::STATUS_CAPABILITIES_LIST != 0 {
+        let status = command::read_status(config, address);
+        let next = if status.contains(Status::CAPABILITIES_LIST) {
             config.read8(address, regs::CAPABILITIES_POINTER)
         } else {
             0
@@ -378,5 +485,29 @@ mod tests {
     #[test]
     fn address_display() {
         assert_eq!(PciAddress::new(0, 0x1f, 3).to_string(), "0000:00:1f.3");
+    }
+
+    #[test]
+    fn address_converts_to_and_from_pci_types() {
+        let address = PciAddress {
+            segment: 2,
+            bus: 0x80,
+            device: 31,
+            function: 7,
+        };
+        let converted = pci_types::PciAddress::try_from(address).expect("in range");
+        assert_eq!(converted.to_string(), address.to_string());
+        assert_eq!(PciAddress::from(converted), address);
+        for (device, function) in [(32, 0), (0, 8), (0xff, 0xff)] {
+            let bad = PciAddress::new(0, device, function);
+            assert_eq!(
+                pci_types::PciAddress::try_from(bad),
+                Err(AddressOutOfRange(bad))
+            );
+        }
+        assert_eq!(
+            AddressOutOfRange(PciAddress::new(0, 32, 0)).to_string(),
+            "PCI address 0000:00:20.0 is out of range (device < 32, function < 8)"
+        );
     }
 }

@@ -8,12 +8,30 @@ use core::fmt;
 
 use crate::{Bar, Bars, Capabilities, CapabilityError, ConfigSpace, PciAddress, cap_id};
 
-/// Message Control (upper 16 bits of the capability's first dword) bits 10:0: table size - 1.
-const MESSAGE_CONTROL_TABLE_SIZE_MASK: u16 = 0x07ff;
-/// Message Control bit 14: Function Mask; masks every vector of the function.
-pub const MESSAGE_CONTROL_FUNCTION_MASK: u16 = 1 << 14;
-/// Message Control bit 15: MSI-X Enable.
-pub const MESSAGE_CONTROL_ENABLE: u16 = 1 << 15;
+bitflags::bitflags! {
+    /// Message Control, the upper 16 bits of the capability's first dword (PCI LB 3.0 §6.8.2.3,
+    /// "Message Control for MSI-X"; PCIe Base 4.0 §7.7.2.2). Unknown bits are kept.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct MessageControl: u16 {
+        /// Bits 10:0, Table Size: the number of table entries minus one, read-only
+        /// (PCI LB 3.0 §6.8.2.3).
+        const TABLE_SIZE = 0x07ff;
+        /// Bit 14, Function Mask: masks every vector of the function, whatever its entry's
+        /// mask bit (PCI LB 3.0 §6.8.2.3).
+        const FUNCTION_MASK = 1 << 14;
+        /// Bit 15, MSI-X Enable: the function signals with MSI-X, not INTx or MSI
+        /// (PCI LB 3.0 §6.8.2.3).
+        const ENABLE = 1 << 15;
+        const _ = !0;
+    }
+}
+
+impl MessageControl {
+    /// The number of table entries, 1..=2048 (Table Size + 1).
+    pub const fn table_entries(self) -> u16 {
+        (self.bits() & Self::TABLE_SIZE.bits()) + 1
+    }
+}
 
 /// Offset of the Table Offset/Table BIR dword in the capability.
 const TABLE_DWORD: u16 = 4;
@@ -228,8 +246,8 @@ impl MsixCapability {
         if id != cap_id::MSIX {
             return Err(MsixError::NotMsix { offset, id });
         }
-        let message_control = (header >> 16) as u16;
-        let table_size = (message_control & MESSAGE_CONTROL_TABLE_SIZE_MASK) + 1;
+        let message_control = MessageControl::from_bits_retain((header >> 16) as u16);
+        let table_size = message_control.table_entries();
         let table = config.read32(address, offset + TABLE_DWORD);
         let pba = config.read32(address, offset + PBA_DWORD);
 
@@ -241,8 +259,8 @@ impl MsixCapability {
             table_offset: table & !BIR_MASK,
             pba_bar: (pba & BIR_MASK) as u8,
             pba_offset: pba & !BIR_MASK,
-            enabled: message_control & MESSAGE_CONTROL_ENABLE != 0,
-            function_masked: message_control & MESSAGE_CONTROL_FUNCTION_MASK != 0,
+            enabled: message_control.contains(MessageControl::ENABLE),
+            function_masked: message_control.contains(MessageControl::FUNCTION_MASK),
         };
         check_fits(
             MsixStructure::Table,
@@ -284,28 +302,33 @@ impl MsixCapability {
 
     /// Sets or clears MSI-X Enable.
     pub fn set_enabled<C: ConfigSpace + ?Sized>(&self, config: &C, enabled: bool) {
-        self.update_message_control(config, MESSAGE_CONTROL_ENABLE, enabled);
+        self.update_message_control(config, MessageControl::ENABLE, enabled);
     }
 
     /// Sets or clears Function Mask.
     pub fn set_function_mask<C: ConfigSpace + ?Sized>(&self, config: &C, masked: bool) {
-        self.update_message_control(config, MESSAGE_CONTROL_FUNCTION_MASK, masked);
+        self.update_message_control(config, MessageControl::FUNCTION_MASK, masked);
     }
 
     /// Reads the current Message Control register.
-    pub fn message_control<C: ConfigSpace + ?Sized>(&self, config: &C) -> u16 {
-        (config.read32(self.address, self.offset) >> 16) as u16
+    pub fn message_control<C: ConfigSpace + ?Sized>(&self, config: &C) -> MessageControl {
+        MessageControl::from_bits_retain((config.read32(self.address, self.offset) >> 16) as u16)
     }
 
-    /// Read-modify-writes the capability's first dword, changing only `bit` of Message Control.
-    fn update_message_control<C: ConfigSpace + ?Sized>(&self, config: &C, bit: u16, set: bool) {
+    /// Read-modify-writes the capability's first dword, changing only `flag` of Message Control.
+    fn update_message_control<C: ConfigSpace + ?Sized>(
+        &self,
+        config: &C,
+        flag: MessageControl,
+        set: bool,
+    ) {
         let dword = config.read32(self.address, self.offset);
-        let control = (dword >> 16) as u16;
-        let control = if set { control | bit } else { control & !bit };
+        let mut control = MessageControl::from_bits_retain((dword >> 16) as u16);
+        control.set(flag, set);
         config.write32(
             self.address,
             self.offset,
-            (dword & 0xffff) | u32::from(control) << 16,
+            (dword & 0xffff) | u32::from(control.bits()) << 16,
         );
     }
 }
@@ -607,8 +630,11 @@ mod tests {
         assert_eq!(config.read32(ADDR, 0x40), original | 1 << 30 | 1 << 31);
         assert_eq!(
             msix.message_control(&config),
-            MESSAGE_CONTROL_ENABLE | MESSAGE_CONTROL_FUNCTION_MASK | 2
+            MessageControl::ENABLE
+                | MessageControl::FUNCTION_MASK
+                | MessageControl::from_bits_retain(2)
         );
+        assert_eq!(msix.message_control(&config).table_entries(), 3);
         msix.set_function_mask(&config, false);
         assert_eq!(config.read32(ADDR, 0x40), original | 1 << 31);
         msix.set_enabled(&config, false);

@@ -1,4 +1,4 @@
-//! Memory ordering between the driver and the device, in one place (DESIGN.md principle 6).
+//! Memory ordering between the driver and the device, in one place (docs/design.md principle 6).
 //!
 //! Virtio shares ring memory between the CPU and the device (§2.7.13, §2.8.21). Vireo runs on
 //! x86_64, where DMA is cache-coherent and the CPU is TSO: stores are not reordered with older

@@ -1,6 +1,6 @@
 //! Fuzz entry points: functions of `&[u8]` that drive the driver's untrusted-input paths and
-//! must never panic (DESIGN.md, Tests: "Fuzz targets for used-ring consumption and
-//! frame/header parsing").
+//! must never panic (docs/design.md principle 10: fuzz targets for used-ring consumption and
+//! frame/header parsing).
 //!
 //! * [`used_ring_consumption`]: a split or packed queue of a data-chosen size and features over
 //!   real host DMA memory; the bytes script the driver (adds, drains, notification arming) and

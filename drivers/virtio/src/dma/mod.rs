@@ -7,7 +7,7 @@
 //!   using it* (descriptor tables, available/used rings, event suppression structures,
 //!   indirect tables). It offers only bounds- and alignment-checked volatile loads and stores
 //!   of little-endian [`Le16`]/[`Le32`]/[`Le64`] values, never a `&`/`&mut` to the memory
-//!   (DESIGN.md principle 5: the device may change it at any moment, so a reference would be
+//!   (docs/design.md principle 5: the device may change it at any moment, so a reference would be
 //!   undefined behaviour and a value read through it could change under the driver).
 //! * [`DmaBuf`] (public): a packet buffer. It is exclusively owned: it reaches the device only
 //!   by being *moved* into a virtqueue (inside a [`DeviceBuffer`]) and is moved back out by

@@ -10,7 +10,7 @@
 //! * **Ownership by API.** [`VirtQueue::add`] *moves* an owned [`DeviceBuffer`] into the
 //!   queue and [`VirtQueue::pop_used`] moves it back out with the length the device wrote, so
 //!   the driver cannot touch a buffer the device owns. A failed add hands the buffer back.
-//! * **The device is untrusted** (DESIGN.md principle 5). Descriptors are written from a
+//! * **The device is untrusted** (docs/design.md principle 5). Descriptors are written from a
 //!   driver-side shadow and chains are freed by walking that shadow, never the device-visible
 //!   copy. Every index, id and length read back is validated; a violation is a
 //!   [`DeviceError`], after which the queue is *broken*: every later call reports the same
