@@ -467,8 +467,8 @@ const _: () = assert!(offset_of!(CommonCfg, queue_notify_off) == 0x1e);
 const _: () = assert!(offset_of!(CommonCfg, queue_desc) == 0x20);
 const _: () = assert!(offset_of!(CommonCfg, queue_driver) == 0x28);
 const _: () = assert!(offset_of!(CommonCfg, queue_device) == 0x30);
-const _: () = assert!(offset_of!(CommonCfg, queue_notify_data) == 0x38);
-const _: () = assert!(offset_of!(CommonCfg, queue_reset) == 0x3a);
+const _: () = assert!(common_cfg::QUEUE_NOTIFY_DATA == 0x38);
+const _: () = assert!(common_cfg::QUEUE_RESET == 0x3a);
 const _: () = assert!(size_of::<CommonCfg>() == 0x3c);
 
 /// The virtio-net device configuration layout, `struct virtio_net_config` (§5.1.4).
@@ -573,9 +573,9 @@ const _: () = assert!(net_hdr::CSUM_OFFSET == 8);
 const _: () = assert!(net_hdr::NUM_BUFFERS == 10);
 const _: () = assert!(net_hdr::LEN == 12);
 
-const _: () = assert!(offset_of!(NetConfig, mac) == 0);
-const _: () = assert!(offset_of!(NetConfig, status) == 6);
-const _: () = assert!(offset_of!(NetConfig, max_virtqueue_pairs) == 8);
-const _: () = assert!(offset_of!(NetConfig, mtu) == 10);
-const _: () = assert!(offset_of!(NetConfig, speed) == 12);
-const _: () = assert!(offset_of!(NetConfig, duplex) == 16);
+const _: () = assert!(net_config::MAC == 0);
+const _: () = assert!(net_config::STATUS == 6);
+const _: () = assert!(net_config::MAX_VIRTQUEUE_PAIRS == 8);
+const _: () = assert!(net_config::MTU == 10);
+const _: () = assert!(net_config::SPEED == 12);
+const _: () = assert!(net_config::DUPLEX == 16);

@@ -7,16 +7,13 @@
 use crate::spec::net_hdr;
 
 /// Size of `struct virtio_net_hdr` with VERSION_1 (`num_buffers` always present, §5.1.6).
-pub const NET_HEADER_LEN: usize = 12;
-
+pub const NET_HEADER_LEN: usize = net_hdr::LEN;
 /// `flags`: the checksum from `csum_start` must be completed (§5.1.6.2).
-pub const HDR_F_NEEDS_CSUM: u8 = 1;
-
+pub const HDR_F_NEEDS_CSUM: u8 = net_hdr::F_NEEDS_CSUM;
 /// `flags`: the device validated the checksum (§5.1.6.4).
-pub const HDR_F_DATA_VALID: u8 = 2;
-
+pub const HDR_F_DATA_VALID: u8 = net_hdr::F_DATA_VALID;
 /// `gso_type`: no segmentation offload.
-pub const HDR_GSO_NONE: u8 = 0;
+pub const HDR_GSO_NONE: u8 = net_hdr::GSO_NONE;
 
 /// Ethernet header length.
 pub(crate) const ETHERNET_HEADER_LEN: usize = 14;

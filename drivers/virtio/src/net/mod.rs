@@ -111,9 +111,7 @@ pub const fn locally_administered_mac(random: [u8; 6]) -> [u8; 6] {
 
 /// The device-independent and net features this driver can honour.
 pub const DRIVER_FEATURES: u64 = Features::VERSION_1.bits()
-    | Features::RING_PACKED.bits()
-    | Features::EVENT_IDX.bits()
-    | Features::INDIRECT_DESC.bits()
+    | QueueFeatures::supported_bits()
     | Features::ACCESS_PLATFORM.bits()
     | NetFeatures::MAC.bits()
     | NetFeatures::STATUS.bits()
