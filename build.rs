@@ -1,4 +1,4 @@
-//! Link arguments for the freestanding kernel binary only (see PLATFORM.md): our linker script,
+//! Link arguments for the freestanding kernel binary only (see `docs/design.md`, platform facts): our linker script,
 //! no C runtime, static, not position independent.
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
