@@ -812,6 +812,13 @@ fn link_flap_10_times_echo_resumes() -> Result<(), RunError> {
         "config_changes +{}",
         grew(&booted, &before, &after, "config_changes")?
     );
+    // Every link-up is announced with one gratuitous ARP (RFC 5227 announcement).
+    let announces = grew(&booted, &before, &after, "announces")?;
+    if announces != FLAPS as u64 {
+        return Err(booted.guest.check_failed(format!(
+            "{FLAPS} link-ups announced with {announces} gratuitous ARPs"
+        )));
+    }
     echo_all(&booted, "after the link flaps")?;
     drop(qmp);
     let slowest = resumed.iter().max().copied().unwrap_or_default();

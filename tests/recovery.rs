@@ -42,6 +42,14 @@ fn injected_device_failures_are_recovered_and_echo_resumes() -> Result<(), RunEr
             "{resets} resets counted but {reinitialised} `device re-initialised` lines logged"
         )));
     }
+    // The link comes up again after each reset: the guest announces itself each time (one
+    // gratuitous ARP at boot, one per reset; a stats query races at most the last one).
+    let announces = on_guest(guest, stats.counter("announces"))?;
+    if announces < resets {
+        return Err(guest.check_failed(format!(
+            "{resets} resets but only {announces} gratuitous ARPs (expected one per reset plus the boot's)"
+        )));
+    }
     // TCP across further resets: smoltcp retransmits what a reset lost; the bytes are exact.
     let tcp = on_guest(
         guest,
