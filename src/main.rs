@@ -259,7 +259,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     let reinit: devices::Reinit =
         alloc::boxed::Box::new(move || devices::reinit_net(config_space, &function, path, options));
     net::run(
-        devices::KernelNic::new(
+        net::nic::KernelNic::new(
             nic.net,
             reinit,
             config.inject_reset_every,

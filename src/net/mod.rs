@@ -18,6 +18,7 @@
 //! (`stolen_ns`, `steals`).
 
 pub mod device;
+pub mod nic;
 pub mod services;
 
 use core::cell::RefCell;
