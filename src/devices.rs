@@ -2,7 +2,7 @@
 //! the first virtio-net device is initialised through the modern PCI transport (§3.1.1 and
 //! §4.1) with the best interrupt path it accepts; everything else is reported and left alone.
 //! Also the NIC's interrupt handlers and the recipe that rebuilds the driver after a reset
-//! ([`Reinit`]); the NIC's adapter to the network loop is `crate::net::nic::KernelNic`.
+//! ([`Reinit`]); the NIC's adapter to the network loop is `crate::net_loop::nic::KernelNic`.
 
 use core::fmt::Write;
 
@@ -17,7 +17,7 @@ use virtio::transport::DeviceType;
 use crate::acpi::AcpiInfo;
 use crate::arch::{self, interrupts};
 use crate::hal::KernelHal;
-use crate::net;
+use crate::net_loop;
 use crate::pci::PlatformConfig;
 
 /// Names of the set feature bits of a net device, from the flag definitions in
@@ -106,20 +106,20 @@ pub static CONFIG_PENDING: AtomicBool = AtomicBool::new(false);
 static ISR_ADDRESS: AtomicU64 = AtomicU64::new(0);
 
 fn config_interrupt(_vector: u8) {
-    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
     CONFIG_PENDING.store(true, Ordering::Release);
 }
 
 fn rx_interrupt(_vector: u8) {
-    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
 }
 
 fn tx_interrupt(_vector: u8) {
-    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
 }
 
 fn shared_interrupt(_vector: u8) {
-    net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
     // One vector for queue and config events: the loop re-reads the link status too (cheap).
     CONFIG_PENDING.store(true, Ordering::Release);
 }
@@ -134,7 +134,7 @@ fn intx_interrupt(_vector: u8) {
     // the interrupt and deasserts INTx (§4.1.4.5).
     let isr = unsafe { core::ptr::read_volatile(address as *const u8) };
     if isr != 0 {
-        net::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+        net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
     }
     if virtio::spec::IsrStatus::from_bits_retain(isr).config_changed() {
         CONFIG_PENDING.store(true, Ordering::Release);

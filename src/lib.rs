@@ -2,10 +2,14 @@
 //!
 //! The kernel binary (`src/main.rs` and the platform modules under it) owns the hardware; this
 //! library owns what can be reasoned about without it: the kernel command line, the adaptive
-//! mode's polling window and the link-up announcement.
+//! mode's polling window, the link-up announcement, and the network services with their
+//! smoltcp device adapter ([`net`]).
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
+
+extern crate alloc;
 
 pub mod adaptive;
 pub mod announce;
 pub mod config;
+pub mod net;

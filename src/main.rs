@@ -15,7 +15,7 @@ mod console;
 mod devices;
 mod hal;
 mod mem;
-mod net;
+mod net_loop;
 mod pci;
 mod selftest;
 
@@ -258,8 +258,8 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
     options.mac = Some(mac);
     let reinit: devices::Reinit =
         alloc::boxed::Box::new(move || devices::reinit_net(config_space, &function, path, options));
-    net::run(
-        net::nic::KernelNic::new(
+    net_loop::run(
+        net_loop::nic::KernelNic::new(
             nic.net,
             reinit,
             config.inject_reset_every,

@@ -110,31 +110,26 @@ impl<N: Nic> phy::TxToken for TxToken<'_, N> {
         // smoltcp's token API requires a result even when the frame cannot be sent: fill a
         // scratch buffer then, which drops the frame (counted by the driver) instead of
         // panicking. `can_transmit` made that rare: only a frame longer than the MTU gets here.
+        // The result is kept outside the driver's closure, so it survives a driver that wrote
+        // the frame and then failed to queue it.
         let mut fill = Some(f);
-        let sent = nic.transmit(length, |buffer| {
-            let f = fill.take();
-            f.map(|f| f(buffer))
-        });
-        match sent.flatten() {
-            Some(result) => result,
-            None => {
-                let mut scratch = [0u8; 9216];
-                let length = length.min(scratch.len());
-                match fill.take() {
-                    Some(f) => f(&mut scratch[..length]),
-                    // `fill` was consumed by the driver's closure, which always produces Some.
-                    None => unreachable_fill(),
-                }
+        let mut result = None;
+        nic.transmit(length, |buffer| {
+            if let Some(f) = fill.take() {
+                result = Some(f(buffer));
             }
+        });
+        if let Some(result) = result {
+            return result;
+        }
+        let mut scratch = [0u8; 9216];
+        let length = length.min(scratch.len());
+        match fill.take() {
+            Some(f) => f(&mut scratch[..length]),
+            // `fill` is taken only together with setting `result`, which was `None`.
+            None => unreachable!("net: transmit closure consumed without a result"),
         }
     }
-}
-
-#[cold]
-fn unreachable_fill() -> ! {
-    crate::console::fatal(format_args!(
-        "net: transmit closure consumed without a result"
-    ))
 }
 
 impl<N: Nic> phy::Device for NicDevice<'_, N> {

@@ -18,12 +18,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
+use crate::config::Config;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::{dhcpv4, tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
-use vireo::config::Config;
 
 /// The echo port (RFC 862).
 pub const ECHO_PORT: u16 = 7;

@@ -1,7 +1,7 @@
 //! The kernel's NIC as the network loop sees it: [`KernelNic`] wraps the virtio-net driver
 //! (`crate::devices::KernelNet`) with error latching, device reset and re-initialisation, fault
 //! injection and counters kept across resets, and implements the loop's two traits: packets
-//! ([`super::device::Nic`]) and control ([`super::NicControl`]: interrupts, housekeeping,
+//! ([`vireo::net::device::Nic`]) and control ([`vireo::net::NicControl`]: interrupts, housekeeping,
 //! announcements, the driver's stats keys). Discovery, bring-up and the interrupt handlers stay
 //! in `src/devices.rs`.
 
@@ -12,7 +12,7 @@ use virtio::net::{LinkChange, NetError, NetStats, RxFrame};
 
 use crate::devices::{CONFIG_PENDING, KernelNet, Reinit};
 use crate::hal::KernelHal;
-use crate::net;
+use vireo::net;
 
 /// How long the loop waits for the device to take an VIRTIO_NET_CTRL_ANNOUNCE_ACK.
 const ANNOUNCE_ACK_TIMEOUT_US: u32 = 100_000;
