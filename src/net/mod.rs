@@ -17,6 +17,9 @@ use core::fmt::Write;
 pub mod device;
 pub mod services;
 
+#[cfg(test)]
+mod tests;
+
 /// What the loop needs besides packets: interrupt control and housekeeping.
 pub trait NicControl {
     /// Arms receive interrupts; returns true if work is already pending (do not halt).

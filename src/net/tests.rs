@@ -1,0 +1,521 @@
+//! Host tests of the services and the device adapter, over an in-memory wire.
+//!
+//! The guest side is the kernel's own code: [`Services`] polled through a [`NicDevice`] over
+//! [`MemoryNic`], an implementation of [`Nic`] whose frames are two queues. The other end of
+//! the queues is a second smoltcp [`Interface`], the "host", with its own sockets, reached
+//! through [`HostPort`] (a `phy::Device` over the same queues). Time is simulated: every step
+//! advances both clocks by a millisecond.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::string::String;
+use std::vec;
+use std::vec::Vec;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Address};
+
+use super::device::{Nic, NicDevice, RX_BUDGET, is_tcp_syn_to};
+use super::services::{ECHO_PORT, STATS_PORT, Services, TCP_LISTENERS};
+use crate::config::Config;
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+/// The default `ip=` (10.0.2.15/24) and `gw=` (10.0.2.2): the host plays the gateway.
+const GUEST_IP: Ipv4Address = Ipv4Address::new(10, 0, 2, 15);
+const HOST_IP: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
+const MAX_FRAME: usize = 1514;
+
+/// The two directions of the wire.
+#[derive(Default)]
+struct Wire {
+    to_guest: VecDeque<Vec<u8>>,
+    from_guest: VecDeque<Vec<u8>>,
+}
+
+/// The guest's NIC: receives from `to_guest`, transmits into `from_guest`.
+struct MemoryNic {
+    wire: Rc<RefCell<Wire>>,
+}
+
+impl Nic for MemoryNic {
+    type Rx = Vec<u8>;
+
+    fn receive(&mut self) -> Option<Vec<u8>> {
+        self.wire.borrow_mut().to_guest.pop_front()
+    }
+
+    fn frame(rx: &Vec<u8>) -> &[u8] {
+        rx
+    }
+
+    fn recycle(&mut self, _rx: Vec<u8>) {}
+
+    fn can_transmit(&mut self) -> bool {
+        true
+    }
+
+    fn transmit<R>(&mut self, length: usize, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+        if length > MAX_FRAME {
+            return None;
+        }
+        let mut frame = vec![0; length];
+        let result = fill(&mut frame);
+        self.wire.borrow_mut().from_guest.push_back(frame);
+        Some(result)
+    }
+
+    fn max_frame(&self) -> usize {
+        MAX_FRAME
+    }
+
+    fn tx_checksum_offload(&self) -> bool {
+        false
+    }
+}
+
+/// The host's end of the wire, as a smoltcp device.
+struct HostPort {
+    wire: Rc<RefCell<Wire>>,
+}
+
+struct HostRx(Vec<u8>);
+
+struct HostTx(Rc<RefCell<Wire>>);
+
+impl phy::RxToken for HostRx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for HostTx {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, length: usize, f: F) -> R {
+        let mut frame = vec![0; length];
+        let result = f(&mut frame);
+        self.0.borrow_mut().to_guest.push_back(frame);
+        result
+    }
+}
+
+impl phy::Device for HostPort {
+    type RxToken<'a> = HostRx;
+    type TxToken<'a> = HostTx;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(HostRx, HostTx)> {
+        let frame = self.wire.borrow_mut().from_guest.pop_front()?;
+        Some((HostRx(frame), HostTx(self.wire.clone())))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<HostTx> {
+        Some(HostTx(self.wire.clone()))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut capabilities = DeviceCapabilities::default();
+        capabilities.medium = Medium::Ethernet;
+        capabilities.max_transmission_unit = MAX_FRAME;
+        capabilities
+    }
+}
+
+/// What the platform appends to a stats line in these tests.
+const PLATFORM_STATS: &str = " link=up uptime_ms=0";
+
+/// The guest's services and the host's interface on one wire.
+struct Net {
+    wire: Rc<RefCell<Wire>>,
+    nic: RefCell<MemoryNic>,
+    held: RefCell<Option<Vec<u8>>>,
+    services: Services,
+    host: Interface,
+    host_port: HostPort,
+    host_sockets: SocketSet<'static>,
+    now: Instant,
+}
+
+impl Net {
+    fn new() -> Self {
+        let wire = Rc::new(RefCell::new(Wire::default()));
+        let nic = RefCell::new(MemoryNic { wire: wire.clone() });
+        let held = RefCell::new(None);
+        let now = Instant::from_millis(1);
+        let services = {
+            let mut device = NicDevice::new(&nic, &held, ECHO_PORT, 0);
+            Services::new(&mut device, GUEST_MAC, &Config::default(), now, 1)
+        };
+        let mut host_port = HostPort { wire: wire.clone() };
+        let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(HOST_MAC)));
+        config.random_seed = 2;
+        let mut host = Interface::new(config, &mut host_port, now);
+        host.update_ip_addrs(|addresses| {
+            addresses
+                .push(IpCidr::new(HOST_IP.into(), 24))
+                .expect("one address fits");
+        });
+        Self {
+            wire,
+            nic,
+            held,
+            services,
+            host,
+            host_port,
+            host_sockets: SocketSet::new(Vec::new()),
+            now,
+        }
+    }
+
+    /// One guest poll (as the kernel's loop does it), with the listen credits the services
+    /// grant. Returns the services' activity.
+    fn poll_guest(&mut self) -> bool {
+        let credits = self.services.syn_credits();
+        self.poll_guest_with_credits(credits)
+    }
+
+    fn poll_guest_with_credits(&mut self, credits: usize) -> bool {
+        let mut device = NicDevice::new(&self.nic, &self.held, ECHO_PORT, credits);
+        self.services.poll(&mut device, self.now, &mut |out| {
+            let _ = out.write_str(PLATFORM_STATS);
+        })
+    }
+
+    fn poll_host(&mut self) {
+        self.host
+            .poll(self.now, &mut self.host_port, &mut self.host_sockets);
+    }
+
+    /// Host, then guest, then a millisecond passes.
+    fn step(&mut self) {
+        self.poll_host();
+        self.poll_guest();
+        self.now += Duration::from_millis(1);
+    }
+
+    /// Steps until `done` holds, at most `limit` times; panics otherwise.
+    fn run_until(&mut self, limit: usize, what: &str, mut done: impl FnMut(&mut Self) -> bool) {
+        for _ in 0..limit {
+            if done(self) {
+                return;
+            }
+            self.step();
+        }
+        assert!(done(self), "{what}: not after {limit} steps");
+    }
+
+    fn host_udp(&mut self, port: u16) -> SocketHandle {
+        let buffer =
+            || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 8], vec![0; 16 * 1024]);
+        let mut socket = udp::Socket::new(buffer(), buffer());
+        socket.bind(port).expect("bind");
+        self.host_sockets.add(socket)
+    }
+
+    fn host_tcp(&mut self) -> SocketHandle {
+        let socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+            tcp::SocketBuffer::new(vec![0; 64 * 1024]),
+        );
+        self.host_sockets.add(socket)
+    }
+
+    /// Sends `payload` from the host's UDP socket to the guest's `port` and returns the
+    /// answer's payload and source.
+    fn udp_exchange(&mut self, socket: SocketHandle, port: u16, payload: &[u8]) -> Vec<u8> {
+        self.host_sockets
+            .get_mut::<udp::Socket>(socket)
+            .send_slice(payload, IpEndpoint::new(GUEST_IP.into(), port))
+            .expect("host send");
+        let mut answer = None;
+        self.run_until(200, "UDP answer", |net| {
+            let socket = net.host_sockets.get_mut::<udp::Socket>(socket);
+            if let Ok((bytes, metadata)) = socket.recv() {
+                assert_eq!(metadata.endpoint, IpEndpoint::new(GUEST_IP.into(), port));
+                answer = Some(bytes.to_vec());
+            }
+            answer.is_some()
+        });
+        answer.expect("answered")
+    }
+
+    /// The stats line, fetched from the host.
+    fn stats(&mut self) -> String {
+        let socket = self.host_udp(40_007);
+        let line = self.udp_exchange(socket, STATS_PORT, b"?");
+        self.host_sockets.remove(socket);
+        String::from_utf8(line).expect("the stats line is text")
+    }
+}
+
+fn stat(line: &str, key: &str) -> Option<String> {
+    line.trim_end()
+        .split(' ')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+        .map(String::from)
+}
+
+/// Bytes that differ from their neighbours, so a reordering or a dropped byte shows.
+fn pattern(length: usize, seed: u8) -> Vec<u8> {
+    (0..length)
+        .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed) ^ (index >> 8) as u8)
+        .collect()
+}
+
+#[test]
+fn udp_echo_returns_the_exact_datagram() {
+    let mut net = Net::new();
+    let socket = net.host_udp(40_000);
+    for (length, seed) in [(1, 3), (18, 4), (1000, 5), (1472, 6)] {
+        let payload = pattern(length, seed);
+        let answer = net.udp_exchange(socket, ECHO_PORT, &payload);
+        assert_eq!(answer, payload, "{length} bytes");
+    }
+    assert_eq!(net.services.counters.udp_echoed, 4);
+    assert_eq!(net.services.counters.udp_echo_dropped, 0);
+}
+
+#[test]
+fn stats_answers_one_line_of_key_value_pairs_counting_udp_echoes() {
+    let mut net = Net::new();
+    let line = net.stats();
+    assert!(line.ends_with('\n'), "{line:?}");
+    let line = line.strip_suffix('\n').expect("newline");
+    assert!(!line.contains('\n') && !line.contains("  "), "{line:?}");
+    for pair in line.split(' ') {
+        let (key, value) = pair.split_once('=').expect("key=value");
+        assert!(!key.is_empty() && !value.is_empty(), "{pair:?} in {line:?}");
+    }
+    // The services' keys come first, then what the platform appends.
+    assert!(line.starts_with("udp_echoed=0 udp_echo_dropped=0 tcp_accepted=0 tcp_connected=0 tcp_aborted=0 tcp_half_open_reset=0 tcp_bytes_echoed=0 stats_requests=1 dhcp_leases=0 dhcp_lost=0"), "{line}");
+    assert!(line.ends_with(PLATFORM_STATS), "{line}");
+
+    let socket = net.host_udp(40_000);
+    net.udp_exchange(socket, ECHO_PORT, b"one");
+    net.udp_exchange(socket, ECHO_PORT, b"two");
+    let line = net.stats();
+    assert_eq!(stat(&line, "udp_echoed").as_deref(), Some("2"), "{line}");
+    assert_eq!(
+        stat(&line, "stats_requests").as_deref(),
+        Some("2"),
+        "{line}"
+    );
+}
+
+#[test]
+fn tcp_echo_on_port_7_returns_every_byte_in_order() {
+    let mut net = Net::new();
+    let socket = net.host_tcp();
+    net.host_sockets
+        .get_mut::<tcp::Socket>(socket)
+        .connect(net.host.context(), (GUEST_IP, ECHO_PORT), 49_152)
+        .expect("connect");
+    // More than one socket buffer (16 KiB in the guest), so the echo flows in windows.
+    let sent = pattern(100_000, 7);
+    let mut offset = 0;
+    let mut received = Vec::new();
+    net.run_until(5_000, "TCP echo", |net| {
+        let socket = net.host_sockets.get_mut::<tcp::Socket>(socket);
+        if socket.can_send() && offset < sent.len() {
+            offset += socket.send_slice(&sent[offset..]).expect("send");
+        }
+        if socket.can_recv() {
+            socket
+                .recv(|bytes| (bytes.len(), received.extend_from_slice(bytes)))
+                .expect("recv");
+        }
+        received.len() == sent.len()
+    });
+    assert!(received == sent, "the echo differs from what was sent");
+    assert_eq!(net.services.counters.tcp_accepted, 1);
+    assert_eq!(net.services.counters.tcp_bytes_echoed, sent.len() as u64);
+    let line = net.stats();
+    assert_eq!(stat(&line, "tcp_connected").as_deref(), Some("1"), "{line}");
+
+    // The host closes; the guest finishes its side and the connection goes away.
+    net.host_sockets.get_mut::<tcp::Socket>(socket).close();
+    net.run_until(1_000, "close", |net| {
+        !net.host_sockets.get::<tcp::Socket>(socket).is_open()
+    });
+    let line = net.stats();
+    assert_eq!(stat(&line, "tcp_connected").as_deref(), Some("0"), "{line}");
+    assert_eq!(net.services.counters.tcp_aborted, 0);
+}
+
+/// Connects `count` host sockets to the guest's echo port in one host poll (after ARP is
+/// resolved), so that `count` SYNs wait in the guest's receive queue together.
+fn syn_burst(net: &mut Net, count: usize) -> Vec<SocketHandle> {
+    let warm_up = net.host_udp(40_000);
+    net.udp_exchange(warm_up, ECHO_PORT, b"arp");
+    let sockets: Vec<_> = (0..count)
+        .map(|index| {
+            let handle = net.host_tcp();
+            net.host_sockets
+                .get_mut::<tcp::Socket>(handle)
+                .connect(
+                    net.host.context(),
+                    (GUEST_IP, ECHO_PORT),
+                    50_000 + index as u16,
+                )
+                .expect("connect");
+            handle
+        })
+        .collect();
+    net.poll_host();
+    let wire = net.wire.borrow();
+    let syns = wire
+        .to_guest
+        .iter()
+        .filter(|frame| is_tcp_syn_to(frame, ECHO_PORT))
+        .count();
+    assert_eq!(syns, count, "one SYN per connection, all queued");
+    drop(wire);
+    sockets
+}
+
+#[test]
+fn syn_gate_holds_a_syn_without_listener_credit_and_delivers_it_later() {
+    let mut net = Net::new();
+    let burst = TCP_LISTENERS + 2;
+    let sockets = syn_burst(&mut net, burst);
+    assert_eq!(net.services.syn_credits(), TCP_LISTENERS);
+
+    // One poll: the first TCP_LISTENERS SYNs take the listeners; the next one is held, and
+    // the one behind it stays in the ring (order is kept).
+    net.poll_guest();
+    let held = net.held.borrow();
+    let held_frame = held.as_ref().expect("a SYN is held for want of a listener");
+    assert!(is_tcp_syn_to(held_frame, ECHO_PORT));
+    drop(held);
+    assert_eq!(net.wire.borrow().to_guest.len(), burst - TCP_LISTENERS - 1);
+    // Meanwhile the services added listeners, so the next poll has credit again.
+    assert!(net.services.syn_credits() > 0);
+
+    net.run_until(500, "every connection established", |net| {
+        sockets.iter().all(|&handle| {
+            net.host_sockets.get::<tcp::Socket>(handle).state() == tcp::State::Established
+        })
+    });
+    assert!(net.held.borrow().is_none());
+    assert_eq!(net.services.counters.tcp_accepted, burst as u64);
+    // Each connection echoes.
+    for (index, &handle) in sockets.iter().enumerate() {
+        let message = [b'a' + index as u8; 5];
+        net.host_sockets
+            .get_mut::<tcp::Socket>(handle)
+            .send_slice(&message)
+            .expect("send");
+        let mut echoed = Vec::new();
+        net.run_until(200, "echo", |net| {
+            let socket = net.host_sockets.get_mut::<tcp::Socket>(handle);
+            if socket.can_recv() {
+                socket
+                    .recv(|bytes| (bytes.len(), echoed.extend_from_slice(bytes)))
+                    .expect("recv");
+            }
+            echoed.len() == message.len()
+        });
+        assert_eq!(echoed, message);
+    }
+}
+
+#[test]
+fn without_the_syn_gate_a_burst_beyond_the_listeners_is_reset() {
+    // The contrast that shows what the gate is for: the same burst with unlimited credit
+    // finds no listener for the SYNs beyond TCP_LISTENERS, and smoltcp answers them with RST.
+    let mut net = Net::new();
+    let burst = TCP_LISTENERS + 2;
+    let sockets = syn_burst(&mut net, burst);
+    net.poll_guest_with_credits(usize::MAX);
+    assert!(net.held.borrow().is_none());
+    net.poll_host();
+    let refused = sockets
+        .iter()
+        .filter(|&&handle| {
+            net.host_sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed
+        })
+        .count();
+    assert_eq!(refused, burst - TCP_LISTENERS);
+}
+
+#[test]
+fn one_poll_takes_at_most_the_receive_budget() {
+    let mut net = Net::new();
+    // Frames the stack reads and drops (an unknown ethertype).
+    for _ in 0..RX_BUDGET + 10 {
+        let mut frame = vec![0u8; 60];
+        frame[..6].copy_from_slice(&GUEST_MAC);
+        frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+        net.wire.borrow_mut().to_guest.push_back(frame);
+    }
+    net.poll_guest();
+    assert_eq!(net.wire.borrow().to_guest.len(), 10);
+    net.poll_guest();
+    assert!(net.wire.borrow().to_guest.is_empty());
+}
+
+/// An Ethernet + IPv4 + TCP frame to `port` with `flags` (byte 13 of the TCP header) and an
+/// IPv4 header of `ihl` words.
+fn tcp_frame(port: u16, flags: u8, ihl: u8) -> Vec<u8> {
+    let ip_header = usize::from(ihl) * 4;
+    let mut frame = vec![0u8; 14 + ip_header + 20];
+    frame[..6].copy_from_slice(&GUEST_MAC);
+    frame[6..12].copy_from_slice(&HOST_MAC);
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut frame[14..];
+    ip[0] = 0x40 | ihl;
+    ip[9] = 6;
+    let tcp = &mut ip[ip_header..];
+    tcp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    frame
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+#[test]
+fn is_tcp_syn_to_recognises_only_a_syn_to_the_port() {
+    assert!(is_tcp_syn_to(&tcp_frame(7, SYN, 5), 7));
+    // IPv4 options move the TCP header.
+    assert!(is_tcp_syn_to(&tcp_frame(7, SYN, 6), 7));
+    // SYN-ACK, a bare ACK, no flags: not a connection attempt.
+    assert!(!is_tcp_syn_to(&tcp_frame(7, SYN | ACK, 5), 7));
+    assert!(!is_tcp_syn_to(&tcp_frame(7, ACK, 5), 7));
+    assert!(!is_tcp_syn_to(&tcp_frame(7, 0, 5), 7));
+    // Another port.
+    assert!(!is_tcp_syn_to(&tcp_frame(8, SYN, 5), 7));
+    assert!(!is_tcp_syn_to(&tcp_frame(7, SYN, 5), 8));
+    // Not TCP, not IPv4, a bad IHL.
+    let mut udp = tcp_frame(7, SYN, 5);
+    udp[14 + 9] = 17;
+    assert!(!is_tcp_syn_to(&udp, 7));
+    let mut ipv6 = tcp_frame(7, SYN, 5);
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    assert!(!is_tcp_syn_to(&ipv6, 7));
+    let mut version = tcp_frame(7, SYN, 5);
+    version[14] = 0x65;
+    assert!(!is_tcp_syn_to(&version, 7));
+    let mut short_ihl = tcp_frame(7, SYN, 5);
+    short_ihl[14] = 0x44;
+    assert!(!is_tcp_syn_to(&short_ihl, 7));
+}
+
+#[test]
+fn is_tcp_syn_to_rejects_truncated_frames_without_panicking() {
+    let frame = tcp_frame(7, SYN, 5);
+    // The flags byte is the 14th byte of the TCP header: anything shorter is not a SYN.
+    let flags_end = 14 + 20 + 14;
+    assert!(is_tcp_syn_to(&frame[..flags_end], 7));
+    for length in 0..flags_end {
+        assert!(!is_tcp_syn_to(&frame[..length], 7), "{length} bytes");
+    }
+    // A header length that points past the end.
+    let options = tcp_frame(7, SYN, 15);
+    assert!(!is_tcp_syn_to(&options[..14 + 60 + 13], 7));
+    assert!(is_tcp_syn_to(&options, 7));
+}
