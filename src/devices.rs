@@ -4,11 +4,12 @@
 //! Also the NIC's interrupt handlers and the recipe that rebuilds the driver after a reset
 //! ([`Reinit`]); the NIC's adapter to the network loop is `crate::net_loop::nic::KernelNic`.
 
-use core::fmt::Write;
+#![deny(unsafe_code)]
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use ::pci::{Function, PciAddress};
+use virtio::hal::{DeviceMemory, Hal, Window};
 use virtio::net::{NetError, NetOptions, NetVectors, VirtioNet};
 use virtio::pci::{DeviceConfigRequirement, PciTransport, identify};
 use virtio::spec::{FeatureNames, NetFeatures};
@@ -102,8 +103,11 @@ const _: () = assert!(INTX_VECTOR <= interrupts::DEVICE_VECTOR_LAST);
 
 /// Set by the config-change interrupt (or INTx with ISR bit 1); taken by the loop.
 pub static CONFIG_PENDING: AtomicBool = AtomicBool::new(false);
-/// Identity-mapped address of the NIC's ISR byte, for the INTx handler.
-static ISR_ADDRESS: AtomicU64 = AtomicU64::new(0);
+/// The NIC's ISR status window (§4.1.4.5) as the HAL mapped it, for the INTx handler: its
+/// base (0 while there is none) and length. Two atomics rather than a lock, because the
+/// handler must not wait; the length is stored first and the base published last.
+static ISR_WINDOW_BASE: AtomicU64 = AtomicU64::new(0);
+static ISR_WINDOW_LEN: AtomicU64 = AtomicU64::new(0);
 
 fn config_interrupt(_vector: u8) {
     net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
@@ -125,14 +129,17 @@ fn shared_interrupt(_vector: u8) {
 }
 
 fn intx_interrupt(_vector: u8) {
-    let address = ISR_ADDRESS.load(Ordering::Relaxed);
-    if address == 0 {
+    let base = ISR_WINDOW_BASE.load(Ordering::Acquire);
+    if base == 0 {
         return;
     }
-    // SAFETY: ISR_ADDRESS is the uncached mapping of the ISR status byte located by the
-    // transport's capability walk (set before the vector was routed). Reading it acknowledges
-    // the interrupt and deasserts INTx (§4.1.4.5).
-    let isr = unsafe { core::ptr::read_volatile(address as *const u8) };
+    let window = Window {
+        base,
+        len: ISR_WINDOW_LEN.load(Ordering::Relaxed),
+    };
+    // Reading the ISR byte acknowledges the interrupt and deasserts INTx (§4.1.4.5). The HAL
+    // finds the window in its lock-free MMIO table, so this takes no lock.
+    let isr = KernelHal.read8(window, 0);
     if isr != 0 {
         net_loop::NIC_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
     }
@@ -220,8 +227,17 @@ pub fn bring_up_net(
     for line in alloc::format!("{}", first.capabilities()).lines() {
         log::info!("virtio-net: {line}");
     }
-    if let virtio::pci::Location::Memory { phys } = first.capabilities().isr.location {
-        ISR_ADDRESS.store(phys, Ordering::Relaxed);
+    // The INTx handler reads the ISR byte through the HAL, in the window the transport mapped
+    // (mapping the same region again returns the same window).
+    let isr = first.capabilities().isr;
+    if let virtio::pci::Location::Memory { phys } = isr.location {
+        match KernelHal.map_mmio(phys, u64::from(isr.length)) {
+            Ok(window) => {
+                ISR_WINDOW_LEN.store(window.len, Ordering::Relaxed);
+                ISR_WINDOW_BASE.store(window.base, Ordering::Release);
+            }
+            Err(error) => log::warn!("virtio-net: ISR window for INTx: {error}"),
+        }
     }
     drop(first);
 

@@ -25,6 +25,7 @@ use vireo::config::{self, Config, LogLevel};
 
 global_asm!(include_str!("../boot/entry.S"), options(att_syntax));
 
+#[deny(unsafe_code)]
 fn level_filter(level: LogLevel) -> log::LevelFilter {
     match level {
         LogLevel::Error => log::LevelFilter::Error,
@@ -34,9 +35,17 @@ fn level_filter(level: LogLevel) -> log::LevelFilter {
     }
 }
 
-/// Called by the boot code with the physical address of `hvm_start_info`.
+/// Called by the boot code with the physical address of `hvm_start_info`. The exported symbol
+/// is the only `unsafe` attribute here; the bring-up itself is in [`boot`].
 #[unsafe(no_mangle)]
 extern "C" fn kernel_entry(start_info_address: u32) -> ! {
+    boot(start_info_address)
+}
+
+/// The bring-up order, then the network loop (see the module header). Safe code only: every
+/// hardware access goes through the platform modules.
+#[deny(unsafe_code)]
+fn boot(start_info_address: u32) -> ! {
     console::init(log::LevelFilter::Info);
     println!("Vireo {} booting", env!("CARGO_PKG_VERSION"));
 
@@ -272,6 +281,7 @@ extern "C" fn kernel_entry(start_info_address: u32) -> ! {
 
 struct DisplayIp<'a>(&'a Config);
 
+#[deny(unsafe_code)]
 impl core::fmt::Display for DisplayIp<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         if self.0.dhcp {
@@ -284,6 +294,7 @@ impl core::fmt::Display for DisplayIp<'_> {
 
 struct DisplayGateway(Option<config::Ipv4>);
 
+#[deny(unsafe_code)]
 impl core::fmt::Display for DisplayGateway {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self.0 {

@@ -21,6 +21,8 @@
 //! counts the time the host took from it: gaps between two clock reads longer than 20 µs
 //! (`stolen_ns`, `steals`).
 
+#![deny(unsafe_code)]
+
 pub mod nic;
 
 use core::cell::RefCell;
