@@ -10,50 +10,15 @@
 //! The command line is untrusted input: every problem is reported through a callback as one
 //! [`CmdlineError`] (which names the key and value) and the default is kept. Parsing never
 //! panics and never allocates.
+//!
+//! Addresses are `core::net::Ipv4Addr` (parsed by its `FromStr`) and an interface address is
+//! smoltcp's [`Ipv4Cidr`], the type the network stack takes; Vireo's own rules on top are
+//! which addresses a host may use (see `parse_host_address` and `parse_cidr`).
 
 use core::fmt;
+use core::net::Ipv4Addr;
 
-/// An IPv4 address as four octets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4(pub [u8; 4]);
-
-impl Ipv4 {
-    fn to_u32(self) -> u32 {
-        u32::from_be_bytes(self.0)
-    }
-}
-
-impl fmt::Display for Ipv4 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d] = self.0;
-        write!(f, "{a}.{b}.{c}.{d}")
-    }
-}
-
-/// An interface address with its prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4Cidr {
-    /// The address.
-    pub address: Ipv4,
-    /// The prefix length, 1..=32.
-    pub prefix_len: u8,
-}
-
-impl Ipv4Cidr {
-    /// Whether `other` lies in this address's subnet.
-    pub fn contains(&self, other: Ipv4) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
-        self.address.to_u32() & mask == other.to_u32() & mask
-    }
-}
-
-impl fmt::Display for Ipv4Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix_len)
-    }
-}
+pub use smoltcp::wire::Ipv4Cidr;
 
 /// How the network loop waits for received packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +71,7 @@ pub struct Config {
     /// Interface address (`ip=`).
     pub ip: Ipv4Cidr,
     /// Default gateway (`gw=`); `None` when it would not be on-link.
-    pub gateway: Option<Ipv4>,
+    pub gateway: Option<Ipv4Addr>,
     /// Receive mode (`mode=`).
     pub mode: Mode,
     /// Log level (`log=`).
@@ -127,14 +92,11 @@ pub struct Config {
 }
 
 /// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
-pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr {
-    address: Ipv4([10, 0, 2, 15]),
-    prefix_len: 24,
-};
+pub const DEFAULT_IP: Ipv4Cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 0, 2, 15), 24);
 /// The default adaptive polling window, 200 µs.
 pub const DEFAULT_POLL_WINDOW_US: u32 = 200;
 /// The default gateway, 10.0.2.2.
-pub const DEFAULT_GATEWAY: Ipv4 = Ipv4([10, 0, 2, 2]);
+pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
 impl Default for Config {
     fn default() -> Self {
@@ -256,7 +218,7 @@ pub enum CmdlineError<'a> {
     /// The gateway is not inside the interface's subnet, so there is no default route.
     GatewayNotOnLink {
         /// The gateway.
-        gateway: Ipv4,
+        gateway: Ipv4Addr,
         /// The interface address.
         ip: Ipv4Cidr,
     },
@@ -268,7 +230,7 @@ pub enum Kept {
     /// An address with prefix.
     Cidr(Ipv4Cidr),
     /// An address, or none.
-    Address(Option<Ipv4>),
+    Address(Option<Ipv4Addr>),
     /// A mode.
     Mode(Mode),
     /// A log level.
@@ -489,7 +451,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
         }
         config.gateway = None;
     } else if let Some(gateway) = config.gateway
-        && !config.ip.contains(gateway)
+        && !config.ip.contains_addr(&gateway)
     {
         // The default gateway only makes sense with the default subnet; an explicit one that is
         // off-link is an error worth a line.
@@ -518,60 +480,80 @@ fn invalid<'a>(
     }
 }
 
-fn parse_octet(text: &[u8]) -> Option<u8> {
-    if text.is_empty() || text.len() > 3 || !text.iter().all(u8::is_ascii_digit) {
-        return None;
+/// `A.B.C.D`, read by `core::net::Ipv4Addr`'s parser. That parser refuses leading zeros,
+/// which Vireo has always accepted within an octet's three digits (`010` is ten, decimal, never
+/// octal), so each octet is checked for one to three decimal digits and its leading zeros are
+/// dropped first; the parser then checks the count of octets and their range.
+fn parse_address(text: &[u8]) -> Result<Ipv4Addr, ValueProblem> {
+    // Four octets of at most three digits and three dots.
+    let mut canonical = [0u8; 15];
+    let mut length = 0;
+    for (index, octet) in text.split(|&byte| byte == b'.').enumerate() {
+        if index == 4
+            || octet.is_empty()
+            || octet.len() > 3
+            || !octet.iter().all(u8::is_ascii_digit)
+        {
+            return Err(ValueProblem::NotAnAddress);
+        }
+        if index > 0 {
+            canonical[length] = b'.';
+            length += 1;
+        }
+        let first_significant = octet
+            .iter()
+            .position(|&digit| digit != b'0')
+            .unwrap_or(octet.len() - 1);
+        let digits = &octet[first_significant..];
+        canonical[length..length + digits.len()].copy_from_slice(digits);
+        length += digits.len();
     }
-    let value = text
-        .iter()
-        .fold(0u16, |acc, digit| acc * 10 + u16::from(digit - b'0'));
-    u8::try_from(value).ok()
+    core::str::from_utf8(&canonical[..length])
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or(ValueProblem::NotAnAddress)
 }
 
-fn parse_address(text: &[u8]) -> Result<Ipv4, ValueProblem> {
-    let mut octets = [0u8; 4];
-    let mut parts = text.split(|&byte| byte == b'.');
-    for octet in &mut octets {
-        *octet = parts
-            .next()
-            .and_then(parse_octet)
-            .ok_or(ValueProblem::NotAnAddress)?;
-    }
-    if parts.next().is_some() {
-        return Err(ValueProblem::NotAnAddress);
-    }
-    Ok(Ipv4(octets))
-}
-
-fn parse_host_address(text: &[u8]) -> Result<Ipv4, ValueProblem> {
+/// An address a host may use as its own or as its gateway: not in 0.0.0.0/8 ("this network",
+/// RFC 1122 §3.2.1.3), not loopback (127/8), not multicast (224/4), not reserved (240/4, RFC
+/// 1112 §4) nor the limited broadcast address.
+fn parse_host_address(text: &[u8]) -> Result<Ipv4Addr, ValueProblem> {
     let address = parse_address(text)?;
-    let first = address.0[0];
-    if first == 0 || first == 127 || first >= 224 {
+    if address.octets()[0] == 0
+        || address.is_loopback()
+        || address.is_multicast()
+        || address.octets()[0] >= 240
+    {
         return Err(ValueProblem::NotAHostAddress);
     }
     Ok(address)
 }
 
+/// The prefix length of `ip=`: one to three decimal digits, 1..=32.
+fn parse_prefix_len(text: &[u8]) -> Result<u8, ValueProblem> {
+    if text.is_empty() || text.len() > 3 || !text.iter().all(u8::is_ascii_digit) {
+        return Err(ValueProblem::PrefixOutOfRange);
+    }
+    core::str::from_utf8(text)
+        .ok()
+        .and_then(|text| text.parse::<u8>().ok())
+        .filter(|prefix_len| (1..=32).contains(prefix_len))
+        .ok_or(ValueProblem::PrefixOutOfRange)
+}
+
+/// `A.B.C.D/N`: a host address (see [`parse_host_address`]) that is not its subnet's network
+/// or broadcast address (prefixes of 31 and 32 have neither, RFC 3021).
 fn parse_cidr(text: &[u8]) -> Result<Ipv4Cidr, ValueProblem> {
     let slash = text
         .iter()
         .position(|&byte| byte == b'/')
         .ok_or(ValueProblem::MissingPrefix)?;
     let address = parse_host_address(&text[..slash])?;
-    let prefix_len = parse_octet(&text[slash + 1..]).ok_or(ValueProblem::PrefixOutOfRange)?;
-    if !(1..=32).contains(&prefix_len) {
-        return Err(ValueProblem::PrefixOutOfRange);
-    }
-    let cidr = Ipv4Cidr {
-        address,
-        prefix_len,
-    };
-    // The subnet's broadcast address is not a host address (prefixes of 31 and 32 have none).
-    if prefix_len < 31 {
-        let host_mask = u32::MAX >> prefix_len;
-        if address.to_u32() & host_mask == host_mask || address.to_u32() & host_mask == 0 {
-            return Err(ValueProblem::NotAHostAddress);
-        }
+    let prefix_len = parse_prefix_len(&text[slash + 1..])?;
+    let cidr = Ipv4Cidr::new(address, prefix_len);
+    if prefix_len < 31 && (cidr.network().address() == address || cidr.broadcast() == Some(address))
+    {
+        return Err(ValueProblem::NotAHostAddress);
     }
     Ok(cidr)
 }
@@ -648,7 +630,7 @@ mod tests {
         let (config, errors) = parse_collect("");
         assert!(errors.is_empty());
         assert_eq!(config.ip.to_string(), "10.0.2.15/24");
-        assert_eq!(config.gateway, Some(Ipv4([10, 0, 2, 2])));
+        assert_eq!(config.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(config.mode, Mode::Adaptive);
         assert_eq!(config.log_level, LogLevel::Info);
         assert!(!config.selftest);
@@ -659,14 +641,8 @@ mod tests {
         let (config, errors) =
             parse_collect("  ip=192.168.7.2/28\tgw=192.168.7.1 mode=poll log=debug selftest ");
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(
-            config.ip,
-            Ipv4Cidr {
-                address: Ipv4([192, 168, 7, 2]),
-                prefix_len: 28
-            }
-        );
-        assert_eq!(config.gateway, Some(Ipv4([192, 168, 7, 1])));
+        assert_eq!(config.ip, Ipv4Cidr::new(Ipv4Addr::new(192, 168, 7, 2), 28));
+        assert_eq!(config.gateway, Some(Ipv4Addr::new(192, 168, 7, 1)));
         assert_eq!(config.mode, Mode::Poll);
         assert_eq!(config.log_level, LogLevel::Debug);
         assert!(config.selftest);
@@ -729,8 +705,8 @@ mod tests {
 
     #[test]
     fn point_to_point_prefixes_are_allowed() {
-        assert_eq!(parse_collect("ip=10.9.9.9/32").0.ip.prefix_len, 32);
-        assert_eq!(parse_collect("ip=10.9.9.8/31").0.ip.prefix_len, 31);
+        assert_eq!(parse_collect("ip=10.9.9.9/32").0.ip.prefix_len(), 32);
+        assert_eq!(parse_collect("ip=10.9.9.8/31").0.ip.prefix_len(), 31);
     }
 
     #[test]
@@ -836,7 +812,7 @@ mod tests {
             state = state.wrapping_add(1);
             let mut count = 0;
             let config = parse(&line, |_| count += 1);
-            assert!((1..=32).contains(&config.ip.prefix_len));
+            assert!((1..=32).contains(&config.ip.prefix_len()));
             assert!(count <= line.len());
         }
     }
@@ -898,17 +874,59 @@ mod tests {
 
     #[test]
     fn subnet_membership() {
-        let cidr = Ipv4Cidr {
-            address: Ipv4([10, 1, 2, 3]),
-            prefix_len: 16,
-        };
-        assert!(cidr.contains(Ipv4([10, 1, 255, 1])));
-        assert!(!cidr.contains(Ipv4([10, 2, 0, 1])));
-        let host = Ipv4Cidr {
-            address: Ipv4([10, 1, 2, 3]),
-            prefix_len: 32,
-        };
-        assert!(host.contains(Ipv4([10, 1, 2, 3])));
-        assert!(!host.contains(Ipv4([10, 1, 2, 4])));
+        let cidr = Ipv4Cidr::new(Ipv4Addr::new(10, 1, 2, 3), 16);
+        assert!(cidr.contains_addr(&Ipv4Addr::new(10, 1, 255, 1)));
+        assert!(!cidr.contains_addr(&Ipv4Addr::new(10, 2, 0, 1)));
+        let host = Ipv4Cidr::new(Ipv4Addr::new(10, 1, 2, 3), 32);
+        assert!(host.contains_addr(&Ipv4Addr::new(10, 1, 2, 3)));
+        assert!(!host.contains_addr(&Ipv4Addr::new(10, 1, 2, 4)));
+    }
+
+    #[test]
+    fn octets_and_prefixes_take_up_to_three_decimal_digits_with_leading_zeros() {
+        let (config, errors) = parse_collect("ip=010.000.002.015/024 gw=10.0.2.02");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.ip, DEFAULT_IP);
+        assert_eq!(config.gateway, Some(DEFAULT_GATEWAY));
+        for bad in [
+            "ip=10.0.2.0015/24",
+            "ip=10.0.2.15/0024",
+            "ip=10.0.2.15/+24",
+            "ip=10.0.2.256/24",
+            "ip=10.0.2.1x/24",
+            "ip=10.0.2.15.0/24",
+            "ip=10.0.2/24",
+            "ip=.10.0.2/24",
+            "ip=10.0.2.15./24",
+        ] {
+            let (config, errors) = parse_collect(bad);
+            assert_eq!(config.ip, DEFAULT_IP, "{bad}");
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+        }
+    }
+
+    #[test]
+    fn host_address_rules_name_the_problem() {
+        for (line, problem) in [
+            ("ip=0.1.2.3/8", "not a usable host address"),
+            ("ip=127.0.0.1/8", "not a usable host address"),
+            ("ip=239.1.1.1/8", "not a usable host address"),
+            ("ip=240.1.1.1/8", "not a usable host address"),
+            ("ip=10.0.0.0/8", "not a usable host address"),
+            ("ip=10.255.255.255/8", "not a usable host address"),
+            ("ip=10.0.2.15/33", "prefix length must be 1..=32"),
+            ("ip=10.0.2.15", "expected A.B.C.D/N with a prefix length"),
+            ("gw=255.255.255.255", "not a usable host address"),
+        ] {
+            let (_, errors) = parse_collect(line);
+            assert_eq!(errors.len(), 1, "{line}: {errors:?}");
+            assert!(errors[0].contains(problem), "{line}: {}", errors[0]);
+        }
+        // A /31 or /32 has no network or broadcast address to avoid.
+        assert!(parse_collect("ip=10.0.0.0/31 gw=10.0.0.1").1.is_empty());
+        assert!(
+            parse_collect("ip=10.0.0.255/32").1.len() == 1,
+            "only the off-link gateway"
+        );
     }
 }

@@ -292,7 +292,7 @@ impl core::fmt::Display for DisplayIp<'_> {
     }
 }
 
-struct DisplayGateway(Option<config::Ipv4>);
+struct DisplayGateway(Option<core::net::Ipv4Addr>);
 
 #[deny(unsafe_code)]
 impl core::fmt::Display for DisplayGateway {

@@ -23,7 +23,7 @@ use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::{dhcpv4, tcp, udp};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 /// The echo port (RFC 862).
 pub const ECHO_PORT: u16 = 7;
@@ -151,10 +151,7 @@ impl Services {
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         iface_config.random_seed = seed;
         let mut iface = Interface::new(iface_config, device, now);
-        let [a, b, c, d] = config.ip.address.0;
-        let address = (!config.dhcp).then(|| {
-            smoltcp::wire::Ipv4Cidr::new(Ipv4Address::new(a, b, c, d), config.ip.prefix_len)
-        });
+        let address = (!config.dhcp).then_some(config.ip);
         if let Some(address) = address {
             iface.update_ip_addrs(|addresses| {
                 // One address: the capacity (IFACE_MAX_ADDR_COUNT >= 1) cannot be exceeded.
@@ -162,13 +159,8 @@ impl Services {
             });
         }
         if let Some(gateway) = config.gateway {
-            let [a, b, c, d] = gateway.0;
             // Fails only if the gateway is not on-link, which the config parser ruled out.
-            if iface
-                .routes_mut()
-                .add_default_ipv4_route(Ipv4Address::new(a, b, c, d))
-                .is_err()
-            {
+            if iface.routes_mut().add_default_ipv4_route(gateway).is_err() {
                 log::warn!("net: default route via {gateway} rejected");
             }
         }
