@@ -3,7 +3,6 @@
 //! heap figures); the services and the smoltcp device adapter it runs are the library's
 //! [`vireo::net`], and the NIC it drives is [`nic::KernelNic`].
 //!
-//!
 //! * `irq` (NAPI style): after an interrupt the loop polls with receive interrupts disarmed
 //!   until there is no work, re-arms them (the driver re-checks the ring after a full fence, so
 //!   a packet that raced the re-arm is never stranded), then halts.
