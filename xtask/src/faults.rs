@@ -1554,11 +1554,15 @@ mod tests {
 
     #[test]
     fn rx_ring_account_and_queue_size() {
-        let stats =
-            Stats::parse("rx_packets=100 rx_dropped=2 rx_descriptors=358 rx_merged=0 heap_used=1")
-                .expect("stats");
+        let stats = Stats::parse(
+            "rx_packets=100 rx_dropped=2 rx_foreign=3 rx_descriptors=361 rx_merged=0 heap_used=1",
+        )
+        .expect("stats");
         let account = RxRingAccount::from_stats(&stats).expect("account");
-        assert_eq!(account.in_ring, 256);
+        assert_eq!(
+            account.in_ring, 256,
+            "foreign frames' buffers went back to the ring too"
+        );
         assert_eq!(
             rx_queue_size_from_log(["x", "virtio-net: MTU 1500, queues rx 256 tx 256, link up"]),
             Some(256)
