@@ -21,6 +21,7 @@ use crate::client::{
 use crate::command::QemuCommand;
 use crate::error::Error;
 use crate::host::{Qemu, choose_accel, log};
+use crate::qmp::QmpError;
 use crate::runner::{GuestExit, RunError, RunOptions, SerialLine, unique_temp_path};
 use crate::usernet::{DEFAULT_NIC, UserNet, boot_on_user_net};
 
@@ -411,7 +412,7 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
     match qmp.execute("quit", None) {
         Ok(_) => {}
         // QEMU may close the socket before its reply arrives; the exit below is what counts.
-        Err(Error::Qmp(message)) if message.contains("closed the QMP socket") => {}
+        Err(QmpError::Closed) => {}
         Err(error) => return Err(DemoError::Shutdown(guest.failure(error))),
     }
     drop(qmp);

@@ -1,5 +1,6 @@
-//! The host side of a run: finding (and if allowed, installing) QEMU, reading its version, and
-//! choosing the accelerator. Every decision is logged on stderr with the reason for it.
+//! The host side of a run: finding (and if allowed, installing) QEMU, reading its version,
+//! choosing the accelerator, and the one apt-get installer every command shares
+//! ([`ensure_packages`]). Every decision is logged on stderr with the reason for it.
 
 use std::env;
 use std::fs::OpenOptions;
@@ -61,25 +62,27 @@ impl Qemu {
     }
 
     /// Like [`Qemu::locate`], but when QEMU is missing and this process runs as root on a
-    /// machine with apt-get, announces and runs `apt-get update && apt-get install -y
-    /// qemu-system-x86` (at most once per process), then locates it again. Not as root, the
-    /// error carries the exact command to run. An explicit `VIREO_QEMU` is never "fixed" by
-    /// installing.
+    /// machine with apt-get, installs `qemu-system-x86` through [`ensure_packages`], then
+    /// locates it again. Not as root, the error carries the exact command to run. An explicit
+    /// `VIREO_QEMU` is never "fixed" by installing.
     pub fn ensure() -> Result<Qemu, Error> {
-        static INSTALL_ATTEMPTED: Mutex<bool> = Mutex::new(false);
         match Qemu::locate() {
             Ok(qemu) => return Ok(qemu),
             Err(Error::QemuNotFound { .. }) if env::var_os(QEMU_ENV).is_none() && is_root() => {}
             Err(other) => return Err(other),
         }
-        let mut attempted = INSTALL_ATTEMPTED
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !*attempted {
-            *attempted = true;
-            install_qemu()?;
+        match ensure_packages(&[(QEMU_PROGRAM, QEMU_PACKAGE)]) {
+            Ok(()) => {}
+            Err(InstallError::NoAptGet { .. }) => {
+                return Err(Error::QemuNotFound {
+                    searched: format!("{QEMU_PROGRAM} on PATH; no apt-get to install it with"),
+                    install_hint: format!(
+                        "install QEMU ({QEMU_PROGRAM}) with your package manager"
+                    ),
+                });
+            }
+            Err(other) => return Err(other.into()),
         }
-        drop(attempted);
         Qemu::locate()
     }
 }
@@ -167,72 +170,118 @@ pub fn is_root() -> bool {
 
 /// The command a user should run to install QEMU on Debian.
 pub fn install_hint() -> String {
-    let sudo = if is_root() { "" } else { "sudo " };
-    format!("{sudo}apt-get update && {sudo}apt-get install -y {QEMU_PACKAGE}")
+    apt_command(&[QEMU_PACKAGE], !is_root())
 }
 
-/// When `program` is not on PATH and this process runs as root with apt-get, announces and
-/// installs the Debian `package` that provides it. Otherwise does nothing: the tests that need
-/// the program then say so themselves (and fail under `CI=true`).
-pub fn ensure_root_tool(program: &str, package: &str) -> Result<(), Error> {
-    if find_on_path(Path::new(program)).is_some()
-        || !is_root()
-        || find_on_path(Path::new("apt-get")).is_none()
-    {
+/// `apt-get update && apt-get install -y PACKAGES`, each half with `sudo ` when `sudo`.
+pub fn apt_command(packages: &[&str], sudo: bool) -> String {
+    let sudo = if sudo { "sudo " } else { "" };
+    format!(
+        "{sudo}apt-get update && {sudo}apt-get install -y {}",
+        packages.join(" ")
+    )
+}
+
+/// Why [`ensure_packages`] or [`install_packages`] could not provide a Debian package.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Missing, and only root may install it; the error names the exact command.
+    #[error(
+        "{packages} is not installed and this process is not root; install it with:\n    \
+         {command}"
+    )]
+    NotRoot {
+        /// The missing packages, space separated.
+        packages: String,
+        /// The command that installs them.
+        command: String,
+    },
+    /// Missing, and there is no apt-get on this machine.
+    #[error("{packages} is not installed, and there is no apt-get to install it with")]
+    NoAptGet {
+        /// The missing packages, space separated.
+        packages: String,
+    },
+    /// apt-get ran and failed (or could not start).
+    #[error("installing {packages} failed ({status}): {command}")]
+    Failed {
+        /// The packages being installed.
+        packages: String,
+        /// The apt-get command that failed.
+        command: String,
+        /// Its exit status, or the error that stopped it from starting.
+        status: String,
+    },
+}
+
+/// Makes sure each `(program, package)` is there: a program missing from `PATH` gets its Debian
+/// package installed through [`install_packages`] (as root: `apt-get update`, once per process,
+/// then `apt-get install -y`). Not as root, the error names the exact command to run.
+pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<(), InstallError> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(program, _)| find_on_path(Path::new(program)).is_none())
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    log(&format!(
-        "`{program}` not found; running as root, so installing {package}: apt-get install -y {package}"
-    ));
-    for args in [&["update"][..], &["install", "-y", package][..]] {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .map_err(|source| Error::QemuInstallFailed {
-                command: format!("apt-get {}", args.join(" ")),
-                status: source.to_string(),
-            })?;
-        if !status.success() {
-            return Err(Error::QemuInstallFailed {
-                command: format!("apt-get {}", args.join(" ")),
-                status: status.to_string(),
-            });
-        }
-    }
-    Ok(())
+    install_packages(&missing)
 }
 
-fn install_qemu() -> Result<(), Error> {
-    let command = format!("apt-get update && apt-get install -y {QEMU_PACKAGE}");
-    if find_on_path(Path::new("apt-get")).is_none() {
-        return Err(Error::QemuNotFound {
-            searched: format!("{QEMU_PROGRAM} on PATH; no apt-get to install it with"),
-            install_hint: format!("install QEMU ({QEMU_PROGRAM}) with your package manager"),
+/// Installs Debian `packages` with apt-get, announcing the command first: `apt-get update` at
+/// most once per process, then `apt-get install -y PACKAGES`. Only as root, and only where
+/// apt-get exists; otherwise the error says what to do.
+pub fn install_packages(packages: &[&str]) -> Result<(), InstallError> {
+    static UPDATED: Mutex<bool> = Mutex::new(false);
+    let names = packages.join(" ");
+    if !is_root() {
+        return Err(InstallError::NotRoot {
+            command: apt_command(packages, true),
+            packages: names,
         });
     }
+    if find_on_path(Path::new("apt-get")).is_none() {
+        return Err(InstallError::NoAptGet { packages: names });
+    }
+    let mut updated = UPDATED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let install: Vec<&str> = ["install", "-y"].iter().chain(packages).copied().collect();
+    let steps: Vec<&[&str]> = if *updated {
+        vec![&install]
+    } else {
+        vec![&["update"], &install]
+    };
     log(&format!(
-        "{QEMU_PROGRAM} not found; running as root, so installing it now: {command}"
+        "{names} not found; running as root, so installing it now: {}",
+        steps
+            .iter()
+            .map(|args| format!("apt-get {}", args.join(" ")))
+            .collect::<Vec<_>>()
+            .join(" && ")
     ));
-    for args in [&["update"][..], &["install", "-y", QEMU_PACKAGE][..]] {
+    for args in steps {
+        let command = format!("apt-get {}", args.join(" "));
+        let failed = |status: String| InstallError::Failed {
+            packages: names.clone(),
+            command: command.clone(),
+            status,
+        };
         let status = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null())
             .status()
-            .map_err(|source| Error::QemuInstallFailed {
-                command: command.clone(),
-                status: source.to_string(),
-            })?;
+            .map_err(|source| failed(source.to_string()))?;
         if !status.success() {
-            return Err(Error::QemuInstallFailed {
-                command: format!("apt-get {}", args.join(" ")),
-                status: status.to_string(),
-            });
+            return Err(failed(status.to_string()));
+        }
+        if args == ["update"] {
+            *updated = true;
         }
     }
-    log("QEMU installed");
+    log(&format!("{names} installed"));
     Ok(())
 }
 
@@ -350,6 +399,30 @@ mod tests {
             Some((8, 1, 0))
         );
         assert_eq!(parse_qemu_version("something else"), None);
+    }
+
+    #[test]
+    fn apt_commands_name_every_package() {
+        assert_eq!(
+            apt_command(&["qemu-system-x86", "iproute2"], true),
+            "sudo apt-get update && sudo apt-get install -y qemu-system-x86 iproute2"
+        );
+        assert_eq!(
+            apt_command(&["busybox-static"], false),
+            "apt-get update && apt-get install -y busybox-static"
+        );
+        // Programs that are there need nothing, root or not.
+        assert!(ensure_packages(&[("sh", "dash"), ("ls", "coreutils")]).is_ok());
+        let error = InstallError::NotRoot {
+            packages: "iproute2".to_string(),
+            command: apt_command(&["iproute2"], true),
+        };
+        assert!(
+            error
+                .to_string()
+                .ends_with("sudo apt-get update && sudo apt-get install -y iproute2"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod command;
 mod demo;
 mod error;
 pub mod faults;
-mod host;
+pub mod host;
 mod netns;
 mod qmp;
 mod runner;
@@ -49,15 +49,16 @@ pub use demo::{
 };
 pub use error::Error;
 pub use host::{
-    ACCEL_ENV, Accel, AccelChoice, QEMU_ENV, QEMU_PACKAGE, QEMU_PROGRAM, Qemu, choose_accel,
-    cpu_virt_flag, ensure_root_tool, find_on_path, install_hint, is_root, log, parse_qemu_version,
+    ACCEL_ENV, Accel, AccelChoice, InstallError, QEMU_ENV, QEMU_PACKAGE, QEMU_PROGRAM, Qemu,
+    apt_command, choose_accel, cpu_virt_flag, ensure_packages, find_on_path, install_hint,
+    install_packages, is_root, log, parse_qemu_version,
 };
 pub use netns::{
     DEFAULT_GUEST_IP, DEFAULT_HOST_CIDR, NETNS_PREFIX, NetNs, NetnsSelfTest, TapConfig,
     enter_netns, list_namespaces, namespace_owner, netns_handle, netns_self_test,
     root_networking_available, run_in_netns, sweep_stale_namespaces,
 };
-pub use qmp::Qmp;
+pub use qmp::{Message as QmpMessage, Qmp, QmpError};
 pub use runner::{Guest, GuestExit, RunError, RunOptions, RunReport, SerialLine, unique_temp_path};
 pub use tap::{ReflectorCounters, TapDevice, TapReflector};
 pub use usernet::{

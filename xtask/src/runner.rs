@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::command::QemuCommand;
 use crate::error::Error;
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QmpError};
 
 /// How a QEMU run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -421,19 +421,17 @@ impl Guest {
     /// creates it.
     pub fn qmp(&mut self, timeout: Duration) -> Result<Qmp, RunError> {
         let Some(socket) = self.qmp_socket.clone() else {
-            return Err(self.failure(Error::Qmp(
-                "this run has no QMP socket (use QemuCommand::qmp_socket)".to_string(),
-            )));
+            return Err(self.failure(Error::Qmp(QmpError::NoSocket)));
         };
         Qmp::connect(&socket, timeout).map_err(|error| self.failure(error))
     }
 
     /// A [`RunError`] for `error` with the command line, the log so far and the exit status.
     /// Tests use it (with [`Error::Check`]) to report a failed assertion on the serial log.
-    pub fn failure(&self, error: Error) -> RunError {
+    pub fn failure(&self, error: impl Into<Error>) -> RunError {
         let captured = self.shared.lock();
         RunError::from(RunReport {
-            error,
+            error: error.into(),
             command_line: self.command_line.clone(),
             serial: captured.lines.clone(),
             qemu_stderr: captured.stderr.clone(),

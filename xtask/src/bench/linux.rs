@@ -5,7 +5,8 @@
 //! echo server (`linux_echo.rs`, compiled here with `-C target-feature=+crt-static`), which also
 //! answers a stats line on UDP 7007.
 //!
-//! Missing Debian packages are installed with apt-get when running as root (announced first).
+//! Missing Debian packages are installed through [`crate::host::install_packages`] when running
+//! as root (announced first).
 //! Anything that cannot be done comes back as an error string that the benchmark reports in its
 //! output and JSON.
 
@@ -13,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::{QemuCommand, find_on_path, is_root, log};
+use crate::host::install_packages;
+use crate::{QemuCommand, log};
 
 /// The serial line the guest's echo server prints once it serves.
 pub const READY_MARKER: &str = "linux-echo: ready";
@@ -68,24 +70,11 @@ pub fn features_hex(bits: &str) -> Option<String> {
 pub fn prepare(out_dir: &Path) -> Result<LinuxImage, String> {
     let mut found = find_parts();
     if let Err(missing) = &found {
-        if !is_root() {
-            return Err(format!(
-                "{missing}; install them with `sudo apt-get install -y {}` (the benchmark \
-                 installs them itself only when it runs as root)",
-                PACKAGES.join(" ")
-            ));
-        }
-        if find_on_path(Path::new("apt-get")).is_none() {
-            return Err(format!(
-                "{missing}, and there is no apt-get to install them with"
-            ));
-        }
         log(&format!(
-            "bench: {missing}; running as root, so installing them now: apt-get update && \
-             apt-get install -y --no-install-recommends {}",
+            "bench: {missing}; the Linux guest needs {}",
             PACKAGES.join(" ")
         ));
-        install()?;
+        install_packages(&PACKAGES).map_err(|error| format!("{missing}; {error}"))?;
         found = find_parts();
     }
     let (version, vmlinuz, busybox) = found?;
@@ -168,29 +157,6 @@ fn find_parts() -> Result<(String, PathBuf, PathBuf), String> {
             Err(missing.join(" and "))
         }
     }
-}
-
-fn install() -> Result<(), String> {
-    let steps: [Vec<&str>; 2] = [
-        vec!["update"],
-        [
-            vec!["install", "-y", "--no-install-recommends"],
-            PACKAGES.to_vec(),
-        ]
-        .concat(),
-    ];
-    for args in steps {
-        let status = Command::new("apt-get")
-            .args(&args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .map_err(|e| format!("running apt-get {}: {e}", args.join(" ")))?;
-        if !status.success() {
-            return Err(format!("`apt-get {}` failed ({status})", args.join(" ")));
-        }
-    }
-    Ok(())
 }
 
 /// Whether the ELF file at `path` has no program interpreter (statically linked).
