@@ -128,6 +128,15 @@ pub fn describe_difference(expected: &[u8], got: &[u8]) -> String {
     }
 }
 
+/// The `per_mille`/1000 quantile of `sorted` (ascending) by the nearest-rank rule, in integers:
+/// the smallest sample with at least `per_mille`/1000 of the samples at or below it (0 gives
+/// the minimum, 1000 the maximum). Every percentile the harness reports, in tables and in the
+/// benchmark's CDF, comes from this one rule. `None` for no samples.
+pub fn nearest_rank<T: Copy>(sorted: &[T], per_mille: usize) -> Option<T> {
+    let index = (sorted.len() * per_mille.min(1000)).div_ceil(1000);
+    sorted.get(index.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
 /// Round-trip time statistics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RttSummary {
@@ -157,12 +166,7 @@ impl RttSummary {
         }
         let mut sorted = samples.to_vec();
         sorted.sort_unstable();
-        // Nearest rank, in integers: the smallest sample with at least `per_mille`/1000 of the
-        // samples at or below it.
-        let rank = |per_mille: usize| {
-            let index = (sorted.len() * per_mille).div_ceil(1000);
-            sorted[index.clamp(1, sorted.len()) - 1]
-        };
+        let rank = |per_mille: usize| nearest_rank(&sorted, per_mille).unwrap_or_default();
         let total: Duration = sorted.iter().sum();
         Some(RttSummary {
             count: sorted.len(),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::Environment;
 use super::measure::{ClientForm, PingPong, Throughput};
-use crate::client::RttSummary;
+use crate::client::{RttSummary, nearest_rank};
 
 /// Identifier of the tap-reflector floor's system.
 pub const TAP_FLOOR: &str = "floor-tap-reflector";
@@ -300,11 +300,10 @@ impl RttRun {
         let summary = RttSummary::from_samples(&durations)?;
         let mut sorted = raw.samples_ns.clone();
         sorted.sort_unstable();
+        // The same nearest-rank rule as the percentiles above, so that the CDF's point at
+        // quantile p/1000 is the table's p-th per mille exactly.
         let cdf_us = (0..=1000)
-            .map(|i| {
-                let index = (i * (sorted.len() - 1)) / 1000;
-                sorted[index] as f64 / 1e3
-            })
+            .map(|per_mille| nearest_rank(&sorted, per_mille).unwrap_or(0) as f64 / 1e3)
             .collect();
         Some(RttRun {
             protocol: protocol.to_string(),
@@ -992,6 +991,47 @@ mod tests {
             vs_linux: None,
             pps_per_boot: per_boot.to_vec(),
         }
+    }
+
+    #[test]
+    fn cdf_points_and_table_percentiles_agree() {
+        for samples_ns in [
+            vec![9_000, 1_000, 5_000, 3_000, 7_000, 2_000, 8_000],
+            (1..=10).map(|i| i * 1_000).collect::<Vec<u64>>(),
+            vec![4_000],
+            (1..=2001).rev().map(|i| i * 10).collect(),
+        ] {
+            let raw = PingPong {
+                samples_ns: samples_ns.clone(),
+                ..PingPong::default()
+            };
+            let run = RttRun::from_ping_pong("udp", 64, None, &raw).expect("samples");
+            let st = run.stats;
+            let cdf = &run.cdf_us;
+            assert_eq!(cdf.len(), 1001);
+            for (per_mille, table) in [
+                (0, st.min_us),
+                (500, st.p50_us),
+                (900, st.p90_us),
+                (990, st.p99_us),
+                (999, st.p999_us),
+                (1000, st.max_us),
+            ] {
+                assert!(
+                    (cdf[per_mille] - table).abs() < 1e-9,
+                    "{} samples: CDF at {per_mille}/1000 is {} us, the table says {table} us",
+                    samples_ns.len(),
+                    cdf[per_mille]
+                );
+            }
+            assert!(cdf.windows(2).all(|pair| pair[0] <= pair[1]));
+        }
+        // Nearest rank on 7 sorted samples: p50 is the 4th, p90 the 7th (ceil(6.3)).
+        let sorted = [1, 2, 3, 5, 7, 8, 9];
+        assert_eq!(nearest_rank(&sorted, 500), Some(5));
+        assert_eq!(nearest_rank(&sorted, 900), Some(9));
+        assert_eq!(nearest_rank(&sorted, 0), Some(1));
+        assert_eq!(nearest_rank::<u64>(&[], 500), None);
     }
 
     #[test]
