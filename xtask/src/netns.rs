@@ -1,7 +1,7 @@
 //! Root networking for tests and benchmarks: a private network namespace holding a tap device
 //! that QEMU attaches to, torn down on drop.
 //!
-//! Safety rules (PLATFORM.md, "Networking on these machines"): tap devices exist only inside a
+//! Safety rules (README.md, "Network safety"): tap devices exist only inside a
 //! namespace this module creates and removes, and the clients send traffic only to addresses
 //! inside it. Nothing here touches the host's own namespace besides creating and deleting the
 //! namespace itself.
@@ -20,13 +20,16 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use crate::error::Error;
 use crate::host::{find_on_path, is_root, log};
@@ -288,17 +291,10 @@ where
 
 /// Enters the network namespace behind `handle` on the calling thread.
 pub fn enter_netns(handle: &File, name: &str) -> Result<(), Error> {
-    // SAFETY: setns only reads the descriptor, which `handle` keeps open for the call; it changes
-    // the calling thread's network namespace and touches no memory of this process.
-    let status = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
-    if status == 0 {
-        Ok(())
-    } else {
-        Err(Error::Io {
-            context: format!("setns into network namespace {name}"),
-            source: std::io::Error::last_os_error(),
-        })
-    }
+    setns(handle, CloneFlags::CLONE_NEWNET).map_err(|errno| Error::Io {
+        context: format!("setns into network namespace {name}"),
+        source: errno.into(),
+    })
 }
 
 fn remove_namespace(name: &str, taps: &[TapConfig]) -> Result<(), Error> {
@@ -340,9 +336,8 @@ fn kill_namespace_processes(name: &str) {
         "ending processes left in namespace {name}: {pids:?}"
     ));
     for &pid in &pids {
-        // SAFETY: kill(2) with a specific pid listed by `ip netns pids` for our own namespace;
-        // it touches no memory of this process.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // A specific pid listed by `ip netns pids` for our own namespace.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && !namespace_pids(name).is_empty() {

@@ -6,16 +6,25 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
 use crate::client::internet_checksum;
 
 /// `_IOW('T', 202, int)`: attach this file to a tun/tap interface.
 const TUNSETIFF: u64 = 0x4004_54ca;
+
+nix::ioctl_readwrite_bad!(
+    /// `ioctl(fd, TUNSETIFF, &ifreq)`.
+    tunsetiff,
+    TUNSETIFF,
+    IfReq
+);
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_MULTI_QUEUE: i16 = 0x0100;
@@ -58,10 +67,7 @@ impl TapDevice {
         request.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads (and may update) a 40-byte `struct ifreq`, which `request` is
         // for the duration of the call; the descriptor is open.
-        let status = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &raw mut request) };
-        if status < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        unsafe { tunsetiff(file.as_raw_fd(), &raw mut request) }?;
         Ok(TapDevice {
             file,
             name: name.to_string(),
@@ -79,18 +85,9 @@ impl TapDevice {
         buffer: &mut [u8],
         timeout: Duration,
     ) -> io::Result<Option<usize>> {
-        let mut poll = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let millis = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the call.
-        let ready = unsafe { libc::poll(&raw mut poll, 1, millis) };
-        if ready < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if ready == 0 {
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, timeout)? == 0 {
             return Ok(None);
         }
         self.file.read(buffer).map(Some)

@@ -8,10 +8,16 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::sys::socket::{MsgFlags, recv};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use socket2::SockRef;
 
 use super::BenchError;
 use super::progress::Progress;
@@ -82,44 +88,18 @@ fn bind_for(target: SocketAddr) -> Result<UdpSocket, BenchError> {
 }
 
 /// Raises SO_RCVBUF and SO_SNDBUF (best effort: the kernel caps them at its maxima).
-fn set_buffer_sizes(socket: &UdpSocket, bytes: i32) {
-    use std::os::fd::AsRawFd;
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt reads an int from a valid pointer for the given length, on an open
-        // descriptor that `socket` owns for the call.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const bytes).cast(),
-                size_of::<i32>() as libc::socklen_t,
-            );
-        }
-    }
+fn set_buffer_sizes(socket: &UdpSocket, bytes: usize) {
+    let socket = SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
 }
 
 /// Receives one datagram into `buffer` with `MSG_DONTWAIT`: `Ok(None)` when none is queued.
 fn recv_nonblocking(socket: &UdpSocket, buffer: &mut [u8]) -> io::Result<Option<usize>> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the buffer is valid and writable for its length for the call; the descriptor is
-    // open (owned by `socket`).
-    let length = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buffer.as_mut_ptr().cast(),
-            buffer.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if length >= 0 {
-        return Ok(Some(length as usize));
-    }
-    let error = io::Error::last_os_error();
-    if error.kind() == io::ErrorKind::WouldBlock {
-        Ok(None)
-    } else {
-        Err(error)
+    match recv(socket.as_raw_fd(), buffer, MsgFlags::MSG_DONTWAIT) {
+        Ok(length) => Ok(Some(length)),
+        Err(Errno::EAGAIN) => Ok(None),
+        Err(errno) => Err(errno.into()),
     }
 }
 
@@ -348,7 +328,7 @@ pub fn udp_throughput(
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 // The host drops datagrams it cannot queue (ENOBUFS): count them as sent and
                 // lost, like a datagram the guest dropped.
-                Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {
+                Err(error) if error.raw_os_error() == Some(Errno::ENOBUFS as i32) => {
                     sent += 1;
                 }
                 Err(error) => return Err(io_err("sending a throughput datagram")(error)),
@@ -535,15 +515,6 @@ pub fn loopback_echo_server(
 /// Pins the calling thread (and the threads it spawns afterwards) to `cpu`. Best effort: returns
 /// false when the kernel refused (e.g. the CPU is not in this process's set).
 pub fn pin_current_thread(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it for an index
-    // below CPU_SETSIZE (checked); sched_setaffinity reads it for the given size, for the
-    // calling thread (pid 0).
-    unsafe {
-        if cpu >= libc::CPU_SETSIZE as usize {
-            return false;
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) == 0
-    }
+    let mut set = CpuSet::new();
+    set.set(cpu).is_ok() && sched_setaffinity(Pid::from_raw(0), &set).is_ok()
 }

@@ -31,6 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
 use self::machine::Environment;
 use self::measure::ClientForm;
 use self::progress::Progress;
@@ -103,38 +106,39 @@ pub fn check_cancelled() -> Result<(), BenchError> {
     }
 }
 
-extern "C" fn on_signal(_signal: libc::c_int) {
+/// What SIGINT and SIGTERM do: the first sets the cancel flag (every measuring loop checks it,
+/// so the run unwinds and drops the namespace); the second exits at once.
+fn on_signal() {
     if CANCELLED.swap(true, Ordering::SeqCst) {
-        const MESSAGE: &[u8] = b"\n[bench] second interrupt: exiting now; the namespace is left \
-                                 to the stale sweep of the next run (cargo xtask netns sweep)\n";
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is a static.
-        unsafe {
-            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
-            libc::_exit(130);
-        }
+        eprintln!(
+            "\n[bench] second interrupt: exiting now; the namespace is left to the stale sweep \
+             of the next run (cargo xtask netns sweep)"
+        );
+        std::process::exit(130);
     }
-    const MESSAGE: &[u8] = b"\n[bench] interrupted: finishing the current step and tearing \
-                             down (press Ctrl-C again to exit at once)\n";
-    // SAFETY: write(2) is async-signal-safe; the buffer is a static.
-    unsafe {
-        libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
-    }
+    eprintln!(
+        "\n[bench] interrupted: finishing the current step and tearing down (press Ctrl-C \
+         again to exit at once)"
+    );
 }
 
-/// Installs the SIGINT/SIGTERM handler that sets the cancel flag.
+/// Installs the SIGINT/SIGTERM handling (once per process): signal-hook's handler only queues
+/// the signal, and a thread of its own runs [`on_signal`] outside the handler.
 fn install_signal_handlers() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler is an
-        // `extern "C" fn(c_int)` that only touches an atomic and calls async-signal-safe
-        // functions.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&raw mut action.sa_mask);
-            libc::sigaction(signal, &raw const action, std::ptr::null_mut());
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let spawned = Signals::new([SIGINT, SIGTERM]).and_then(|mut signals| {
+            std::thread::Builder::new()
+                .name("bench-signals".to_string())
+                .spawn(move || signals.forever().for_each(|_| on_signal()))
+        });
+        if let Err(error) = spawned {
+            log(&format!(
+                "bench: warning: Ctrl-C will not tear down cleanly: installing the signal \
+                 handler failed: {error}"
+            ));
         }
-    }
+    });
 }
 
 /// What to measure.
