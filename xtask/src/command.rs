@@ -50,6 +50,34 @@ impl FromStr for Machine {
     }
 }
 
+/// The guest's receive mode (its `mode=` command-line key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestMode {
+    /// Interrupt-driven (NAPI style).
+    Irq,
+    /// Busy-polling, receive interrupts disarmed.
+    Poll,
+    /// Polls while traffic flows, halts when idle (the kernel's default).
+    Adaptive,
+}
+
+impl GuestMode {
+    /// The value `mode=` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestMode::Irq => "irq",
+            GuestMode::Poll => "poll",
+            GuestMode::Adaptive => "adaptive",
+        }
+    }
+}
+
+impl fmt::Display for GuestMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Parses a memory size in MiB: `64`, `64M`, `512MiB`, `4G`, `4GiB`.
 pub fn parse_memory_mib(value: &str) -> Result<u64, Error> {
     let invalid = || Error::InvalidSetting {

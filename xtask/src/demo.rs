@@ -11,16 +11,16 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::client::{
     ClientError, EchoReport, RttSummary, Stats, TcpEchoReport, UdpEchoClient, query_stats, tcp_echo,
 };
-use crate::command::QemuCommand;
+use crate::command::{GuestMode, QemuCommand};
 use crate::error::Error;
 use crate::host::{Qemu, choose_accel, log};
+use crate::progress::Progress;
 use crate::qmp::QmpError;
 use crate::runner::{GuestExit, RunError, RunOptions, SerialLine, unique_temp_path};
 use crate::usernet::{DEFAULT_NIC, UserNet, boot_on_user_net};
@@ -73,78 +73,98 @@ impl Default for DemoConfig {
     }
 }
 
-/// The options `cargo xtask demo` accepts, for usage messages.
-pub const DEMO_USAGE: &str = "demo [--debug] [--kernel PATH] [--mode irq|poll|adaptive] \
-                              [--timeout SECS] [--rtts N] [--tcp-bytes N]";
+/// `cargo xtask demo`'s flags (clap). [`DemoConfig::parse`] and the binary both go through it.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DemoArgs {
+    /// Build and boot the debug kernel instead of the release one.
+    #[arg(long, conflicts_with = "release")]
+    pub debug: bool,
+    /// Build and boot the release kernel (the default).
+    #[arg(long, hide = true)]
+    pub release: bool,
+    /// Boot this kernel image and build nothing.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The guest's receive mode (the kernel's default, adaptive, when left out).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<GuestMode>,
+    /// Wall-clock limit for the whole QEMU run, boot included, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub timeout: u64,
+    /// UDP round trips to measure (64 bytes, one in flight).
+    #[arg(long, value_name = "N", default_value_t = DemoOptions::default().round_trips)]
+    pub rtts: u64,
+    /// Bytes for the TCP echo.
+    #[arg(long, value_name = "N", default_value_t = DemoOptions::default().tcp_bytes)]
+    pub tcp_bytes: usize,
+}
+
+/// `demo` alone, for [`DemoConfig::parse`].
+#[derive(clap::Parser)]
+#[command(name = "demo")]
+struct DemoCommand {
+    #[command(flatten)]
+    args: DemoArgs,
+}
+
+impl From<&DemoArgs> for DemoConfig {
+    fn from(args: &DemoArgs) -> DemoConfig {
+        DemoConfig {
+            kernel: args.kernel.clone(),
+            release: !args.debug,
+            timeout: Duration::from_secs(args.timeout.max(1)),
+            mode: args.mode.map(|mode| mode.as_str().to_string()),
+            options: DemoOptions {
+                round_trips: args.rtts,
+                tcp_bytes: args.tcp_bytes,
+            },
+            echo_serial: true,
+        }
+    }
+}
 
 impl DemoConfig {
-    /// Parses `cargo xtask demo`'s arguments (everything after `demo`). The error is a usage
-    /// message.
+    /// Parses `cargo xtask demo`'s arguments (everything after `demo`) with the command's own
+    /// parser. The error is clap's message, usage included.
     pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<DemoConfig, String> {
-        fn value(args: &mut impl Iterator<Item = OsString>, flag: &str) -> Result<String, String> {
-            args.next()
-                .and_then(|value| value.into_string().ok())
-                .ok_or_else(|| format!("demo: {flag} needs a (UTF-8) value"))
-        }
-        fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
-            text.parse()
-                .map_err(|_| format!("demo: {flag}: {text:?} is not a valid number"))
-        }
-        let mut config = DemoConfig::default();
-        let mut args = args.into_iter();
-        while let Some(flag) = args.next() {
-            let flag = flag
-                .into_string()
-                .map_err(|bad| format!("demo: argument {bad:?} is not UTF-8"))?;
-            let mut value = |flag: &str| value(&mut args, flag);
-            match flag.as_str() {
-                "--debug" => config.release = false,
-                "--release" => config.release = true,
-                "--kernel" => config.kernel = Some(PathBuf::from(value(&flag)?)),
-                "--mode" => {
-                    let mode = value(&flag)?;
-                    if !matches!(mode.as_str(), "irq" | "poll" | "adaptive") {
-                        return Err(format!(
-                            "demo: --mode takes irq, poll or adaptive, not {mode:?}"
-                        ));
-                    }
-                    config.mode = Some(mode);
-                }
-                "--timeout" => {
-                    let secs: u64 = number(&flag, &value(&flag)?)?;
-                    config.timeout = Duration::from_secs(secs.max(1));
-                }
-                "--rtts" => config.options.round_trips = number(&flag, &value(&flag)?)?,
-                "--tcp-bytes" => config.options.tcp_bytes = number(&flag, &value(&flag)?)?,
-                other => return Err(format!("demo: unknown option {other:?}")),
-            }
-        }
-        Ok(config)
+        use clap::Parser as _;
+        let words = std::iter::once(OsString::from("demo")).chain(args);
+        DemoCommand::try_parse_from(words)
+            .map(|command| DemoConfig::from(&command.args))
+            .map_err(|error| error.render().to_string())
     }
 }
 
 /// Why the demo failed. Each variant names its cause; the ones with a guest carry the QEMU
 /// command line and the whole serial log. `Debug` shows the same text as `Display`, so that a
 /// test returning `Result<_, DemoError>` prints it readably.
+#[derive(thiserror::Error)]
 pub enum DemoError {
     /// QEMU is not installed (or not usable); the error says how to get it.
+    #[error("demo failed: no QEMU: {0}")]
     NoQemu(Error),
     /// The host environment is not usable (e.g. an invalid `VIREO_ACCEL`).
+    #[error("demo failed: the host environment is not usable: {0}")]
     Setup(Error),
     /// Building the kernel failed.
+    #[error("demo failed: the kernel build failed: {0}")]
     Build(Error),
     /// The kernel image given with `--kernel` does not exist.
+    #[error("demo failed: no kernel image: {0}")]
     KernelMissing(Error),
     /// The guest never printed its `ready` line (it panicked, hung, or QEMU failed).
+    #[error("demo failed: the guest never became ready: {error}\n{failure}", error = .0.error, failure = .0)]
     NeverReady(RunError),
     /// An echo failed: missing, wrong bytes, or a service that did not answer.
+    #[error("demo failed: an echo failed: {error}\n{failure}", error = .0.error, failure = .0)]
     Echo(RunError),
     /// The guest served every echo but did not shut down cleanly through QMP `quit`.
+    #[error("demo failed: the guest did not shut down cleanly: {error}\n{failure}", error = .0.error, failure = .0)]
     Shutdown(RunError),
 }
 
 impl DemoError {
-    /// A one-line name of the cause.
+    /// A one-line name of the cause (what `Display` says after `demo failed: `).
     pub fn cause(&self) -> &'static str {
         match self {
             DemoError::NoQemu(_) => "no QEMU",
@@ -158,28 +178,11 @@ impl DemoError {
     }
 }
 
-impl fmt::Display for DemoError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "demo failed: {}: ", self.cause())?;
-        match self {
-            DemoError::NoQemu(error)
-            | DemoError::Setup(error)
-            | DemoError::Build(error)
-            | DemoError::KernelMissing(error) => write!(f, "{error}"),
-            DemoError::NeverReady(failure)
-            | DemoError::Echo(failure)
-            | DemoError::Shutdown(failure) => write!(f, "{}\n{failure}", failure.error),
-        }
-    }
-}
-
 impl fmt::Debug for DemoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
 }
-
-impl std::error::Error for DemoError {}
 
 /// What the demo measured after `ready`.
 #[derive(Clone, Debug)]
@@ -440,55 +443,6 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
     })
 }
 
-/// A progress bar on stderr: redrawn in place on a terminal, a few plain lines otherwise (so a
-/// captured log stays readable).
-struct ProgressBar {
-    total: u64,
-    terminal: bool,
-    last_drawn: Option<u64>,
-}
-
-impl ProgressBar {
-    const WIDTH: u64 = 40;
-
-    fn new(total: u64) -> ProgressBar {
-        ProgressBar {
-            total: total.max(1),
-            terminal: std::io::stderr().is_terminal(),
-            last_drawn: None,
-        }
-    }
-
-    fn update(&mut self, done: u64, rtt: Duration) {
-        let percent = done * 100 / self.total;
-        // On a terminal, redraw at each new percent; otherwise print every 25 %.
-        let step = if self.terminal { 1 } else { 25 };
-        let bucket = percent / step;
-        if self.last_drawn == Some(bucket) && done != self.total {
-            return;
-        }
-        self.last_drawn = Some(bucket);
-        let filled = done * Self::WIDTH / self.total;
-        let bar = format!(
-            "    [{}{}] {done}/{} ({percent:>3}%) last RTT {:.1} us",
-            "#".repeat(filled as usize),
-            "-".repeat((Self::WIDTH - filled) as usize),
-            self.total,
-            rtt.as_secs_f64() * 1e6
-        );
-        let mut err = std::io::stderr().lock();
-        if self.terminal {
-            let _ = write!(err, "\r{bar}\x1b[K");
-            if done == self.total {
-                let _ = writeln!(err);
-            }
-        } else {
-            let _ = writeln!(err, "{bar}");
-        }
-        let _ = err.flush();
-    }
-}
-
 /// The demo's exchanges with a ready guest on user networking, printed step by step on stdout:
 /// the stats line, UDP echo of 1, 64, 1400 and 1472 bytes with RTTs, a TCP echo, many UDP round
 /// trips with a progress bar (stderr) and RTT percentiles, and the stats line again with the
@@ -546,13 +500,18 @@ pub fn demo_exchanges(
     ));
     let stats_before = query_stats(net.stats(), Duration::from_secs(2), 5)?;
     let mut round_trips = EchoReport::default();
-    let mut bar = ProgressBar::new(rtts);
+    let mut bar = Progress::new("[demo]", "UDP round trips", rtts, "round trips");
     let began = Instant::now();
     for done in 1..=rtts {
         let rtt = client.exchange(64, 3, &mut round_trips)?;
-        bar.update(done, rtt);
+        bar.set_message(format!("last RTT {:.1} us", rtt.as_secs_f64() * 1e6));
+        bar.set(done);
     }
     let round_trip_time = began.elapsed();
+    bar.finish(&format!(
+        "{:.0} round trips/s",
+        round_trips.received as f64 / round_trip_time.as_secs_f64().max(1e-9)
+    ));
     let stats_after = query_stats(net.stats(), Duration::from_secs(2), 5)?;
     if let Some(summary) = round_trips.summary() {
         println!(
@@ -613,6 +572,12 @@ mod tests {
         assert!(DemoConfig::parse(strings(&["--rtts"])).is_err());
         assert!(DemoConfig::parse(strings(&["--rtts", "x"])).is_err());
         assert!(DemoConfig::parse(strings(&["--bogus"])).is_err());
+        assert!(DemoConfig::parse(strings(&["--debug", "--release"])).is_err());
+        let defaults = DemoConfig::parse(strings(&[])).expect("valid");
+        assert_eq!(defaults.options.round_trips, 2000);
+        assert_eq!(defaults.options.tcp_bytes, 1 << 20);
+        assert_eq!(defaults.timeout, Duration::from_secs(120));
+        assert!(defaults.release && defaults.mode.is_none());
     }
 
     #[test]

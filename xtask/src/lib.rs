@@ -28,6 +28,7 @@ mod error;
 pub mod faults;
 pub mod host;
 mod netns;
+pub mod progress;
 mod qmp;
 mod runner;
 pub mod soak;
@@ -42,9 +43,11 @@ pub use client::{
     ClientError, EchoReport, IcmpEchoOptions, RttSummary, Stats, TcpEchoReport, UdpEchoClient,
     UdpEchoOptions, icmp_echo, query_stats, tcp_echo, tcp_echo_concurrent, udp_echo,
 };
-pub use command::{DEBUG_EXIT_DEVICE, Machine, QemuCommand, parse_memory_mib, shell_quote};
+pub use command::{
+    DEBUG_EXIT_DEVICE, GuestMode, Machine, QemuCommand, parse_memory_mib, shell_quote,
+};
 pub use demo::{
-    DEMO_USAGE, DemoConfig, DemoError, DemoMeasurements, DemoOptions, DemoSummary, demo_exchanges,
+    DemoArgs, DemoConfig, DemoError, DemoMeasurements, DemoOptions, DemoSummary, demo_exchanges,
     negotiated_features, run_demo,
 };
 pub use error::Error;

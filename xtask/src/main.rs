@@ -1,213 +1,301 @@
-//! `cargo xtask`: Vireo's host command line (`run`, `test`, `demo`). Arguments are parsed by
-//! hand to keep the tool free of dependencies; every command prints what it runs.
+//! `cargo xtask`: Vireo's host command line (`run`, `test`, `demo`, `client`, `netns`, `bench`,
+//! `soak`). clap parses the arguments and generates `--help` for every command; each command is
+//! a function here that returns the process exit status or an `anyhow` error, which `main`
+//! prints as `error: ...` and turns into status 1. Everything else lives in the library.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use xtask::bench::{self, BenchArgs};
 use xtask::client::{EchoReport, resolve};
 use xtask::{
-    ClientError, DEFAULT_NIC, DemoConfig, Error, Guest, IcmpEchoOptions, Machine, NetNs, Qemu,
-    QemuCommand, RunError, RunOptions, UdpEchoOptions, UserNet, build_kernel, cargo, choose_accel,
-    icmp_echo, is_ci, log, parse_memory_mib, query_stats, run_in_netns, shell_quote, tcp_echo,
-    tcp_echo_concurrent, udp_echo, workspace_root,
+    ClientError, DEFAULT_NIC, DemoArgs, DemoConfig, Error, Guest, GuestMode, IcmpEchoOptions,
+    Machine, NetNs, Qemu, QemuCommand, RunError, RunOptions, UdpEchoOptions, UserNet, build_kernel,
+    cargo, choose_accel, icmp_echo, is_ci, log, parse_memory_mib, query_stats, run_in_netns,
+    shell_quote, tcp_echo, tcp_echo_concurrent, udp_echo, workspace_root,
 };
 
-const USAGE: &str = "\
-Usage: cargo xtask <command> [options]
-
-Commands:
-  run   [--release] [--machine q35|pc] [--memory SIZE] [--smp N] [--cpu MODEL]
-        [--append \"CMDLINE\"] [--net none|user|tap] [--timeout SECS]
-        [-- EXTRA QEMU ARGS...]
-        Build the kernel and boot it with the serial console on this terminal until it
-        exits; exits with QEMU's status (33 = guest success, 35 = guest failure).
-        --net user adds a virtio-net NIC with the guest's UDP/TCP echo and stats ports
-        forwarded to free ports on 127.0.0.1 and prints them (try `nc -u 127.0.0.1 PORT`);
-        --net tap (root) runs QEMU in a private network namespace on a tap (host side
-        10.0.2.2/24).
-  test  [ARGS...]
-        Make sure QEMU is there (installs it when root), then run the whole workspace's
-        tests: cargo nextest run --workspace (or cargo test --workspace without
-        cargo-nextest). ARGS go to that runner.
-  demo  [--debug] [--kernel PATH] [--mode irq|poll|adaptive] [--timeout SECS]
-        [--rtts N] [--tcp-bytes N]
-        Build the release kernel (or boot PATH) with a virtio-net NIC on QEMU user
-        networking (no root), wait for `ready`, then show UDP echo with RTTs, a TCP echo
-        of 1 MiB, N UDP round trips (default 2000) with a progress bar, and a summary
-        (features, mode, RTT percentiles, kicks and interrupts per packet); QMP `quit`
-        shuts the guest down. Exits 0 only if every echo was exact.
-  client udp-echo --addr HOST:PORT [--count N] [--size BYTES] [--timeout MS]
-                  [--attempts N] [--netns NAME]
-  client tcp-echo --addr HOST:PORT [--bytes N] [--connections N] [--timeout SECS]
-                  [--netns NAME]
-  client icmp-echo --addr IP [--count N] [--size BYTES] [--timeout MS] [--netns NAME]
-                   (raw socket: root)
-  client stats --addr HOST:PORT [--timeout MS] [--netns NAME]
-        Talk to a guest's services; every echo is checked byte for byte. --netns runs the
-        client inside that network namespace (`ip netns` name; root).
-  netns check | list | sweep
-        check: create a namespace with a tap, ping the host side from inside, run UDP and
-        ICMP echo over the tap against a userspace reflector, remove it (root).
-        list: the vireo-* namespaces; sweep: remove those whose creator is gone.
-  bench [--quick] [OPTIONS]   (root)
-        Latency benchmark over a tap in a private namespace: Vireo in each mode, a Linux
-        guest peer and the floors (loopback, tap reflector). Writes bench.md, bench.json
-        and bench-cdf.svg to bench-results/. `cargo xtask bench --help` lists the options.
-  soak  [--minutes N] [--udp-rate N] [--icmp-rate N] [--tcp-rate N] [--tcp-bytes N]
-        [--mode irq|poll|adaptive] [--interval SECS] [--out FILE]
-        (root) Boot the release kernel on a tap in a private namespace and run mixed
-        UDP, ICMP and TCP echo at a steady rate for N minutes (default 10): per-interval
-        loss, RTT percentiles and heap_used/heap_peak, then a verdict; writes a Markdown
-        summary (default target/soak/soak-<time>.md); exits 0 only when clean.
-
+const ENVIRONMENT: &str = "\
 Environment:
   VIREO_QEMU   QEMU binary to use (default: qemu-system-x86_64 on PATH)
   VIREO_ACCEL  kvm or tcg (default: kvm only with a usable /dev/kvm and vmx/svm)
-  CI=true      nothing may be skipped; `test` runs with --no-fail-fast
-";
+  CI=true      nothing may be skipped; `test` runs with --no-fail-fast";
+
+/// Vireo's host tooling: build, boot, test, demo, benchmark and soak the unikernel under QEMU.
+/// Every command prints what it runs, including the full QEMU command line.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", after_help = ENVIRONMENT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel and boot it with the serial console on this terminal
+    ///
+    /// Runs until the guest exits and exits with QEMU's status (33 = guest success, 35 = guest
+    /// failure). `--net user` adds a virtio-net NIC with the guest's UDP/TCP echo and stats ports
+    /// forwarded to free ports on 127.0.0.1 and prints them; `--net tap` (root) runs QEMU in a
+    /// private network namespace on a tap (host side 10.0.2.2/24).
+    Run(RunArgs),
+    /// Run the whole workspace's tests (cargo nextest, else cargo test)
+    ///
+    /// Makes sure QEMU is there first (installing it when root). ARGS go to the runner; with
+    /// CI=true it adds --no-fail-fast. The output ends with the runner's own summary and the
+    /// exit status is the runner's.
+    Test(TestArgs),
+    /// The main job: the echo demo on QEMU user networking (no root)
+    ///
+    /// Builds the release kernel (or boots --kernel), boots it with a virtio-net NIC, waits for
+    /// `ready`, then shows UDP echo with RTTs, a TCP echo of 1 MiB, N UDP round trips with a
+    /// progress bar and a summary (features, mode, RTT percentiles, kicks and interrupts per
+    /// packet); QMP `quit` shuts the guest down. Exits 0 only if every echo was exact.
+    Demo(DemoArgs),
+    /// Run one host client against a guest's services
+    ///
+    /// Every echo is checked byte for byte and its round-trip time printed.
+    Client(ClientArgs),
+    /// Check, list or sweep the root-networking fixture (namespaces with a tap)
+    Netns {
+        #[command(subcommand)]
+        action: Option<NetnsAction>,
+    },
+    /// The latency benchmark (root)
+    ///
+    /// Over a tap in a private namespace: Vireo in each mode, a Linux guest peer and the floors
+    /// (loopback, userspace tap reflector). Writes bench.md, bench.json and bench-cdf.svg to
+    /// --out (default bench-results/).
+    Bench(BenchArgs),
+    /// A long mixed-traffic run against the release kernel on a tap (root)
+    ///
+    /// UDP, ICMP and TCP echo at a steady rate for N minutes: per-interval loss, RTT
+    /// percentiles and heap_used/heap_peak, then a verdict; writes a Markdown summary. Exits 0
+    /// only when clean.
+    Soak(SoakArgs),
+}
+
+/// How `run` connects the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Net {
+    /// No NIC.
+    None,
+    /// A virtio-net NIC on QEMU user networking, the guest's ports forwarded to 127.0.0.1.
+    User,
+    /// (root) A virtio-net NIC on a tap in a private namespace (host side 10.0.2.2/24).
+    Tap,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Build and boot the release kernel (default: the debug one).
+    #[arg(long)]
+    release: bool,
+    /// The machine model.
+    #[arg(long, short = 'M', value_name = "q35|pc", default_value = "q35")]
+    machine: Machine,
+    /// Guest RAM: `64`, `512M`, `4G`.
+    #[arg(long, short = 'm', value_name = "SIZE", default_value = "128", value_parser = parse_memory_mib)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    smp: u32,
+    /// The `-cpu` model (QEMU's default when left out).
+    #[arg(long, value_name = "MODEL")]
+    cpu: Option<String>,
+    /// The kernel command line (`-append`).
+    #[arg(long, value_name = "CMDLINE")]
+    append: Option<String>,
+    /// How the guest is connected.
+    #[arg(long, value_enum, default_value_t = Net::None)]
+    net: Net,
+    /// Kill QEMU after this many seconds (default: run until the guest exits or Ctrl-C).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Extra QEMU arguments, after `--`.
+    #[arg(last = true, value_name = "EXTRA QEMU ARGS")]
+    extra: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// Arguments for the test runner (`cargo nextest run --workspace` or `cargo test
+    /// --workspace`), e.g. `-p vireo --test demo`.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Run the client inside this network namespace (an `ip netns` name; root).
+    #[arg(long, global = true, value_name = "NAME")]
+    netns: Option<String>,
+    #[command(subcommand)]
+    kind: ClientKind,
+}
+
+#[derive(Subcommand)]
+enum ClientKind {
+    /// UDP ping-pong, one datagram in flight.
+    UdpEcho {
+        /// The echo service, e.g. `127.0.0.1:PORT` or `10.0.2.15:7`.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+        /// Datagrams to exchange.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        count: u64,
+        /// Payload bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 64)]
+        size: usize,
+        /// Wait for each echo, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout: u64,
+        /// Sends of one datagram before giving up.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        attempts: u32,
+    },
+    /// TCP echo; with several connections, all connect first and then transfer concurrently.
+    TcpEcho {
+        /// The echo service, e.g. `127.0.0.1:PORT` or `10.0.2.15:7`.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+        /// Bytes per connection.
+        #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+        bytes: usize,
+        /// Connections held open at once.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        connections: usize,
+        /// Limit for the whole echo, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Ping through a raw socket (root).
+    IcmpEcho {
+        /// The guest's IPv4 address.
+        #[arg(long, value_name = "IP")]
+        addr: Ipv4Addr,
+        /// Requests to exchange.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        count: u64,
+        /// Payload bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 64)]
+        size: usize,
+        /// Wait for each reply, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout: u64,
+        /// Sends of one request before giving up.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        attempts: u32,
+    },
+    /// Print the guest's stats line.
+    Stats {
+        /// The stats service, e.g. `127.0.0.1:PORT` or `10.0.2.15:7007`.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+        /// Wait for the answer, in milliseconds (3 attempts).
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetnsAction {
+    /// (root, the default) Create a namespace with a tap, ping the host side from inside, run
+    /// UDP and ICMP echo over the tap against a userspace reflector, remove it.
+    Check,
+    /// The vireo-* namespaces and whether their creator still runs.
+    List,
+    /// Remove the vireo-* namespaces whose creator is gone.
+    Sweep,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// Length of the run in minutes.
+    #[arg(long, value_name = "N", default_value_t = 10.0)]
+    minutes: f64,
+    /// UDP echoes per second (64 to 1472 bytes).
+    #[arg(long, value_name = "N")]
+    udp_rate: Option<u32>,
+    /// ICMP echoes per second (56 bytes).
+    #[arg(long, value_name = "N")]
+    icmp_rate: Option<u32>,
+    /// TCP echo connections per second.
+    #[arg(long, value_name = "N")]
+    tcp_rate: Option<u32>,
+    /// Bytes echoed per TCP connection.
+    #[arg(long, value_name = "N")]
+    tcp_bytes: Option<usize>,
+    /// The guest's receive mode.
+    #[arg(long, value_enum, default_value_t = GuestMode::Adaptive)]
+    mode: GuestMode,
+    /// Seconds per reported interval.
+    #[arg(long, value_name = "SECS")]
+    interval: Option<u64>,
+    /// Where the Markdown summary goes (default: target/soak/soak-<time>.md).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
 
 /// Set for the test runner that `cargo xtask test` starts, to refuse a recursive start.
 const INSIDE_TEST_ENV: &str = "VIREO_XTASK_INSIDE_TEST";
 
 fn main() -> ExitCode {
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    if args.is_empty() {
-        eprint!("{USAGE}");
-        return ExitCode::from(2);
-    }
-    let command = args.remove(0);
-    let result = match command.to_str() {
-        Some("run") => run(args),
-        Some("test") => test(args),
-        Some("demo") => demo(args),
-        Some("client") => client(args),
-        Some("netns") => netns(args),
-        Some("bench") => bench(args),
-        Some("soak") => soak(args),
-        Some("help" | "-h" | "--help") => {
-            print!("{USAGE}");
-            Ok(0)
-        }
-        _ => Err(CliError::Usage(format!(
-            "unknown command {:?}",
-            command.to_string_lossy()
-        ))),
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run(args) => run(args),
+        Cmd::Test(args) => test(args.args),
+        Cmd::Demo(args) => demo(&args),
+        Cmd::Client(args) => client(args),
+        Cmd::Netns { action } => netns(action.unwrap_or(NetnsAction::Check)),
+        Cmd::Bench(args) => bench(&args),
+        Cmd::Soak(args) => soak(args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
-        Err(CliError::Usage(message)) => {
-            eprintln!("error: {message}\n\n{USAGE}");
-            ExitCode::from(2)
-        }
-        Err(CliError::Failed(message)) => {
-            eprintln!("error: {message}");
+        Err(error) => {
+            // The messages already carry their causes, so the top one is printed alone.
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }
 }
 
-enum CliError {
-    Usage(String),
-    Failed(String),
-}
-
-impl From<Error> for CliError {
-    fn from(error: Error) -> CliError {
-        CliError::Failed(error.to_string())
-    }
-}
-
-/// A small argument cursor: flags, flags with a value, and `--` for pass-through arguments.
-struct Args {
-    items: std::vec::IntoIter<OsString>,
-}
-
-impl Args {
-    fn new(items: Vec<OsString>) -> Args {
-        Args {
-            items: items.into_iter(),
-        }
-    }
-
-    fn next_flag(&mut self) -> Option<Result<String, CliError>> {
-        let item = self.items.next()?;
-        Some(
-            item.into_string()
-                .map_err(|bad| CliError::Usage(format!("argument {bad:?} is not UTF-8"))),
-        )
-    }
-
-    fn value(&mut self, flag: &str) -> Result<String, CliError> {
-        self.items
-            .next()
-            .and_then(|value| value.into_string().ok())
-            .ok_or_else(|| CliError::Usage(format!("{flag} needs a (UTF-8) value")))
-    }
-
-    fn rest(&mut self) -> Vec<OsString> {
-        self.items.by_ref().collect()
-    }
-}
-
-fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, CliError> {
-    value
-        .parse()
-        .map_err(|_| CliError::Usage(format!("{flag}: {value:?} is not a valid number")))
-}
-
-fn prepare_qemu() -> Result<(Qemu, xtask::Accel), CliError> {
+fn prepare_qemu() -> Result<(Qemu, xtask::Accel)> {
     let qemu = Qemu::ensure()?;
     let accel = choose_accel()?.accel;
     Ok((qemu, accel))
 }
 
 /// `cargo xtask run`: build, boot with the serial console on the terminal, return QEMU's status.
-fn run(args: Vec<OsString>) -> Result<i32, CliError> {
-    let mut args = Args::new(args);
-    let mut release = false;
-    let mut machine = Machine::default();
-    let mut memory_mib = 128;
-    let mut smp = 1;
-    let mut cpu = None;
-    let mut append = None;
-    let mut timeout = None;
-    let mut extra = Vec::new();
-    let mut net = "none".to_string();
-    while let Some(flag) = args.next_flag() {
-        let flag = flag?;
-        match flag.as_str() {
-            "--release" => release = true,
-            "--net" => net = args.value(&flag)?,
-            "--machine" | "-M" => machine = args.value(&flag)?.parse()?,
-            "--memory" | "-m" => memory_mib = parse_memory_mib(&args.value(&flag)?)?,
-            "--smp" => smp = parse_number(&flag, &args.value(&flag)?)?,
-            "--cpu" => cpu = Some(args.value(&flag)?),
-            "--append" => append = Some(args.value(&flag)?),
-            "--timeout" => timeout = Some(parse_number::<u64>(&flag, &args.value(&flag)?)?),
-            "--" => extra = args.rest(),
-            other => return Err(CliError::Usage(format!("run: unknown option {other:?}"))),
-        }
-    }
+fn run(args: RunArgs) -> Result<i32> {
     let (qemu, accel) = prepare_qemu()?;
-    let kernel = build_kernel(release)?;
+    let kernel = build_kernel(args.release)?;
     let mut command = QemuCommand::new(&qemu, accel, kernel)
-        .machine(machine)
-        .memory_mib(memory_mib)
-        .smp(smp)
-        .args(extra);
-    if let Some(cpu) = cpu {
+        .machine(args.machine)
+        .memory_mib(args.memory)
+        .smp(args.smp)
+        .args(args.extra);
+    if let Some(cpu) = args.cpu {
         command = command.cpu(cpu);
     }
-    if let Some(append) = append {
+    if let Some(append) = args.append {
         command = command.append(append);
     }
     // Declared before the guest so that it is dropped (and removed) after QEMU is gone.
     let mut _namespace = None;
-    match net.as_str() {
-        "none" => {}
-        "user" => {
+    match args.net {
+        Net::None => {}
+        Net::User => {
             let forwards = UserNet::allocate()?;
             command = command.netdev(forwards.netdev("n0")).device(DEFAULT_NIC);
             log(&format!(
@@ -223,7 +311,7 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
                 stats = forwards.stats(),
             ));
         }
-        "tap" => {
+        Net::Tap => {
             let namespace = NetNs::create("run")?;
             command = command
                 .in_netns(namespace.name())
@@ -236,14 +324,9 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
             ));
             _namespace = Some(namespace);
         }
-        other => {
-            return Err(CliError::Usage(format!(
-                "run: --net takes none, user or tap, not {other:?}"
-            )));
-        }
     }
     // Without --timeout the run is interactive: it lasts until the guest exits or Ctrl-C.
-    let limit = Duration::from_secs(timeout.unwrap_or(7 * 24 * 3600));
+    let limit = Duration::from_secs(args.timeout.unwrap_or(7 * 24 * 3600));
     log(&format!("running: {}", command.command_line()));
     let mut guest = Guest::spawn(
         &command,
@@ -252,21 +335,19 @@ fn run(args: Vec<OsString>) -> Result<i32, CliError> {
             echo: true,
         },
     )
-    .map_err(|failure| CliError::Failed(brief(&failure)))?;
-    match guest.wait_exit(limit) {
-        Ok(exit) => {
-            log(&format!(
-                "QEMU exited ({exit}) after {:.3} s",
-                guest.elapsed().as_secs_f64()
-            ));
-            Ok(exit.exit_code())
-        }
-        Err(failure) => Err(CliError::Failed(brief(&failure))),
-    }
+    .map_err(|failure| anyhow!(brief(&failure)))?;
+    let exit = guest
+        .wait_exit(limit)
+        .map_err(|failure| anyhow!(brief(&failure)))?;
+    log(&format!(
+        "QEMU exited ({exit}) after {:.3} s",
+        guest.elapsed().as_secs_f64()
+    ));
+    Ok(exit.exit_code())
 }
 
-/// The error and command line of a failed run, without the serial log (which `run` and `demo`
-/// already showed live).
+/// The error and command line of a failed run, without the serial log (which `run` already
+/// showed live).
 fn brief(failure: &RunError) -> String {
     let mut text = format!(
         "{}\ncommand (copy-paste to reproduce):\n    {}",
@@ -286,7 +367,7 @@ fn brief(failure: &RunError) -> String {
 
 /// `cargo xtask test`: make sure QEMU is there, then hand over to the test runner. Nothing is
 /// printed after the runner, so the output ends with its own summary.
-fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
+fn test(passthrough: Vec<OsString>) -> Result<i32> {
     // Both log what they found (QEMU path and version; accelerator and why).
     Qemu::ensure()?;
     choose_accel()?;
@@ -301,9 +382,9 @@ fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
     // Checked after the environment so that the harness's own tests can run `xtask test` to see
     // its QEMU and VIREO_ACCEL errors, but can never start the suite again from inside it.
     if std::env::var_os(INSIDE_TEST_ENV).is_some() {
-        return Err(CliError::Failed(format!(
+        bail!(
             "`cargo xtask test` is already running ({INSIDE_TEST_ENV} is set); not starting it again"
-        )));
+        );
     }
     let nextest = Command::new(cargo())
         .args(["nextest", "--version"])
@@ -358,54 +439,33 @@ fn test(passthrough: Vec<OsString>) -> Result<i32, CliError> {
 /// `cargo xtask demo`: the library's [`xtask::run_demo`] (the test suite runs the same code),
 /// then its summary. Exits 0 only when every echo came back exact and the guest shut down
 /// cleanly; otherwise the error names the cause.
-fn demo(args: Vec<OsString>) -> Result<i32, CliError> {
-    let config = DemoConfig::parse(args).map_err(CliError::Usage)?;
-    match xtask::run_demo(&config) {
-        Ok(summary) => {
-            println!("\n{summary}");
-            log("demo: every echo came back exact; the guest shut down cleanly");
-            Ok(0)
-        }
-        Err(error) => Err(CliError::Failed(error.to_string())),
-    }
+fn demo(args: &DemoArgs) -> Result<i32> {
+    let summary = xtask::run_demo(&DemoConfig::from(args))?;
+    println!("\n{summary}");
+    log("demo: every echo came back exact; the guest shut down cleanly");
+    Ok(0)
 }
 
 /// `cargo xtask client ...`: the host clients on the command line.
-fn client(args: Vec<OsString>) -> Result<i32, CliError> {
-    let mut args = Args::new(args);
-    let kind = match args.next_flag() {
-        Some(kind) => kind?,
-        None => return Err(CliError::Usage("client: which client?".to_string())),
+fn client(args: ClientArgs) -> Result<i32> {
+    let name = match &args.kind {
+        ClientKind::UdpEcho { .. } => "udp-echo",
+        ClientKind::TcpEcho { .. } => "tcp-echo",
+        ClientKind::IcmpEcho { .. } => "icmp-echo",
+        ClientKind::Stats { .. } => "stats",
     };
-    let mut addr = None;
-    let mut count: u64 = 10;
-    let mut size: usize = 64;
-    let mut bytes: usize = 1 << 20;
-    let mut connections: usize = 1;
-    let mut timeout_ms: Option<u64> = None;
-    let mut attempts: u32 = 1;
-    let mut namespace = None;
-    while let Some(flag) = args.next_flag() {
-        let flag = flag?;
-        match flag.as_str() {
-            "--addr" => addr = Some(args.value(&flag)?),
-            "--count" => count = parse_number(&flag, &args.value(&flag)?)?,
-            "--size" => size = parse_number(&flag, &args.value(&flag)?)?,
-            "--bytes" => bytes = parse_number(&flag, &args.value(&flag)?)?,
-            "--connections" => connections = parse_number(&flag, &args.value(&flag)?)?,
-            "--timeout" => timeout_ms = Some(parse_number(&flag, &args.value(&flag)?)?),
-            "--attempts" => attempts = parse_number(&flag, &args.value(&flag)?)?,
-            "--netns" => namespace = Some(args.value(&flag)?),
-            other => return Err(CliError::Usage(format!("client: unknown option {other:?}"))),
-        }
-    }
-    let addr = addr.ok_or_else(|| CliError::Usage("client: --addr is required".to_string()))?;
-    let kind_for_work = kind.clone();
+    let kind = args.kind;
     let work = move || -> Result<(), ClientError> {
-        match kind_for_work.as_str() {
-            "udp-echo" => {
+        match kind {
+            ClientKind::UdpEcho {
+                addr,
+                count,
+                size,
+                timeout,
+                attempts,
+            } => {
                 let target = resolve(&addr)?;
-                let timeout = Duration::from_millis(timeout_ms.unwrap_or(2000));
+                let timeout = Duration::from_millis(timeout);
                 println!("UDP echo: {count} x {size} bytes to {target}, timeout {timeout:?}");
                 let report = udp_echo(
                     target,
@@ -418,9 +478,14 @@ fn client(args: Vec<OsString>) -> Result<i32, CliError> {
                 )?;
                 print_echo_report(&report);
             }
-            "tcp-echo" => {
+            ClientKind::TcpEcho {
+                addr,
+                bytes,
+                connections,
+                timeout,
+            } => {
                 let target = resolve(&addr)?;
-                let timeout = Duration::from_secs(timeout_ms.unwrap_or(60));
+                let timeout = Duration::from_secs(timeout);
                 println!(
                     "TCP echo: {connections} connection(s) x {bytes} bytes to {target}, \
                      timeout {timeout:?}"
@@ -438,14 +503,17 @@ fn client(args: Vec<OsString>) -> Result<i32, CliError> {
                     slowest.as_secs_f64() * 1e3
                 );
             }
-            "icmp-echo" => {
-                let target: std::net::Ipv4Addr = addr.parse().map_err(|_| {
-                    ClientError::Protocol(format!("{addr:?} is not an IPv4 address"))
-                })?;
-                let timeout = Duration::from_millis(timeout_ms.unwrap_or(2000));
-                println!("ICMP echo: {count} x {size} bytes to {target}, timeout {timeout:?}");
+            ClientKind::IcmpEcho {
+                addr,
+                count,
+                size,
+                timeout,
+                attempts,
+            } => {
+                let timeout = Duration::from_millis(timeout);
+                println!("ICMP echo: {count} x {size} bytes to {addr}, timeout {timeout:?}");
                 let report = icmp_echo(
-                    target,
+                    addr,
                     IcmpEchoOptions {
                         count,
                         size,
@@ -455,32 +523,24 @@ fn client(args: Vec<OsString>) -> Result<i32, CliError> {
                 )?;
                 print_echo_report(&report);
             }
-            "stats" => {
+            ClientKind::Stats { addr, timeout } => {
                 let target: SocketAddr = resolve(&addr)?;
-                let stats =
-                    query_stats(target, Duration::from_millis(timeout_ms.unwrap_or(2000)), 3)?;
+                let stats = query_stats(target, Duration::from_millis(timeout), 3)?;
                 println!("{}", stats.line);
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "unknown client {other:?} (udp-echo, tcp-echo, icmp-echo or stats)"
-                )));
             }
         }
         Ok(())
     };
-    let result = match &namespace {
-        Some(name) => {
+    match &args.netns {
+        Some(namespace) => {
             log(&format!(
-                "running the {kind} client inside network namespace {name}"
+                "running the {name} client inside network namespace {namespace}"
             ));
-            run_in_netns(name, work)?
+            run_in_netns(namespace, work)??;
         }
-        None => work(),
-    };
-    result
-        .map(|()| 0)
-        .map_err(|error| CliError::Failed(error.to_string()))
+        None => work()?,
+    }
+    Ok(0)
 }
 
 fn print_echo_report(report: &EchoReport) {
@@ -503,23 +563,17 @@ fn print_echo_report(report: &EchoReport) {
 }
 
 /// `cargo xtask netns check|list|sweep`.
-fn netns(args: Vec<OsString>) -> Result<i32, CliError> {
-    let mut args = Args::new(args);
-    let action = match args.next_flag() {
-        Some(action) => action?,
-        None => "check".to_string(),
-    };
-    match action.as_str() {
-        "check" => {
+fn netns(action: NetnsAction) -> Result<i32> {
+    match action {
+        NetnsAction::Check => {
             let report = xtask::netns_self_test()?;
             println!(
                 "netns check passed ({} checks, namespace {} created and removed)",
                 report.checks.len(),
                 report.namespace
             );
-            Ok(0)
         }
-        "list" => {
+        NetnsAction::List => {
             for name in xtask::list_namespaces() {
                 let owner = xtask::namespace_owner(&name)
                     .map(|pid| {
@@ -529,69 +583,73 @@ fn netns(args: Vec<OsString>) -> Result<i32, CliError> {
                     .unwrap_or_else(|| "not named by this harness".to_string());
                 println!("{name}\t{owner}");
             }
-            Ok(0)
         }
-        "sweep" => {
+        NetnsAction::Sweep => {
             let removed = xtask::sweep_stale_namespaces();
             println!("removed {} stale namespace(s): {removed:?}", removed.len());
-            Ok(0)
         }
-        other => Err(CliError::Usage(format!(
-            "netns: unknown action {other:?} (check, list or sweep)"
-        ))),
     }
+    Ok(0)
 }
 
-/// `cargo xtask bench`: the latency benchmark ([`xtask::bench`]).
-fn bench(args: Vec<OsString>) -> Result<i32, CliError> {
-    let args: Vec<String> = args
-        .into_iter()
-        .map(|arg| {
-            arg.into_string()
-                .map_err(|bad| CliError::Usage(format!("argument {bad:?} is not UTF-8")))
-        })
-        .collect::<Result<_, _>>()?;
-    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
-        println!("Usage: cargo xtask\n{}", xtask::bench::USAGE);
+/// `cargo xtask bench`: the latency benchmark ([`xtask::bench`]). Exits 0 when every system
+/// asked for was measured or declared unmeasurable with a reason, 1 when a measurement failed,
+/// 130 when interrupted.
+fn bench(args: &BenchArgs) -> Result<i32> {
+    if let Some(json) = &args.render {
+        let outputs = bench::render(json)?;
+        println!(
+            "rendered {} and {}",
+            outputs.markdown.display(),
+            outputs.svg.display()
+        );
         return Ok(0);
     }
-    Ok(xtask::bench::main(&args))
+    let options = args.options().map_err(|message| anyhow!(message))?;
+    let (report, outputs, failures) = match bench::run(&options) {
+        Ok(done) => done,
+        Err(error) if bench::cancelled() => {
+            eprintln!("error: {error}");
+            return Ok(130);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    println!("{}", bench::report::markdown(&report));
+    println!(
+        "results: {}, {}, {}",
+        outputs.markdown.display(),
+        outputs.json.display(),
+        outputs.svg.display()
+    );
+    if failures.is_empty() {
+        return Ok(0);
+    }
+    eprintln!("error: some measurements failed:");
+    for failure in failures {
+        eprintln!("  - {failure}");
+    }
+    Ok(1)
 }
 
 /// `cargo xtask soak`: a long mixed-traffic run against the release kernel on a tap (root).
-fn soak(args: Vec<OsString>) -> Result<i32, CliError> {
-    let mut args = Args::new(args);
+fn soak(args: SoakArgs) -> Result<i32> {
     let mut options = xtask::soak::SoakOptions::default();
-    let mut minutes: f64 = 10.0;
-    let mut out = None;
-    while let Some(flag) = args.next_flag() {
-        let flag = flag?;
-        match flag.as_str() {
-            "--minutes" => minutes = parse_number(&flag, &args.value(&flag)?)?,
-            "--udp-rate" => options.udp_rate = parse_number(&flag, &args.value(&flag)?)?,
-            "--icmp-rate" => options.icmp_rate = parse_number(&flag, &args.value(&flag)?)?,
-            "--tcp-rate" => options.tcp_rate = parse_number(&flag, &args.value(&flag)?)?,
-            "--tcp-bytes" => options.tcp_bytes = parse_number(&flag, &args.value(&flag)?)?,
-            "--mode" => options.mode = args.value(&flag)?,
-            "--interval" => {
-                let secs: u64 = parse_number(&flag, &args.value(&flag)?)?;
-                options.interval = Duration::from_secs(secs.max(1));
-            }
-            "--out" => out = Some(std::path::PathBuf::from(args.value(&flag)?)),
-            other => return Err(CliError::Usage(format!("soak: unknown option {other:?}"))),
-        }
+    let minutes = args.minutes;
+    if minutes.is_nan() || minutes <= 0.0 {
+        bail!("soak: --minutes must be positive");
     }
-    if minutes.is_nan()
-        || minutes <= 0.0
-        || !matches!(options.mode.as_str(), "irq" | "poll" | "adaptive")
-    {
-        return Err(CliError::Usage(
-            "soak: --minutes must be positive and --mode irq, poll or adaptive".to_string(),
-        ));
+    options.udp_rate = args.udp_rate.unwrap_or(options.udp_rate);
+    options.icmp_rate = args.icmp_rate.unwrap_or(options.icmp_rate);
+    options.tcp_rate = args.tcp_rate.unwrap_or(options.tcp_rate);
+    options.tcp_bytes = args.tcp_bytes.unwrap_or(options.tcp_bytes);
+    options.mode = args.mode.as_str().to_string();
+    if let Some(secs) = args.interval {
+        options.interval = Duration::from_secs(secs.max(1));
     }
-    options.duration = Duration::from_secs_f64(minutes * 60.0);
-    xtask::root_networking_available().map_err(CliError::Failed)?;
-    let _ = prepare_qemu()?;
+    options.duration = Duration::try_from_secs_f64(minutes * 60.0)
+        .with_context(|| format!("soak: --minutes {minutes}"))?;
+    xtask::root_networking_available().map_err(|reason| anyhow!(reason))?;
+    prepare_qemu()?;
     let kernel = build_kernel(true)?;
     log(&format!(
         "soak: {minutes} min of UDP {}/s, ICMP {}/s and TCP {} connections/s ({} bytes each) \
@@ -601,7 +659,7 @@ fn soak(args: Vec<OsString>) -> Result<i32, CliError> {
     let report = xtask::soak::soak(&kernel, &options)?;
     let summary = report.markdown(&options);
     println!("\n{summary}");
-    let out = out.unwrap_or_else(|| {
+    let out = args.out.unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -614,10 +672,103 @@ fn soak(args: Vec<OsString>) -> Result<i32, CliError> {
         let _ = std::fs::create_dir_all(parent);
     }
     let text = format!("{summary}\nQEMU: `{}`\n", report.command_line);
-    std::fs::write(&out, text).map_err(|source| Error::Io {
-        context: format!("writing {}", out.display()),
-        source,
-    })?;
+    std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     log(&format!("soak summary written to {}", out.display()));
     Ok(if report.clean() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    fn parse(words: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(words.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_every_trailing_argument_on() {
+        let Ok(Cli {
+            command: Cmd::Test(args),
+        }) = parse(&["test", "-p", "vireo", "--test", "demo", "--no-capture"])
+        else {
+            panic!("`test ARGS` must parse");
+        };
+        assert_eq!(args.args, ["-p", "vireo", "--test", "demo", "--no-capture"]);
+    }
+
+    #[test]
+    fn run_takes_its_flags_and_extra_qemu_arguments() {
+        let Ok(Cli {
+            command: Cmd::Run(args),
+        }) = parse(&[
+            "run", "-M", "pc", "--memory", "4G", "--smp", "4", "--net", "user", "--append",
+            "selftest", "--", "-d", "int",
+        ])
+        else {
+            panic!("`run` must parse");
+        };
+        assert_eq!(args.machine, Machine::Pc);
+        assert_eq!((args.memory, args.smp, args.net), (4096, 4, Net::User));
+        assert_eq!(args.append.as_deref(), Some("selftest"));
+        assert_eq!(args.extra, ["-d", "int"]);
+        assert!(parse(&["run", "--machine", "virt"]).is_err());
+        assert!(parse(&["run", "--net", "bridge"]).is_err());
+    }
+
+    #[test]
+    fn clients_netns_and_soak_parse() {
+        assert!(matches!(
+            parse(&[
+                "client",
+                "udp-echo",
+                "--addr",
+                "127.0.0.1:7",
+                "--netns",
+                "vireo-x-1-0"
+            ]),
+            Ok(Cli {
+                command: Cmd::Client(ClientArgs {
+                    netns: Some(_),
+                    kind: ClientKind::UdpEcho { count: 10, .. }
+                })
+            })
+        ));
+        assert!(parse(&["client", "icmp-echo", "--addr", "not-an-ip"]).is_err());
+        assert!(parse(&["client", "stats"]).is_err(), "--addr is required");
+        assert!(matches!(
+            parse(&["netns"]),
+            Ok(Cli {
+                command: Cmd::Netns { action: None }
+            })
+        ));
+        assert!(matches!(
+            parse(&["soak", "--minutes", "0.5", "--mode", "poll"]),
+            Ok(Cli {
+                command: Cmd::Soak(SoakArgs {
+                    mode: GuestMode::Poll,
+                    ..
+                })
+            })
+        ));
+    }
+
+    #[test]
+    fn wrong_flags_get_clap_errors() {
+        let error = parse(&["demo", "--bogus"]).err().expect("an error");
+        assert_eq!(error.kind(), ErrorKind::UnknownArgument);
+        let error = parse(&["demo", "--rtts", "many"]).err().expect("an error");
+        assert_eq!(error.kind(), ErrorKind::ValueValidation);
+        let error = parse(&["bogus"]).err().expect("an error");
+        assert_eq!(error.kind(), ErrorKind::InvalidSubcommand);
+        let help = parse(&["bench", "--help"]).err().expect("help");
+        assert_eq!(help.kind(), ErrorKind::DisplayHelp);
+        assert!(help.to_string().contains("--host-idle-poll"));
+    }
 }

@@ -20,13 +20,15 @@ use serde::{Deserialize, Serialize};
 use socket2::SockRef;
 
 use super::BenchError;
-use super::progress::Progress;
 use crate::client::{
     EchoReport, IcmpEchoOptions, datagram_payload, describe_difference, icmp_echo,
 };
+use crate::progress::Progress;
 
 /// How the client waits for an echo.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientForm {
     /// `recv(2)` on a blocking socket: the client thread sleeps until the echo arrives.
@@ -70,7 +72,7 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_millis(200);
 const MAX_CONSECUTIVE_TIMEOUTS: u64 = 25;
 
 fn io_err(context: &str) -> impl FnOnce(io::Error) -> BenchError + '_ {
-    move |error| BenchError(format!("{context}: {error}"))
+    move |error| BenchError::Failed(format!("{context}: {error}"))
 }
 
 fn bind_for(target: SocketAddr) -> Result<UdpSocket, BenchError> {
@@ -209,7 +211,7 @@ pub fn udp_ping_pong(
                     continue;
                 }
             }
-            return Err(BenchError(format!(
+            return Err(BenchError::Failed(format!(
                 "UDP echo #{seq} ({size} bytes) from {target}: the echo differs from what was \
                  sent: {}",
                 describe_difference(&payload, got)
@@ -229,7 +231,7 @@ pub fn udp_ping_pong(
                 result.timeouts += 1;
                 consecutive_timeouts += 1;
                 if consecutive_timeouts >= MAX_CONSECUTIVE_TIMEOUTS {
-                    return Err(BenchError(format!(
+                    return Err(BenchError::Failed(format!(
                         "UDP echo to {target}: {consecutive_timeouts} exchanges in a row got no \
                          answer within {} ms (after {done} answered)",
                         EXCHANGE_TIMEOUT.as_millis()
@@ -293,7 +295,7 @@ pub fn udp_throughput(
     let end = began + duration;
     let check = |got: &[u8], received: &mut u64| -> Result<Option<u64>, BenchError> {
         if got.len() != size {
-            return Err(BenchError(format!(
+            return Err(BenchError::Failed(format!(
                 "throughput run: got a {}-byte datagram back, sent {size}",
                 got.len()
             )));
@@ -304,7 +306,7 @@ pub fn udp_throughput(
         // The pattern after the tag is the same for every datagram of the run (fixed stream 0),
         // so the check is one comparison.
         if got[8..] != pattern[..] {
-            return Err(BenchError(format!(
+            return Err(BenchError::Failed(format!(
                 "throughput run: echo #{seq} differs from what was sent: {}",
                 describe_difference(&pattern, &got[8..])
             )));
@@ -413,7 +415,7 @@ pub fn icmp_ping_pong(
                 attempts: 3,
             },
         )
-        .map_err(|error| BenchError(format!("ICMP echo to {target}: {error}")))?;
+        .map_err(|error| BenchError::Failed(format!("ICMP echo to {target}: {error}")))?;
         if done >= warmup {
             all.rtts.extend(report.rtts.iter().copied());
         }
@@ -478,7 +480,7 @@ pub fn first_echo(
             }
         }
         if started.elapsed() >= limit {
-            return Err(BenchError(format!(
+            return Err(BenchError::Failed(format!(
                 "no UDP echo from {target} within {:.1} s of QEMU's start ({seq} probes sent)",
                 limit.as_secs_f64()
             )));

@@ -1,0 +1,277 @@
+//! What `cargo xtask bench` measures: [`BenchOptions`], and [`BenchArgs`], its command line
+//! (clap), which starts from the full run or the `--quick` smoke run and applies the flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+
+use super::measure::ClientForm;
+use crate::command::GuestMode;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// The short smoke run (Vireo in one mode and the floors, a few thousand samples).
+    pub quick: bool,
+    /// Where the results go.
+    pub out_dir: PathBuf,
+    /// A prebuilt kernel; else `cargo build --release -p vireo`.
+    pub kernel: Option<PathBuf>,
+    /// Measured UDP round trips per (system, size, form).
+    pub samples: u64,
+    /// Discarded round trips before each measurement.
+    pub warmup: u64,
+    /// UDP payload sizes.
+    pub sizes: Vec<usize>,
+    /// Client forms.
+    pub forms: Vec<ClientForm>,
+    /// Vireo's modes.
+    pub modes: Vec<String>,
+    /// Measured ICMP round trips.
+    pub icmp_samples: u64,
+    /// Datagrams in flight for throughput.
+    pub window: u32,
+    /// Length of a throughput run.
+    pub throughput: Duration,
+    /// Boots per guest configuration for boot-to-first-echo (the measuring boot included).
+    pub boots: u32,
+    /// Measure the Linux guest.
+    pub linux: bool,
+    /// Measure the floors.
+    pub floors: bool,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// Hold `/dev/cpu_dma_latency` at 0 for the run (idle host CPUs poll instead of halting).
+    pub host_idle_poll: bool,
+}
+
+impl BenchOptions {
+    /// The full benchmark.
+    pub fn full() -> BenchOptions {
+        BenchOptions {
+            quick: false,
+            out_dir: crate::workspace_root().join("bench-results"),
+            kernel: None,
+            samples: 100_000,
+            warmup: 5_000,
+            sizes: vec![64, 1400],
+            forms: ClientForm::ALL.to_vec(),
+            modes: vec!["irq".into(), "poll".into(), "adaptive".into()],
+            icmp_samples: 10_000,
+            window: 64,
+            throughput: Duration::from_secs(5),
+            boots: 5,
+            linux: true,
+            floors: true,
+            memory_mib: 256,
+            host_idle_poll: false,
+        }
+    }
+
+    /// The smoke run: Vireo in poll mode and the floors, 64-byte payloads, a few thousand
+    /// samples; no Linux guest.
+    pub fn quick() -> BenchOptions {
+        BenchOptions {
+            quick: true,
+            samples: 2_000,
+            warmup: 200,
+            sizes: vec![64],
+            modes: vec!["poll".into()],
+            icmp_samples: 300,
+            window: 32,
+            throughput: Duration::from_secs(1),
+            boots: 1,
+            linux: false,
+            ..BenchOptions::full()
+        }
+    }
+
+    /// Parses `cargo xtask bench` arguments (everything after `bench`); the error is clap's
+    /// message, usage included.
+    pub fn parse<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<BenchOptions, String> {
+        let words =
+            std::iter::once(std::ffi::OsStr::new("bench")).chain(args.iter().map(AsRef::as_ref));
+        let args = BenchArgs::try_parse_from(words).map_err(|error| error.render().to_string())?;
+        args.options()
+    }
+}
+
+/// `cargo xtask bench`'s flags. Every figure left out takes the full run's value, or the smoke
+/// run's with `--quick`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct BenchArgs {
+    /// The smoke run (< 30 s): Vireo poll mode and the floors, 64 B, 2000 samples, no Linux guest.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where the results go [default: bench-results/ in the workspace].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Boot this kernel image instead of building `cargo build --release -p vireo`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Measured UDP round trips per system, size and client form [default: 100000; --quick 2000].
+    #[arg(long, value_name = "N")]
+    pub samples: Option<u64>,
+    /// Round trips discarded before each measurement [default: 5000; --quick 200].
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<u64>,
+    /// UDP payload sizes [default: 64,1400; --quick 64].
+    #[arg(long, value_name = "BYTES", value_delimiter = ',')]
+    pub sizes: Option<Vec<usize>>,
+    /// Client forms [default: blocking,spin].
+    #[arg(long, value_enum, value_name = "FORM", value_delimiter = ',')]
+    pub forms: Option<Vec<ClientForm>>,
+    /// Vireo's modes [default: irq,poll,adaptive; --quick poll].
+    #[arg(long, value_enum, value_name = "MODE", value_delimiter = ',')]
+    pub modes: Option<Vec<GuestMode>>,
+    /// Measured ICMP round trips [default: 10000; --quick 300].
+    #[arg(long, value_name = "N")]
+    pub icmp_samples: Option<u64>,
+    /// Datagrams kept in flight in the throughput run [default: 64; --quick 32].
+    #[arg(long, value_name = "N")]
+    pub window: Option<u32>,
+    /// Length of each throughput run in seconds [default: 5; --quick 1].
+    #[arg(long, value_name = "S")]
+    pub throughput_secs: Option<f64>,
+    /// Boots per guest for boot-to-first-echo (and repeated throughput) [default: 5; --quick 1].
+    #[arg(long, value_name = "N")]
+    pub boots: Option<u32>,
+    /// Guest RAM (`256`, `512M`, `1G`) [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = crate::command::parse_memory_mib)]
+    pub memory: Option<u64>,
+    /// Leave out the Linux guest peer.
+    #[arg(long, overrides_with = "linux")]
+    pub no_linux: bool,
+    /// Measure the Linux guest peer (the default of the full run; with --quick, adds it).
+    #[arg(long, overrides_with = "no_linux")]
+    pub linux: bool,
+    /// Leave out the floors (loopback, tap reflector).
+    #[arg(long)]
+    pub no_floors: bool,
+    /// Hold /dev/cpu_dma_latency at 0 for the run, so that idle host CPUs poll instead of
+    /// halting (as tuned's latency-performance profile does); the JSON and the table header
+    /// record it.
+    #[arg(long)]
+    pub host_idle_poll: bool,
+    /// Re-render bench.md and bench-cdf.svg from a run's JSON, without measuring.
+    #[arg(long, value_name = "DIR/bench.json", conflicts_with_all = ["quick", "kernel", "samples"])]
+    pub render: Option<PathBuf>,
+}
+
+/// `bench` alone, for [`BenchOptions::parse`].
+#[derive(Parser)]
+#[command(name = "bench")]
+struct BenchCommand {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+impl BenchArgs {
+    fn try_parse_from<I, T>(words: I) -> Result<BenchArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        BenchCommand::try_parse_from(words).map(|command| command.args)
+    }
+
+    /// The options these flags ask for.
+    pub fn options(&self) -> Result<BenchOptions, String> {
+        let mut options = if self.quick {
+            BenchOptions::quick()
+        } else {
+            BenchOptions::full()
+        };
+        if let Some(out) = &self.out {
+            options.out_dir = out.clone();
+        }
+        options.kernel = self.kernel.clone().or(options.kernel);
+        options.samples = self.samples.unwrap_or(options.samples);
+        options.warmup = self.warmup.unwrap_or(options.warmup);
+        options.icmp_samples = self.icmp_samples.unwrap_or(options.icmp_samples);
+        options.window = self.window.unwrap_or(options.window);
+        options.boots = self.boots.map_or(options.boots, |boots| boots.max(1));
+        options.memory_mib = self.memory.unwrap_or(options.memory_mib);
+        if let Some(seconds) = self.throughput_secs {
+            options.throughput = Duration::try_from_secs_f64(seconds).map_err(|_| {
+                format!("bench: --throughput-secs: {seconds} is not a valid number of seconds")
+            })?;
+        }
+        if let Some(sizes) = &self.sizes {
+            options.sizes = sizes.clone();
+        }
+        if let Some(forms) = &self.forms {
+            options.forms = forms.clone();
+        }
+        if let Some(modes) = &self.modes {
+            options.modes = modes.iter().map(|mode| mode.as_str().to_string()).collect();
+        }
+        if self.no_linux {
+            options.linux = false;
+        }
+        if self.linux {
+            options.linux = true;
+        }
+        if self.no_floors {
+            options.floors = false;
+        }
+        options.host_idle_poll |= self.host_idle_poll;
+        if options.sizes.is_empty() || options.forms.is_empty() || options.samples == 0 {
+            return Err("bench: need at least one size, one client form and one sample".into());
+        }
+        Ok(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_and_full_defaults_and_overrides() {
+        let quick =
+            BenchOptions::parse(&["--quick", "--kernel", "/k", "--out", "/tmp/o"]).expect("valid");
+        assert!(quick.quick && !quick.linux && quick.modes == ["poll"]);
+        assert_eq!(quick.samples, 2_000);
+        assert_eq!(quick.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(quick.out_dir, PathBuf::from("/tmp/o"));
+        let full = BenchOptions::parse::<&str>(&[]).expect("valid");
+        assert_eq!(full.out_dir, crate::workspace_root().join("bench-results"));
+        assert_eq!(full.modes, ["irq", "poll", "adaptive"]);
+        assert!(full.linux && full.floors);
+        let custom = BenchOptions::parse(&[
+            "--sizes",
+            "64,512",
+            "--forms",
+            "spin",
+            "--modes",
+            "irq,adaptive",
+            "--no-linux",
+            "--boots",
+            "0",
+            "--memory",
+            "1G",
+            "--throughput-secs",
+            "2.5",
+        ])
+        .expect("valid");
+        assert_eq!(custom.sizes, [64, 512]);
+        assert_eq!(custom.forms, [ClientForm::Spin]);
+        assert_eq!(custom.modes, ["irq", "adaptive"]);
+        assert!(!custom.linux);
+        assert_eq!(custom.boots, 1);
+        assert_eq!(custom.memory_mib, 1024);
+        assert_eq!(custom.throughput, Duration::from_millis(2500));
+        for bad in [
+            &["--modes", "turbo"][..],
+            &["--forms", "lazy"],
+            &["--samples", "x"],
+            &["--bogus"],
+            &["--samples", "0"],
+            &["--throughput-secs", "-1"],
+        ] {
+            assert!(BenchOptions::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

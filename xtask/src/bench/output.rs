@@ -1,0 +1,167 @@
+//! The benchmark's files: writing `bench.md`, `bench.json` and `bench-cdf.svg`, re-rendering
+//! them from a run's JSON, and checking that a run's files are complete (the smoke test's
+//! oracle).
+
+use std::path::{Path, PathBuf};
+
+use super::BenchError;
+use super::report::{self, Report};
+
+/// Where the outputs of a run went.
+#[derive(Clone, Debug)]
+pub struct Outputs {
+    /// The Markdown tables.
+    pub markdown: PathBuf,
+    /// The JSON.
+    pub json: PathBuf,
+    /// The SVG CDF.
+    pub svg: PathBuf,
+}
+
+/// Re-renders a run's `bench.md` and `bench-cdf.svg` (and the derived figures and target checks
+/// in its JSON) from its `bench.json`, in the same directory: for a change to the tables or the
+/// plot without measuring again.
+pub fn render(json: &Path) -> Result<Outputs, BenchError> {
+    let text = std::fs::read_to_string(json)
+        .map_err(|e| BenchError::Failed(format!("reading {}: {e}", json.display())))?;
+    let mut report: Report = serde_json::from_str(&text)
+        .map_err(|e| BenchError::Failed(format!("{} is not a bench.json: {e}", json.display())))?;
+    report::derive(&mut report);
+    report.targets = report::check_targets(&report);
+    let dir = json.parent().unwrap_or(Path::new("."));
+    write_outputs(&report, dir)
+}
+
+/// Writes `bench.md`, `bench.json` and `bench-cdf.svg` into `dir`.
+pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError> {
+    let outputs = Outputs {
+        markdown: dir.join("bench.md"),
+        json: dir.join("bench.json"),
+        svg: dir.join("bench-cdf.svg"),
+    };
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text)
+            .map_err(|e| BenchError::Failed(format!("writing {}: {e}", path.display())))
+    };
+    let json = serde_json::to_string_pretty(report)
+        .map_err(|e| BenchError::Failed(format!("serialising the report: {e}")))?;
+    write(&outputs.json, &json)?;
+    write(
+        &outputs.markdown,
+        &format!("# Vireo benchmark\n\n{}", report::markdown(report)),
+    )?;
+    let size = report.settings.sizes.first().copied().unwrap_or(64);
+    report::plot_cdf(report, size, &outputs.svg).map_err(BenchError::Failed)?;
+    Ok(outputs)
+}
+
+/// Checks that a run's files exist and are complete: the JSON parses and holds the environment
+/// and, for each of `expected` (system ids), every UDP run with `samples` samples and a full CDF
+/// (guests also with their QEMU command line, negotiated features, boot time and counters); the
+/// Markdown has the tables and a row per system; the SVG is a whole document with a curve per
+/// plotted system. Speeds are not checked.
+pub fn validate_outputs(outputs: &Outputs, expected: &[&str], samples: u64) -> Result<(), String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let json: serde_json::Value = serde_json::from_str(&read(&outputs.json)?)
+        .map_err(|e| format!("{} is not valid JSON: {e}", outputs.json.display()))?;
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("").trim().to_string();
+    for key in [
+        "cpu_model",
+        "kernel_release",
+        "qemu_version",
+        "accelerator",
+        "os",
+    ] {
+        if text(&json["environment"][key]).is_empty() {
+            return Err(format!("bench.json: environment.{key} is empty"));
+        }
+    }
+    if json["environment"]["cpus"].as_u64().unwrap_or(0) == 0 {
+        return Err("bench.json: environment.cpus is missing".to_string());
+    }
+    let systems = json["systems"]
+        .as_array()
+        .ok_or("bench.json: no systems array")?;
+    let markdown = read(&outputs.markdown)?;
+    let svg = read(&outputs.svg)?;
+    for table in ["| System | UDP", "| System | size |", "| Target |"] {
+        if !markdown.contains(table) {
+            return Err(format!("bench.md lacks the table starting {table:?}"));
+        }
+    }
+    let svg_trimmed = svg.trim();
+    if !(svg_trimmed.starts_with("<svg") || svg_trimmed.starts_with("<?xml"))
+        || !svg_trimmed.ends_with("</svg>")
+    {
+        return Err("bench-cdf.svg is not a complete SVG document".to_string());
+    }
+    for id in expected {
+        let system = systems
+            .iter()
+            .find(|s| s["id"] == *id)
+            .ok_or_else(|| format!("bench.json: system {id:?} is missing"))?;
+        let label = text(&system["label"]);
+        let udp = system["udp"]
+            .as_array()
+            .filter(|runs| !runs.is_empty())
+            .ok_or_else(|| format!("bench.json: {id} has no UDP runs"))?;
+        for run in udp {
+            let count = run["stats"]["count"].as_u64().unwrap_or(0);
+            if count != samples {
+                return Err(format!(
+                    "bench.json: {id} has a UDP run of {count} samples, not {samples}"
+                ));
+            }
+            if run["cdf_us"].as_array().map_or(0, Vec::len) != 1001 {
+                return Err(format!(
+                    "bench.json: {id} has a UDP run without its 1001-point CDF"
+                ));
+            }
+            for key in [
+                "min_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
+            ] {
+                if run["stats"][key].as_f64().is_none_or(|v| v <= 0.0) {
+                    return Err(format!("bench.json: {id}: {key} is missing"));
+                }
+            }
+        }
+        if system["throughput"]["sent"].as_u64().unwrap_or(0) == 0 {
+            return Err(format!("bench.json: {id} has no throughput run"));
+        }
+        if system["kind"] != "floor" {
+            if system["qemu_command_lines"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+            {
+                return Err(format!("bench.json: {id} has no QEMU command line"));
+            }
+            if text(&system["negotiated_features"]).is_empty() {
+                return Err(format!("bench.json: {id} has no negotiated features"));
+            }
+            if system["boot"]["first_echo_ms"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+            {
+                return Err(format!("bench.json: {id} has no boot-to-first-echo"));
+            }
+            if system["icmp"]["stats"]["count"].as_u64().unwrap_or(0) == 0 {
+                return Err(format!("bench.json: {id} has no ICMP run"));
+            }
+            if !system["udp"][0]["counters"]["per_packet"].is_object() {
+                return Err(format!("bench.json: {id} has no guest counters"));
+            }
+        }
+        if !markdown.contains(&format!("| {label} |")) {
+            return Err(format!("bench.md has no row for {label:?}"));
+        }
+        if !svg.contains(&label) {
+            return Err(format!("bench-cdf.svg has no curve labelled {label:?}"));
+        }
+    }
+    if !(svg.contains("<polyline") || svg.contains("<path")) {
+        return Err("bench-cdf.svg draws no curve".to_string());
+    }
+    Ok(())
+}
