@@ -1,11 +1,11 @@
-// The Linux guest's UDP echo server for `cargo xtask bench`. It is not part of the xtask crate:
-// the benchmark compiles this file on its own with rustc, statically linked
-// (`-C target-feature=+crt-static`), and puts it in the initramfs as /bin/echo-server.
-//
-// UDP 7: echoes each datagram back to its sender, as it came.
-// UDP 7007: answers any datagram with one line of key=value counters, like Vireo's stats service:
-// udp_echoed, interrupts (the sum of the virtio interrupt lines in /proc/interrupts), and
-// eth0's rx_packets/tx_packets.
+//! The Linux guest's UDP echo server for `cargo xtask bench`. It is not part of the xtask crate:
+//! the benchmark compiles this file on its own with rustc, statically linked
+//! (`-C target-feature=+crt-static`), and puts it in the initramfs as /bin/echo-server.
+//!
+//! UDP 7: echoes each datagram back to its sender, as it came.
+//! UDP 7007: answers any datagram with one line of key=value counters, like Vireo's stats service:
+//! udp_echoed, interrupts (the sum of the virtio interrupt lines in /proc/interrupts), and
+//! eth0's rx_packets/tx_packets.
 
 use std::net::UdpSocket;
 use std::sync::Arc;

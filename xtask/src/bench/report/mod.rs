@@ -1,24 +1,31 @@
-//! The benchmark's results: the data model (serialised to JSON as it is), the derived figures
-//! (guest overhead over the tap-reflector floor, ratios against the Linux guest, the issue's
-//! targets), the Markdown tables and the SVG latency CDF.
+//! The benchmark's results: the data model (serialised to JSON as it is) and the derived
+//! figures (guest overhead over the tap-reflector floor, ratios against the Linux guest, the
+//! issue's targets). Rendering lives next to it: [`markdown`] (the tables) and [`svg`] (the
+//! latency CDF).
+
+mod markdown;
+mod svg;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::markdown::markdown;
+pub use self::svg::plot_cdf;
 use super::machine::Environment;
 use super::measure::{ClientForm, PingPong, Throughput};
 use crate::client::{RttSummary, nearest_rank};
 
 /// Identifier of the tap-reflector floor's system.
 pub const TAP_FLOOR: &str = "floor-tap-reflector";
+
 /// Identifier of the tap-reflector floor with the reflector on the other CPU.
 pub const TAP_FLOOR_CROSS_CPU: &str = "floor-tap-reflector-other-cpu";
+
 /// Identifier of the loopback floor's system.
 pub const LOOPBACK_FLOOR: &str = "floor-loopback";
+
 /// Identifier of the Linux guest.
 pub const LINUX: &str = "linux";
 
@@ -458,16 +465,9 @@ pub fn derive(report: &mut Report) {
     }
 }
 
-fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
+pub(super) fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
     match value {
         Some(v) if v.is_finite() => format!("{v:.decimals$}"),
-        _ => "–".to_string(),
-    }
-}
-
-fn fmt_ratio(value: Option<f64>) -> String {
-    match value {
-        Some(v) if v.is_finite() => format!("{v:.2}×"),
         _ => "–".to_string(),
     }
 }
@@ -654,321 +654,6 @@ pub fn check_targets(report: &Report) -> Vec<TargetCheck> {
         });
     }
     checks
-}
-
-/// The Markdown report: the summary table, the RTT detail table, the targets and what was not
-/// measured.
-pub fn markdown(report: &Report) -> String {
-    let mut out = String::new();
-    let env = &report.environment;
-    let _ = writeln!(
-        out,
-        "Measured {} on {} ({} cores), {} {}, QEMU {}, accelerator {}; host kernel {}.",
-        report.started_utc,
-        env.cpu_model,
-        env.cpus,
-        env.os,
-        if report.quick {
-            "(quick smoke run)"
-        } else {
-            ""
-        },
-        env.qemu_version
-            .strip_prefix("QEMU emulator version ")
-            .unwrap_or(&env.qemu_version),
-        env.accelerator,
-        env.kernel_release,
-    );
-    let _ = writeln!(
-        out,
-        "Other QEMU processes on the machine: {} at the start, at most {} during the run; load \
-         average {} at the start, {} at the end. Commit {}.",
-        env.other_qemu_processes_at_start,
-        env.other_qemu_processes_max_during_run,
-        env.load_average_at_start,
-        env.load_average_at_end,
-        env.git_commit
-    );
-    let _ = writeln!(
-        out,
-        "Host idle: {}; {}.",
-        if env.host_idle.is_empty() {
-            "not recorded"
-        } else {
-            env.host_idle.as_str()
-        },
-        if report.settings.host_idle_poll {
-            "`/dev/cpu_dma_latency` held at 0 by the benchmark (`--host-idle-poll`: idle CPUs \
-             poll, so a wake-up across CPUs costs no halt exit)"
-        } else {
-            "left as it is (idle CPUs halt; `--host-idle-poll` makes them poll)"
-        }
-    );
-    let s = &report.settings;
-    let _ = writeln!(
-        out,
-        "\nEvery guest: `-M {} -m {}M -smp {}`, `-netdev {}`, `-device {}`; guest {}. \
-         {} UDP round trips per row after {} discarded; ICMP {} round trips; throughput {} \
-         datagrams of {} B in flight for {} s; {} boot(s) per guest. Wall time {:.0} s.\n",
-        s.machine,
-        s.memory_mib,
-        s.smp,
-        s.netdev,
-        s.nic,
-        s.addressing,
-        s.udp_samples,
-        s.warmup,
-        s.icmp_samples,
-        s.throughput_window,
-        s.throughput_size,
-        s.throughput_seconds,
-        s.boots,
-        report.wall_time_s
-    );
-    let size = s.sizes.first().copied().unwrap_or(64);
-    let _ = writeln!(
-        out,
-        "| System | UDP {size} B p50 / p99 (blocking), us | p50 / p99 (spin), us | ICMP p50, us | \
-         echo pps (loss) | boot to first echo, ms | kicks/pkt | irqs/pkt | RX desc/pkt | mode \
-         switches/pkt | guest work/pkt, us | p50 vs Linux | pps vs Linux | boot vs Linux |"
-    );
-    let _ = writeln!(
-        out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    );
-    for system in &report.systems {
-        let pair = |form| {
-            system
-                .udp_run(size, form)
-                .map(|r| format!("{:.1} / {:.1}", r.stats.p50_us, r.stats.p99_us))
-                .unwrap_or_else(|| "–".to_string())
-        };
-        let counters = system
-            .udp_run(size, ClientForm::Blocking)
-            .and_then(|r| r.counters.as_ref());
-        let per = |key: &str| fmt_opt(counters.and_then(|c| c.per(key)), 3);
-        let throughput = system
-            .throughput
-            .as_ref()
-            .map(|t| {
-                let boots = if t.pps_per_boot.len() > 1 {
-                    format!(", median of {}", t.pps_per_boot.len())
-                } else {
-                    String::new()
-                };
-                format!("{:.0} ({:.2}%{boots})", t.pps(), t.result.loss_rate * 100.0)
-            })
-            .unwrap_or_else(|| "–".to_string());
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            system.label,
-            pair(ClientForm::Blocking),
-            pair(ClientForm::Spin),
-            fmt_opt(system.icmp.as_ref().map(|r| r.stats.p50_us), 1),
-            throughput,
-            fmt_opt(system.boot.as_ref().map(|b| b.median_ms), 1),
-            per("kicks"),
-            per("interrupts"),
-            per("rx_descriptors"),
-            per("mode_switches"),
-            fmt_opt(
-                counters
-                    .and_then(|c| c.per("stack_busy_ns"))
-                    .map(|ns| ns / 1000.0),
-                1
-            ),
-            fmt_ratio(
-                system
-                    .udp_run(size, ClientForm::Blocking)
-                    .and_then(|r| r.speedup_vs_linux_p50)
-            ),
-            fmt_ratio(system.throughput.as_ref().and_then(|t| t.vs_linux)),
-            fmt_ratio(system.boot.as_ref().and_then(|b| b.speedup_vs_linux)),
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nRatios are *times better than the Linux guest* (Linux's RTT or boot time over this \
-         one's; this pps over Linux's). Counters are per echoed packet over the {size} B \
-         blocking ping-pong run, from the guest's stats service before and after. *Guest \
-         work* is the time Vireo's loop spent running the stack and flushing the rings on passes \
-         that moved packets (its `stack_busy_ns`, by the guest's TSC), the rest of the round \
-         trip is waiting: QEMU and the host.\n"
-    );
-    let _ = writeln!(
-        out,
-        "| System | size | client | min | p50 | p90 | p99 | p99.9 | max | mean | overhead p50 / p99 | \
-         overhead vs Linux p50 / p99 |"
-    );
-    let _ = writeln!(
-        out,
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
-    );
-    for system in &report.systems {
-        for run in system.udp.iter().chain(system.icmp.iter()) {
-            let st = &run.stats;
-            let _ = writeln!(
-                out,
-                "| {} | {} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} |",
-                system.label,
-                run.size,
-                match run.form {
-                    Some(form) => form.as_str().to_string(),
-                    None => format!("{} (blocking)", run.protocol.to_uppercase()),
-                },
-                st.min_us,
-                st.p50_us,
-                st.p90_us,
-                st.p99_us,
-                st.p999_us,
-                st.max_us,
-                st.mean_us,
-                fmt_opt(run.overhead_p50_us, 1),
-                fmt_opt(run.overhead_p99_us, 1),
-                fmt_ratio(run.overhead_ratio_vs_linux_p50),
-                fmt_ratio(run.overhead_ratio_vs_linux_p99),
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "\nAll times in microseconds. *Overhead* is the RTT minus the tap-reflector floor's at \
-         the same percentile, size and client form; *overhead vs Linux* is this overhead over \
-         the Linux guest's (the poll-mode target is ≤ 0.33×).\n"
-    );
-    if !report.targets.is_empty() {
-        let _ = writeln!(out, "| Target | Measured | Verdict |");
-        let _ = writeln!(out, "| --- | --- | --- |");
-        for check in &report.targets {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} |",
-                check.target, check.measured, check.verdict
-            );
-        }
-        let _ = writeln!(out);
-    }
-    if !report.not_measured.is_empty() {
-        let _ = writeln!(out, "Not measured in this run:\n");
-        for missing in &report.not_measured {
-            let _ = writeln!(out, "- **{}**: {}", missing.what, missing.reason);
-        }
-        let _ = writeln!(out);
-    }
-    out
-}
-
-/// Draws the latency CDF (log-scaled x axis) of every system's UDP ping-pong at `size`, one
-/// panel per client form, into an SVG file.
-pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String> {
-    use plotters::prelude::*;
-
-    let forms = report.settings.client_forms.clone();
-    let series: Vec<(String, ClientForm, Vec<f64>)> = report
-        .systems
-        .iter()
-        .flat_map(|system| {
-            forms.iter().filter_map(move |&form| {
-                let run = system.udp_run(size, form)?;
-                Some((system.label.clone(), form, run.cdf_us.clone()))
-            })
-        })
-        .collect();
-    if series.is_empty() {
-        return Err("no UDP ping-pong run to plot".to_string());
-    }
-    let positive = |v: &f64| v.is_finite() && *v > 0.0;
-    let low = series
-        .iter()
-        .flat_map(|(_, _, cdf)| cdf.iter().copied().filter(positive))
-        .fold(f64::INFINITY, f64::min);
-    // The x axis ends past the largest p99.9: the last 0.1% (single outliers up to a second
-    // on a shared machine) would squeeze everything else into a corner. The JSON has them.
-    let high = series
-        .iter()
-        .filter_map(|(_, _, cdf)| cdf.get(cdf.len().saturating_sub(2)).copied())
-        .filter(positive)
-        .fold(0.0, f64::max);
-    let (low, high) = (low * 0.8, high * 1.5);
-    let labels: Vec<String> = {
-        let mut labels: Vec<String> = series.iter().map(|(l, _, _)| l.clone()).collect();
-        labels.dedup();
-        labels
-    };
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-    ];
-    let width = 560 * forms.len().max(1) as u32;
-    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
-    let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| error(&e))?;
-    let panels = root.split_evenly((1, forms.len().max(1)));
-    for (panel, &form) in panels.iter().zip(&forms) {
-        let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!(
-                    "UDP echo RTT CDF to p99.9, {size} B, {} client ({})",
-                    form.as_str(),
-                    report.environment.accelerator
-                ),
-                ("sans-serif", 17),
-            )
-            .margin(12)
-            .x_label_area_size(42)
-            .y_label_area_size(48)
-            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)
-            .map_err(|e| error(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("round-trip time (us, log scale)")
-            .y_desc("fraction of round trips")
-            .x_label_formatter(&|v| {
-                if *v >= 100.0 {
-                    format!("{v:.0}")
-                } else {
-                    format!("{v:.1}")
-                }
-            })
-            .draw()
-            .map_err(|e| error(&e))?;
-        for (label, series_form, cdf) in &series {
-            if *series_form != form {
-                continue;
-            }
-            let index = labels.iter().position(|l| l == label).unwrap_or(0);
-            let color = palette[index % palette.len()];
-            let points: Vec<(f64, f64)> = cdf
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| positive(v) && **v <= high)
-                .map(|(i, &v)| (v, i as f64 / (cdf.len() - 1).max(1) as f64))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| error(&e))?
-                .label(label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| error(&e))?;
-    }
-    root.present().map_err(|e| error(&e))?;
-    Ok(())
 }
 
 #[cfg(test)]

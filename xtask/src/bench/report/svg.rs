@@ -1,0 +1,119 @@
+//! The latency CDF plot (`bench-cdf.svg`), drawn with plotters: one panel per client form, one
+//! curve per system, on a log-scaled RTT axis.
+
+use std::path::Path;
+
+use super::Report;
+use crate::bench::measure::ClientForm;
+
+/// Draws the latency CDF (log-scaled x axis) of every system's UDP ping-pong at `size`, one
+/// panel per client form, into an SVG file.
+pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+
+    let forms = report.settings.client_forms.clone();
+    let series: Vec<(String, ClientForm, Vec<f64>)> = report
+        .systems
+        .iter()
+        .flat_map(|system| {
+            forms.iter().filter_map(move |&form| {
+                let run = system.udp_run(size, form)?;
+                Some((system.label.clone(), form, run.cdf_us.clone()))
+            })
+        })
+        .collect();
+    if series.is_empty() {
+        return Err("no UDP ping-pong run to plot".to_string());
+    }
+    let positive = |v: &f64| v.is_finite() && *v > 0.0;
+    let low = series
+        .iter()
+        .flat_map(|(_, _, cdf)| cdf.iter().copied().filter(positive))
+        .fold(f64::INFINITY, f64::min);
+    // The x axis ends past the largest p99.9: the last 0.1% (single outliers up to a second
+    // on a shared machine) would squeeze everything else into a corner. The JSON has them.
+    let high = series
+        .iter()
+        .filter_map(|(_, _, cdf)| cdf.get(cdf.len().saturating_sub(2)).copied())
+        .filter(positive)
+        .fold(0.0, f64::max);
+    let (low, high) = (low * 0.8, high * 1.5);
+    let labels: Vec<String> = {
+        let mut labels: Vec<String> = series.iter().map(|(l, _, _)| l.clone()).collect();
+        labels.dedup();
+        labels
+    };
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    let width = 560 * forms.len().max(1) as u32;
+    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
+    let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let panels = root.split_evenly((1, forms.len().max(1)));
+    for (panel, &form) in panels.iter().zip(&forms) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!(
+                    "UDP echo RTT CDF to p99.9, {size} B, {} client ({})",
+                    form.as_str(),
+                    report.environment.accelerator
+                ),
+                ("sans-serif", 17),
+            )
+            .margin(12)
+            .x_label_area_size(42)
+            .y_label_area_size(48)
+            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)
+            .map_err(|e| error(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("round-trip time (us, log scale)")
+            .y_desc("fraction of round trips")
+            .x_label_formatter(&|v| {
+                if *v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            })
+            .draw()
+            .map_err(|e| error(&e))?;
+        for (label, series_form, cdf) in &series {
+            if *series_form != form {
+                continue;
+            }
+            let index = labels.iter().position(|l| l == label).unwrap_or(0);
+            let color = palette[index % palette.len()];
+            let points: Vec<(f64, f64)> = cdf
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| positive(v) && **v <= high)
+                .map(|(i, &v)| (v, i as f64 / (cdf.len() - 1).max(1) as f64))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| error(&e))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| error(&e))?;
+    }
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}
