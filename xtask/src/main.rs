@@ -701,6 +701,21 @@ mod tests {
             panic!("`test ARGS` must parse");
         };
         assert_eq!(args.args, ["-p", "vireo", "--test", "demo", "--no-capture"]);
+        for (words, passed) in [
+            (&["test", "--", "--help"][..], &["--help"][..]),
+            (
+                &["test", "--no-fail-fast", "-E", "test(x)"],
+                &["--no-fail-fast", "-E", "test(x)"],
+            ),
+            (&["test"], &[]),
+        ] {
+            match parse(words) {
+                Ok(Cli {
+                    command: Cmd::Test(args),
+                }) => assert_eq!(args.args, passed, "{words:?}"),
+                _ => panic!("{words:?} must parse"),
+            }
+        }
     }
 
     #[test]
