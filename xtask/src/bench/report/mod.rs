@@ -1,6 +1,6 @@
 //! The benchmark's results: the data model (serialised to JSON as it is) and the derived
 //! figures (guest overhead over the tap-reflector floor, ratios against the Linux guest, the
-//! issue's targets). Rendering lives next to it: [`markdown`] (the tables) and [`svg`] (the
+//! issue's targets). Rendering lives next to it: [`markdown()`] (the tables) and [`plot_cdf`] (the
 //! latency CDF).
 
 mod markdown;
