@@ -17,6 +17,10 @@
 //!
 //! Results go to `bench-results/` (or `--out`): `bench.md` (tables), `bench.json` (every figure
 //! and the raw environment), `bench-cdf.svg` (latency CDF) and the guests' serial logs.
+//!
+//! This file orchestrates a run (environment, namespace, the systems in turn, cancellation);
+//! [`options`] is the command line, `systems` measures one system, [`measure`] holds the
+//! clients, [`report`] the results and their rendering, [`output`] the files.
 
 pub mod linux;
 pub mod machine;
