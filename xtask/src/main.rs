@@ -13,6 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xtask::bench::{self, BenchArgs};
 use xtask::client::{EchoReport, resolve};
+use xtask::soak::SoakOptions;
 use xtask::{
     ClientError, DEFAULT_NIC, DemoArgs, DemoConfig, Error, Guest, GuestMode, IcmpEchoOptions,
     Machine, NetNs, Qemu, QemuCommand, RunError, RunOptions, UdpEchoOptions, UserNet, build_kernel,
@@ -224,23 +225,23 @@ struct SoakArgs {
     #[arg(long, value_name = "N", default_value_t = 10.0)]
     minutes: f64,
     /// UDP echoes per second (64 to 1472 bytes).
-    #[arg(long, value_name = "N")]
-    udp_rate: Option<u32>,
+    #[arg(long, value_name = "N", default_value_t = SoakOptions::default().udp_rate)]
+    udp_rate: u32,
     /// ICMP echoes per second (56 bytes).
-    #[arg(long, value_name = "N")]
-    icmp_rate: Option<u32>,
+    #[arg(long, value_name = "N", default_value_t = SoakOptions::default().icmp_rate)]
+    icmp_rate: u32,
     /// TCP echo connections per second.
-    #[arg(long, value_name = "N")]
-    tcp_rate: Option<u32>,
+    #[arg(long, value_name = "N", default_value_t = SoakOptions::default().tcp_rate)]
+    tcp_rate: u32,
     /// Bytes echoed per TCP connection.
-    #[arg(long, value_name = "N")]
-    tcp_bytes: Option<usize>,
+    #[arg(long, value_name = "N", default_value_t = SoakOptions::default().tcp_bytes)]
+    tcp_bytes: usize,
     /// The guest's receive mode.
     #[arg(long, value_enum, default_value_t = GuestMode::Adaptive)]
     mode: GuestMode,
     /// Seconds per reported interval.
-    #[arg(long, value_name = "SECS")]
-    interval: Option<u64>,
+    #[arg(long, value_name = "SECS", default_value_t = SoakOptions::default().interval.as_secs())]
+    interval: u64,
     /// Where the Markdown summary goes (default: target/soak/soak-<time>.md).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -633,19 +634,19 @@ fn bench(args: &BenchArgs) -> Result<i32> {
 
 /// `cargo xtask soak`: a long mixed-traffic run against the release kernel on a tap (root).
 fn soak(args: SoakArgs) -> Result<i32> {
-    let mut options = xtask::soak::SoakOptions::default();
     let minutes = args.minutes;
     if minutes.is_nan() || minutes <= 0.0 {
         bail!("soak: --minutes must be positive");
     }
-    options.udp_rate = args.udp_rate.unwrap_or(options.udp_rate);
-    options.icmp_rate = args.icmp_rate.unwrap_or(options.icmp_rate);
-    options.tcp_rate = args.tcp_rate.unwrap_or(options.tcp_rate);
-    options.tcp_bytes = args.tcp_bytes.unwrap_or(options.tcp_bytes);
-    options.mode = args.mode.as_str().to_string();
-    if let Some(secs) = args.interval {
-        options.interval = Duration::from_secs(secs.max(1));
-    }
+    let mut options = SoakOptions {
+        udp_rate: args.udp_rate,
+        icmp_rate: args.icmp_rate,
+        tcp_rate: args.tcp_rate,
+        tcp_bytes: args.tcp_bytes,
+        mode: args.mode.as_str().to_string(),
+        interval: Duration::from_secs(args.interval.max(1)),
+        ..SoakOptions::default()
+    };
     options.duration = Duration::try_from_secs_f64(minutes * 60.0)
         .with_context(|| format!("soak: --minutes {minutes}"))?;
     xtask::root_networking_available().map_err(|reason| anyhow!(reason))?;
