@@ -342,6 +342,10 @@ i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 400 ]; do usleep 25000; i=$((i+1)); done
 if [ ! -e /sys/class/net/eth0 ]; then echo "linux-echo: FAILED: no eth0"; exit 1; fi
 ip link set lo up
+# Announce the address with a gratuitous ARP when eth0 comes up, as Vireo does: the peer gets
+# the same chance to be found by a host with no neighbour entry for it.
+echo 1 > /proc/sys/net/ipv4/conf/all/arp_notify
+echo 1 > /proc/sys/net/ipv4/conf/eth0/arp_notify
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 echo "linux-echo: features $(cat /sys/class/net/eth0/device/features) driver $(basename $(readlink /sys/class/net/eth0/device/driver))"

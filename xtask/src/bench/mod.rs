@@ -261,10 +261,15 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         netdev: NetNs::tap_netdev("n0", "tap0", None),
         nic: nic_spec(),
         addressing: format!(
-            "{DEFAULT_GUEST_IP}/24 ({GUEST_MAC}, static neighbour entry on the host side), \
-             host side 10.0.2.2/24 on tap0"
+            "{DEFAULT_GUEST_IP}/24 ({GUEST_MAC}, {}), host side 10.0.2.2/24 on tap0",
+            if options.static_neigh {
+                "static neighbour entry on the host side (--static-neigh)"
+            } else {
+                "no neighbour entry on the host side: it resolves the guest by ARP"
+            }
         ),
         host_idle_poll: options.host_idle_poll,
+        static_neigh: options.static_neigh,
         teardown: "NetNs is removed on drop (normal end, error, panic); SIGINT/SIGTERM set a \
                    flag that every measuring loop checks, so Ctrl-C unwinds through the same \
                    drop; a second Ctrl-C exits at once and the stale-namespace sweep of the \
@@ -273,19 +278,23 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
     };
 
     let netns = NetNs::create("bench")?;
-    // A permanent neighbour entry: no ARP on the host side, for every system alike (boot probes
-    // then reach the guest the moment it listens, not after ARP's 1 s retry).
-    netns.ip([
-        "neigh",
-        "replace",
-        &DEFAULT_GUEST_IP.to_string(),
-        "lladdr",
-        GUEST_MAC,
-        "dev",
-        "tap0",
-        "nud",
-        "permanent",
-    ])?;
+    // With --static-neigh, a permanent neighbour entry: no ARP on the host side, for every
+    // system alike (boot probes then reach the guest the moment it listens). Without it the
+    // host's first probe leaves an incomplete neighbour entry that only the guest's own
+    // announcement (or ARP's 1 s retry) completes: the boot figure shows which a guest does.
+    if options.static_neigh {
+        netns.ip([
+            "neigh",
+            "replace",
+            &DEFAULT_GUEST_IP.to_string(),
+            "lladdr",
+            GUEST_MAC,
+            "dev",
+            "tap0",
+            "nud",
+            "permanent",
+        ])?;
+    }
     // Every guest, Vireo or Linux, gets this same command line but for -kernel/-append/-initrd.
     let base_for = |kernel: &Path| {
         QemuCommand::new(&qemu, accel.accel, kernel)

@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub memory_mib: u64,
     /// Hold `/dev/cpu_dma_latency` at 0 for the run (idle host CPUs poll instead of halting).
     pub host_idle_poll: bool,
+    /// Give the host a permanent neighbour entry for the guest (no ARP at all), as runs before
+    /// the link-up announcement did; by default the host resolves the guest by ARP.
+    pub static_neigh: bool,
 }
 
 impl BenchOptions {
@@ -66,6 +69,7 @@ impl BenchOptions {
             floors: true,
             memory_mib: 256,
             host_idle_poll: false,
+            static_neigh: false,
         }
     }
 
@@ -154,6 +158,13 @@ pub struct BenchArgs {
     /// record it.
     #[arg(long)]
     pub host_idle_poll: bool,
+    /// Give the host a permanent neighbour entry for the guest, so no system pays for ARP in
+    /// its boot-to-first-echo (the setup of earlier runs). By default the host has none and
+    /// resolves the guest by ARP, as a real host would: the figure then includes how fast a
+    /// guest makes itself known (Vireo announces itself at link-up; the Linux peer runs with
+    /// arp_notify=1).
+    #[arg(long)]
+    pub static_neigh: bool,
     /// Re-render bench.md and bench-cdf.svg from a run's JSON, without measuring.
     #[arg(long, value_name = "DIR/bench.json", conflicts_with_all = ["quick", "kernel", "samples"])]
     pub render: Option<PathBuf>,
@@ -217,6 +228,7 @@ impl BenchArgs {
             options.floors = false;
         }
         options.host_idle_poll |= self.host_idle_poll;
+        options.static_neigh |= self.static_neigh;
         if options.sizes.is_empty() || options.forms.is_empty() || options.samples == 0 {
             return Err("bench: need at least one size, one client form and one sample".into());
         }

@@ -86,7 +86,7 @@ pub fn markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "| System | UDP {size} B p50 / p99 (blocking), us | p50 / p99 (spin), us | ICMP p50, us | \
-         echo pps (loss) | boot to first echo, ms | kicks/pkt | irqs/pkt | RX desc/pkt | mode \
+         echo pps (loss) | boot to first echo (to `ready`), ms | kicks/pkt | irqs/pkt | RX desc/pkt | mode \
          switches/pkt | guest work/pkt, us | p50 vs Linux | pps vs Linux | boot vs Linux |"
     );
     let _ = writeln!(
@@ -124,7 +124,16 @@ pub fn markdown(report: &Report) -> String {
             pair(ClientForm::Spin),
             fmt_opt(system.icmp.as_ref().map(|r| r.stats.p50_us), 1),
             throughput,
-            fmt_opt(system.boot.as_ref().map(|b| b.median_ms), 1),
+            system.boot.as_ref().map_or_else(
+                || "–".to_string(),
+                |boot| {
+                    if boot.ready_median_ms > 0.0 {
+                        format!("{:.1} (ready {:.1})", boot.median_ms, boot.ready_median_ms)
+                    } else {
+                        format!("{:.1}", boot.median_ms)
+                    }
+                }
+            ),
             per("kicks"),
             per("interrupts"),
             per("rx_descriptors"),

@@ -100,6 +100,10 @@ pub struct Settings {
     /// hypervisor exit. It applies to every row alike, floors included.
     #[serde(default)]
     pub host_idle_poll: bool,
+    /// Whether the host had a permanent neighbour entry for the guest (`--static-neigh`);
+    /// without one, boot-to-first-echo includes the guest making itself known to ARP.
+    #[serde(default)]
+    pub static_neigh: bool,
 }
 
 /// What kind of system a row is.
@@ -375,6 +379,9 @@ pub struct BootResult {
     pub ready_line_ms: Vec<f64>,
     /// Median of `first_echo_ms`.
     pub median_ms: f64,
+    /// Median of `ready_line_ms` (0 without `ready` lines).
+    #[serde(default)]
+    pub ready_median_ms: f64,
     /// Fastest boot.
     pub min_ms: f64,
     /// Linux guest's median over this median (how many times faster than Linux).
@@ -389,6 +396,11 @@ impl BootResult {
         if !sorted.is_empty() {
             self.median_ms = sorted[(sorted.len() - 1) / 2];
             self.min_ms = sorted[0];
+        }
+        let mut ready = self.ready_line_ms.clone();
+        ready.sort_by(f64::total_cmp);
+        if !ready.is_empty() {
+            self.ready_median_ms = ready[(ready.len() - 1) / 2];
         }
     }
 }
