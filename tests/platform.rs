@@ -621,3 +621,120 @@ fn dhcp_server_that_never_answers_is_reported_and_survived() -> Result<(), RunEr
     drop(netns);
     Ok(())
 }
+
+/// `ip=dhcp` on a tap whose DHCP server starts 4 s after the guest (busybox `udhcpd`, a real
+/// server, from Debian's `busybox-static`, installed when missing): the guest logs that no
+/// lease came, keeps asking, then takes the lease the late server offers (address, /24,
+/// router), prints `ready` and echoes exactly.
+#[test]
+fn dhcp_server_that_answers_late_gives_a_lease_and_echo() -> Result<(), RunError> {
+    if !root_networking_or_skip() {
+        return Ok(());
+    }
+    xtask::ensure_packages(&[("busybox", "busybox-static")])
+        .map_err(|error| RunError::setup(error.into()))?;
+    let netns = NetNs::create_with("platform-latedhcp", &[TapConfig::default()])
+        .map_err(RunError::setup)?;
+    let command = QemuCommand::for_kernel(common::kernel())
+        .map_err(RunError::setup)?
+        .in_netns(netns.name())
+        .append("ip=dhcp")
+        .netdev(NetNs::tap_netdev("n0", "tap0", None))
+        .device(xtask::DEFAULT_NIC);
+    println!("running: {}", command.command_line());
+    let mut guest = Guest::spawn(
+        &command,
+        RunOptions {
+            timeout: NET_RUN_LIMIT,
+            echo: false,
+        },
+    )?;
+    wait_for_count(&guest, "dhcp: asking for an address", 1, READY_WAIT)?;
+    std::thread::sleep(Duration::from_secs(4));
+    if count_lines(&guest, "vireo: ready") != 0 {
+        return Err(guest.check_failed("`ready` before any DHCP server existed"));
+    }
+    let config = unique_temp_path("vireo-udhcpd", "conf");
+    let leases = unique_temp_path("vireo-udhcpd", "leases");
+    let pidfile = unique_temp_path("vireo-udhcpd", "pid");
+    std::fs::write(
+        &config,
+        format!(
+            "start 10.0.2.15\nend 10.0.2.15\ninterface tap0\nmax_leases 1\n\
+             option subnet 255.255.255.0\noption router 10.0.2.2\noption lease 600\n\
+             lease_file {}\npidfile {}\n",
+            leases.display(),
+            pidfile.display()
+        ),
+    )
+    .map_err(|error| {
+        guest.failure(xtask::Error::Io {
+            context: "writing udhcpd.conf".to_string(),
+            source: error,
+        })
+    })?;
+    std::fs::write(&leases, b"").map_err(|error| {
+        guest.failure(xtask::Error::Io {
+            context: "creating the lease file".to_string(),
+            source: error,
+        })
+    })?;
+    let mut server = netns
+        .command("busybox")
+        .args(["udhcpd", "-f"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|error| {
+            guest.failure(xtask::Error::Io {
+                context: "starting busybox udhcpd in the namespace".to_string(),
+                source: error,
+            })
+        })?;
+    let started = Instant::now();
+    let outcome = (|| -> Result<(), RunError> {
+        let (ready, _) = wait_for_ready(&mut guest, Duration::from_secs(20))?;
+        println!(
+            "ready {:.1} s after the late server started: {}",
+            started.elapsed().as_secs_f64(),
+            ready.text
+        );
+        expect_line(&guest, "dhcp: no lease after")?;
+        expect_line(
+            &guest,
+            "dhcp: leased 10.0.2.15/24 from server 10.0.2.2, router 10.0.2.2",
+        )?;
+        if ready.ip != Ipv4Addr::new(10, 0, 2, 15) || !ready.text.contains("addressing=dhcp") {
+            return Err(guest.check_failed(format!("unexpected ready line {}", ready.text)));
+        }
+        let target = SocketAddr::from((ready.ip, 7));
+        let report = match netns.run(move || -> Result<EchoReport, ClientError> {
+            let mut client = UdpEchoClient::connect(target, ECHO_WAIT)?;
+            client.warm_up(WARM_UP, Duration::from_millis(250))?;
+            let mut report = EchoReport::default();
+            for size in [64, 1400] {
+                for _ in 0..10 {
+                    client.exchange(size, 3, &mut report)?;
+                }
+            }
+            Ok(report)
+        }) {
+            Ok(result) => on_guest(&guest, result)?,
+            Err(error) => return Err(guest.failure(error)),
+        };
+        println!(
+            "echo exact over the leased address: {} datagrams",
+            report.received
+        );
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    for path in [&config, &leases, &pidfile] {
+        let _ = std::fs::remove_file(path);
+    }
+    outcome?;
+    guest.kill();
+    Ok(())
+}
