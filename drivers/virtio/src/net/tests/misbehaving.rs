@@ -3,8 +3,10 @@
 //! reset, and never a panic. Violations both ring formats can suffer run once per format
 //! ([`for_both_formats`]); the used index (split) and the wrap counter (packed) have their own.
 
-use super::device::{RX, TX, WireHeader, World};
-use super::{UDP, bits, ipv4_frame, qemu_features, small, up};
+use std::cell::RefCell;
+
+use super::device::{NetModel, RX, TX, WireHeader, World};
+use super::{Net, UDP, bits, ipv4_frame, qemu_features, small, up};
 use crate::net::NetError;
 use crate::queue::fake::for_both_formats;
 use crate::queue::{DeviceError, QueueFormat};
@@ -16,6 +18,24 @@ fn world(format: QueueFormat) -> World {
         QueueFormat::Split => World::new(qemu_features()),
         QueueFormat::Packed => World::new(qemu_features() | bits(&[Features::RING_PACKED.bits()])),
     }
+}
+
+/// Brings up a device with `format`'s rings and its automatic transmit completion off,
+/// transmits `frame`, and hands the driver and the device model to `body`.
+fn with_frame_in_flight(
+    format: QueueFormat,
+    frame: &[u8],
+    body: impl FnOnce(&mut Net<'_, '_>, &RefCell<NetModel<'_>>),
+) {
+    let world = world(format);
+    let model = world.model();
+    let mut net = up(&world, &model, small()).expect("up");
+    model.borrow_mut().tx_auto = false;
+    let sent = net
+        .transmit(frame.len(), |buffer| buffer.copy_from_slice(frame))
+        .expect("transmit");
+    assert_eq!(sent, Some(()));
+    body(&mut net, &model);
 }
 
 #[test]
@@ -150,31 +170,25 @@ fn tx_completion_of_a_buffer_not_in_flight_is_a_device_error_on_the_send_path() 
     // (packed).
     for id in [5, 40] {
         for_both_formats(|format| {
-            let world = world(format);
-            let model = world.model();
-            let mut net = up(&world, &model, small()).expect("up");
-            model.borrow_mut().tx_auto = false;
-            let sent = net
-                .transmit(frame.len(), |buffer| buffer.copy_from_slice(&frame))
-                .expect("transmit");
-            assert_eq!(sent, Some(()));
-            model
-                .borrow_mut()
-                .queue(TX)
-                .inject_used(id, 0)
-                .expect("inject");
-            assert!(!net.can_transmit(), "a broken queue takes nothing");
-            let mut called = false;
-            let result = net.transmit(frame.len(), |_| called = true);
-            assert_eq!(
-                result.err(),
-                Some(NetError::Device {
-                    queue: TX,
-                    error: DeviceError::IdNotInFlight { queue: TX, id },
-                })
-            );
-            assert!(!called);
-            assert!(!net.can_transmit(), "a broken queue takes nothing");
+            with_frame_in_flight(format, &frame, |net, model| {
+                model
+                    .borrow_mut()
+                    .queue(TX)
+                    .inject_used(id, 0)
+                    .expect("inject");
+                assert!(!net.can_transmit(), "a broken queue takes nothing");
+                let mut called = false;
+                let result = net.transmit(frame.len(), |_| called = true);
+                assert_eq!(
+                    result.err(),
+                    Some(NetError::Device {
+                        queue: TX,
+                        error: DeviceError::IdNotInFlight { queue: TX, id },
+                    })
+                );
+                assert!(!called);
+                assert!(!net.can_transmit(), "a broken queue takes nothing");
+            });
         });
     }
 }
@@ -219,70 +233,58 @@ fn tx_length_on_a_transmit_buffer_is_a_device_error() {
     let frame = ipv4_frame(UDP, 100, 0, 0, 2);
     for_both_formats(|format| {
         // Nothing in a transmit buffer is device-writable.
-        let world = world(format);
-        let model = world.model();
-        let mut net = up(&world, &model, small()).expect("up");
-        model.borrow_mut().tx_auto = false;
-        let sent = net
-            .transmit(frame.len(), |buffer| buffer.copy_from_slice(&frame))
-            .expect("transmit");
-        assert_eq!(sent, Some(()));
-        net.flush().expect("flush");
-        let id = {
-            let mut model = model.borrow_mut();
-            let queue = model.queue(TX);
-            queue.pop_available(usize::MAX).expect("pop");
-            queue.popped[0].id
-        };
-        model
-            .borrow_mut()
-            .queue(TX)
-            .inject_used(id, 1)
-            .expect("inject");
-        assert_eq!(
-            net.transmit(frame.len(), |_| ()).err(),
-            Some(NetError::Device {
-                queue: TX,
-                error: DeviceError::LengthTooLarge {
+        with_frame_in_flight(format, &frame, |net, model| {
+            net.flush().expect("flush");
+            let id = {
+                let mut model = model.borrow_mut();
+                let queue = model.queue(TX);
+                queue.pop_available(usize::MAX).expect("pop");
+                queue.popped[0].id
+            };
+            model
+                .borrow_mut()
+                .queue(TX)
+                .inject_used(id, 1)
+                .expect("inject");
+            assert_eq!(
+                net.transmit(frame.len(), |_| ()).err(),
+                Some(NetError::Device {
                     queue: TX,
-                    id,
-                    len: 1,
-                    capacity: 0,
-                },
-            })
-        );
+                    error: DeviceError::LengthTooLarge {
+                        queue: TX,
+                        id,
+                        len: 1,
+                        capacity: 0,
+                    },
+                })
+            );
+        });
     });
 }
 
 #[test]
 fn packed_tx_wrong_wrap_counter_is_a_device_error() {
     let frame = ipv4_frame(UDP, 100, 0, 0, 3);
-    let world = world(QueueFormat::Packed);
-    let model = world.model();
-    let mut net = up(&world, &model, small()).expect("up");
-    model.borrow_mut().tx_auto = false;
-    let sent = net
-        .transmit(frame.len(), |buffer| buffer.copy_from_slice(&frame))
-        .expect("transmit");
-    assert_eq!(sent, Some(()));
-    net.flush().expect("flush");
-    // Used with the wrong wrap counter (AVAIL = USED = 0 in the first lap).
-    model
-        .borrow_mut()
-        .queue(TX)
-        .inject_packed_used(0, 0, false)
-        .expect("inject");
-    let result = net.transmit(frame.len(), |_| ());
-    assert!(
-        matches!(
-            result,
-            Err(NetError::Device {
-                queue: TX,
-                error: DeviceError::BadWrapCounter { .. }
-            })
-        ),
-        "{result:?}"
-    );
+    with_frame_in_flight(QueueFormat::Packed, &frame, |net, model| {
+        net.flush().expect("flush");
+        // Used with the wrong wrap counter (AVAIL = USED = 0 in the first lap).
+        model
+            .borrow_mut()
+            .queue(TX)
+            .inject_packed_used(0, 0, false)
+            .expect("inject");
+        let result = net.transmit(frame.len(), |_| ());
+        assert!(
+            matches!(
+                result,
+                Err(NetError::Device {
+                    queue: TX,
+                    error: DeviceError::BadWrapCounter { .. }
+                })
+            ),
+            "{result:?}"
+        );
+    });
 }
 
 #[test]
