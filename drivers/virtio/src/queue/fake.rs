@@ -19,6 +19,22 @@ use super::layout::{
 use super::{QueueAddresses, QueueFeatures, QueueFormat};
 use crate::dma::host::HostDma;
 
+/// Runs `body` once for each ring format, split then packed, for tests whose body is the same
+/// for both; a failure names the format it failed in.
+pub(crate) fn for_both_formats(mut body: impl FnMut(QueueFormat)) {
+    for format in [QueueFormat::Split, QueueFormat::Packed] {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(format)));
+        if let Err(cause) = outcome {
+            let message = cause
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| cause.downcast_ref::<&str>().copied())
+                .unwrap_or("(a panic without a message)");
+            panic!("{format:?} ring: {message}");
+        }
+    }
+}
+
 /// One buffer the device took off the available side.
 #[derive(Clone, Debug)]
 pub(crate) struct Chain {
@@ -672,6 +688,17 @@ impl<'a> FakeDevice<'a> {
         self.w32(at + 4, len)?;
         self.used_idx = self.used_idx.wrapping_add(1);
         self.w16(self.used_idx_addr(), self.used_idx)
+    }
+
+    /// Either format: reports a used buffer `id` with `len` at the device's next used
+    /// position, as an honest device would mark it (split: a published used entry; packed: a
+    /// used descriptor with the current wrap counter), whatever `id` and `len` are.
+    pub fn inject_used(&mut self, id: u16, len: u32) -> FakeResult<()> {
+        if self.split() {
+            self.inject_split_used(u32::from(id), len)
+        } else {
+            self.inject_packed_used(id, len, self.used_wrap)
+        }
     }
 
     /// Split: publishes an arbitrary used index.

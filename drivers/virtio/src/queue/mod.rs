@@ -5,6 +5,10 @@
 //!   two event suppression structures).
 //! * [`VirtQueue`]: either, chosen from the negotiated features ([`QueueFeatures`]).
 //!
+//! What the two formats do the same way (buffers in flight, shape checks, indirect tables,
+//! used id and length validation, counters, the broken state) lives once in `core.rs`, which
+//! both embed; `split.rs` and `packed.rs` keep what differs.
+//!
 //! Both share the same contract:
 //!
 //! * **Ownership by API.** [`VirtQueue::add`] *moves* an owned [`DeviceBuffer`] into the
@@ -28,6 +32,7 @@
 //! multi-segment buffer of at most [`MAX_INDIRECT_SEGMENTS`] segments while a table is free,
 //! so such a buffer takes one ring slot instead of one per segment.
 
+mod core;
 mod indirect;
 mod layout;
 mod packed;
@@ -38,7 +43,7 @@ pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 
-use core::fmt;
+use ::core::fmt;
 
 pub use crate::dma::{DeviceBuffer, Segment};
 pub use crate::transport::QueueFormat;

@@ -5,6 +5,7 @@ use super::fake::{Doorbell, FakeDevice, Layout, PIO_NOTIFY_BASE};
 use super::open;
 use crate::error::TransportError;
 use crate::pci::PciTransport;
+use crate::queue::fake::for_both_formats;
 use crate::spec;
 use crate::tests::fake::{FakeConfig, notify_cap};
 use crate::transport::{QueueConfig, QueueFormat, Transport, VirtioDevice, choose_queue_size};
@@ -33,47 +34,89 @@ fn ready<'d>(
 
 #[test]
 fn setup_programs_size_addresses_vector_then_enables_with_32_bit_halves_low_first() {
-    let layout = Layout::modern_net();
-    let (config, device) = layout.build();
-    let mut virtio = ready(&config, &device, &layout);
-    let desc = 0x1_2345_6000u64;
-    virtio
-        .setup_queue(1, &split_config(128, desc, Some(1)))
-        .expect("queue 1 set up");
-    device.with(|state| {
-        let queue = &state.queues[&1];
-        assert_eq!(queue.size, 128);
-        assert_eq!(queue.desc_addr(), desc);
-        assert_eq!(queue.driver, [0x2345_7000, 1]);
-        assert_eq!(queue.device, [0x2345_8000, 1]);
-        assert_eq!(queue.vector, 1);
-        assert!(queue.enabled);
-        let address_writes: Vec<_> = state
-            .common_writes
-            .iter()
-            .filter(|(register, _)| *register >= 0x20)
-            .copied()
-            .collect();
-        assert_eq!(
-            address_writes,
-            [
-                (0x20, 0x2345_6000),
-                (0x24, 1),
-                (0x28, 0x2345_7000),
-                (0x2c, 1),
-                (0x30, 0x2345_8000),
-                (0x34, 1),
-            ]
+    for_both_formats(|format| {
+        let layout = Layout::modern_net();
+        let (config, device) = layout.build();
+        let mut virtio = ready(&config, &device, &layout);
+        let desc = 0x1_2345_6000u64;
+        virtio
+            .setup_queue(
+                1,
+                &QueueConfig {
+                    format,
+                    ..split_config(128, desc, Some(1))
+                },
+            )
+            .expect("queue 1 set up");
+        device.with(|state| {
+            let queue = &state.queues[&1];
+            assert_eq!(queue.size, 128);
+            assert_eq!(queue.desc_addr(), desc);
+            assert_eq!(queue.driver, [0x2345_7000, 1]);
+            assert_eq!(queue.device, [0x2345_8000, 1]);
+            assert_eq!(queue.vector, 1);
+            assert!(queue.enabled);
+            let address_writes: Vec<_> = state
+                .common_writes
+                .iter()
+                .filter(|(register, _)| *register >= 0x20)
+                .copied()
+                .collect();
+            assert_eq!(
+                address_writes,
+                [
+                    (0x20, 0x2345_6000),
+                    (0x24, 1),
+                    (0x28, 0x2345_7000),
+                    (0x2c, 1),
+                    (0x30, 0x2345_8000),
+                    (0x34, 1),
+                ]
+            );
+        });
+        virtio.driver_ok().expect("live");
+        assert!(
+            matches!(
+                virtio.setup_queue(0, &split_config(64, 0x10_0000, None)),
+                Err(TransportError::OutOfOrder { .. })
+            ),
+            "no queue setup after DRIVER_OK"
         );
+        device.assert_clean();
     });
-    virtio.driver_ok().expect("live");
-    assert!(
-        matches!(
-            virtio.setup_queue(0, &split_config(64, 0x10_0000, None)),
-            Err(TransportError::OutOfOrder { .. })
-        ),
-        "no queue setup after DRIVER_OK"
-    );
+}
+
+/// A 16-bit MMIO doorbell write of `value` (the queue index) at `offset` of the notify region.
+fn mmio(offset: u64, value: u16) -> Doorbell {
+    Doorbell::Mmio { offset, value }
+}
+
+/// Sets up each of `queues` with `size` entries, each at its own base address.
+fn setup_queues(
+    virtio: &mut VirtioDevice<PciTransport<&FakeDevice>>,
+    queues: impl IntoIterator<Item = u16>,
+    size: u16,
+) {
+    for queue in queues {
+        let base = 0x10_0000 * u64::from(queue + 1);
+        virtio
+            .setup_queue(queue, &split_config(size, base, None))
+            .expect("setup");
+    }
+}
+
+/// Rings the doorbells of `queues` in that order, then checks the writes the device saw and
+/// that it saw nothing else amiss.
+fn ring_doorbells(
+    virtio: &VirtioDevice<PciTransport<&FakeDevice>>,
+    device: &FakeDevice,
+    queues: &[u16],
+    expected: &[Doorbell],
+) {
+    for &queue in queues {
+        virtio.transport().notify(queue).expect("notify");
+    }
+    device.with(|state| assert_eq!(state.doorbells, expected));
     device.assert_clean();
 }
 
@@ -82,39 +125,11 @@ fn modern_doorbells_are_cached_at_notify_off_times_multiplier() {
     let layout = Layout::modern_net();
     let (config, device) = layout.build();
     let mut virtio = ready(&config, &device, &layout);
-    for queue in 0..3 {
-        virtio
-            .setup_queue(
-                queue,
-                &split_config(64, 0x10_0000 * u64::from(queue + 1), None),
-            )
-            .expect("setup");
-    }
+    setup_queues(&mut virtio, 0..3, 64);
     // queue_notify_off is read once at setup: changing it afterwards changes nothing.
     device.with(|state| state.notify_off_override = Some(999));
-    for queue in [2, 0, 1] {
-        virtio.transport().notify(queue).expect("notify");
-    }
-    device.with(|state| {
-        assert_eq!(
-            state.doorbells,
-            [
-                Doorbell::Mmio {
-                    offset: 8,
-                    value: 2
-                },
-                Doorbell::Mmio {
-                    offset: 0,
-                    value: 0
-                },
-                Doorbell::Mmio {
-                    offset: 4,
-                    value: 1
-                },
-            ]
-        );
-    });
-    device.assert_clean();
+    let expected = [mmio(8, 2), mmio(0, 0), mmio(4, 1)];
+    ring_doorbells(&virtio, &device, &[2, 0, 1], &expected);
 }
 
 #[test]
@@ -122,30 +137,8 @@ fn page_per_vq_doorbells_are_a_page_apart() {
     let layout = Layout::page_per_vq();
     let (config, device) = layout.build();
     let mut virtio = ready(&config, &device, &layout);
-    virtio
-        .setup_queue(0, &split_config(256, 0x10_0000, None))
-        .expect("q0");
-    virtio
-        .setup_queue(1, &split_config(256, 0x20_0000, None))
-        .expect("q1");
-    virtio.transport().notify(1).expect("notify");
-    virtio.transport().notify(0).expect("notify");
-    device.with(|state| {
-        assert_eq!(
-            state.doorbells,
-            [
-                Doorbell::Mmio {
-                    offset: 4096,
-                    value: 1
-                },
-                Doorbell::Mmio {
-                    offset: 0,
-                    value: 0
-                }
-            ]
-        );
-    });
-    device.assert_clean();
+    setup_queues(&mut virtio, 0..2, 256);
+    ring_doorbells(&virtio, &device, &[1, 0], &[mmio(4096, 1), mmio(0, 0)]);
 }
 
 #[test]
@@ -154,25 +147,13 @@ fn pio_notify_writes_the_queue_index_to_the_io_port() {
     let (config, device) = layout.build();
     let mut virtio = ready(&config, &device, &layout);
     assert!(virtio.transport().notifies_by_port());
-    virtio
-        .setup_queue(0, &split_config(256, 0x10_0000, None))
-        .expect("q0");
-    virtio
-        .setup_queue(1, &split_config(256, 0x20_0000, None))
-        .expect("q1");
-    virtio.transport().notify(1).expect("notify");
-    virtio.transport().notify(0).expect("notify");
+    setup_queues(&mut virtio, 0..2, 256);
     let port = PIO_NOTIFY_BASE as u16;
-    device.with(|state| {
-        assert_eq!(
-            state.doorbells,
-            [
-                Doorbell::Port { port, value: 1 },
-                Doorbell::Port { port, value: 0 }
-            ]
-        );
-    });
-    device.assert_clean();
+    let expected = [
+        Doorbell::Port { port, value: 1 },
+        Doorbell::Port { port, value: 0 },
+    ];
+    ring_doorbells(&virtio, &device, &[1, 0], &expected);
 }
 
 #[test]
@@ -187,37 +168,9 @@ fn zero_multiplier_is_legal_and_all_queues_share_one_doorbell() {
     let (config, device) = layout.build();
     let mut virtio = ready(&config, &device, &layout);
     assert_eq!(virtio.transport().capabilities().notify_off_multiplier, 0);
-    for queue in 0..3 {
-        virtio
-            .setup_queue(
-                queue,
-                &split_config(32, 0x10_0000 * u64::from(queue + 1), None),
-            )
-            .expect("setup");
-    }
-    for queue in 0..3 {
-        virtio.transport().notify(queue).expect("notify");
-    }
-    device.with(|state| {
-        assert_eq!(
-            state.doorbells,
-            [
-                Doorbell::Mmio {
-                    offset: 0,
-                    value: 0
-                },
-                Doorbell::Mmio {
-                    offset: 0,
-                    value: 1
-                },
-                Doorbell::Mmio {
-                    offset: 0,
-                    value: 2
-                },
-            ]
-        );
-    });
-    device.assert_clean();
+    setup_queues(&mut virtio, 0..3, 32);
+    let expected = [mmio(0, 0), mmio(0, 1), mmio(0, 2)];
+    ring_doorbells(&virtio, &device, &[0, 1, 2], &expected);
 }
 
 #[test]
@@ -245,16 +198,7 @@ fn notify_off_beyond_the_notify_region_is_refused_and_the_queue_stays_disabled()
     virtio
         .setup_queue(0, &split_config(64, 0x10_0000, None))
         .expect("fits");
-    virtio.transport().notify(0).expect("notify");
-    device.with(|state| {
-        assert_eq!(
-            state.doorbells,
-            [Doorbell::Mmio {
-                offset: 4092,
-                value: 0
-            }]
-        )
-    });
+    ring_doorbells(&virtio, &device, &[0], &[mmio(4092, 0)]);
 }
 
 #[test]
