@@ -193,15 +193,22 @@ fn boot(start_info_address: u32) -> ! {
         ]),
         ..virtio::net::NetOptions::default()
     };
-    let nic = match devices::bring_up_net(
+    let mut devices = devices::bring_up(
         config_space,
         &enumeration.functions,
         platform.as_ref(),
-        options,
-    ) {
-        Ok(nic) => nic,
-        Err(error) => console::fatal(format_args!("{error}")),
-    };
+        devices::DeviceOptions { net: options },
+    );
+    if devices.nets.is_empty() {
+        match devices.failed.pop() {
+            Some((_, _, error)) => console::fatal(format_args!("{error}")),
+            None => console::fatal(format_args!(
+                "no virtio-net device found ({} PCI functions scanned)",
+                devices.scanned
+            )),
+        }
+    }
+    let nic = devices.nets.remove(0);
     let net = &nic.net;
     log::info!(
         "virtio-net: offered features {:#018x}: {}",
@@ -272,10 +279,12 @@ fn boot(start_info_address: u32) -> ! {
             nic.net,
             reinit,
             config.inject_reset_every,
-            path != devices::InterruptPath::Polling,
+            nic.irq,
+            path.config_interrupts(),
         ),
         mac,
         &config,
+        nic.irq,
     )
 }
 

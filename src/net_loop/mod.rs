@@ -26,7 +26,6 @@ pub mod nic;
 
 use core::cell::RefCell;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use smoltcp::time::Instant;
 use vireo::adaptive::{HaltOutcome, PollWindow};
@@ -40,9 +39,6 @@ use crate::arch::{self, clock};
 
 /// Longest stretch the poll fast path watches the ring without running the stack.
 const POLL_SLICE_NS: u64 = 1_000_000;
-
-/// NIC interrupts taken (MSI-X or INTx), counted by the interrupt handlers.
-pub static NIC_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 
 /// A gap between two clock reads in the spin loop longer than this is time the host took.
 const STEAL_GAP_NS: u64 = 20_000;
@@ -187,8 +183,13 @@ fn stack_timer_ns(services: &mut Services) -> Option<u64> {
         .map(|delay| delay.total_micros().saturating_mul(1000))
 }
 
-/// Serves forever.
-pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
+/// Serves forever; `nic_irq` counts the NIC's interrupts for the stats line.
+pub fn run<N: Nic + NicControl>(
+    nic: N,
+    mac: [u8; 6],
+    config: &Config,
+    nic_irq: &'static crate::devices::IrqSlot,
+) -> ! {
     let nic = RefCell::new(nic);
     let held = RefCell::new(None);
     let seed =
@@ -224,7 +225,7 @@ pub fn run<N: Nic + NicControl>(nic: N, mac: [u8; 6], config: &Config) -> ! {
                     out,
                     " announces={} interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} stolen_ns={} steals={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
                     counters.announces,
-                    NIC_INTERRUPTS.load(Ordering::Relaxed),
+                    nic_irq.interrupts(),
                     arch::interrupts::unexpected_interrupt_count(),
                     config.mode,
                     counters.mode_switches,

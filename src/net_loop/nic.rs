@@ -6,11 +6,10 @@
 //! in `src/devices.rs`.
 
 use core::fmt::Write;
-use core::sync::atomic::Ordering;
 
 use virtio::net::{LinkChange, NetError, NetStats, RxFrame};
 
-use crate::devices::{CONFIG_PENDING, KernelNet, Reinit};
+use crate::devices::{IrqSlot, KernelNet, Reinit};
 use crate::hal::KernelHal;
 use vireo::net;
 
@@ -27,6 +26,8 @@ pub struct KernelNic {
     /// Whether configuration changes interrupt (MSI-X config vector, or INTx's ISR bit);
     /// without, housekeeping re-reads the device status itself.
     config_interrupts: bool,
+    /// What the NIC's interrupts leave (the configuration-change flag).
+    irq: &'static IrqSlot,
     /// The link came up (at boot, after a link-down, after a reset) or the device asked
     /// (VIRTIO_NET_S_ANNOUNCE): the loop owes the network a gratuitous ARP.
     announce_pending: bool,
@@ -40,15 +41,18 @@ pub struct KernelNic {
 }
 
 impl KernelNic {
-    /// Wraps the driver, with the recipe to rebuild it. `config_interrupts`: whether the
-    /// interrupt path delivers configuration changes (all but [`crate::devices::InterruptPath::Polling`]).
+    /// Wraps the driver, with the recipe to rebuild it. `irq` is the NIC's interrupt record;
+    /// `config_interrupts`: whether its path delivers configuration changes (all but
+    /// [`crate::devices::InterruptPath::Polling`]).
     pub fn new(
         net: KernelNet,
         reinit: Reinit,
         inject_reset_every: Option<u32>,
+        irq: &'static IrqSlot,
         config_interrupts: bool,
     ) -> Self {
         Self {
+            irq,
             announce_pending: net.link_up(),
             config_interrupts,
             net: Some(net),
@@ -207,7 +211,7 @@ impl net::NicControl for KernelNic {
         // With a configuration interrupt, only when it fired; without one, on every pass
         // (at least every 10 ms, the housekeeping period): link changes and
         // DEVICE_NEEDS_RESET are seen either way.
-        let change = if CONFIG_PENDING.swap(false, Ordering::Acquire) {
+        let change = if self.irq.take_config_pending() {
             Some(net.handle_config_change())
         } else if !self.config_interrupts {
             Some(net.poll_status())

@@ -1,0 +1,164 @@
+//! The device layer: every virtio function on every bus is identified and bound to its driver
+//! through one table ([`DRIVERS`]: device type -> binding), in bus order. Each bound device
+//! owns its interrupt record ([`irq::DeviceIrq`]: MSI-X vectors from one allocator, INTx with
+//! its own ISR region, or polling), its configuration-change flag and its recovery recipe;
+//! devices without a driver are logged and left alone (no decoding, no bus mastering).
+//!
+//! Adding a device type is one driver file in `drivers/virtio/src/`, one binding file here
+//! (its bring-up on an interrupt path and what the kernel does with it) and one [`DRIVERS`]
+//! entry; the README's "Adding a device driver" walks through it.
+
+#![deny(unsafe_code)]
+
+pub mod irq;
+pub mod net;
+
+use alloc::vec::Vec;
+
+use ::pci::{Function, PciAddress};
+use virtio::pci::{Location, VirtioCapabilities, identify};
+use virtio::transport::DeviceType;
+
+use crate::acpi::AcpiInfo;
+use crate::pci::PlatformConfig;
+
+pub use irq::{InterruptPath, IrqSlot};
+pub use net::{BringUpError, KernelNet, NetDevice, Reinit, net_feature_names, reinit_net};
+
+/// What the kernel asks of the drivers.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOptions {
+    /// The NIC's options (MAC, fallback MAC, queue sizes; vectors are chosen per path).
+    pub net: virtio::net::NetOptions,
+}
+
+/// What the devices found were bound to.
+#[derive(Default)]
+pub struct Devices {
+    /// The NICs brought up; the network loop serves the first.
+    pub nets: Vec<NetDevice>,
+    /// Devices of a known type whose bring-up failed, with the reason (also logged).
+    pub failed: Vec<(PciAddress, DeviceType, BringUpError)>,
+    /// PCI functions scanned.
+    pub scanned: usize,
+}
+
+/// One row of the driver table.
+struct DriverEntry {
+    /// The virtio device type it drives (§5).
+    device_type: DeviceType,
+    /// Binds the device at `function`, adding it to the binder's devices.
+    bind: fn(&mut Binder<'_>, &Function) -> Result<(), BringUpError>,
+    /// How many of this type are bound so far.
+    bound: fn(&Devices) -> usize,
+    /// How many the kernel uses, and why no more, for the log line of the others.
+    limit: Option<(usize, &'static str)>,
+}
+
+/// The driver table: a new device type is one more row.
+const DRIVERS: &[DriverEntry] = &[DriverEntry {
+    device_type: DeviceType::NET,
+    bind: bind_net,
+    bound: |devices| devices.nets.len(),
+    limit: Some((1, "the network loop serves one NIC")),
+}];
+
+/// What a binding needs: configuration access, the platform's interrupt routing, options,
+/// and the devices bound so far.
+struct Binder<'a> {
+    config: &'a PlatformConfig,
+    platform: Option<&'a AcpiInfo>,
+    options: DeviceOptions,
+    devices: Devices,
+}
+
+fn bind_net(binder: &mut Binder<'_>, function: &Function) -> Result<(), BringUpError> {
+    let device = net::bind(binder.config, function, binder.platform, binder.options.net)?;
+    binder.devices.nets.push(device);
+    Ok(())
+}
+
+/// Identifies every virtio function and binds each one whose type is in [`DRIVERS`], in bus
+/// order. A failed bring-up is logged and recorded; the others go on.
+pub fn bring_up(
+    config: &PlatformConfig,
+    functions: &[Function],
+    platform: Option<&AcpiInfo>,
+    options: DeviceOptions,
+) -> Devices {
+    let mut binder = Binder {
+        config,
+        platform,
+        options,
+        devices: Devices {
+            scanned: functions.len(),
+            ..Devices::default()
+        },
+    };
+    for function in functions
+        .iter()
+        .filter(|function| function.vendor_id == virtio::spec::VIRTIO_PCI_VENDOR_ID)
+    {
+        let id = match identify(config, function.address) {
+            Ok(id) => id,
+            Err(error) => {
+                log::warn!("virtio: {}: {error}; left alone", function.address);
+                continue;
+            }
+        };
+        let Some(driver) = DRIVERS
+            .iter()
+            .find(|driver| driver.device_type == id.device_type)
+        else {
+            log::info!(
+                "virtio: {} {id}: no driver for this type, left alone",
+                function.address
+            );
+            continue;
+        };
+        if let Some((limit, why)) = driver.limit
+            && (driver.bound)(&binder.devices) >= limit
+        {
+            log::info!(
+                "virtio: {} {id}: another {} device, left alone ({why})",
+                function.address,
+                id.device_type
+            );
+            continue;
+        }
+        log::info!("virtio: {} {id}: driving it", function.address);
+        if let Err(error) = (driver.bind)(&mut binder, function) {
+            log::error!("{error}");
+            binder
+                .devices
+                .failed
+                .push((function.address, id.device_type, error));
+        }
+    }
+    binder.devices
+}
+
+/// Turns on memory (and, when the device has an I/O BAR, I/O) decoding and bus mastering:
+/// only on a device Vireo drives.
+pub fn enable_function(config: &PlatformConfig, function: &Function) {
+    let address = function.address;
+    ::pci::enable_memory_space(config, address);
+    if function
+        .bars
+        .iter()
+        .flatten()
+        .any(|bar| matches!(bar, ::pci::Bar::Io { .. }))
+    {
+        ::pci::enable_io_space(config, address);
+    }
+    ::pci::enable_bus_mastering(config, address);
+}
+
+/// The device's ISR status region (physical address and length) when it is in memory, for
+/// its INTx handler.
+pub fn isr_region(capabilities: &VirtioCapabilities) -> Option<(u64, u64)> {
+    match capabilities.isr.location {
+        Location::Memory { phys } => Some((phys, u64::from(capabilities.isr.length))),
+        _ => None,
+    }
+}
