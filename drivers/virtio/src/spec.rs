@@ -579,3 +579,248 @@ const _: () = assert!(net_config::MAX_VIRTQUEUE_PAIRS == 8);
 const _: () = assert!(net_config::MTU == 10);
 const _: () = assert!(net_config::SPEED == 12);
 const _: () = assert!(net_config::DUPLEX == 16);
+
+// ---------------------------------------------------------------------------------------------
+// Block device (§5.2)
+
+bitflags::bitflags! {
+    /// virtio-blk feature bits (§5.2.3); a block device's full feature word is these plus
+    /// [`Features`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct BlkFeatures: u64 {
+        /// Maximum size of any single segment is in `size_max`.
+        const SIZE_MAX = 1 << 1;
+        /// Maximum number of segments in a request is in `seg_max`.
+        const SEG_MAX = 1 << 2;
+        /// Disk-style geometry is in `geometry`.
+        const GEOMETRY = 1 << 4;
+        /// The device is read-only.
+        const RO = 1 << 5;
+        /// Block size of the disk is in `blk_size`.
+        const BLK_SIZE = 1 << 6;
+        /// Cache flush command support.
+        const FLUSH = 1 << 9;
+        /// Device exports information on optimal I/O alignment (`topology`).
+        const TOPOLOGY = 1 << 10;
+        /// The device can toggle its cache between writeback and writethrough modes.
+        const CONFIG_WCE = 1 << 11;
+        /// The device supports multiqueue (`num_queues`).
+        const MQ = 1 << 12;
+        /// The device can support the discard command.
+        const DISCARD = 1 << 13;
+        /// The device can support the write zeroes command.
+        const WRITE_ZEROES = 1 << 14;
+        /// The device supports providing storage lifetime information.
+        const LIFETIME = 1 << 15;
+        /// The device supports the secure erase command.
+        const SECURE_ERASE = 1 << 16;
+        /// The device is a zoned block device.
+        const ZONED = 1 << 17;
+    }
+}
+
+/// The virtio-blk device configuration layout, `struct virtio_blk_config` (§5.2.4), through
+/// `unused1`: the fields this driver reads. `geometry` and `topology` are flattened into their
+/// members. Never overlaid on device memory; the offsets in [`blk_config`] come from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// le64, capacity in 512-byte sectors, whatever `blk_size` is (§5.2.4).
+    pub capacity: u64,
+    /// le32, largest size of any single segment, with VIRTIO_BLK_F_SIZE_MAX (§5.2.4).
+    pub size_max: u32,
+    /// le32, largest number of segments in a request, with VIRTIO_BLK_F_SEG_MAX (§5.2.4).
+    pub seg_max: u32,
+    /// le16, `geometry.cylinders`, with VIRTIO_BLK_F_GEOMETRY (§5.2.4).
+    pub cylinders: u16,
+    /// u8, `geometry.heads` (§5.2.4).
+    pub heads: u8,
+    /// u8, `geometry.sectors` (§5.2.4).
+    pub sectors: u8,
+    /// le32, the block size in bytes, with VIRTIO_BLK_F_BLK_SIZE (§5.2.4).
+    pub blk_size: u32,
+    /// u8, `topology.physical_block_exp`: logical blocks per physical block, log2 (§5.2.4).
+    pub physical_block_exp: u8,
+    /// u8, `topology.alignment_offset`: offset of the first aligned logical block (§5.2.4).
+    pub alignment_offset: u8,
+    /// le16, `topology.min_io_size`: suggested minimum I/O size in blocks (§5.2.4).
+    pub min_io_size: u16,
+    /// le32, `topology.opt_io_size`: optimal (suggested maximum) I/O size in blocks (§5.2.4).
+    pub opt_io_size: u32,
+    /// u8, the cache mode with VIRTIO_BLK_F_CONFIG_WCE: 0 writethrough, 1 writeback (§5.2.4).
+    pub writeback: u8,
+    /// u8, reserved (§5.2.4).
+    pub unused0: u8,
+    /// le16, number of request queues, with VIRTIO_BLK_F_MQ (§5.2.4).
+    pub num_queues: u16,
+    /// le32, largest discard sectors per segment, with VIRTIO_BLK_F_DISCARD (§5.2.4).
+    pub max_discard_sectors: u32,
+    /// le32, largest number of discard segments in one command (§5.2.4).
+    pub max_discard_seg: u32,
+    /// le32, discard alignment hint, in sectors (§5.2.4).
+    pub discard_sector_alignment: u32,
+    /// le32, largest write-zeroes sectors per segment, with VIRTIO_BLK_F_WRITE_ZEROES (§5.2.4).
+    pub max_write_zeroes_sectors: u32,
+    /// le32, largest number of write-zeroes segments in one command (§5.2.4).
+    pub max_write_zeroes_seg: u32,
+    /// u8, whether write zeroes with the unmap flag may deallocate (§5.2.4).
+    pub write_zeroes_may_unmap: u8,
+    /// u8 × 3, reserved (§5.2.4).
+    pub unused1: [u8; 3],
+}
+
+/// Byte offsets of the [`BlkConfig`] fields within the device configuration region.
+pub mod blk_config {
+    use super::BlkConfig;
+    use core::mem::offset_of;
+
+    /// `capacity` (64 bits).
+    pub const CAPACITY: u32 = offset_of!(BlkConfig, capacity) as u32;
+    /// `size_max` (32 bits).
+    pub const SIZE_MAX: u32 = offset_of!(BlkConfig, size_max) as u32;
+    /// `seg_max` (32 bits).
+    pub const SEG_MAX: u32 = offset_of!(BlkConfig, seg_max) as u32;
+    /// `geometry.cylinders` (16 bits).
+    pub const CYLINDERS: u32 = offset_of!(BlkConfig, cylinders) as u32;
+    /// `geometry.heads` (8 bits).
+    pub const HEADS: u32 = offset_of!(BlkConfig, heads) as u32;
+    /// `geometry.sectors` (8 bits).
+    pub const SECTORS: u32 = offset_of!(BlkConfig, sectors) as u32;
+    /// `blk_size` (32 bits).
+    pub const BLK_SIZE: u32 = offset_of!(BlkConfig, blk_size) as u32;
+    /// `topology.physical_block_exp` (8 bits).
+    pub const PHYSICAL_BLOCK_EXP: u32 = offset_of!(BlkConfig, physical_block_exp) as u32;
+    /// `topology.alignment_offset` (8 bits).
+    pub const ALIGNMENT_OFFSET: u32 = offset_of!(BlkConfig, alignment_offset) as u32;
+    /// `topology.min_io_size` (16 bits).
+    pub const MIN_IO_SIZE: u32 = offset_of!(BlkConfig, min_io_size) as u32;
+    /// `topology.opt_io_size` (32 bits).
+    pub const OPT_IO_SIZE: u32 = offset_of!(BlkConfig, opt_io_size) as u32;
+    /// `writeback` (8 bits).
+    pub const WRITEBACK: u32 = offset_of!(BlkConfig, writeback) as u32;
+    /// `num_queues` (16 bits).
+    pub const NUM_QUEUES: u32 = offset_of!(BlkConfig, num_queues) as u32;
+    /// `max_discard_sectors` (32 bits).
+    pub const MAX_DISCARD_SECTORS: u32 = offset_of!(BlkConfig, max_discard_sectors) as u32;
+    /// `max_discard_seg` (32 bits).
+    pub const MAX_DISCARD_SEG: u32 = offset_of!(BlkConfig, max_discard_seg) as u32;
+    /// `discard_sector_alignment` (32 bits).
+    pub const DISCARD_SECTOR_ALIGNMENT: u32 =
+        offset_of!(BlkConfig, discard_sector_alignment) as u32;
+    /// `max_write_zeroes_sectors` (32 bits).
+    pub const MAX_WRITE_ZEROES_SECTORS: u32 =
+        offset_of!(BlkConfig, max_write_zeroes_sectors) as u32;
+    /// `max_write_zeroes_seg` (32 bits).
+    pub const MAX_WRITE_ZEROES_SEG: u32 = offset_of!(BlkConfig, max_write_zeroes_seg) as u32;
+    /// `write_zeroes_may_unmap` (8 bits).
+    pub const WRITE_ZEROES_MAY_UNMAP: u32 = offset_of!(BlkConfig, write_zeroes_may_unmap) as u32;
+    /// Length of the layout through `unused1`.
+    pub const LEN: u32 = offset_of!(BlkConfig, unused1) as u32 + 3;
+}
+
+const _: () = assert!(blk_config::CAPACITY == 0);
+const _: () = assert!(blk_config::SIZE_MAX == 8);
+const _: () = assert!(blk_config::SEG_MAX == 12);
+const _: () = assert!(blk_config::CYLINDERS == 16);
+const _: () = assert!(blk_config::HEADS == 18);
+const _: () = assert!(blk_config::SECTORS == 19);
+const _: () = assert!(blk_config::BLK_SIZE == 20);
+const _: () = assert!(blk_config::PHYSICAL_BLOCK_EXP == 24);
+const _: () = assert!(blk_config::ALIGNMENT_OFFSET == 25);
+const _: () = assert!(blk_config::MIN_IO_SIZE == 26);
+const _: () = assert!(blk_config::OPT_IO_SIZE == 28);
+const _: () = assert!(blk_config::WRITEBACK == 32);
+const _: () = assert!(blk_config::NUM_QUEUES == 34);
+const _: () = assert!(blk_config::MAX_DISCARD_SECTORS == 36);
+const _: () = assert!(blk_config::MAX_DISCARD_SEG == 40);
+const _: () = assert!(blk_config::DISCARD_SECTOR_ALIGNMENT == 44);
+const _: () = assert!(blk_config::MAX_WRITE_ZEROES_SECTORS == 48);
+const _: () = assert!(blk_config::MAX_WRITE_ZEROES_SEG == 52);
+const _: () = assert!(blk_config::WRITE_ZEROES_MAY_UNMAP == 56);
+const _: () = assert!(blk_config::LEN == 60);
+
+/// The device-readable header of every block request, `struct virtio_blk_req` up to `data`
+/// (§5.2.6): `type`, `reserved`, `sector`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkReqHeader {
+    /// le32, the request type, a [`blk_req`] `T_*` value (§5.2.6).
+    pub request_type: u32,
+    /// le32, reserved, 0 (§5.2.6).
+    pub reserved: u32,
+    /// le64, the first 512-byte sector of a read or write; 0 for the others (§5.2.6.1).
+    pub sector: u64,
+}
+
+/// One segment of a discard or write-zeroes command,
+/// `struct virtio_blk_discard_write_zeroes` (§5.2.6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkDiscardWriteZeroes {
+    /// le64, first sector (512 bytes) of the range (§5.2.6).
+    pub sector: u64,
+    /// le32, number of sectors in the range (§5.2.6).
+    pub num_sectors: u32,
+    /// le32, bit 0 `unmap` (write zeroes only); the other bits reserved (§5.2.6).
+    pub flags: u32,
+}
+
+/// Request types, status values and the request layouts' offsets (§5.2.6).
+pub mod blk_req {
+    use super::{BlkDiscardWriteZeroes, BlkReqHeader};
+    use core::mem::{offset_of, size_of};
+
+    /// VIRTIO_BLK_T_IN: read.
+    pub const T_IN: u32 = 0;
+    /// VIRTIO_BLK_T_OUT: write.
+    pub const T_OUT: u32 = 1;
+    /// VIRTIO_BLK_T_FLUSH: flush the write cache (VIRTIO_BLK_F_FLUSH).
+    pub const T_FLUSH: u32 = 4;
+    /// VIRTIO_BLK_T_GET_ID: the device id string, [`ID_BYTES`] bytes.
+    pub const T_GET_ID: u32 = 8;
+    /// VIRTIO_BLK_T_DISCARD (VIRTIO_BLK_F_DISCARD).
+    pub const T_DISCARD: u32 = 11;
+    /// VIRTIO_BLK_T_WRITE_ZEROES (VIRTIO_BLK_F_WRITE_ZEROES).
+    pub const T_WRITE_ZEROES: u32 = 13;
+
+    /// VIRTIO_BLK_S_OK.
+    pub const S_OK: u8 = 0;
+    /// VIRTIO_BLK_S_IOERR.
+    pub const S_IOERR: u8 = 1;
+    /// VIRTIO_BLK_S_UNSUPP.
+    pub const S_UNSUPP: u8 = 2;
+
+    /// The unit of `sector` and `capacity`, whatever `blk_size` is (§5.2.4, §5.2.6).
+    pub const SECTOR_SIZE: u32 = 512;
+    /// Length of the GET_ID answer; a shorter id is NUL-terminated (§5.2.6).
+    pub const ID_BYTES: usize = 20;
+
+    /// `type` in the header.
+    pub const HEADER_TYPE: usize = offset_of!(BlkReqHeader, request_type);
+    /// `reserved` in the header.
+    pub const HEADER_RESERVED: usize = offset_of!(BlkReqHeader, reserved);
+    /// `sector` in the header.
+    pub const HEADER_SECTOR: usize = offset_of!(BlkReqHeader, sector);
+    /// The header's length.
+    pub const HEADER_LEN: usize = size_of::<BlkReqHeader>();
+
+    /// `sector` in a discard/write-zeroes segment.
+    pub const SEGMENT_SECTOR: usize = offset_of!(BlkDiscardWriteZeroes, sector);
+    /// `num_sectors` in a discard/write-zeroes segment.
+    pub const SEGMENT_NUM_SECTORS: usize = offset_of!(BlkDiscardWriteZeroes, num_sectors);
+    /// `flags` in a discard/write-zeroes segment.
+    pub const SEGMENT_FLAGS: usize = offset_of!(BlkDiscardWriteZeroes, flags);
+    /// A discard/write-zeroes segment's length.
+    pub const SEGMENT_LEN: usize = size_of::<BlkDiscardWriteZeroes>();
+    /// `flags` bit 0: unmap (write zeroes only).
+    pub const SEGMENT_F_UNMAP: u32 = 1;
+}
+
+const _: () = assert!(blk_req::HEADER_TYPE == 0);
+const _: () = assert!(blk_req::HEADER_RESERVED == 4);
+const _: () = assert!(blk_req::HEADER_SECTOR == 8);
+const _: () = assert!(blk_req::HEADER_LEN == 16);
+const _: () = assert!(blk_req::SEGMENT_SECTOR == 0);
+const _: () = assert!(blk_req::SEGMENT_NUM_SECTORS == 8);
+const _: () = assert!(blk_req::SEGMENT_FLAGS == 12);
+const _: () = assert!(blk_req::SEGMENT_LEN == 16);
