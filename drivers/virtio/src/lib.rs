@@ -13,6 +13,7 @@
 //! * [`device`]: what every device driver shares: queue building, reset on a failed
 //!   bring-up, bounded waits for a request's answer.
 //! * [`net`]: the virtio-net driver (§5.1).
+//! * [`blk`]: the virtio-blk driver (§5.2).
 //!
 //! `unsafe` is denied everywhere except in [`dma`]; all register access goes through the HAL
 //! traits.
@@ -25,6 +26,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod barrier;
+pub mod blk;
 pub mod device;
 #[allow(unsafe_code)]
 pub mod dma;
