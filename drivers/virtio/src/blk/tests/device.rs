@@ -156,7 +156,7 @@ impl<'w> BlkModel<'w> {
         let read_only = self.features & BlkFeatures::RO.bits() != 0;
         let status = match request_type {
             blk_req::T_IN => match self.disk.get(start..start + data_in) {
-                Some(bytes) if data_in % 512 == 0 => {
+                Some(bytes) if data_in.is_multiple_of(512) => {
                     reply.copy_from_slice(bytes);
                     blk_req::S_OK
                 }
@@ -166,7 +166,7 @@ impl<'w> BlkModel<'w> {
             blk_req::T_OUT => {
                 let len = data_out.len();
                 match self.disk.get_mut(start..start + len) {
-                    Some(bytes) if len % 512 == 0 => {
+                    Some(bytes) if len.is_multiple_of(512) => {
                         bytes.copy_from_slice(&data_out);
                         blk_req::S_OK
                     }
