@@ -475,18 +475,11 @@ impl<H: DmaHal + Clone, T: Transport> VirtioBlk<H, T> {
             BlkRequest::Write { buffers, .. } => buffers.into_iter().map(|b| (b, false)).collect(),
             BlkRequest::Flush => Vec::new(),
             BlkRequest::GetId { buffer } => alloc::vec![(buffer, true)],
-            BlkRequest::Discard { ranges }
-            | BlkRequest::WriteZeroes {
-                ranges,
-                unmap: false,
-            } => match self.segments(&ranges, false) {
+            BlkRequest::Discard { ranges } => match self.segments(&ranges, false) {
                 Ok(buffer) => alloc::vec![(buffer, false)],
                 Err(error) => return Err(self.reject(error, Vec::new())),
             },
-            BlkRequest::WriteZeroes {
-                ranges,
-                unmap: true,
-            } => match self.segments(&ranges, true) {
+            BlkRequest::WriteZeroes { ranges, unmap } => match self.segments(&ranges, unmap) {
                 Ok(buffer) => alloc::vec![(buffer, false)],
                 Err(error) => return Err(self.reject(error, Vec::new())),
             },
