@@ -607,3 +607,47 @@ fn requests_beyond_the_queue_are_refused_as_busy_until_completions_are_polled() 
     assert!(blk.poll().expect("poll").is_some());
     blk.submit(read(2)).expect("room again");
 }
+
+#[test]
+fn completions_raise_no_interrupt_until_the_caller_arms_it() {
+    for_both_formats(|format| {
+        let world = World::new(
+            bits(&[Features::VERSION_1.bits()]) | format_bits(format),
+            DiskConfig::default(),
+            64,
+        );
+        let model = world.model();
+        let mut blk = up(&world, &model, small()).expect("up");
+        model.borrow_mut().auto = false;
+        let read = |sector| BlkRequest::Read {
+            sector,
+            buffers: buffers_in(&world.dma, &[], &[512]),
+        };
+        blk.submit(read(0)).expect("first");
+        model.borrow_mut().process();
+        assert_eq!(
+            model.borrow_mut().queue().interrupts,
+            0,
+            "polling by default"
+        );
+        assert!(blk.pending());
+        assert!(
+            blk.arm_interrupt(),
+            "a completion is already waiting: poll first"
+        );
+        assert!(blk.poll().expect("poll").is_some());
+        assert!(!blk.arm_interrupt(), "armed with nothing pending");
+        blk.submit(read(1)).expect("second");
+        model.borrow_mut().process();
+        assert_eq!(
+            model.borrow_mut().queue().interrupts,
+            1,
+            "the armed interrupt"
+        );
+        blk.disarm_interrupt();
+        assert!(blk.poll().expect("poll").is_some());
+        blk.submit(read(2)).expect("third");
+        model.borrow_mut().process();
+        assert_eq!(model.borrow_mut().queue().interrupts, 1, "disarmed again");
+    });
+}
