@@ -78,6 +78,8 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Run the in-kernel self test and exit (`selftest`).
     pub selftest: bool,
+    /// Check every disk at boot: read, write, flush, read back (`blk-check`).
+    pub blk_check: bool,
     /// Fault injection (`inject-reset=N`): declare the NIC failed every N received frames.
     pub inject_reset_every: Option<u32>,
     /// How long `adaptive` keeps polling after the last packet (`poll-window=`), microseconds.
@@ -106,6 +108,7 @@ impl Default for Config {
             mode: Mode::Adaptive,
             log_level: LogLevel::Info,
             selftest: false,
+            blk_check: false,
             inject_reset_every: None,
             poll_window_us: DEFAULT_POLL_WINDOW_US,
             dhcp: false,
@@ -304,6 +307,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
     let mut seen_mode = false;
     let mut seen_log = false;
     let mut seen_selftest = false;
+    let mut seen_blk_check = false;
     let mut seen_inject = false;
     let mut seen_window = false;
     let mut seen_mac = false;
@@ -438,6 +442,18 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                         value,
                         ValueProblem::UnexpectedValue,
                         Kept::Flag(config.selftest),
+                    )),
+                }
+            }
+            b"blk-check" => {
+                check_duplicate(&mut seen_blk_check, "blk-check");
+                match value {
+                    None => config.blk_check = true,
+                    Some(_) => report(invalid(
+                        "blk-check",
+                        value,
+                        ValueProblem::UnexpectedValue,
+                        Kept::Flag(config.blk_check),
                     )),
                 }
             }

@@ -197,10 +197,18 @@ fn boot(start_info_address: u32) -> ! {
         config_space,
         &enumeration.functions,
         platform.as_ref(),
-        devices::DeviceOptions { net: options },
+        devices::DeviceOptions {
+            net: options,
+            blk_check: config.blk_check,
+        },
     );
+    devices::register(core::mem::take(&mut devices.blks));
     if devices.nets.is_empty() {
-        match devices.failed.pop() {
+        let net_failure = devices
+            .failed
+            .iter()
+            .find(|(_, device_type, _)| *device_type == virtio::transport::DeviceType::NET);
+        match net_failure {
             Some((_, _, error)) => console::fatal(format_args!("{error}")),
             None => console::fatal(format_args!(
                 "no virtio-net device found ({} PCI functions scanned)",

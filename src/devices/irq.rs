@@ -38,7 +38,7 @@ pub enum InterruptPath {
 impl core::fmt::Display for InterruptPath {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::MsixSeparate => f.write_str("MSI-X (config, rx and tx vectors)"),
+            Self::MsixSeparate => f.write_str("MSI-X (a config vector and one per queue)"),
             Self::MsixShared => f.write_str("MSI-X (one shared vector)"),
             Self::Intx(gsis) => write!(f, "INTx through the I/O APIC (GSI mask {gsis:#x})"),
             Self::Polling => f.write_str("none (polling only)"),

@@ -10,10 +10,12 @@
 
 #![deny(unsafe_code)]
 
+pub mod blk;
 pub mod irq;
 pub mod net;
 
 use alloc::vec::Vec;
+use core::fmt::Write;
 
 use ::pci::{Function, PciAddress};
 use virtio::pci::{Location, VirtioCapabilities, identify};
@@ -22,14 +24,35 @@ use virtio::transport::DeviceType;
 use crate::acpi::AcpiInfo;
 use crate::pci::PlatformConfig;
 
+pub use blk::{BlkBringUpError, BlkDevice};
 pub use irq::{InterruptPath, IrqSlot};
 pub use net::{BringUpError, KernelNet, NetDevice, Reinit, net_feature_names, reinit_net};
+
+/// Why a device of a known type could not be bound.
+#[derive(Debug)]
+pub enum BindError {
+    /// The NIC.
+    Net(BringUpError),
+    /// A disk.
+    Blk(BlkBringUpError),
+}
+
+impl core::fmt::Display for BindError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Net(error) => write!(f, "{error}"),
+            Self::Blk(error) => write!(f, "{error}"),
+        }
+    }
+}
 
 /// What the kernel asks of the drivers.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceOptions {
     /// The NIC's options (MAC, fallback MAC, queue sizes; vectors are chosen per path).
     pub net: virtio::net::NetOptions,
+    /// Run the disks' boot check (`blk-check` on the command line).
+    pub blk_check: bool,
 }
 
 /// What the devices found were bound to.
@@ -37,8 +60,10 @@ pub struct DeviceOptions {
 pub struct Devices {
     /// The NICs brought up; the network loop serves the first.
     pub nets: Vec<NetDevice>,
+    /// The disks brought up, in bus order.
+    pub blks: Vec<BlkDevice>,
     /// Devices of a known type whose bring-up failed, with the reason (also logged).
-    pub failed: Vec<(PciAddress, DeviceType, BringUpError)>,
+    pub failed: Vec<(PciAddress, DeviceType, BindError)>,
     /// PCI functions scanned.
     pub scanned: usize,
 }
@@ -48,7 +73,7 @@ struct DriverEntry {
     /// The virtio device type it drives (§5).
     device_type: DeviceType,
     /// Binds the device at `function`, adding it to the binder's devices.
-    bind: fn(&mut Binder<'_>, &Function) -> Result<(), BringUpError>,
+    bind: fn(&mut Binder<'_>, &Function) -> Result<(), BindError>,
     /// How many of this type are bound so far.
     bound: fn(&Devices) -> usize,
     /// How many the kernel uses, and why no more, for the log line of the others.
@@ -56,12 +81,20 @@ struct DriverEntry {
 }
 
 /// The driver table: a new device type is one more row.
-const DRIVERS: &[DriverEntry] = &[DriverEntry {
-    device_type: DeviceType::NET,
-    bind: bind_net,
-    bound: |devices| devices.nets.len(),
-    limit: Some((1, "the network loop serves one NIC")),
-}];
+const DRIVERS: &[DriverEntry] = &[
+    DriverEntry {
+        device_type: DeviceType::NET,
+        bind: bind_net,
+        bound: |devices| devices.nets.len(),
+        limit: Some((1, "the network loop serves one NIC")),
+    },
+    DriverEntry {
+        device_type: DeviceType::BLOCK,
+        bind: bind_blk,
+        bound: |devices| devices.blks.len(),
+        limit: None,
+    },
+];
 
 /// What a binding needs: configuration access, the platform's interrupt routing, options,
 /// and the devices bound so far.
@@ -72,9 +105,19 @@ struct Binder<'a> {
     devices: Devices,
 }
 
-fn bind_net(binder: &mut Binder<'_>, function: &Function) -> Result<(), BringUpError> {
-    let device = net::bind(binder.config, function, binder.platform, binder.options.net)?;
+fn bind_net(binder: &mut Binder<'_>, function: &Function) -> Result<(), BindError> {
+    let device = net::bind(binder.config, function, binder.platform, binder.options.net)
+        .map_err(BindError::Net)?;
     binder.devices.nets.push(device);
+    Ok(())
+}
+
+fn bind_blk(binder: &mut Binder<'_>, function: &Function) -> Result<(), BindError> {
+    let mut device = blk::bind(binder.config, function, binder.platform).map_err(BindError::Blk)?;
+    if binder.options.blk_check {
+        blk::boot_check(&mut device);
+    }
+    binder.devices.blks.push(device);
     Ok(())
 }
 
@@ -161,4 +204,43 @@ pub fn isr_region(capabilities: &VirtioCapabilities) -> Option<(u64, u64)> {
         Location::Memory { phys } => Some((phys, u64::from(capabilities.isr.length))),
         _ => None,
     }
+}
+
+/// The devices the kernel keeps besides the NIC (the network loop owns that one), for the
+/// stats line.
+static REGISTRY: spin::Mutex<Vec<BlkDevice>> = spin::Mutex::new(Vec::new());
+
+/// Hands the disks to the registry.
+pub fn register(blks: Vec<BlkDevice>) {
+    REGISTRY.lock().extend(blks);
+}
+
+/// Appends the other devices' counters to a stats line (` key=value` pairs; totals over the
+/// devices of a type, 0 without one).
+pub fn write_stats(out: &mut dyn Write) {
+    let registry = REGISTRY.lock();
+    let mut total = virtio::blk::BlkStats::default();
+    let mut interrupts = 0;
+    for device in registry.iter() {
+        interrupts += device.irq.interrupts();
+        let stats = device.blk.stats();
+        total.reads += stats.reads;
+        total.writes += stats.writes;
+        total.read_bytes += stats.read_bytes;
+        total.written_bytes += stats.written_bytes;
+        total.flushes += stats.flushes;
+        total.errors += stats.errors;
+    }
+    let _ = write!(
+        out,
+        " blk_devices={} blk_reads={} blk_writes={} blk_read_bytes={} blk_written_bytes={} blk_flushes={} blk_errors={} blk_interrupts={}",
+        registry.len(),
+        total.reads,
+        total.writes,
+        total.read_bytes,
+        total.written_bytes,
+        total.flushes,
+        total.errors,
+        interrupts
+    );
 }

@@ -220,6 +220,7 @@ pub fn run<N: Nic + NicControl>(
                 NicDevice::new(&nic, &held, services::ECHO_PORT, services.syn_credits());
             let mut write_stats = |out: &mut dyn Write| {
                 nic.borrow().write_stats(out);
+                crate::devices::write_stats(out);
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
