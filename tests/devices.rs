@@ -325,7 +325,6 @@ fn two_disks_around_the_nic_on_every_machine_and_interrupt_path() -> Result<(), 
                 &booted.guest,
                 &format!("virtio-blk: 0000:{address}: {sectors} sectors"),
             )?;
-            let _ = image;
         }
         if options.contains("vectors=0") {
             expect(&booted.guest, "virtio-net: interrupts: INTx")?;
