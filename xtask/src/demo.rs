@@ -58,6 +58,9 @@ pub struct DemoConfig {
     pub options: DemoOptions,
     /// Copy the guest's serial console to stdout as it arrives.
     pub echo_serial: bool,
+    /// A raw disk image to attach as a virtio-blk disk (`--blk IMAGE`); the guest then runs
+    /// its `blk-check` on it, which writes its last block.
+    pub blk: Option<PathBuf>,
 }
 
 impl Default for DemoConfig {
@@ -69,6 +72,7 @@ impl Default for DemoConfig {
             mode: None,
             options: DemoOptions::default(),
             echo_serial: true,
+            blk: None,
         }
     }
 }
@@ -97,6 +101,11 @@ pub struct DemoArgs {
     /// Bytes for the TCP echo.
     #[arg(long, value_name = "N", default_value_t = DemoOptions::default().tcp_bytes)]
     pub tcp_bytes: usize,
+    /// Attach this raw image as a virtio-blk disk; the guest checks it at boot (`blk-check`:
+    /// reads the first blocks, writes its pattern over the last block, flushes, reads back)
+    /// and the summary shows the disk.
+    #[arg(long, value_name = "IMAGE")]
+    pub blk: Option<PathBuf>,
 }
 
 /// `demo` alone, for [`DemoConfig::parse`].
@@ -119,6 +128,7 @@ impl From<&DemoArgs> for DemoConfig {
                 tcp_bytes: args.tcp_bytes,
             },
             echo_serial: true,
+            blk: args.blk.clone(),
         }
     }
 }
@@ -233,6 +243,8 @@ pub struct DemoSummary {
     pub mode: String,
     /// The negotiated virtio-net feature bits and their names (from the serial log).
     pub features: Option<(u64, Vec<String>)>,
+    /// The other devices' lines of the boot log (`virtio-blk: ...`, `blk-check: ...`).
+    pub devices: Vec<String>,
     /// The forwarded ports.
     pub net: UserNet,
     /// The exchanges.
@@ -269,6 +281,9 @@ impl fmt::Display for DemoSummary {
                 f,
                 "    features:    (no `negotiated features` line in the log)"
             )?,
+        }
+        for device in &self.devices {
+            writeln!(f, "    device:      {device}")?;
         }
         writeln!(
             f,
@@ -372,8 +387,29 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
     };
     let qmp_socket = unique_temp_path("vireo-demo-qmp", "sock");
     let mut base = QemuCommand::new(&qemu, accel, &kernel).qmp_socket(&qmp_socket);
+    let mut append = Vec::new();
     if let Some(mode) = &config.mode {
-        base = base.append(format!("mode={mode}"));
+        append.push(format!("mode={mode}"));
+    }
+    if let Some(image) = &config.blk {
+        if !image.is_file() {
+            return Err(DemoError::Setup(Error::InvalidSetting {
+                name: "--blk",
+                value: image.display().to_string(),
+                expected: "an existing raw disk image file",
+            }));
+        }
+        append.push("blk-check".to_string());
+        base = base
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=blk0",
+                image.display()
+            ))
+            .device("virtio-blk-pci,drive=blk0");
+    }
+    if !append.is_empty() {
+        base = base.append(append.join(" "));
     }
     log(&format!(
         "demo: booting the kernel with {DEFAULT_NIC} on QEMU user networking; the guest's UDP \
@@ -436,6 +472,16 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
         ready_line: booted.ready.text.clone(),
         mode: booted.ready.mode.clone(),
         features: negotiated_features(&guest.lines()),
+        devices: guest
+            .lines()
+            .into_iter()
+            .map(|line| line.text)
+            .filter(|text| {
+                (text.contains("virtio-blk: ") && !text.contains("negotiated features"))
+                    || text.contains("blk-check: ")
+            })
+            .map(|text| text.split("] ").last().unwrap_or(&text).trim().to_string())
+            .collect(),
         net,
         measurements,
         exit,
