@@ -2,8 +2,8 @@
 //!
 //! The kernel binary (`src/main.rs` and the platform modules under it) owns the hardware; this
 //! library owns what can be reasoned about without it: the kernel command line, the adaptive
-//! mode's polling window, the link-up announcement, and the network services with their
-//! smoltcp device adapter ([`net`]).
+//! mode's polling window, the link-up announcement, the entropy pool and CSPRNG
+//! ([`entropy`]), and the network services with their smoltcp device adapter ([`net`]).
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
@@ -12,4 +12,5 @@ extern crate alloc;
 pub mod adaptive;
 pub mod announce;
 pub mod config;
+pub mod entropy;
 pub mod net;

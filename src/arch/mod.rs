@@ -10,6 +10,7 @@
 
 pub mod apic;
 pub mod clock;
+pub mod entropy;
 pub mod gdt;
 pub mod interrupts;
 pub mod ioapic;

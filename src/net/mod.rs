@@ -3,18 +3,21 @@
 //!
 //! * [`device`]: smoltcp's `Device` over any [`device::Nic`] (zero copy), with the receive
 //!   budget and the TCP echo service's listen backlog (the SYN gate);
+//! * [`isn`]: RFC 6528 initial sequence numbers, by a sequence-number translation between
+//!   smoltcp and the NIC (smoltcp has no ISN hook), keyed from the CSPRNG;
 //! * [`services`]: the interface and its services (UDP/TCP echo on port 7, the stats service on
 //!   UDP port 7007, the DHCPv4 client, the SYN-flood defence);
 //! * [`NicControl`]: what the kernel's network loop (`src/net_loop/` in the binary) needs from a
 //!   NIC besides packets.
 //!
-//! Nothing here touches hardware or reads a clock: the time, the random seed and the
+//! Nothing here touches hardware or reads a clock: the time, the random secrets and the
 //! platform's stats keys come in as parameters, so the host tests in `tests` drive the same
 //! code over an in-memory NIC.
 
 use core::fmt::Write;
 
 pub mod device;
+pub mod isn;
 pub mod services;
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use crate::config::Config;
+use crate::net::isn::{IsnDevice, IsnTranslation, NetSecrets};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::{dhcpv4, tcp, udp};
@@ -93,6 +94,10 @@ pub struct Services {
     address: Option<smoltcp::wire::Ipv4Cidr>,
     /// Set when the address changed (leased, renewed with another address, or lost).
     address_changed: bool,
+    /// The RFC 6528 sequence-number translation applied between the stack and the device.
+    isn: IsnTranslation,
+    /// Where received TCP segments are translated (sized to the device's largest frame).
+    rx_scratch: Vec<u8>,
 }
 
 /// One socket of the TCP pool.
@@ -140,16 +145,24 @@ fn udp_socket() -> udp::Socket<'static> {
 
 impl Services {
     /// Builds the interface for `mac` with the command line's address and gateway, and binds
-    /// every service.
+    /// every service. `secrets` (drawn from the CSPRNG, [`NetSecrets::draw`]) seed smoltcp's
+    /// generator and key the TCP sequence-number translation of [`crate::net::isn`].
     pub fn new<D: Device>(
         device: &mut D,
         mac: [u8; 6],
         config: &Config,
         now: Instant,
-        seed: u64,
+        secrets: NetSecrets,
     ) -> Self {
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-        iface_config.random_seed = seed;
+        iface_config.random_seed = secrets.stack_seed;
+        let rx_scratch = vec![
+            0;
+            device
+                .capabilities()
+                .max_transmission_unit
+                .max(SCRATCH_BYTES)
+        ];
         let mut iface = Interface::new(iface_config, device, now);
         let address = (!config.dhcp).then_some(config.ip);
         if let Some(address) = address {
@@ -201,6 +214,8 @@ impl Services {
             dhcp,
             address,
             address_changed: address.is_some(),
+            isn: IsnTranslation::new(secrets.isn_key),
+            rx_scratch,
         }
     }
 
@@ -272,12 +287,25 @@ impl Services {
     /// Runs the stack once: ingress and egress through `device`, then every service.
     /// `write_stats` appends the platform's and driver's counters to a stats reply.
     /// Returns whether anything happened (packets in or out, socket state changed).
+    ///
+    /// Every TCP segment between the stack and `device` goes through the RFC 6528
+    /// sequence-number translation ([`crate::net::isn`]).
     pub fn poll<D: Device>(
         &mut self,
         device: &mut D,
         now: Instant,
         write_stats: &mut dyn FnMut(&mut dyn Write),
     ) -> bool {
+        let largest = device.capabilities().max_transmission_unit;
+        if self.rx_scratch.len() < largest {
+            // Only when the device's MTU grew (a device reset); never per packet.
+            self.rx_scratch.resize(largest, 0);
+        }
+        // Taken out for the poll (no allocation: a moved Vec), so the services below can
+        // borrow `self` while the wrapped device holds the scratch.
+        let mut scratch = core::mem::take(&mut self.rx_scratch);
+        let mut device = IsnDevice::new(device, self.isn, &mut scratch);
+        let device = &mut device;
         let mut activity =
             self.iface.poll(now, device, &mut self.sockets) != smoltcp::iface::PollResult::None;
         activity |= self.serve_dhcp();
@@ -288,6 +316,7 @@ impl Services {
             // Send what the services queued without waiting for the next loop iteration.
             self.iface.poll(now, device, &mut self.sockets);
         }
+        self.rx_scratch = scratch;
         activity
     }
 

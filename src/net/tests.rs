@@ -20,6 +20,7 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Address};
 
 use super::device::{Nic, NicDevice, RX_BUDGET, is_tcp_syn_to};
+use super::isn::{IsnTranslation, NetSecrets};
 use super::services::{ECHO_PORT, STATS_PORT, Services, TCP_LISTENERS};
 use crate::config::Config;
 
@@ -138,15 +139,25 @@ struct Net {
     now: Instant,
 }
 
+/// The secrets of most tests: smoltcp seed 1 and a fixed ISN key.
+const SECRETS: NetSecrets = NetSecrets {
+    stack_seed: 1,
+    isn_key: *b"isn key of tests",
+};
+
 impl Net {
     fn new() -> Self {
+        Self::with_secrets(SECRETS)
+    }
+
+    fn with_secrets(secrets: NetSecrets) -> Self {
         let wire = Rc::new(RefCell::new(Wire::default()));
         let nic = RefCell::new(MemoryNic { wire: wire.clone() });
         let held = RefCell::new(None);
         let now = Instant::from_millis(1);
         let services = {
             let mut device = NicDevice::new(&nic, &held, ECHO_PORT, 0);
-            Services::new(&mut device, GUEST_MAC, &Config::default(), now, 1)
+            Services::new(&mut device, GUEST_MAC, &Config::default(), now, secrets)
         };
         let mut host_port = HostPort { wire: wire.clone() };
         let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(HOST_MAC)));
@@ -518,4 +529,122 @@ fn is_tcp_syn_to_rejects_truncated_frames_without_panicking() {
     let options = tcp_frame(7, SYN, 15);
     assert!(!is_tcp_syn_to(&options[..14 + 60 + 13], 7));
     assert!(is_tcp_syn_to(&options, 7));
+}
+
+/// Connects the host from `host_port` to the guest's echo port and returns the sequence
+/// number of the guest's SYN-ACK as it appears on the wire (the guest's ISN for that
+/// 4-tuple). The first call also resolves ARP with a UDP exchange.
+fn wire_isn_of_guest(net: &mut Net, host_port: u16) -> u32 {
+    if net.host_sockets.iter().count() == 0 {
+        let warm_up = net.host_udp(40_000);
+        net.udp_exchange(warm_up, ECHO_PORT, b"arp");
+    }
+    let handle = net.host_tcp();
+    net.host_sockets
+        .get_mut::<tcp::Socket>(handle)
+        .connect(net.host.context(), (GUEST_IP, ECHO_PORT), host_port)
+        .expect("connect");
+    net.poll_host();
+    net.poll_guest();
+    let wire = net.wire.borrow();
+    let syn_ack = wire
+        .from_guest
+        .iter()
+        .find(|frame| {
+            frame.len() >= 54
+                && frame[12..14] == [0x08, 0x00]
+                && frame[14 + 9] == 6
+                && u16::from_be_bytes([frame[36], frame[37]]) == host_port
+                && frame[47] & 0x12 == 0x12
+        })
+        .expect("the guest answered with a SYN-ACK");
+    let isn = u32::from_be_bytes([syn_ack[38], syn_ack[39], syn_ack[40], syn_ack[41]]);
+    drop(wire);
+    net.run_until(200, "established", |net| {
+        net.host_sockets.get::<tcp::Socket>(handle).state() == tcp::State::Established
+    });
+    isn
+}
+
+#[test]
+fn wire_isns_carry_a_keyed_offset_per_four_tuple_over_smoltcps_own() {
+    let ports = [50_001u16, 50_002];
+    let mut net = Net::new();
+    let wire: Vec<u32> = ports
+        .iter()
+        .map(|&port| wire_isn_of_guest(&mut net, port))
+        .collect();
+    let translation = IsnTranslation::new(SECRETS.isn_key);
+    let offsets: Vec<u32> = ports
+        .iter()
+        .map(|&port| translation.offset(GUEST_IP.octets(), ECHO_PORT, HOST_IP.octets(), port))
+        .collect();
+    assert_ne!(offsets[0], offsets[1], "the offset differs per 4-tuple");
+    let stack: Vec<u32> = wire
+        .iter()
+        .zip(&offsets)
+        .map(|(wire, offset)| wire.wrapping_sub(*offset))
+        .collect();
+    // The difference the wire shows is not the one smoltcp's generator made.
+    assert_ne!(
+        wire[1].wrapping_sub(wire[0]),
+        stack[1].wrapping_sub(stack[0])
+    );
+
+    // Another boot: the same smoltcp seed (so the same stack ISNs), another key. The stack's
+    // numbers repeat; the wire's do not, for the very same 4-tuples.
+    let mut other = Net::with_secrets(NetSecrets {
+        stack_seed: SECRETS.stack_seed,
+        isn_key: *b"another isn key!",
+    });
+    let other_wire: Vec<u32> = ports
+        .iter()
+        .map(|&port| wire_isn_of_guest(&mut other, port))
+        .collect();
+    let other_translation = IsnTranslation::new(*b"another isn key!");
+    let other_stack: Vec<u32> = ports
+        .iter()
+        .zip(&other_wire)
+        .map(|(&port, wire)| {
+            wire.wrapping_sub(other_translation.offset(
+                GUEST_IP.octets(),
+                ECHO_PORT,
+                HOST_IP.octets(),
+                port,
+            ))
+        })
+        .collect();
+    assert_eq!(other_stack, stack, "smoltcp's own ISNs follow its seed");
+    assert_ne!(other_wire[0], wire[0]);
+    assert_ne!(other_wire[1], wire[1]);
+}
+
+#[test]
+fn tcp_echo_through_the_translation_with_another_key_is_exact() {
+    let mut net = Net::with_secrets(NetSecrets {
+        stack_seed: 99,
+        isn_key: [0xff; 16],
+    });
+    let socket = net.host_tcp();
+    net.host_sockets
+        .get_mut::<tcp::Socket>(socket)
+        .connect(net.host.context(), (GUEST_IP, ECHO_PORT), 49_200)
+        .expect("connect");
+    let sent = pattern(100_000, 9);
+    let mut offset = 0;
+    let mut received = Vec::new();
+    net.run_until(5_000, "TCP echo", |net| {
+        let socket = net.host_sockets.get_mut::<tcp::Socket>(socket);
+        if socket.can_send() && offset < sent.len() {
+            offset += socket.send_slice(&sent[offset..]).expect("send");
+        }
+        if socket.can_recv() {
+            socket
+                .recv(|bytes| (bytes.len(), received.extend_from_slice(bytes)))
+                .expect("recv");
+        }
+        received.len() == sent.len()
+    });
+    assert!(received == sent, "the echo differs from what was sent");
+    assert_eq!(net.services.counters.tcp_aborted, 0);
 }

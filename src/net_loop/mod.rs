@@ -33,6 +33,7 @@ use vireo::config::{Config, Mode};
 
 use vireo::net::NicControl;
 use vireo::net::device::{Nic, NicDevice};
+use vireo::net::isn::NetSecrets;
 use vireo::net::services::{self, Services};
 
 use crate::arch::{self, clock};
@@ -192,11 +193,13 @@ pub fn run<N: Nic + NicControl>(
 ) -> ! {
     let nic = RefCell::new(nic);
     let held = RefCell::new(None);
-    let seed =
-        arch::rdtsc() ^ u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0]);
+    // smoltcp's seed and the TCP ISN key come from the CSPRNG (RDSEED, RDRAND or TSC jitter
+    // until a virtio-rng device is wired in: `arch::entropy::seed_kernel_csprng`).
+    let (mut csprng, _) = arch::entropy::seed_kernel_csprng(None);
+    let secrets = NetSecrets::draw(&mut csprng);
     let mut services = {
         let mut device = NicDevice::new(&nic, &held, services::ECHO_PORT, 0);
-        Services::new(&mut device, mac, config, now(), seed)
+        Services::new(&mut device, mac, config, now(), secrets)
     };
     let mut link = LinkState::new(mac, config);
     if !nic.borrow().link_up() {

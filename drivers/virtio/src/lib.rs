@@ -14,6 +14,7 @@
 //!   bring-up, bounded waits for a request's answer.
 //! * [`net`]: the virtio-net driver (§5.1).
 //! * [`blk`]: the virtio-blk driver (§5.2).
+//! * [`rng`]: the virtio entropy device driver (§5.4).
 //!
 //! `unsafe` is denied everywhere except in [`dma`]; all register access goes through the HAL
 //! traits.
@@ -37,6 +38,7 @@ pub mod hal;
 pub mod net;
 pub mod pci;
 pub mod queue;
+pub mod rng;
 pub mod spec;
 pub mod transport;
 

@@ -824,3 +824,21 @@ const _: () = assert!(blk_req::SEGMENT_SECTOR == 0);
 const _: () = assert!(blk_req::SEGMENT_NUM_SECTORS == 8);
 const _: () = assert!(blk_req::SEGMENT_FLAGS == 12);
 const _: () = assert!(blk_req::SEGMENT_LEN == 16);
+
+// ---------------------------------------------------------------------------------------------
+// The entropy device (§5.4)
+
+/// The virtio entropy device (§5.4): one request queue, no feature bits of its own (§5.4.3)
+/// and no device configuration (§5.4.4).
+pub mod rng {
+    /// `requestq`, the only queue (§5.4.2): the driver posts device-writable buffers and the
+    /// device fills some bytes of each with entropy (§5.4.6).
+    pub const REQUEST_QUEUE: u16 = 0;
+    /// Queues the device has (§5.4.2).
+    pub const QUEUE_COUNT: u16 = 1;
+    /// The modern PCI device id: [`super::MODERN_DEVICE_ID_BASE`] plus device type 4
+    /// (§4.1.2).
+    pub const PCI_DEVICE_ID: u16 = super::MODERN_DEVICE_ID_BASE + super::device_type::ENTROPY;
+}
+
+const _: () = assert!(rng::PCI_DEVICE_ID == 0x1044);

@@ -1,0 +1,416 @@
+//! RFC 6528 initial sequence numbers for smoltcp's TCP, by sequence-number translation
+//! between the stack and the wire.
+//!
+//! # Why a translation
+//!
+//! smoltcp 0.12 draws every ISN (and ephemeral port) from one internal PCG32 generator
+//! (`smoltcp/src/rand.rs`, `random_seq_no` in `socket/tcp.rs`), seeded once from
+//! `Config::random_seed`. It has no hook to supply ISNs, and a PCG32's outputs reveal its
+//! state: an attacker who sees a few of the guest's ISNs can predict the next ones, for any
+//! peer. Seeding it from the CSPRNG ([`crate::entropy`]) makes the *first* outputs
+//! unpredictable but not the later ones.
+//!
+//! Rather than fork smoltcp, the NIC adapter rewrites TCP segments the way a firewall's
+//! "modulate state" does: every segment the stack sends gets
+//! `F(local address, local port, remote address, remote port, key)` added to its sequence
+//! number, and every segment that arrives gets the same `F` subtracted from its
+//! acknowledgment number and from the edges of its SACK blocks (RFC 2018), which are all
+//! numbers in the guest's sequence space. The stack never sees the offset; the wire never
+//! sees the stack's numbers. `F` is SipHash-2-4 (the `siphasher` crate), keyed with 128 bits
+//! from the CSPRNG, of the 4-tuple: RFC 6528 §3's `ISN = M + F(localip, localport, remoteip,
+//! remoteport, secretkey)` with smoltcp's own random number in the role of `M`.
+//!
+//! # What it gives
+//!
+//! RFC 6528 §3's property: seeing the ISNs of connections on one 4-tuple tells nothing about
+//! those on another, because `F` differs per 4-tuple and depends on a key the attacker does
+//! not know; and smoltcp's own `R` still varies between connections on the same 4-tuple. The
+//! key is drawn per boot from the CSPRNG, so two boots from identical QEMU command lines give
+//! different ISNs whenever a real entropy source exists (virtio-rng, RDSEED or RDRAND). The
+//! translation is stateless (a function of the segment and the key), so it needs no
+//! connection table and cannot fall out of step with the stack.
+//!
+//! # Checksums
+//!
+//! Changing a 32-bit field changes the TCP checksum; it is fixed incrementally (RFC 1624,
+//! equation 3) when it is a full checksum: always on receive (the driver completes partial
+//! checksums before the stack sees a frame), and on transmit when the stack computed it.
+//! With transmit checksum offload the stack leaves the TCP checksum to the device and the
+//! driver's `prepare_checksum_offload` overwrites the field with the pseudo-header sum after
+//! the stack (and this rewrite, which runs inside the stack's fill closure) wrote the frame,
+//! so the field is left alone (the pseudo-header sum does not cover the sequence number).
+//!
+//! Only IPv4 TCP in untagged Ethernet II frames, unfragmented, with well-formed lengths, is
+//! touched; anything else passes as it is (smoltcp drops what it cannot parse anyway).
+
+use core::hash::Hasher as _;
+
+use siphasher::sip::SipHasher24;
+use smoltcp::phy::{self, Device, DeviceCapabilities};
+use smoltcp::time::Instant;
+
+use crate::entropy::Csprng;
+
+/// Ethernet II header length.
+const ETHERNET_HEADER: usize = 14;
+/// TCP flag ACK (RFC 9293 §3.1).
+const TCP_ACK: u8 = 0x10;
+/// TCP option kinds (RFC 9293 §3.1, RFC 2018).
+const OPTION_END: u8 = 0;
+const OPTION_NOP: u8 = 1;
+const OPTION_SACK: u8 = 5;
+
+/// What the network services need from the CSPRNG: smoltcp's seed and the ISN key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct NetSecrets {
+    /// `smoltcp::iface::Config::random_seed` (its PCG32: ISNs before translation, ephemeral
+    /// ports, DHCP transaction ids).
+    pub stack_seed: u64,
+    /// The SipHash key of [`IsnTranslation`].
+    pub isn_key: [u8; 16],
+}
+
+impl NetSecrets {
+    /// Draws both from `rng`.
+    pub fn draw(rng: &mut Csprng) -> Self {
+        let stack_seed = rng.next_u64();
+        let mut isn_key = [0u8; 16];
+        rng.fill_bytes(&mut isn_key);
+        Self {
+            stack_seed,
+            isn_key,
+        }
+    }
+}
+
+impl core::fmt::Debug for NetSecrets {
+    /// Never prints the secrets.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("NetSecrets { .. }")
+    }
+}
+
+/// Where the TCP header of an IPv4 TCP segment lies in a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcpAt {
+    /// Offset of the IPv4 header (the addresses are at +12 and +16).
+    ip: usize,
+    /// Offset of the TCP header.
+    tcp: usize,
+    /// TCP header length (data offset * 4), within the segment.
+    tcp_header: usize,
+}
+
+/// Finds the TCP header of an unfragmented IPv4 TCP segment in an Ethernet II frame, with
+/// every length checked against the frame.
+fn tcp_segment(frame: &[u8]) -> Option<TcpAt> {
+    if frame.len() < ETHERNET_HEADER + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = ETHERNET_HEADER;
+    let header = &frame[ip..];
+    let ip_header = usize::from(header[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let fragment = u16::from_be_bytes([header[6], header[7]]) & 0x3fff;
+    if header[0] >> 4 != 4
+        || ip_header < 20
+        || total > header.len()
+        || total < ip_header + 20
+        || fragment != 0
+        || header[9] != 6
+    {
+        return None;
+    }
+    let tcp = ip + ip_header;
+    let tcp_header = usize::from(frame[tcp + 12] >> 4) * 4;
+    if tcp_header < 20 || ip_header + tcp_header > total {
+        return None;
+    }
+    Some(TcpAt {
+        ip,
+        tcp,
+        tcp_header,
+    })
+}
+
+fn read_u32(frame: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]])
+}
+
+fn write_u32(frame: &mut [u8], at: usize, value: u32) {
+    frame[at..at + 4].copy_from_slice(&value.to_be_bytes());
+}
+
+/// RFC 1624 equation 3: the checksum after a 32-bit field changed from `old` to `new`,
+/// `HC' = ~(~HC + ~m + m')` in one's complement arithmetic, per 16-bit word.
+pub fn adjust_checksum(checksum: u16, old: u32, new: u32) -> u16 {
+    let mut sum = u32::from(!checksum);
+    for shift in [16, 0] {
+        let old_word = (old >> shift) as u16;
+        let new_word = (new >> shift) as u16;
+        sum += u32::from(!old_word) + u32::from(new_word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Rewrites the 32-bit field at `at` to `new` and adjusts the TCP checksum (at `tcp + 16`)
+/// when `checksum` says it is a full one.
+fn rewrite(frame: &mut [u8], at: usize, new: u32, tcp: usize, checksum: bool) {
+    let old = read_u32(frame, at);
+    write_u32(frame, at, new);
+    if checksum {
+        let field = tcp + 16;
+        let current = u16::from_be_bytes([frame[field], frame[field + 1]]);
+        let adjusted = adjust_checksum(current, old, new);
+        frame[field..field + 2].copy_from_slice(&adjusted.to_be_bytes());
+    }
+}
+
+/// The RFC 6528 offset function and the segment rewrites (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IsnTranslation {
+    key: [u8; 16],
+}
+
+impl core::fmt::Debug for IsnTranslation {
+    /// Never prints the key.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("IsnTranslation { .. }")
+    }
+}
+
+impl IsnTranslation {
+    /// The translation keyed with `key` (128 bits from the CSPRNG).
+    pub fn new(key: [u8; 16]) -> Self {
+        Self { key }
+    }
+
+    /// `F(local address, local port, remote address, remote port, key)`: the offset between
+    /// the stack's and the wire's sequence numbers on this 4-tuple.
+    pub fn offset(
+        &self,
+        local: [u8; 4],
+        local_port: u16,
+        remote: [u8; 4],
+        remote_port: u16,
+    ) -> u32 {
+        let mut hasher = SipHasher24::new_with_key(&self.key);
+        hasher.write(&local);
+        hasher.write(&local_port.to_be_bytes());
+        hasher.write(&remote);
+        hasher.write(&remote_port.to_be_bytes());
+        let hash = hasher.finish();
+        (hash ^ (hash >> 32)) as u32
+    }
+
+    /// The offset for a segment at `at`; `outgoing` says which end is local.
+    fn segment_offset(&self, frame: &[u8], at: TcpAt, outgoing: bool) -> u32 {
+        let address = |offset: usize| -> [u8; 4] {
+            let start = at.ip + offset;
+            [
+                frame[start],
+                frame[start + 1],
+                frame[start + 2],
+                frame[start + 3],
+            ]
+        };
+        let port = |offset: usize| {
+            u16::from_be_bytes([frame[at.tcp + offset], frame[at.tcp + offset + 1]])
+        };
+        let (source, destination) = ((address(12), port(0)), (address(16), port(2)));
+        let ((local, local_port), (remote, remote_port)) = if outgoing {
+            (source, destination)
+        } else {
+            (destination, source)
+        };
+        self.offset(local, local_port, remote, remote_port)
+    }
+
+    /// A segment from the stack to the wire: adds the offset to its sequence number. The TCP
+    /// checksum is adjusted when `stack_checksum` (the stack computed it; false under
+    /// transmit checksum offload). Returns whether the frame was a TCP segment.
+    pub fn outgoing(&self, frame: &mut [u8], stack_checksum: bool) -> bool {
+        let Some(at) = tcp_segment(frame) else {
+            return false;
+        };
+        let offset = self.segment_offset(frame, at, true);
+        let sequence = read_u32(frame, at.tcp + 4);
+        rewrite(
+            frame,
+            at.tcp + 4,
+            sequence.wrapping_add(offset),
+            at.tcp,
+            stack_checksum,
+        );
+        true
+    }
+
+    /// A segment from the wire to the stack: subtracts the offset from its acknowledgment
+    /// number (when ACK is set) and from the edges of its SACK blocks, adjusting the TCP
+    /// checksum. Returns whether the frame was a TCP segment.
+    pub fn incoming(&self, frame: &mut [u8]) -> bool {
+        let Some(at) = tcp_segment(frame) else {
+            return false;
+        };
+        let offset = self.segment_offset(frame, at, false);
+        if frame[at.tcp + 13] & TCP_ACK != 0 {
+            let ack = read_u32(frame, at.tcp + 8);
+            rewrite(frame, at.tcp + 8, ack.wrapping_sub(offset), at.tcp, true);
+        }
+        // Options: kind, length, data (RFC 9293 §3.1); SACK blocks are pairs of 32-bit edges
+        // (RFC 2018 §3). A malformed list ends the walk.
+        let end = at.tcp + at.tcp_header;
+        let mut option = at.tcp + 20;
+        while option < end {
+            let kind = frame[option];
+            if kind == OPTION_END {
+                break;
+            }
+            if kind == OPTION_NOP {
+                option += 1;
+                continue;
+            }
+            if option + 1 >= end {
+                break;
+            }
+            let length = usize::from(frame[option + 1]);
+            if length < 2 || option + length > end {
+                break;
+            }
+            if kind == OPTION_SACK && (length - 2) % 8 == 0 {
+                let mut edge = option + 2;
+                while edge < option + length {
+                    let value = read_u32(frame, edge);
+                    rewrite(frame, edge, value.wrapping_sub(offset), at.tcp, true);
+                    edge += 4;
+                }
+            }
+            option += length;
+        }
+        true
+    }
+
+    /// Whether `frame` is a segment this translation rewrites.
+    pub fn applies_to(frame: &[u8]) -> bool {
+        tcp_segment(frame).is_some()
+    }
+}
+
+/// A smoltcp `Device` that applies an [`IsnTranslation`] to every TCP segment passing
+/// through `inner`: sent segments inside the stack's fill closure (so before the driver
+/// finalizes the frame for checksum offload), received ones in a copy (`scratch`), because a
+/// receive token hands out the driver's buffer read-only.
+pub struct IsnDevice<'a, D: Device> {
+    inner: &'a mut D,
+    translation: IsnTranslation,
+    scratch: &'a mut [u8],
+    stack_checksum: bool,
+}
+
+impl<'a, D: Device> IsnDevice<'a, D> {
+    /// Wraps `inner` for one stack poll. `scratch` must hold the largest frame; a longer one
+    /// is passed untranslated (the stack would then see the peer's wire numbers).
+    pub fn new(inner: &'a mut D, translation: IsnTranslation, scratch: &'a mut [u8]) -> Self {
+        let stack_checksum = inner.capabilities().checksum.tcp.tx();
+        Self {
+            inner,
+            translation,
+            scratch,
+            stack_checksum,
+        }
+    }
+}
+
+/// Receive token of [`IsnDevice`].
+pub struct IsnRxToken<'a, R: phy::RxToken> {
+    inner: R,
+    translation: IsnTranslation,
+    scratch: &'a mut [u8],
+}
+
+/// Transmit token of [`IsnDevice`].
+pub struct IsnTxToken<T: phy::TxToken> {
+    inner: T,
+    translation: IsnTranslation,
+    stack_checksum: bool,
+}
+
+impl<R: phy::RxToken> phy::RxToken for IsnRxToken<'_, R> {
+    fn consume<U, F: FnOnce(&[u8]) -> U>(self, f: F) -> U {
+        let Self {
+            inner,
+            translation,
+            scratch,
+        } = self;
+        inner.consume(|frame| {
+            if !IsnTranslation::applies_to(frame) || frame.len() > scratch.len() {
+                return f(frame);
+            }
+            let copy = &mut scratch[..frame.len()];
+            copy.copy_from_slice(frame);
+            translation.incoming(copy);
+            f(copy)
+        })
+    }
+}
+
+impl<T: phy::TxToken> phy::TxToken for IsnTxToken<T> {
+    fn consume<U, F: FnOnce(&mut [u8]) -> U>(self, length: usize, f: F) -> U {
+        let Self {
+            inner,
+            translation,
+            stack_checksum,
+        } = self;
+        inner.consume(length, |buffer| {
+            let result = f(buffer);
+            translation.outgoing(buffer, stack_checksum);
+            result
+        })
+    }
+}
+
+impl<D: Device> Device for IsnDevice<'_, D> {
+    type RxToken<'b>
+        = IsnRxToken<'b, D::RxToken<'b>>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = IsnTxToken<D::TxToken<'b>>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let (rx, tx) = self.inner.receive(timestamp)?;
+        Some((
+            IsnRxToken {
+                inner: rx,
+                translation: self.translation,
+                scratch: &mut *self.scratch,
+            },
+            IsnTxToken {
+                inner: tx,
+                translation: self.translation,
+                stack_checksum: self.stack_checksum,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        let tx = self.inner.transmit(timestamp)?;
+        Some(IsnTxToken {
+            inner: tx,
+            translation: self.translation,
+            stack_checksum: self.stack_checksum,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[cfg(test)]
+mod tests;
