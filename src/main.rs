@@ -202,7 +202,15 @@ fn boot(start_info_address: u32) -> ! {
             blk_check: config.blk_check,
         },
     );
-    devices::register(core::mem::take(&mut devices.blks));
+    // The CSPRNG's seed: the first entropy device's answer, if there is one (the others still
+    // count in the stats); then RDSEED, RDRAND, TSC jitter (`arch::entropy`).
+    let virtio_seed = devices.rngs.first_mut().map(devices::rng::seed_bytes);
+    let (mut csprng, _) = arch::entropy::seed_kernel_csprng(virtio_seed.as_deref());
+    let secrets = vireo::net::isn::NetSecrets::draw(&mut csprng);
+    devices::register(
+        core::mem::take(&mut devices.blks),
+        core::mem::take(&mut devices.rngs),
+    );
     if devices.nets.is_empty() {
         let net_failure = devices
             .failed
@@ -293,6 +301,7 @@ fn boot(start_info_address: u32) -> ! {
         mac,
         &config,
         nic.irq,
+        secrets,
     )
 }
 

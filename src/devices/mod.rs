@@ -13,6 +13,7 @@
 pub mod blk;
 pub mod irq;
 pub mod net;
+pub mod rng;
 
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -27,6 +28,7 @@ use crate::pci::PlatformConfig;
 pub use blk::{BlkBringUpError, BlkDevice};
 pub use irq::{InterruptPath, IrqSlot};
 pub use net::{BringUpError, KernelNet, NetDevice, Reinit, net_feature_names, reinit_net};
+pub use rng::{RngBringUpError, RngDevice};
 
 /// Why a device of a known type could not be bound.
 #[derive(Debug)]
@@ -35,6 +37,8 @@ pub enum BindError {
     Net(BringUpError),
     /// A disk.
     Blk(BlkBringUpError),
+    /// An entropy device.
+    Rng(RngBringUpError),
 }
 
 impl core::fmt::Display for BindError {
@@ -42,6 +46,7 @@ impl core::fmt::Display for BindError {
         match self {
             Self::Net(error) => write!(f, "{error}"),
             Self::Blk(error) => write!(f, "{error}"),
+            Self::Rng(error) => write!(f, "{error}"),
         }
     }
 }
@@ -62,6 +67,8 @@ pub struct Devices {
     pub nets: Vec<NetDevice>,
     /// The disks brought up, in bus order.
     pub blks: Vec<BlkDevice>,
+    /// The entropy devices brought up, in bus order.
+    pub rngs: Vec<RngDevice>,
     /// Devices of a known type whose bring-up failed, with the reason (also logged).
     pub failed: Vec<(PciAddress, DeviceType, BindError)>,
     /// PCI functions scanned.
@@ -94,6 +101,12 @@ const DRIVERS: &[DriverEntry] = &[
         bound: |devices| devices.blks.len(),
         limit: None,
     },
+    DriverEntry {
+        device_type: DeviceType::ENTROPY,
+        bind: bind_rng,
+        bound: |devices| devices.rngs.len(),
+        limit: None,
+    },
 ];
 
 /// What a binding needs: configuration access, the platform's interrupt routing, options,
@@ -109,6 +122,12 @@ fn bind_net(binder: &mut Binder<'_>, function: &Function) -> Result<(), BindErro
     let device = net::bind(binder.config, function, binder.platform, binder.options.net)
         .map_err(BindError::Net)?;
     binder.devices.nets.push(device);
+    Ok(())
+}
+
+fn bind_rng(binder: &mut Binder<'_>, function: &Function) -> Result<(), BindError> {
+    let device = rng::bind(binder.config, function, binder.platform).map_err(BindError::Rng)?;
+    binder.devices.rngs.push(device);
     Ok(())
 }
 
@@ -208,11 +227,21 @@ pub fn isr_region(capabilities: &VirtioCapabilities) -> Option<(u64, u64)> {
 
 /// The devices the kernel keeps besides the NIC (the network loop owns that one), for the
 /// stats line.
-static REGISTRY: spin::Mutex<Vec<BlkDevice>> = spin::Mutex::new(Vec::new());
+struct Registry {
+    blks: Vec<BlkDevice>,
+    rngs: Vec<RngDevice>,
+}
 
-/// Hands the disks to the registry.
-pub fn register(blks: Vec<BlkDevice>) {
-    REGISTRY.lock().extend(blks);
+static REGISTRY: spin::Mutex<Registry> = spin::Mutex::new(Registry {
+    blks: Vec::new(),
+    rngs: Vec::new(),
+});
+
+/// Hands the disks and entropy devices to the registry.
+pub fn register(blks: Vec<BlkDevice>, rngs: Vec<RngDevice>) {
+    let mut registry = REGISTRY.lock();
+    registry.blks.extend(blks);
+    registry.rngs.extend(rngs);
 }
 
 /// Appends the other devices' counters to a stats line (` key=value` pairs; totals over the
@@ -221,7 +250,7 @@ pub fn write_stats(out: &mut dyn Write) {
     let registry = REGISTRY.lock();
     let mut total = virtio::blk::BlkStats::default();
     let mut interrupts = 0;
-    for device in registry.iter() {
+    for device in registry.blks.iter() {
         interrupts += device.irq.interrupts();
         let stats = device.blk.stats();
         total.reads += stats.reads;
@@ -234,7 +263,7 @@ pub fn write_stats(out: &mut dyn Write) {
     let _ = write!(
         out,
         " blk_devices={} blk_reads={} blk_writes={} blk_read_bytes={} blk_written_bytes={} blk_flushes={} blk_errors={} blk_interrupts={}",
-        registry.len(),
+        registry.blks.len(),
         total.reads,
         total.writes,
         total.read_bytes,
@@ -242,5 +271,20 @@ pub fn write_stats(out: &mut dyn Write) {
         total.flushes,
         total.errors,
         interrupts
+    );
+    let rng_bytes: u64 = registry
+        .rngs
+        .iter()
+        .map(|device| device.rng.stats().bytes)
+        .sum();
+    let rng_interrupts: u64 = registry
+        .rngs
+        .iter()
+        .map(|device| device.irq.interrupts())
+        .sum();
+    let _ = write!(
+        out,
+        " rng_devices={} rng_bytes={rng_bytes} rng_interrupts={rng_interrupts}",
+        registry.rngs.len()
     );
 }

@@ -184,19 +184,17 @@ fn stack_timer_ns(services: &mut Services) -> Option<u64> {
         .map(|delay| delay.total_micros().saturating_mul(1000))
 }
 
-/// Serves forever; `nic_irq` counts the NIC's interrupts for the stats line.
+/// Serves forever; `nic_irq` counts the NIC's interrupts for the stats line; `secrets` (smoltcp's
+/// seed and the TCP ISN key) come from the kernel CSPRNG.
 pub fn run<N: Nic + NicControl>(
     nic: N,
     mac: [u8; 6],
     config: &Config,
     nic_irq: &'static crate::devices::IrqSlot,
+    secrets: NetSecrets,
 ) -> ! {
     let nic = RefCell::new(nic);
     let held = RefCell::new(None);
-    // smoltcp's seed and the TCP ISN key come from the CSPRNG (RDSEED, RDRAND or TSC jitter
-    // until a virtio-rng device is wired in: `arch::entropy::seed_kernel_csprng`).
-    let (mut csprng, _) = arch::entropy::seed_kernel_csprng(None);
-    let secrets = NetSecrets::draw(&mut csprng);
     let mut services = {
         let mut device = NicDevice::new(&nic, &held, services::ECHO_PORT, 0);
         Services::new(&mut device, mac, config, now(), secrets)
