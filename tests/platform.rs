@@ -738,3 +738,81 @@ fn dhcp_server_that_answers_late_gives_a_lease_and_echo() -> Result<(), RunError
     guest.kill();
     Ok(())
 }
+
+/// The TCP initial sequence number the guest puts on the wire for a connection from the host's
+/// port `source_port` to its echo port, read from the SYN-ACK captured on the tap.
+fn wire_isn(booted: &TapGuest, source_port: u16) -> Result<u32, RunError> {
+    let guest = SocketAddr::from((booted.ready.ip, 7));
+    booted.client(move || -> Result<u32, ClientError> {
+        let io = |context: &str| {
+            let context = context.to_string();
+            move |source| ClientError::Io { context, source }
+        };
+        let capture =
+            xtask::faults::PacketCapture::open("tap0").map_err(io("capturing on tap0"))?;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .map_err(io("a TCP socket"))?;
+        socket.set_reuse_address(true).map_err(io("SO_REUSEADDR"))?;
+        socket
+            .bind(&SocketAddr::from((Ipv4Addr::new(10, 0, 2, 2), source_port)).into())
+            .map_err(io("binding the source port"))?;
+        socket
+            .connect_timeout(&guest.into(), Duration::from_secs(5))
+            .map_err(io("connecting to the echo port"))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let Some(frame) = capture.next_frame().map_err(io("reading the capture"))? else {
+                continue;
+            };
+            // Ethernet, IPv4 (protocol 6) from the guest, TCP from port 7 with SYN and ACK.
+            if frame.len() < 54 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+                continue;
+            }
+            let ihl = usize::from(frame[14] & 0x0f) * 4;
+            let tcp = &frame[14 + ihl..];
+            let flags = tcp[13];
+            let from = u16::from_be_bytes([tcp[0], tcp[1]]);
+            let to = u16::from_be_bytes([tcp[2], tcp[3]]);
+            if from == 7 && to == source_port && flags & 0x12 == 0x12 {
+                drop(socket);
+                return Ok(u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]));
+            }
+        }
+        Err(ClientError::Timeout {
+            waiting_for: "the guest's SYN-ACK on tap0".to_string(),
+            after: Duration::from_secs(5),
+        })
+    })
+}
+
+/// RFC 6528 in practice: two boots with the same QEMU command line, a deterministic clock
+/// (`-icount shift=0`) and a virtio-rng device give different ISNs for the same 4-tuple (the
+/// ISNs of a second source port are printed beside them).
+#[test]
+fn tcp_isns_differ_between_identical_boots_with_an_entropy_device() -> Result<(), RunError> {
+    if !root_networking_or_skip() {
+        return Ok(());
+    }
+    let mut isns = Vec::new();
+    for boot in 0..2 {
+        let mut booted = boot_tap_with("platform-isn", &[TapConfig::default()], |command| {
+            command
+                .args(["-icount", "shift=0", "-device", "virtio-rng-pci"])
+                .netdev(NetNs::tap_netdev("n0", "tap0", None))
+                .device(xtask::DEFAULT_NIC)
+        })?;
+        expect_line(&booted.guest, "entropy: seeded from virtio-rng (32 bytes)")?;
+        tap_warm_up(&booted)?;
+        let first = wire_isn(&booted, 40007)?;
+        let second = wire_isn(&booted, 40008)?;
+        println!("boot {boot}: ISN {first:#010x} from port 40007, {second:#010x} from port 40008");
+        isns.push(first);
+        if isns.len() == 2 && isns[0] == isns[1] {
+            return Err(booted.guest.check_failed(format!(
+                "two identical boots gave the same ISN {first:#010x} for the same 4-tuple"
+            )));
+        }
+        booted.guest.kill();
+    }
+    Ok(())
+}

@@ -29,8 +29,8 @@ pub use inject::{
     set_linger_zero, syn_flood, tcp_churn, udp_flood,
 };
 pub use raw::{
-    InterfaceCounters, PacketSocket, interface_counters, interface_mac, parse_net_dev,
-    parse_snmp_tcp, tcp_resets_sent,
+    InterfaceCounters, PacketCapture, PacketSocket, interface_counters, interface_mac,
+    parse_net_dev, parse_snmp_tcp, tcp_resets_sent,
 };
 
 use crate::client::{ClientError, Stats};

@@ -68,6 +68,64 @@ impl PacketSocket {
     }
 }
 
+/// A raw `AF_PACKET` socket that receives every frame crossing one interface (`ETH_P_ALL`),
+/// in both directions, for tests that must see what the guest put on the wire (a TCP
+/// SYN-ACK's sequence number). Needs root; binds in the calling thread's namespace.
+pub struct PacketCapture {
+    fd: OwnedFd,
+}
+
+impl PacketCapture {
+    /// Starts capturing on `interface` (e.g. `tap0`).
+    pub fn open(interface: &str) -> io::Result<PacketCapture> {
+        let index = if_nametoindex(interface)?;
+        // ETH_P_ALL in network byte order, as both the socket's protocol and the address's.
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        let fd = socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            nix::sys::socket::SockProtocol::EthAll,
+        )?;
+        let link = libc::sockaddr_ll {
+            sll_family: libc::AF_PACKET as u16,
+            sll_protocol: all,
+            sll_ifindex: i32::try_from(index)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index"))?,
+            sll_hatype: 0,
+            sll_pkttype: 0,
+            sll_halen: 0,
+            sll_addr: [0; 8],
+        };
+        // SAFETY: as in `PacketSocket::open`: a fully initialised `sockaddr_ll`, valid for the
+        // length passed, copied by nix.
+        let address = unsafe {
+            LinkAddr::from_raw(
+                (&raw const link).cast(),
+                Some(size_of::<libc::sockaddr_ll>() as libc::socklen_t),
+            )
+        }
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sockaddr_ll"))?;
+        bind(fd.as_raw_fd(), &address)?;
+        let timeout = nix::sys::time::TimeVal::new(0, 50_000);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+        Ok(PacketCapture { fd })
+    }
+
+    /// The next frame, or `None` when none came within 50 ms.
+    pub fn next_frame(&self) -> io::Result<Option<Vec<u8>>> {
+        let mut buffer = vec![0u8; 65536];
+        match nix::sys::socket::recv(self.fd.as_raw_fd(), &mut buffer, MsgFlags::empty()) {
+            Ok(length) => {
+                buffer.truncate(length);
+                Ok(Some(buffer))
+            }
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
 /// An interface's counters from `/proc/thread-self/net/dev` (the calling thread's namespace).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceCounters {
