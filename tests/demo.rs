@@ -146,3 +146,56 @@ fn demo_names_a_guest_that_never_became_ready() {
         Ok(summary) => panic!("the demo ran on a non-kernel:\n{summary}"),
     }
 }
+
+/// `--blk IMAGE --rng`: the extra devices are attached, driven and shown in the summary (the
+/// disk's line and its passed boot check, the entropy device and the entropy source), and the
+/// features line is still the NIC's.
+#[test]
+fn demo_with_a_disk_and_an_entropy_device_shows_them() -> Result<(), DemoError> {
+    let kernel = env!("CARGO_BIN_EXE_vireo");
+    let image = xtask::unique_temp_path("vireo-demo-disk", "img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).expect("writing the demo image");
+    let config = DemoConfig::parse(demo_args(&[
+        "--kernel",
+        kernel,
+        "--rtts",
+        "100",
+        "--timeout",
+        "150",
+        "--blk",
+        image.to_str().expect("utf-8 path"),
+        "--rng",
+    ]))
+    .unwrap_or_else(|usage| panic!("the demo rejected its arguments: {usage}"));
+    let summary = run_demo(&config);
+    let _ = std::fs::remove_file(&image);
+    let summary = summary?;
+    let printed = summary.to_string();
+    println!("\n{printed}");
+    let has = |needle: &str| summary.devices.iter().any(|line| line.contains(needle));
+    let mut problems = Vec::new();
+    for needle in [
+        "virtio-blk: ",
+        "2048 sectors (1 MiB)",
+        "blk-check: ",
+        "virtio-rng: ",
+        "entropy: seeded from virtio-rng (32 bytes)",
+    ] {
+        if !has(needle) {
+            problems.push(format!("no device line contains {needle:?}"));
+        }
+    }
+    if !summary
+        .devices
+        .iter()
+        .any(|line| line.contains("blk-check") && line.ends_with("ok"))
+    {
+        problems.push("the disk's boot check did not pass".to_string());
+    }
+    match &summary.features {
+        Some((_, names)) if names.iter().any(|n| n == "MRG_RXBUF") => {}
+        other => problems.push(format!("the features line is not the NIC's: {other:?}")),
+    }
+    assert!(problems.is_empty(), "{problems:?}\n{printed}");
+    Ok(())
+}

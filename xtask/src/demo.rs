@@ -61,6 +61,8 @@ pub struct DemoConfig {
     /// A raw disk image to attach as a virtio-blk disk (`--blk IMAGE`); the guest then runs
     /// its `blk-check` on it, which writes its last block.
     pub blk: Option<PathBuf>,
+    /// Attach a virtio-rng device (`--rng`); the guest seeds its CSPRNG from it.
+    pub rng: bool,
 }
 
 impl Default for DemoConfig {
@@ -73,6 +75,7 @@ impl Default for DemoConfig {
             options: DemoOptions::default(),
             echo_serial: true,
             blk: None,
+            rng: false,
         }
     }
 }
@@ -106,6 +109,10 @@ pub struct DemoArgs {
     /// and the summary shows the disk.
     #[arg(long, value_name = "IMAGE")]
     pub blk: Option<PathBuf>,
+    /// Attach a virtio-rng device; the guest seeds its CSPRNG from it and the summary shows
+    /// the entropy line.
+    #[arg(long)]
+    pub rng: bool,
 }
 
 /// `demo` alone, for [`DemoConfig::parse`].
@@ -129,6 +136,7 @@ impl From<&DemoArgs> for DemoConfig {
             },
             echo_serial: true,
             blk: args.blk.clone(),
+            rng: args.rng,
         }
     }
 }
@@ -355,7 +363,8 @@ impl fmt::Display for DemoSummary {
 /// The `virtio-net: negotiated features 0x...: NAME NAME ...` line of a serial log: the bits and
 /// the names.
 pub fn negotiated_features(lines: &[SerialLine]) -> Option<(u64, Vec<String>)> {
-    const MARKER: &str = "negotiated features ";
+    // The NIC's line only: other devices log their own `negotiated features` lines.
+    const MARKER: &str = "virtio-net: negotiated features ";
     lines.iter().find_map(|line| {
         let rest = &line.text[line.text.find(MARKER)? + MARKER.len()..];
         let (bits, names) = rest.split_once(':').unwrap_or((rest, ""));
@@ -407,6 +416,9 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
                 image.display()
             ))
             .device("virtio-blk-pci,drive=blk0");
+    }
+    if config.rng {
+        base = base.device("virtio-rng-pci");
     }
     if !append.is_empty() {
         base = base.append(append.join(" "));
@@ -479,6 +491,8 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
             .filter(|text| {
                 (text.contains("virtio-blk: ") && !text.contains("negotiated features"))
                     || text.contains("blk-check: ")
+                    || text.contains("virtio-rng: ")
+                    || text.contains("entropy: ")
             })
             .map(|text| text.split("] ").last().unwrap_or(&text).trim().to_string())
             .collect(),
