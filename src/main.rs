@@ -208,6 +208,7 @@ fn boot(start_info_address: u32) -> ! {
     let (mut csprng, _) = arch::entropy::seed_kernel_csprng(virtio_seed.as_deref());
     let secrets = vireo::net::isn::NetSecrets::draw(&mut csprng);
     devices::register(
+        config_space,
         core::mem::take(&mut devices.blks),
         core::mem::take(&mut devices.rngs),
     );

@@ -24,14 +24,121 @@ use crate::pci::PlatformConfig;
 /// The virtio-blk driver on this machine.
 pub type KernelBlk = VirtioBlk<KernelHal, PciTransport<KernelHal>>;
 
-/// A disk, brought up.
+/// A disk, brought up, with what its recovery needs: the driver is dropped (which resets the
+/// device) and brought up again on the same interrupt path when the device breaks its queue or
+/// asks for a reset; the counters are totals across resets.
 pub struct BlkDevice {
     /// Its PCI function.
     pub function: Function,
-    /// The driver.
-    pub blk: KernelBlk,
+    /// The driver (`None` between a failed re-initialisation and the next attempt).
+    pub blk: Option<KernelBlk>,
     /// What its interrupts leave.
     pub irq: &'static IrqSlot,
+    /// The interrupt path, kept across resets.
+    pub path: InterruptPath,
+    /// Counters of the drivers retired by resets.
+    pub retired: virtio::blk::BlkStats,
+    /// Device resets done.
+    pub resets: u64,
+}
+
+impl BlkDevice {
+    /// The counters, totals across resets.
+    pub fn stats(&self) -> virtio::blk::BlkStats {
+        let mut total = self.retired;
+        if let Some(blk) = &self.blk {
+            add_stats(&mut total, blk.stats());
+        }
+        total
+    }
+
+    /// Housekeeping: a configuration change (on its interrupt, or every pass without one) is
+    /// handled (a resized disk is logged); a device that broke its queue or asked for a reset
+    /// is reset and brought up again.
+    pub fn housekeeping(&mut self, config: &PlatformConfig) {
+        let address = self.function.address;
+        let failure = match self.blk.as_mut() {
+            None => Some(BlkError::NeedsReset),
+            Some(blk) => {
+                let check = self.irq.take_config_pending() || !self.path.config_interrupts();
+                let changed = if check {
+                    blk.handle_config_change()
+                } else {
+                    Ok(false)
+                };
+                match changed {
+                    Ok(true) => {
+                        let info = blk.info();
+                        log::info!(
+                            "virtio-blk: {address}: capacity changed to {} sectors ({} MiB)",
+                            info.capacity,
+                            info.capacity_bytes() >> 20
+                        );
+                        blk.broken().map(BlkError::Device)
+                    }
+                    Ok(false) => blk.broken().map(BlkError::Device),
+                    Err(error) => Some(error),
+                }
+            }
+        };
+        let Some(error) = failure else { return };
+        if let Some(old) = self.blk.take() {
+            log::warn!("virtio-blk: {address}: resetting the device after: {error}");
+            add_stats(&mut self.retired, old.stats());
+            // Dropping the driver resets the device before its queue memory is freed.
+            drop(old);
+        }
+        match start(config, &self.function, self.path) {
+            Ok(blk) => {
+                self.resets += 1;
+                log::info!(
+                    "virtio-blk: {address}: device re-initialised (reset {})",
+                    self.resets
+                );
+                self.blk = Some(blk);
+            }
+            Err(error) => log::error!("{error}; will retry"),
+        }
+    }
+}
+
+fn add_stats(total: &mut virtio::blk::BlkStats, more: virtio::blk::BlkStats) {
+    total.reads += more.reads;
+    total.writes += more.writes;
+    total.read_bytes += more.read_bytes;
+    total.written_bytes += more.written_bytes;
+    total.flushes += more.flushes;
+    total.discards += more.discards;
+    total.write_zeroes += more.write_zeroes;
+    total.errors += more.errors;
+    total.rejected += more.rejected;
+    total.kicks += more.kicks;
+}
+
+/// Brings the driver up on a device already bound, on the interrupt path it had.
+fn start(
+    config: &PlatformConfig,
+    function: &Function,
+    path: InterruptPath,
+) -> Result<KernelBlk, BlkBringUpError> {
+    let address = function.address;
+    let transport = PciTransport::new(
+        KernelHal,
+        config,
+        address,
+        &function.bars,
+        DeviceConfigRequirement::Required,
+    )
+    .map_err(|error| BlkBringUpError::Discovery(address, error))?;
+    VirtioBlk::new(
+        KernelHal,
+        transport,
+        BlkOptions {
+            vectors: vector_plan(path),
+            ..BlkOptions::default()
+        },
+    )
+    .map_err(|error| BlkBringUpError::Driver(address, error))
 }
 
 /// Why a disk could not be brought up.
@@ -130,8 +237,11 @@ pub fn bind(
                 );
                 return Ok(BlkDevice {
                     function,
-                    blk,
+                    blk: Some(blk),
                     irq: irq.slot(),
+                    path,
+                    retired: virtio::blk::BlkStats::default(),
+                    resets: 0,
                 });
             }
             Err(
@@ -171,7 +281,10 @@ pub const CHECK_PATTERN: &[u8] = b"vireo blk-check ";
 /// `blk-check: <address> ... ok` line, or `FAILED` with the error.
 pub fn boot_check(device: &mut BlkDevice) {
     let address = device.function.address;
-    match check(&mut device.blk) {
+    let Some(blk) = device.blk.as_mut() else {
+        return;
+    };
+    match check(blk) {
         Ok(summary) => log::info!("blk-check: {address}: {summary} ok"),
         Err(error) => log::error!("blk-check: {address}: FAILED: {error}"),
     }

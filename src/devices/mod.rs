@@ -228,20 +228,40 @@ pub fn isr_region(capabilities: &VirtioCapabilities) -> Option<(u64, u64)> {
 /// The devices the kernel keeps besides the NIC (the network loop owns that one), for the
 /// stats line.
 struct Registry {
+    config: Option<&'static PlatformConfig>,
     blks: Vec<BlkDevice>,
     rngs: Vec<RngDevice>,
 }
 
 static REGISTRY: spin::Mutex<Registry> = spin::Mutex::new(Registry {
+    config: None,
     blks: Vec::new(),
     rngs: Vec::new(),
 });
 
-/// Hands the disks and entropy devices to the registry.
-pub fn register(blks: Vec<BlkDevice>, rngs: Vec<RngDevice>) {
+/// Hands the disks and entropy devices to the registry, with the configuration access their
+/// recovery needs.
+pub fn register(config: &'static PlatformConfig, blks: Vec<BlkDevice>, rngs: Vec<RngDevice>) {
     let mut registry = REGISTRY.lock();
+    registry.config = Some(config);
     registry.blks.extend(blks);
     registry.rngs.extend(rngs);
+}
+
+/// Housekeeping of the devices besides the NIC, on the network loop's pass (at least every
+/// 10 ms): configuration changes and recovery (see `BlkDevice::housekeeping`,
+/// `RngDevice::housekeeping`).
+pub fn housekeeping() {
+    let mut registry = REGISTRY.lock();
+    let Some(config) = registry.config else {
+        return;
+    };
+    for device in registry.blks.iter_mut() {
+        device.housekeeping(config);
+    }
+    for device in registry.rngs.iter_mut() {
+        device.housekeeping(config);
+    }
 }
 
 /// Appends the other devices' counters to a stats line (` key=value` pairs; totals over the
@@ -252,7 +272,7 @@ pub fn write_stats(out: &mut dyn Write) {
     let mut interrupts = 0;
     for device in registry.blks.iter() {
         interrupts += device.irq.interrupts();
-        let stats = device.blk.stats();
+        let stats = device.stats();
         total.reads += stats.reads;
         total.writes += stats.writes;
         total.read_bytes += stats.read_bytes;
@@ -272,11 +292,7 @@ pub fn write_stats(out: &mut dyn Write) {
         total.errors,
         interrupts
     );
-    let rng_bytes: u64 = registry
-        .rngs
-        .iter()
-        .map(|device| device.rng.stats().bytes)
-        .sum();
+    let rng_bytes: u64 = registry.rngs.iter().map(RngDevice::bytes).sum();
     let rng_interrupts: u64 = registry
         .rngs
         .iter()

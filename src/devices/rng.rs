@@ -20,14 +20,74 @@ use crate::pci::PlatformConfig;
 /// The virtio-rng driver on this machine.
 pub type KernelRng = VirtioRng<KernelHal, PciTransport<KernelHal>>;
 
-/// An entropy device, brought up.
+/// An entropy device, brought up, with what its recovery needs (as for a disk: the driver is
+/// dropped, which resets the device, and brought up again on the same path).
 pub struct RngDevice {
     /// Its PCI function.
     pub function: Function,
-    /// The driver.
-    pub rng: KernelRng,
+    /// The driver (`None` between a failed re-initialisation and the next attempt).
+    pub rng: Option<KernelRng>,
     /// What its interrupts leave.
     pub irq: &'static IrqSlot,
+    /// The interrupt path, kept across resets.
+    pub path: InterruptPath,
+    /// Entropy bytes returned by drivers retired by resets.
+    pub retired_bytes: u64,
+    /// Device resets done.
+    pub resets: u64,
+}
+
+impl RngDevice {
+    /// Entropy bytes the device returned, across resets.
+    pub fn bytes(&self) -> u64 {
+        self.retired_bytes + self.rng.as_ref().map_or(0, |rng| rng.stats().bytes)
+    }
+
+    /// Housekeeping: a device that asked for a reset (DEVICE_NEEDS_RESET) is reset and
+    /// brought up again (an entropy device has no configuration to re-read, §5.4.4).
+    pub fn housekeeping(&mut self, config: &PlatformConfig) {
+        let address = self.function.address;
+        let failure = match self.rng.as_ref() {
+            None => Some(RngError::NeedsReset),
+            Some(rng) => rng.check_status().err(),
+        };
+        let Some(error) = failure else { return };
+        if let Some(old) = self.rng.take() {
+            log::warn!("virtio-rng: {address}: resetting the device after: {error}");
+            self.retired_bytes += old.stats().bytes;
+            drop(old);
+        }
+        let started = PciTransport::new(
+            KernelHal,
+            config,
+            address,
+            &self.function.bars,
+            DeviceConfigRequirement::Optional,
+        )
+        .map_err(|error| RngBringUpError::Discovery(address, error))
+        .and_then(|transport| {
+            VirtioRng::new(
+                KernelHal,
+                transport,
+                RngOptions {
+                    vector: queue_vector(self.path),
+                    ..RngOptions::default()
+                },
+            )
+            .map_err(|error| RngBringUpError::Driver(address, error))
+        });
+        match started {
+            Ok(rng) => {
+                self.resets += 1;
+                log::info!(
+                    "virtio-rng: {address}: device re-initialised (reset {})",
+                    self.resets
+                );
+                self.rng = Some(rng);
+            }
+            Err(error) => log::error!("{error}; will retry"),
+        }
+    }
 }
 
 /// Why an entropy device could not be brought up.
@@ -105,8 +165,11 @@ pub fn bind(
                 );
                 return Ok(RngDevice {
                     function,
-                    rng,
+                    rng: Some(rng),
                     irq: irq.slot(),
+                    path,
+                    retired_bytes: 0,
+                    resets: 0,
                 });
             }
             Err(
@@ -134,8 +197,11 @@ const SEED_TIMEOUT_US: u32 = 200_000;
 pub fn seed_bytes(device: &mut RngDevice) -> Vec<u8> {
     let mut seed = alloc::vec![0u8; SEED_BYTES];
     let mut have = 0;
+    let Some(rng) = device.rng.as_mut() else {
+        return Vec::new();
+    };
     while have < SEED_BYTES {
-        match device.rng.fill(&mut seed[have..], SEED_TIMEOUT_US) {
+        match rng.fill(&mut seed[have..], SEED_TIMEOUT_US) {
             Ok(0) => break,
             Ok(count) => have += count,
             Err(error) => {

@@ -255,6 +255,7 @@ pub fn run<N: Nic + NicControl>(
         if now_ns - last_housekeeping_ns > HOUSEKEEPING_PERIOD_NS || nic.borrow().needs_attention()
         {
             nic.borrow_mut().housekeeping();
+            crate::devices::housekeeping();
             last_housekeeping_ns = now_ns;
             link.update(&nic, &services, address_changed, now_ns, &mut counters);
         } else if address_changed {
