@@ -206,11 +206,13 @@ fn boot(start_info_address: u32) -> ! {
     // count in the stats); then RDSEED, RDRAND, TSC jitter (`arch::entropy`).
     let virtio_seed = devices.rngs.first_mut().map(devices::rng::seed_bytes);
     let (mut csprng, _) = arch::entropy::seed_kernel_csprng(virtio_seed.as_deref());
+    // The CSPRNG stays with the devices: the entropy device reseeds it while the kernel runs.
     let secrets = vireo::net::isn::NetSecrets::draw(&mut csprng);
     devices::register(
         config_space,
         core::mem::take(&mut devices.blks),
         core::mem::take(&mut devices.rngs),
+        csprng,
     );
     if devices.nets.is_empty() {
         let net_failure = devices

@@ -353,9 +353,10 @@ fn two_disks_around_the_nic_on_every_machine_and_interrupt_path() -> Result<(), 
     Ok(())
 }
 
-/// The entropy source is named on the console: virtio-rng when the device is there (and its
-/// bytes are counted in `rng_bytes`), RDRAND with `-cpu max` and no device, and a loud
-/// `entropy: weak` with neither (QEMU's default `qemu64` CPU has no RDRAND).
+/// The entropy source is named on the console: virtio-rng when the device is there (its bytes
+/// are counted in `rng_bytes`, and it reseeds the CSPRNG about a second after boot:
+/// `entropy_reseeds`), RDRAND with `-cpu max` and no device, and a loud `entropy: weak` with
+/// neither (QEMU's default `qemu64` CPU has no RDRAND).
 #[test]
 fn entropy_source_is_virtio_rng_then_rdrand_then_weak() -> Result<(), RunError> {
     let cases: [(&[&str], &str); 3] = [
@@ -377,6 +378,20 @@ fn entropy_source_is_virtio_rng_then_rdrand_then_weak() -> Result<(), RunError> 
         let rng_bytes = on_guest(&booted.guest, stats.counter("rng_bytes"))?;
         let devices = on_guest(&booted.guest, stats.counter("rng_devices"))?;
         let with_device = expected.contains("virtio-rng");
+        if with_device {
+            // The entropy device reseeds the CSPRNG about a second after boot.
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+        let stats = on_guest(
+            &booted.guest,
+            query_stats(booted.net.stats(), Duration::from_secs(3), 3),
+        )?;
+        let reseeds = on_guest(&booted.guest, stats.counter("entropy_reseeds"))?;
+        if with_device != (reseeds >= 1) {
+            return Err(booted
+                .guest
+                .check_failed(format!("{expected}: entropy_reseeds={reseeds}")));
+        }
         if with_device != (devices == 1) || with_device != (rng_bytes >= 32) {
             return Err(booted.guest.check_failed(format!(
                 "{expected}: rng_devices={devices} rng_bytes={rng_bytes}"

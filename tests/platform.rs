@@ -785,34 +785,46 @@ fn wire_isn(booted: &TapGuest, source_port: u16) -> Result<u32, RunError> {
     })
 }
 
-/// RFC 6528 in practice: two boots with the same QEMU command line, a deterministic clock
-/// (`-icount shift=0`) and a virtio-rng device give different ISNs for the same 4-tuple (the
-/// ISNs of a second source port are printed beside them).
+/// RFC 6528 in practice: two boots with the same QEMU command line and a deterministic clock
+/// (`-icount shift=0`) give different ISNs for the same 4-tuple when an entropy device or
+/// RDRAND (`-cpu max`) is there (the ISNs of a second source port are printed beside them).
 #[test]
 fn tcp_isns_differ_between_identical_boots_with_an_entropy_device() -> Result<(), RunError> {
     if !root_networking_or_skip() {
         return Ok(());
     }
-    let mut isns = Vec::new();
-    for boot in 0..2 {
-        let mut booted = boot_tap_with("platform-isn", &[TapConfig::default()], |command| {
-            command
-                .args(["-icount", "shift=0", "-device", "virtio-rng-pci"])
-                .netdev(NetNs::tap_netdev("n0", "tap0", None))
-                .device(xtask::DEFAULT_NIC)
-        })?;
-        expect_line(&booted.guest, "entropy: seeded from virtio-rng (32 bytes)")?;
-        tap_warm_up(&booted)?;
-        let first = wire_isn(&booted, 40007)?;
-        let second = wire_isn(&booted, 40008)?;
-        println!("boot {boot}: ISN {first:#010x} from port 40007, {second:#010x} from port 40008");
-        isns.push(first);
-        if isns.len() == 2 && isns[0] == isns[1] {
-            return Err(booted.guest.check_failed(format!(
-                "two identical boots gave the same ISN {first:#010x} for the same 4-tuple"
-            )));
+    let setups: [(&[&str], &str); 2] = [
+        (
+            &["-device", "virtio-rng-pci"],
+            "entropy: seeded from virtio-rng (32 bytes)",
+        ),
+        (&["-cpu", "max"], "entropy: seeded from RDRAND"),
+    ];
+    for (source_args, source_line) in setups {
+        let mut isns = Vec::new();
+        for boot in 0..2 {
+            let mut booted = boot_tap_with("platform-isn", &[TapConfig::default()], |command| {
+                command
+                    .args(["-icount", "shift=0"])
+                    .args(source_args.iter().copied())
+                    .netdev(NetNs::tap_netdev("n0", "tap0", None))
+                    .device(xtask::DEFAULT_NIC)
+            })?;
+            expect_line(&booted.guest, source_line)?;
+            tap_warm_up(&booted)?;
+            let first = wire_isn(&booted, 40007)?;
+            let second = wire_isn(&booted, 40008)?;
+            println!(
+                "boot {boot}: ISN {first:#010x} from port 40007, {second:#010x} from port 40008"
+            );
+            isns.push(first);
+            if isns.len() == 2 && isns[0] == isns[1] {
+                return Err(booted.guest.check_failed(format!(
+                    "two identical boots gave the same ISN {first:#010x} for the same 4-tuple"
+                )));
+            }
+            booted.guest.kill();
         }
-        booted.guest.kill();
     }
     Ok(())
 }

@@ -231,21 +231,72 @@ struct Registry {
     config: Option<&'static PlatformConfig>,
     blks: Vec<BlkDevice>,
     rngs: Vec<RngDevice>,
+    /// The kernel CSPRNG, reseeded from the first entropy device while the kernel runs.
+    csprng: Option<vireo::entropy::Csprng>,
+    /// Housekeeping passes since the last reseed.
+    passes_since_reseed: u32,
 }
 
 static REGISTRY: spin::Mutex<Registry> = spin::Mutex::new(Registry {
     config: None,
     blks: Vec::new(),
     rngs: Vec::new(),
+    csprng: None,
+    passes_since_reseed: 0,
 });
 
-/// Hands the disks and entropy devices to the registry, with the configuration access their
-/// recovery needs.
-pub fn register(config: &'static PlatformConfig, blks: Vec<BlkDevice>, rngs: Vec<RngDevice>) {
+/// Housekeeping passes (10 ms each at most, more when the loop is busy) between reseeds of the
+/// CSPRNG from the entropy device: about a minute.
+const RESEED_PASSES: u32 = 6000;
+
+/// Hands the disks, the entropy devices and the kernel CSPRNG to the registry, with the
+/// configuration access their recovery needs.
+pub fn register(
+    config: &'static PlatformConfig,
+    blks: Vec<BlkDevice>,
+    rngs: Vec<RngDevice>,
+    csprng: vireo::entropy::Csprng,
+) {
     let mut registry = REGISTRY.lock();
     registry.config = Some(config);
     registry.blks.extend(blks);
     registry.rngs.extend(rngs);
+    registry.csprng = Some(csprng);
+    // The first reseed comes about a second after boot, then about every minute.
+    registry.passes_since_reseed = RESEED_PASSES - 100;
+}
+
+/// Reseeds the CSPRNG from the first entropy device without waiting: a request is posted on
+/// one pass and its answer mixed in on a later one (`Csprng::reseed`).
+fn reseed(registry: &mut Registry) {
+    registry.passes_since_reseed = registry.passes_since_reseed.saturating_add(1);
+    let Registry {
+        rngs,
+        csprng,
+        passes_since_reseed,
+        ..
+    } = registry;
+    let (Some(device), Some(csprng)) = (rngs.first_mut(), csprng.as_mut()) else {
+        return;
+    };
+    let Some(rng) = device.rng.as_mut() else {
+        return;
+    };
+    let mut bytes = [0u8; rng::SEED_BYTES];
+    match rng.poll(&mut bytes) {
+        Ok(Some(count)) if count > 0 => {
+            csprng.reseed(&bytes[..count], count >= rng::SEED_BYTES);
+            *passes_since_reseed = 0;
+            log::debug!("entropy: reseeded from virtio-rng ({count} bytes)");
+        }
+        Ok(_) => {}
+        Err(error) => log::warn!("virtio-rng: {}: {error}", device.function.address),
+    }
+    if *passes_since_reseed >= RESEED_PASSES && !rng.request_in_flight() {
+        if let Err(error) = rng.request() {
+            log::warn!("virtio-rng: {}: {error}", device.function.address);
+        }
+    }
 }
 
 /// Housekeeping of the devices besides the NIC, on the network loop's pass (at least every
@@ -262,6 +313,7 @@ pub fn housekeeping() {
     for device in registry.rngs.iter_mut() {
         device.housekeeping(config);
     }
+    reseed(&mut registry);
 }
 
 /// Appends the other devices' counters to a stats line (` key=value` pairs; totals over the
@@ -298,9 +350,13 @@ pub fn write_stats(out: &mut dyn Write) {
         .iter()
         .map(|device| device.irq.interrupts())
         .sum();
+    let reseeds = registry
+        .csprng
+        .as_ref()
+        .map_or(0, vireo::entropy::Csprng::reseeds);
     let _ = write!(
         out,
-        " rng_devices={} rng_bytes={rng_bytes} rng_interrupts={rng_interrupts}",
+        " rng_devices={} rng_bytes={rng_bytes} rng_interrupts={rng_interrupts} entropy_reseeds={reseeds}",
         registry.rngs.len()
     );
 }
