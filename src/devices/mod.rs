@@ -292,10 +292,11 @@ fn reseed(registry: &mut Registry) {
         Ok(_) => {}
         Err(error) => log::warn!("virtio-rng: {}: {error}", device.function.address),
     }
-    if *passes_since_reseed >= RESEED_PASSES && !rng.request_in_flight() {
-        if let Err(error) = rng.request() {
-            log::warn!("virtio-rng: {}: {error}", device.function.address);
-        }
+    if *passes_since_reseed >= RESEED_PASSES
+        && !rng.request_in_flight()
+        && let Err(error) = rng.request()
+    {
+        log::warn!("virtio-rng: {}: {error}", device.function.address);
     }
 }
 
