@@ -10,13 +10,13 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use ::pci::{Function, PciAddress};
+use ::pci::Function;
 use virtio::blk::{BlkError, BlkOptions, BlkRequest, BlkVectors, VirtioBlk, id_string};
 use virtio::dma::DmaBuf;
 use virtio::pci::{DeviceConfigRequirement, PciTransport};
 use virtio::spec::{BlkFeatures, FeatureNames};
 
-use super::irq::{DeviceIrq, InterruptPath, IrqSlot};
+use super::irq::{InterruptPath, IrqSlot};
 use crate::acpi::AcpiInfo;
 use crate::hal::KernelHal;
 use crate::pci::PlatformConfig;
@@ -121,48 +121,29 @@ fn start(
     function: &Function,
     path: InterruptPath,
 ) -> Result<KernelBlk, BlkBringUpError> {
-    let address = function.address;
-    let transport = PciTransport::new(
-        KernelHal,
-        config,
-        address,
-        &function.bars,
-        DeviceConfigRequirement::Required,
-    )
-    .map_err(|error| BlkBringUpError::Discovery(address, error))?;
-    VirtioBlk::new(
-        KernelHal,
-        transport,
-        BlkOptions {
-            vectors: vector_plan(path),
-            ..BlkOptions::default()
-        },
-    )
-    .map_err(|error| BlkBringUpError::Driver(address, error))
+    let transport = super::transport(config, function, KIND.name, KIND.requirement)?;
+    let options = BlkOptions {
+        vectors: vector_plan(path),
+        ..BlkOptions::default()
+    };
+    VirtioBlk::new(KernelHal, transport, options).map_err(|error| super::BindFailure {
+        name: KIND.name,
+        address: function.address,
+        cause: super::BindCause::Driver(error),
+    })
 }
 
 /// Why a disk could not be brought up.
-#[derive(Debug)]
-pub enum BlkBringUpError {
-    /// Discovery (capabilities) failed.
-    Discovery(PciAddress, virtio::error::DiscoveryError),
-    /// The driver could not initialise the device.
-    Driver(PciAddress, BlkError),
-    /// Every interrupt record is taken.
-    NoInterruptSlot(PciAddress),
-}
+pub type BlkBringUpError = super::BindFailure<BlkError>;
 
-impl core::fmt::Display for BlkBringUpError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Discovery(address, error) => write!(f, "virtio-blk at {address}: {error}"),
-            Self::Driver(address, error) => write!(f, "virtio-blk at {address}: {error}"),
-            Self::NoInterruptSlot(address) => {
-                write!(f, "virtio-blk at {address}: no interrupt record left")
-            }
-        }
-    }
-}
+/// What the shared bring-up needs to know about a disk.
+const KIND: super::DeviceKind = super::DeviceKind {
+    name: "virtio-blk",
+    // Entry 1: the request queue (entry 0: configuration changes).
+    queue_entries: 1,
+    requirement: DeviceConfigRequirement::Required,
+    log_capabilities: false,
+};
 
 fn vector_plan(path: InterruptPath) -> BlkVectors {
     match path {
@@ -184,79 +165,54 @@ pub fn bind(
     function: &Function,
     platform: Option<&AcpiInfo>,
 ) -> Result<BlkDevice, BlkBringUpError> {
-    let function = *function;
     let address = function.address;
-    super::enable_function(config, &function);
-    let transport = || {
-        PciTransport::new(
-            KernelHal,
-            config,
-            address,
-            &function.bars,
-            DeviceConfigRequirement::Required,
-        )
-        .map_err(|error| BlkBringUpError::Discovery(address, error))
-    };
-    let first = transport()?;
-    let isr = super::isr_region(first.capabilities());
-    drop(first);
-    // Entry 1: the request queue (entry 0: configuration changes).
-    let Some(mut irq) = DeviceIrq::new(config, &function, "virtio-blk", 1, isr) else {
-        return Err(BlkBringUpError::NoInterruptSlot(address));
-    };
-    let mut last_error = None;
-    for candidate in irq.candidates() {
-        let Some(path) = irq.apply(config, platform, candidate) else {
-            continue;
-        };
-        let options = BlkOptions {
-            vectors: vector_plan(path),
-            ..BlkOptions::default()
-        };
-        match VirtioBlk::new(KernelHal, transport()?, options) {
-            Ok(blk) => {
-                let info = blk.info();
-                log::info!(
-                    "virtio-blk: {address}: {} sectors ({} MiB), block size {}, {}, flush {}, queue {} ({:?}), interrupts: {path}",
-                    info.capacity,
-                    info.capacity_bytes() >> 20,
-                    info.block_size,
-                    if info.read_only {
-                        "read-only"
-                    } else {
-                        "read-write"
-                    },
-                    if info.flush { "yes" } else { "no" },
-                    blk.queue_size(),
-                    blk.queue_format(),
-                );
-                log::info!(
-                    "virtio-blk: {address}: negotiated features {:#018x}: {}",
-                    blk.features(),
-                    FeatureNames::<BlkFeatures>::new(blk.features())
-                );
-                return Ok(BlkDevice {
-                    function,
-                    blk: Some(blk),
-                    irq: irq.slot(),
-                    path,
-                    retired: virtio::blk::BlkStats::default(),
-                    resets: 0,
-                });
-            }
-            Err(
-                error @ BlkError::Transport(virtio::error::TransportError::VectorRefused { .. }),
-            ) => {
-                log::warn!("virtio-blk: {address}: {error}; trying fewer vectors");
-                last_error = Some(error);
-            }
-            Err(error) => return Err(BlkBringUpError::Driver(address, error)),
-        }
-    }
-    Err(BlkBringUpError::Driver(
-        address,
-        last_error.unwrap_or(BlkError::NeedsReset),
-    ))
+    let (blk, path, irq) = super::bring_up_device(
+        config,
+        function,
+        platform,
+        &KIND,
+        |transport, path| {
+            let options = BlkOptions {
+                vectors: vector_plan(path),
+                ..BlkOptions::default()
+            };
+            VirtioBlk::new(KernelHal, transport, options)
+        },
+        |error| {
+            matches!(
+                error,
+                BlkError::Transport(virtio::error::TransportError::VectorRefused { .. })
+            )
+        },
+    )?;
+    let info = blk.info();
+    log::info!(
+        "virtio-blk: {address}: {} sectors ({} MiB), block size {}, {}, flush {}, queue {} ({:?}), interrupts: {path}",
+        info.capacity,
+        info.capacity_bytes() >> 20,
+        info.block_size,
+        if info.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if info.flush { "yes" } else { "no" },
+        blk.queue_size(),
+        blk.queue_format(),
+    );
+    log::info!(
+        "virtio-blk: {address}: negotiated features {:#018x}: {}",
+        blk.features(),
+        FeatureNames::<BlkFeatures>::new(blk.features())
+    );
+    Ok(BlkDevice {
+        function: *function,
+        blk: Some(blk),
+        irq,
+        path,
+        retired: virtio::blk::BlkStats::default(),
+        resets: 0,
+    })
 }
 
 /// How long one request of the boot check may take.

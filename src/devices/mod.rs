@@ -200,6 +200,140 @@ pub fn bring_up(
     binder.devices
 }
 
+/// Why a device of a known type could not be brought up; `E` is its driver's error.
+#[derive(Debug)]
+pub struct BindFailure<E> {
+    /// The driver's name, e.g. `virtio-net`.
+    pub name: &'static str,
+    /// The function.
+    pub address: PciAddress,
+    /// What went wrong.
+    pub cause: BindCause<E>,
+}
+
+/// What went wrong in a bring-up.
+#[derive(Debug)]
+pub enum BindCause<E> {
+    /// Locating the virtio capabilities failed.
+    Discovery(virtio::error::DiscoveryError),
+    /// The driver could not initialise the device.
+    Driver(E),
+    /// Every interrupt record is taken.
+    NoInterruptSlot,
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for BindFailure<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (name, address) = (self.name, self.address);
+        match &self.cause {
+            BindCause::Discovery(error) => write!(f, "{name} at {address}: {error}"),
+            BindCause::Driver(error) => write!(f, "{name} at {address}: {error}"),
+            BindCause::NoInterruptSlot => {
+                write!(f, "{name} at {address}: no interrupt record left")
+            }
+        }
+    }
+}
+
+/// The modern PCI transport of a bound function (for a bring-up, or a restart after a reset).
+pub fn transport<E>(
+    config: &PlatformConfig,
+    function: &Function,
+    name: &'static str,
+    requirement: virtio::pci::DeviceConfigRequirement,
+) -> Result<virtio::pci::PciTransport<crate::hal::KernelHal>, BindFailure<E>> {
+    virtio::pci::PciTransport::new(
+        crate::hal::KernelHal,
+        config,
+        function.address,
+        &function.bars,
+        requirement,
+    )
+    .map_err(|error| BindFailure {
+        name,
+        address: function.address,
+        cause: BindCause::Discovery(error),
+    })
+}
+
+/// What a binding tells the shared bring-up.
+pub struct DeviceKind {
+    /// The driver's name for the log, e.g. `virtio-blk`.
+    pub name: &'static str,
+    /// MSI-X queue entries the driver uses besides entry 0 (configuration changes).
+    pub queue_entries: u16,
+    /// Whether the device must have a device-specific configuration region.
+    pub requirement: virtio::pci::DeviceConfigRequirement,
+    /// Log the located capabilities (the NIC does, as part of the boot log's contract).
+    pub log_capabilities: bool,
+}
+
+/// The bring-up every binding shares: decoding and bus mastering on, the capabilities located
+/// (and logged when asked), the device's interrupt record made, then `start` on each path the
+/// record offers, best first, until the device accepts one. A refused MSI-X vector
+/// (`vector_refused`) moves on to the next path; any other driver error ends the search.
+pub fn bring_up_device<D, E: core::fmt::Display>(
+    config: &PlatformConfig,
+    function: &Function,
+    platform: Option<&AcpiInfo>,
+    kind: &DeviceKind,
+    mut start: impl FnMut(
+        virtio::pci::PciTransport<crate::hal::KernelHal>,
+        InterruptPath,
+    ) -> Result<D, E>,
+    vector_refused: impl Fn(&E) -> bool,
+) -> Result<(D, InterruptPath, &'static IrqSlot), BindFailure<E>> {
+    let name = kind.name;
+    let address = function.address;
+    enable_function(config, function);
+    let first = transport(config, function, name, kind.requirement)?;
+    if kind.log_capabilities {
+        for line in alloc::format!("{}", first.capabilities()).lines() {
+            log::info!("{name}: {line}");
+        }
+    }
+    let isr = isr_region(first.capabilities());
+    drop(first);
+    let Some(mut irq) = irq::DeviceIrq::new(config, function, name, kind.queue_entries, isr) else {
+        return Err(BindFailure {
+            name,
+            address,
+            cause: BindCause::NoInterruptSlot,
+        });
+    };
+    let mut last_error = None;
+    for candidate in irq.candidates() {
+        let Some(path) = irq.apply(config, platform, candidate) else {
+            continue;
+        };
+        match start(transport(config, function, name, kind.requirement)?, path) {
+            Ok(device) => {
+                log::info!("{name}: interrupts: {path}");
+                return Ok((device, path, irq.slot()));
+            }
+            Err(error) if vector_refused(&error) => {
+                log::warn!("{name}: {address}: {error}; trying fewer vectors");
+                last_error = Some(error);
+            }
+            Err(error) => {
+                return Err(BindFailure {
+                    name,
+                    address,
+                    cause: BindCause::Driver(error),
+                });
+            }
+        }
+    }
+    Err(BindFailure {
+        name,
+        address,
+        cause: match last_error {
+            Some(error) => BindCause::Driver(error),
+            None => BindCause::NoInterruptSlot,
+        },
+    })
+}
+
 /// Turns on memory (and, when the device has an I/O BAR, I/O) decoding and bus mastering:
 /// only on a device Vireo drives.
 pub fn enable_function(config: &PlatformConfig, function: &Function) {

@@ -6,12 +6,12 @@
 
 #![deny(unsafe_code)]
 
-use ::pci::{Function, PciAddress};
+use ::pci::Function;
 use virtio::net::{NetError, NetOptions, NetVectors, VirtioNet};
 use virtio::pci::{DeviceConfigRequirement, PciTransport};
 use virtio::spec::{FeatureNames, NetFeatures};
 
-use super::irq::{DeviceIrq, InterruptPath, IrqSlot};
+use super::irq::{InterruptPath, IrqSlot};
 use crate::acpi::AcpiInfo;
 use crate::hal::KernelHal;
 use crate::pci::PlatformConfig;
@@ -38,27 +38,16 @@ pub struct NetDevice {
 }
 
 /// Why the net device could not be brought up.
-#[derive(Debug)]
-pub enum BringUpError {
-    /// Discovery (capabilities) failed.
-    Discovery(PciAddress, virtio::error::DiscoveryError),
-    /// The driver could not initialise the device.
-    Driver(PciAddress, NetError),
-    /// Every interrupt record is taken (more devices than the kernel keeps records for).
-    NoInterruptSlot(PciAddress),
-}
+pub type BringUpError = super::BindFailure<NetError>;
 
-impl core::fmt::Display for BringUpError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Discovery(address, error) => write!(f, "virtio-net at {address}: {error}"),
-            Self::Driver(address, error) => write!(f, "virtio-net at {address}: {error}"),
-            Self::NoInterruptSlot(address) => {
-                write!(f, "virtio-net at {address}: no interrupt record left")
-            }
-        }
-    }
-}
+/// What the shared bring-up needs to know about the NIC.
+const KIND: super::DeviceKind = super::DeviceKind {
+    name: "virtio-net",
+    // Entries 1 and 2: receive and transmit (entry 0: configuration changes).
+    queue_entries: 2,
+    requirement: DeviceConfigRequirement::Required,
+    log_capabilities: true,
+};
 
 fn vector_plan(path: InterruptPath) -> NetVectors {
     match path {
@@ -76,81 +65,39 @@ fn vector_plan(path: InterruptPath) -> NetVectors {
     }
 }
 
-/// Brings up the virtio-net device at `function` (identified by the caller): decoding and bus
-/// mastering on, the capabilities located and logged, then the driver on each interrupt path
-/// its record offers, best first, until the device accepts one.
+/// Brings up the virtio-net device at `function` (identified by the caller) on the best
+/// interrupt path it accepts (`super::bring_up_device`).
 pub fn bind(
     config: &PlatformConfig,
     function: &Function,
     platform: Option<&AcpiInfo>,
     options: NetOptions,
 ) -> Result<NetDevice, BringUpError> {
-    let function = *function;
-    let address = function.address;
-    super::enable_function(config, &function);
-
-    let transport = || {
-        PciTransport::new(
-            KernelHal,
-            config,
-            address,
-            &function.bars,
-            DeviceConfigRequirement::Required,
-        )
-        .map_err(|error| BringUpError::Discovery(address, error))
-    };
-    let first = transport()?;
-    for line in alloc::format!("{}", first.capabilities()).lines() {
-        log::info!("virtio-net: {line}");
-    }
-    let isr = super::isr_region(first.capabilities());
-    drop(first);
-
-    // Entries 1 and 2: receive and transmit (entry 0: configuration changes).
-    let Some(mut irq) = DeviceIrq::new(config, &function, "virtio-net", 2, isr) else {
-        return Err(BringUpError::NoInterruptSlot(address));
-    };
-    let mut last_error = None;
-    for candidate in irq.candidates() {
-        let Some(path) = irq.apply(config, platform, candidate) else {
-            continue;
-        };
-        let options = NetOptions {
-            vectors: vector_plan(path),
-            ..options
-        };
-        match VirtioNet::new(KernelHal, transport()?, options) {
-            Ok(net) => {
-                log::info!("virtio-net: interrupts: {path}");
-                return Ok(NetDevice {
-                    function,
-                    net,
-                    interrupts: path,
-                    irq: irq.slot(),
-                });
-            }
-            Err(NetError::Transport(virtio::error::TransportError::VectorRefused {
-                queue,
-                vector,
-            })) => {
-                log::warn!(
-                    "virtio-net: the device refused MSI-X entry {vector} for {}; trying fewer vectors",
-                    match queue {
-                        Some(queue) => alloc::format!("queue {queue}"),
-                        None => "config changes".into(),
-                    }
-                );
-                last_error = Some(NetError::Transport(
-                    virtio::error::TransportError::VectorRefused { queue, vector },
-                ));
-            }
-            Err(error) => return Err(BringUpError::Driver(address, error)),
-        }
-    }
-    Err(BringUpError::Driver(
-        address,
-        last_error.unwrap_or(NetError::NeedsReset),
-    ))
+    let (net, interrupts, irq) = super::bring_up_device(
+        config,
+        function,
+        platform,
+        &KIND,
+        |transport, path| {
+            let options = NetOptions {
+                vectors: vector_plan(path),
+                ..options
+            };
+            VirtioNet::new(KernelHal, transport, options)
+        },
+        |error| {
+            matches!(
+                error,
+                NetError::Transport(virtio::error::TransportError::VectorRefused { .. })
+            )
+        },
+    )?;
+    Ok(NetDevice {
+        function: *function,
+        net,
+        interrupts,
+        irq,
+    })
 }
 
 /// Rebuilds the driver from scratch (reset, renegotiate, new queues and buffers).
@@ -164,15 +111,7 @@ pub fn reinit_net(
     path: InterruptPath,
     options: NetOptions,
 ) -> Result<KernelNet, BringUpError> {
-    let address = function.address;
-    let transport = PciTransport::new(
-        KernelHal,
-        config,
-        address,
-        &function.bars,
-        DeviceConfigRequirement::Required,
-    )
-    .map_err(|error| BringUpError::Discovery(address, error))?;
+    let transport = super::transport(config, function, KIND.name, KIND.requirement)?;
     VirtioNet::new(
         KernelHal,
         transport,
@@ -181,5 +120,9 @@ pub fn reinit_net(
             ..options
         },
     )
-    .map_err(|error| BringUpError::Driver(address, error))
+    .map_err(|error| super::BindFailure {
+        name: KIND.name,
+        address: function.address,
+        cause: super::BindCause::Driver(error),
+    })
 }

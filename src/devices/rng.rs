@@ -8,11 +8,11 @@
 
 use alloc::vec::Vec;
 
-use ::pci::{Function, PciAddress};
+use ::pci::Function;
 use virtio::pci::{DeviceConfigRequirement, PciTransport};
 use virtio::rng::{RngError, RngOptions, VirtioRng};
 
-use super::irq::{DeviceIrq, InterruptPath, IrqSlot};
+use super::irq::{InterruptPath, IrqSlot};
 use crate::acpi::AcpiInfo;
 use crate::hal::KernelHal;
 use crate::pci::PlatformConfig;
@@ -57,25 +57,18 @@ impl RngDevice {
             self.retired_bytes += old.stats().bytes;
             drop(old);
         }
-        let started = PciTransport::new(
-            KernelHal,
-            config,
-            address,
-            &self.function.bars,
-            DeviceConfigRequirement::Optional,
-        )
-        .map_err(|error| RngBringUpError::Discovery(address, error))
-        .and_then(|transport| {
-            VirtioRng::new(
-                KernelHal,
-                transport,
-                RngOptions {
+        let started = super::transport(config, &self.function, KIND.name, KIND.requirement)
+            .and_then(|transport| {
+                let options = RngOptions {
                     vector: queue_vector(self.path),
                     ..RngOptions::default()
-                },
-            )
-            .map_err(|error| RngBringUpError::Driver(address, error))
-        });
+                };
+                VirtioRng::new(KernelHal, transport, options).map_err(|error| super::BindFailure {
+                    name: KIND.name,
+                    address,
+                    cause: super::BindCause::Driver(error),
+                })
+            });
         match started {
             Ok(rng) => {
                 self.resets += 1;
@@ -91,27 +84,17 @@ impl RngDevice {
 }
 
 /// Why an entropy device could not be brought up.
-#[derive(Debug)]
-pub enum RngBringUpError {
-    /// Discovery (capabilities) failed.
-    Discovery(PciAddress, virtio::error::DiscoveryError),
-    /// The driver could not initialise the device.
-    Driver(PciAddress, RngError),
-    /// Every interrupt record is taken.
-    NoInterruptSlot(PciAddress),
-}
+pub type RngBringUpError = super::BindFailure<RngError>;
 
-impl core::fmt::Display for RngBringUpError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Discovery(address, error) => write!(f, "virtio-rng at {address}: {error}"),
-            Self::Driver(address, error) => write!(f, "virtio-rng at {address}: {error}"),
-            Self::NoInterruptSlot(address) => {
-                write!(f, "virtio-rng at {address}: no interrupt record left")
-            }
-        }
-    }
-}
+/// What the shared bring-up needs to know about an entropy device.
+const KIND: super::DeviceKind = super::DeviceKind {
+    name: "virtio-rng",
+    // Entry 1: the request queue (entry 0 stays for configuration changes it has none of).
+    queue_entries: 1,
+    // §5.4.4: an entropy device has no device-specific configuration.
+    requirement: DeviceConfigRequirement::Optional,
+    log_capabilities: false,
+};
 
 /// The MSI-X entry of the request queue on each path (entry 0 stays for configuration
 /// changes, which an entropy device has none of).
@@ -129,62 +112,38 @@ pub fn bind(
     function: &Function,
     platform: Option<&AcpiInfo>,
 ) -> Result<RngDevice, RngBringUpError> {
-    let function = *function;
-    let address = function.address;
-    super::enable_function(config, &function);
-    let transport = || {
-        PciTransport::new(
-            KernelHal,
-            config,
-            address,
-            &function.bars,
-            DeviceConfigRequirement::Optional,
-        )
-        .map_err(|error| RngBringUpError::Discovery(address, error))
-    };
-    let first = transport()?;
-    let isr = super::isr_region(first.capabilities());
-    drop(first);
-    let Some(mut irq) = DeviceIrq::new(config, &function, "virtio-rng", 1, isr) else {
-        return Err(RngBringUpError::NoInterruptSlot(address));
-    };
-    let mut last_error = None;
-    for candidate in irq.candidates() {
-        let Some(path) = irq.apply(config, platform, candidate) else {
-            continue;
-        };
-        let options = RngOptions {
-            vector: queue_vector(path),
-            ..RngOptions::default()
-        };
-        match VirtioRng::new(KernelHal, transport()?, options) {
-            Ok(rng) => {
-                log::info!(
-                    "virtio-rng: {address}: request queue ({:?}), interrupts: {path}",
-                    rng.format()
-                );
-                return Ok(RngDevice {
-                    function,
-                    rng: Some(rng),
-                    irq: irq.slot(),
-                    path,
-                    retired_bytes: 0,
-                    resets: 0,
-                });
-            }
-            Err(
-                error @ RngError::Transport(virtio::error::TransportError::VectorRefused { .. }),
-            ) => {
-                log::warn!("virtio-rng: {address}: {error}; trying fewer vectors");
-                last_error = Some(error);
-            }
-            Err(error) => return Err(RngBringUpError::Driver(address, error)),
-        }
-    }
-    Err(RngBringUpError::Driver(
-        address,
-        last_error.unwrap_or(RngError::NeedsReset),
-    ))
+    let (rng, path, irq) = super::bring_up_device(
+        config,
+        function,
+        platform,
+        &KIND,
+        |transport, path| {
+            let options = RngOptions {
+                vector: queue_vector(path),
+                ..RngOptions::default()
+            };
+            VirtioRng::new(KernelHal, transport, options)
+        },
+        |error| {
+            matches!(
+                error,
+                RngError::Transport(virtio::error::TransportError::VectorRefused { .. })
+            )
+        },
+    )?;
+    log::info!(
+        "virtio-rng: {}: request queue ({:?}), interrupts: {path}",
+        function.address,
+        rng.format()
+    );
+    Ok(RngDevice {
+        function: *function,
+        rng: Some(rng),
+        irq,
+        path,
+        retired_bytes: 0,
+        resets: 0,
+    })
 }
 
 /// Bytes asked of the device for the CSPRNG's seed.
