@@ -156,8 +156,9 @@ fn expect(guest: &Guest, needle: &str) -> Result<(), RunError> {
 }
 
 /// Reads, writes and a flush reach a raw image: the fingerprint of the first 8 blocks matches
-/// the host's, the stats count the requests, and after SIGKILL the image's last block holds
-/// the written pattern.
+/// the host's, GET_ID returns the drive's serial, the recovery drill (reset, re-initialise,
+/// read again) passes, the stats count the requests, and after SIGKILL the image's last block
+/// holds the written pattern.
 #[test]
 fn blk_check_reads_writes_and_flushes_a_raw_image_that_survives_sigkill() -> Result<(), RunError> {
     let image = Image::new(8 << 20, 0x5eed_0b1c);
@@ -166,10 +167,25 @@ fn blk_check_reads_writes_and_flushes_a_raw_image_that_survives_sigkill() -> Res
         "-drive".to_string(),
         image.drive("d0", ""),
         "-device".to_string(),
-        "virtio-blk-pci,drive=d0".to_string(),
+        "virtio-blk-pci,drive=d0,serial=vireo-disk-1".to_string(),
     ];
     let mut booted = boot(Machine::Q35, "blk-check", &extra, xtask::DEFAULT_NIC)?;
     let line = check_line(&booted.guest, "0000:")?;
+    for part in [
+        "id 'vireo-disk-1'",
+        "reset, re-initialised, read again exact",
+    ] {
+        if !line.contains(part) {
+            return Err(booted
+                .guest
+                .check_failed(format!("{part:?} missing from {line:?}")));
+        }
+    }
+    expect(
+        &booted.guest,
+        "resetting the device after: the blk-check recovery drill",
+    )?;
+    expect(&booted.guest, "device re-initialised (reset 1)")?;
     let line = if line.contains(" ok") {
         line
     } else {

@@ -81,9 +81,17 @@ impl BlkDevice {
                 }
             }
         };
-        let Some(error) = failure else { return };
+        if let Some(error) = failure {
+            self.recover(config, &error);
+        }
+    }
+
+    /// Retires the driver (its Drop resets the device before the queue memory is freed) and
+    /// brings the device up again on its interrupt path; `reason` is logged.
+    pub fn recover(&mut self, config: &PlatformConfig, reason: &dyn core::fmt::Display) {
+        let address = self.function.address;
         if let Some(old) = self.blk.take() {
-            log::warn!("virtio-blk: {address}: resetting the device after: {error}");
+            log::warn!("virtio-blk: {address}: resetting the device after: {reason}");
             add_stats(&mut self.retired, old.stats());
             // Dropping the driver resets the device before its queue memory is freed.
             drop(old);
@@ -233,17 +241,53 @@ pub const CHECK_PATTERN: &[u8] = b"vireo blk-check ";
 
 /// `blk-check`: reads the first blocks and logs their fingerprint; unless the disk is
 /// read-only, writes [`CHECK_PATTERN`] over its last block, flushes (when offered), reads it
-/// back and compares; on a read-only disk, shows that the write is refused. Logs one
+/// back and compares; on a read-only disk, shows that the write is refused. Then the recovery
+/// drill: the device is reset and brought up again exactly as housekeeping does after a
+/// failure, and the first blocks are read again and must give the same fingerprint. Logs one
 /// `blk-check: <address> ... ok` line, or `FAILED` with the error.
-pub fn boot_check(device: &mut BlkDevice) {
+pub fn boot_check(config: &PlatformConfig, device: &mut BlkDevice) {
     let address = device.function.address;
     let Some(blk) = device.blk.as_mut() else {
         return;
     };
-    match check(blk) {
-        Ok(summary) => log::info!("blk-check: {address}: {summary} ok"),
-        Err(error) => log::error!("blk-check: {address}: FAILED: {error}"),
+    let mut summary = match check(blk) {
+        Ok(summary) => summary,
+        Err(error) => {
+            log::error!("blk-check: {address}: FAILED: {error}");
+            return;
+        }
+    };
+    let before = fingerprint(blk);
+    device.recover(config, &"the blk-check recovery drill");
+    let after = device.blk.as_mut().map(fingerprint);
+    match (before, after) {
+        (Ok(before), Some(Ok(after))) if before == after => {
+            summary.push_str(" reset, re-initialised, read again exact;");
+            log::info!("blk-check: {address}: {summary} ok");
+        }
+        (before, after) => log::error!(
+            "blk-check: {address}: FAILED: after the reset the first blocks read {after:?}, before {before:?}"
+        ),
     }
+}
+
+/// The fingerprint of the first [`CHECK_READ_BLOCKS`] blocks.
+fn fingerprint(blk: &mut KernelBlk) -> Result<u64, BlkError> {
+    let info = blk.info();
+    let block = u64::from(info.block_size);
+    let blocks = CHECK_READ_BLOCKS.min(info.capacity / (block / 512));
+    let data = run(
+        blk,
+        BlkRequest::Read {
+            sector: 0,
+            buffers: vec![buffer((blocks.max(1) * block) as usize)?],
+        },
+    )?;
+    let bytes: Vec<u8> = data
+        .iter()
+        .flat_map(|b| b.as_bytes().iter().copied())
+        .collect();
+    Ok(fnv1a(&bytes))
 }
 
 fn buffer(len: usize) -> Result<DmaBuf<KernelHal>, BlkError> {

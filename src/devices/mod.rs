@@ -134,7 +134,7 @@ fn bind_rng(binder: &mut Binder<'_>, function: &Function) -> Result<(), BindErro
 fn bind_blk(binder: &mut Binder<'_>, function: &Function) -> Result<(), BindError> {
     let mut device = blk::bind(binder.config, function, binder.platform).map_err(BindError::Blk)?;
     if binder.options.blk_check {
-        blk::boot_check(&mut device);
+        blk::boot_check(binder.config, &mut device);
     }
     binder.devices.blks.push(device);
     Ok(())
