@@ -22,36 +22,8 @@ pub struct PacketSocket {
 impl PacketSocket {
     /// Opens a packet socket on `interface` (e.g. `tap0`) in the calling thread's namespace.
     pub fn open(interface: &str) -> io::Result<PacketSocket> {
-        let index = if_nametoindex(interface)?;
-        let fd = socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        let link = libc::sockaddr_ll {
-            sll_family: libc::AF_PACKET as u16,
-            sll_protocol: 0,
-            sll_ifindex: i32::try_from(index)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index"))?,
-            sll_hatype: 0,
-            sll_pkttype: 0,
-            sll_halen: 0,
-            sll_addr: [0; 8],
-        };
-        // SAFETY: `link` is a fully initialised `sockaddr_ll`, valid for the length passed, for
-        // the call; nix copies it into its own `LinkAddr`. (nix has no safe constructor for an
-        // `AF_PACKET` address.)
-        let address = unsafe {
-            LinkAddr::from_raw(
-                (&raw const link).cast(),
-                Some(size_of::<libc::sockaddr_ll>() as libc::socklen_t),
-            )
-        }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sockaddr_ll"))?;
-        bind(fd.as_raw_fd(), &address)?;
         Ok(PacketSocket {
-            fd,
+            fd: bound_packet_socket(interface, None)?,
             interface: interface.to_string(),
         })
     }
@@ -68,6 +40,48 @@ impl PacketSocket {
     }
 }
 
+/// A raw `AF_PACKET` socket bound to `interface`: with `protocol` `None` it receives nothing
+/// (for writing frames), with `ETH_P_ALL` every frame crossing the interface.
+fn bound_packet_socket(
+    interface: &str,
+    protocol: Option<nix::sys::socket::SockProtocol>,
+) -> io::Result<OwnedFd> {
+    let index = if_nametoindex(interface)?;
+    let fd = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        protocol,
+    )?;
+    let sll_protocol = match protocol {
+        // ETH_P_ALL in network byte order, as the address's protocol too.
+        Some(_) => (libc::ETH_P_ALL as u16).to_be(),
+        None => 0,
+    };
+    let link = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol,
+        sll_ifindex: i32::try_from(index)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index"))?,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 0,
+        sll_addr: [0; 8],
+    };
+    // SAFETY: `link` is a fully initialised `sockaddr_ll`, valid for the length passed, for the
+    // call; nix copies it into its own `LinkAddr`. (nix has no safe constructor for an
+    // `AF_PACKET` address.)
+    let address = unsafe {
+        LinkAddr::from_raw(
+            (&raw const link).cast(),
+            Some(size_of::<libc::sockaddr_ll>() as libc::socklen_t),
+        )
+    }
+    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sockaddr_ll"))?;
+    bind(fd.as_raw_fd(), &address)?;
+    Ok(fd)
+}
+
 /// A raw `AF_PACKET` socket that receives every frame crossing one interface (`ETH_P_ALL`),
 /// in both directions, for tests that must see what the guest put on the wire (a TCP
 /// SYN-ACK's sequence number). Needs root; binds in the calling thread's namespace.
@@ -78,35 +92,7 @@ pub struct PacketCapture {
 impl PacketCapture {
     /// Starts capturing on `interface` (e.g. `tap0`).
     pub fn open(interface: &str) -> io::Result<PacketCapture> {
-        let index = if_nametoindex(interface)?;
-        // ETH_P_ALL in network byte order, as both the socket's protocol and the address's.
-        let all = (libc::ETH_P_ALL as u16).to_be();
-        let fd = socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            nix::sys::socket::SockProtocol::EthAll,
-        )?;
-        let link = libc::sockaddr_ll {
-            sll_family: libc::AF_PACKET as u16,
-            sll_protocol: all,
-            sll_ifindex: i32::try_from(index)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index"))?,
-            sll_hatype: 0,
-            sll_pkttype: 0,
-            sll_halen: 0,
-            sll_addr: [0; 8],
-        };
-        // SAFETY: as in `PacketSocket::open`: a fully initialised `sockaddr_ll`, valid for the
-        // length passed, copied by nix.
-        let address = unsafe {
-            LinkAddr::from_raw(
-                (&raw const link).cast(),
-                Some(size_of::<libc::sockaddr_ll>() as libc::socklen_t),
-            )
-        }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "sockaddr_ll"))?;
-        bind(fd.as_raw_fd(), &address)?;
+        let fd = bound_packet_socket(interface, Some(nix::sys::socket::SockProtocol::EthAll))?;
         let timeout = nix::sys::time::TimeVal::new(0, 50_000);
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
         Ok(PacketCapture { fd })
