@@ -232,6 +232,40 @@ fn throughput_run(
     Ok(result)
 }
 
+/// One UDP ping-pong measurement of `size` bytes in client form `form` against `target`, run
+/// inside the namespace on the thread `pin` places, with a progress bar (returned unfinished,
+/// for the caller's closing figure).
+fn ping_pong_run(
+    netns: &NetNs,
+    label: &str,
+    target: SocketAddr,
+    size: usize,
+    form: measure::ClientForm,
+    options: &BenchOptions,
+    pin: impl Fn() + Send + Sync,
+) -> Result<(RttRun, measure::PingPong, Progress), BenchError> {
+    let mut bar = Progress::new(
+        "[bench]",
+        format!("{label}: UDP {size} B {}", form.as_str()),
+        options.warmup + options.samples,
+        "round trips",
+    );
+    let raw = netns.run(|| {
+        pin();
+        measure::udp_ping_pong(
+            target,
+            size,
+            options.warmup,
+            options.samples,
+            form,
+            &mut bar,
+        )
+    })??;
+    let run = RttRun::from_ping_pong("udp", size, Some(form), &raw)
+        .ok_or_else(|| BenchError::Failed(format!("{label}: no UDP samples")))?;
+    Ok((run, raw, bar))
+}
+
 /// UDP ping-pong per size and form, ICMP and throughput against the echo service at the guest
 /// address; with `counters`, the stats service is read before and after each UDP measurement.
 fn measure_services(
@@ -252,25 +286,8 @@ fn measure_services(
         for &form in &options.forms {
             check_cancelled()?;
             let before = if counters { Some(stats(netns)?) } else { None };
-            let mut bar = Progress::new(
-                "[bench]",
-                format!("{label}: UDP {size} B {}", form.as_str()),
-                options.warmup + options.samples,
-                "round trips",
-            );
-            let raw = netns.run(|| {
-                pin();
-                measure::udp_ping_pong(
-                    target,
-                    size,
-                    options.warmup,
-                    options.samples,
-                    form,
-                    &mut bar,
-                )
-            })??;
-            let mut run = RttRun::from_ping_pong("udp", size, Some(form), &raw)
-                .ok_or_else(|| BenchError::Failed(format!("{label}: no UDP samples")))?;
+            let (mut run, raw, mut bar) =
+                ping_pong_run(netns, label, target, size, form, options, pin)?;
             if let Some(before) = before {
                 let after = stats(netns)?;
                 run.counters = Some(Counters::between(
@@ -361,25 +378,10 @@ pub(super) fn measure_loopback_floor(
         for &size in &options.sizes {
             for &form in &options.forms {
                 check_cancelled()?;
-                let mut bar = Progress::new(
-                    "[bench]",
-                    format!("{label}: UDP {size} B {}", form.as_str()),
-                    options.warmup + options.samples,
-                    "round trips",
-                );
-                let raw = netns.run(|| {
-                    measure::pin_current_thread(0);
-                    measure::udp_ping_pong(
-                        target,
-                        size,
-                        options.warmup,
-                        options.samples,
-                        form,
-                        &mut bar,
-                    )
-                })??;
-                let run = RttRun::from_ping_pong("udp", size, Some(form), &raw)
-                    .ok_or_else(|| BenchError::Failed("loopback floor: no samples".to_string()))?;
+                let (run, _, mut bar) =
+                    ping_pong_run(netns, label, target, size, form, options, || {
+                        measure::pin_current_thread(0);
+                    })?;
                 bar.finish(&format!("p50 {:.1} us", run.stats.p50_us));
                 udp.push(run);
             }
