@@ -6,7 +6,8 @@
 //! (default adaptive), `poll-window=MICROSECONDS` (how long `adaptive` keeps polling after the
 //! last packet, default 200), `log=error|warn|info|debug` (default info), the flag `selftest`, and the
 //! fault-injection key `inject-reset=N` (tests only: treat the NIC as failed every N received
-//! frames, to exercise the reset-and-reinitialise path under QEMU).
+//! frames, to exercise the reset-and-reinitialise path under QEMU), and `services=NAME,...`, the
+//! network services to run (default `echo,stats`; see [`ServiceKind`]).
 //! The command line is untrusted input: every problem is reported through a callback as one
 //! [`CmdlineError`] (which names the key and value) and the default is kept. Parsing never
 //! panics and never allocates.
@@ -65,6 +66,96 @@ impl fmt::Display for LogLevel {
     }
 }
 
+/// A network service the kernel can run, by its name in `services=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// UDP and TCP echo on port 7 (RFC 862).
+    Echo,
+    /// The stats line on UDP port 7007.
+    Stats,
+    /// UDP discard on port 9 (RFC 863).
+    Discard,
+}
+
+impl ServiceKind {
+    /// Every service, in the order they run (and report on the stats line).
+    pub const ALL: [Self; 3] = [Self::Echo, Self::Stats, Self::Discard];
+
+    /// Its name in `services=`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Echo => "echo",
+            Self::Stats => "stats",
+            Self::Discard => "discard",
+        }
+    }
+
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// A set of services (`services=`). They always run in the order of [`ServiceKind::ALL`],
+/// whatever the order on the command line, so the stats line's keys keep their order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSet(u8);
+
+impl ServiceSet {
+    /// No service.
+    pub const EMPTY: Self = Self(0);
+    /// The default: echo and stats.
+    pub const DEFAULT: Self = Self(ServiceKind::Echo.bit() | ServiceKind::Stats.bit());
+
+    /// Whether `kind` is in the set.
+    pub const fn contains(self, kind: ServiceKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+
+    /// Adds `kind`; returns false if it was there already.
+    pub fn insert(&mut self, kind: ServiceKind) -> bool {
+        let new = !self.contains(kind);
+        self.0 |= kind.bit();
+        new
+    }
+
+    /// Whether the set is empty.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The services in the set, in the order they run.
+    pub fn iter(self) -> impl Iterator<Item = ServiceKind> {
+        ServiceKind::ALL
+            .into_iter()
+            .filter(move |kind| self.contains(*kind))
+    }
+}
+
+impl Default for ServiceSet {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// `echo,stats`.
+impl fmt::Display for ServiceSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, kind) in self.iter().enumerate() {
+            if index > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(kind.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ServiceSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceSet({self})")
+    }
+}
+
 /// The kernel's configuration after parsing the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -91,6 +182,8 @@ pub struct Config {
     /// Caps the DHCP lease at this many seconds (`dhcp-max-lease=`), so renewals can be
     /// watched in tests; `None` takes the server's lease.
     pub dhcp_max_lease_s: Option<u32>,
+    /// The network services to run (`services=`).
+    pub services: ServiceSet,
 }
 
 /// The default address, 10.0.2.15/24 (QEMU user networking's guest address).
@@ -114,6 +207,7 @@ impl Default for Config {
             dhcp: false,
             mac: None,
             dhcp_max_lease_s: None,
+            services: ServiceSet::DEFAULT,
         }
     }
 }
@@ -218,6 +312,21 @@ pub enum CmdlineError<'a> {
     },
     /// `gw=` together with `ip=dhcp`: the DHCP server's router is used instead.
     GatewayWithDhcp,
+    /// A name in `services=` that is no service; it is skipped.
+    UnknownService {
+        /// The name as written.
+        name: Shown<'a>,
+    },
+    /// A service named twice in `services=`; it runs once.
+    DuplicateService {
+        /// The service.
+        name: &'static str,
+    },
+    /// `services=` named no known service; the default runs.
+    NoService {
+        /// The services run instead.
+        kept: ServiceSet,
+    },
     /// The gateway is not inside the interface's subnet, so there is no default route.
     GatewayNotOnLink {
         /// The gateway.
@@ -244,6 +353,8 @@ pub enum Kept {
     Micros(u32),
     /// A MAC, or the device's.
     Mac(Option<[u8; 6]>),
+    /// A set of services.
+    Services(ServiceSet),
 }
 
 impl fmt::Display for Kept {
@@ -258,6 +369,7 @@ impl fmt::Display for Kept {
             Self::Micros(micros) => write!(f, "{micros} us"),
             Self::Mac(Some(mac)) => write!(f, "{}", MacDisplay(*mac)),
             Self::Mac(None) => f.write_str("the device's MAC"),
+            Self::Services(services) => write!(f, "{services}"),
         }
     }
 }
@@ -277,6 +389,15 @@ impl fmt::Display for CmdlineError<'_> {
             Self::Duplicate { key } => write!(f, "{key}= given more than once; the last one wins"),
             Self::GatewayWithDhcp => {
                 f.write_str("gw= is ignored with ip=dhcp; the DHCP server's router is used")
+            }
+            Self::UnknownService { name } => {
+                write!(f, "unknown service '{name}' in services= skipped")
+            }
+            Self::DuplicateService { name } => {
+                write!(f, "service '{name}' named more than once in services=")
+            }
+            Self::NoService { kept } => {
+                write!(f, "services= names no known service; using {kept}")
             }
             Self::GatewayNotOnLink { gateway, ip } => {
                 write!(f, "gateway {gateway} is not inside {ip}; no default route")
@@ -312,6 +433,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
     let mut seen_window = false;
     let mut seen_mac = false;
     let mut seen_lease = false;
+    let mut seen_services = false;
     let mut explicit_gateway = false;
 
     for word in cmdline.split(|byte| byte.is_ascii_whitespace() || *byte == 0) {
@@ -431,6 +553,18 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                         problem,
                         Kept::Flag(config.inject_reset_every.is_some()),
                     )),
+                }
+            }
+            b"services" => {
+                check_duplicate(&mut seen_services, "services");
+                match value {
+                    None => report(invalid(
+                        "services",
+                        value,
+                        ValueProblem::MissingValue,
+                        Kept::Services(config.services),
+                    )),
+                    Some(list) => config.services = parse_services(list, &mut report),
                 }
             }
             b"selftest" => {
@@ -608,6 +742,35 @@ fn parse_count(text: &[u8]) -> Result<u32, ValueProblem> {
     } else {
         Ok(count)
     }
+}
+
+/// `NAME,NAME,...`: every known name is added once; an unknown one is reported and skipped, a
+/// repeated one reported. A list with no known name gives the default (reported).
+fn parse_services<'a>(list: &'a [u8], report: &mut impl FnMut(CmdlineError<'a>)) -> ServiceSet {
+    let mut services = ServiceSet::EMPTY;
+    for name in list.split(|&byte| byte == b',') {
+        if name.is_empty() {
+            continue;
+        }
+        match ServiceKind::ALL
+            .into_iter()
+            .find(|kind| kind.name().as_bytes() == name)
+        {
+            Some(kind) => {
+                if !services.insert(kind) {
+                    report(CmdlineError::DuplicateService { name: kind.name() });
+                }
+            }
+            None => report(CmdlineError::UnknownService { name: Shown(name) }),
+        }
+    }
+    if services.is_empty() {
+        report(CmdlineError::NoService {
+            kept: ServiceSet::DEFAULT,
+        });
+        return ServiceSet::DEFAULT;
+    }
+    services
 }
 
 fn parse_mode(text: &[u8]) -> Result<Mode, ValueProblem> {

@@ -2,6 +2,9 @@
 //! reads the frame in place in the driver's receive buffer and recycles the buffer when
 //! smoltcp is done; the TX token lets smoltcp write straight into a transmit buffer. Driver
 //! errors reach smoltcp as "no packet" and are counted, never a panic.
+//!
+//! It also gates SYNs per TCP port ([`SynCredits`]): the listen backlog smoltcp lacks, which
+//! the services declare through [`crate::net::service::Service::syn_credits`].
 
 use core::cell::RefCell;
 
@@ -36,53 +39,131 @@ pub trait Nic {
 /// and housekeeping (the NAPI budget).
 pub const RX_BUDGET: usize = 64;
 
+/// TCP ports gated at most ([`SynCredits`]); a port beyond these is not gated.
+pub const MAX_GATED_PORTS: usize = 8;
+
+/// How many SYNs to each gated TCP port one stack poll may hand to the stack: the free
+/// listening sockets of the service on that port. A port not listed is not gated. Fixed
+/// capacity, so building it per poll does not allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynCredits {
+    ports: [(u16, usize); MAX_GATED_PORTS],
+    len: usize,
+}
+
+impl Default for SynCredits {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SynCredits {
+    /// No port gated.
+    pub const fn new() -> Self {
+        Self {
+            ports: [(0, 0); MAX_GATED_PORTS],
+            len: 0,
+        }
+    }
+
+    /// `credits` SYNs to `port`, no other port gated.
+    pub fn one(port: u16, credits: usize) -> Self {
+        let mut gate = Self::new();
+        gate.set(port, credits);
+        gate
+    }
+
+    /// Gates `port` at `credits` SYNs (replacing its earlier credit). Beyond
+    /// [`MAX_GATED_PORTS`] ports, the port stays ungated (logged at debug level).
+    pub fn set(&mut self, port: u16, credits: usize) {
+        if let Some(entry) = self.ports[..self.len]
+            .iter_mut()
+            .find(|entry| entry.0 == port)
+        {
+            entry.1 = credits;
+        } else if self.len < MAX_GATED_PORTS {
+            self.ports[self.len] = (port, credits);
+            self.len += 1;
+        } else {
+            log::debug!("net: no SYN gate for TCP port {port} (at most {MAX_GATED_PORTS})");
+        }
+    }
+
+    /// The credit left for `port`, `None` when it is not gated.
+    pub fn get(&self, port: u16) -> Option<usize> {
+        self.ports[..self.len]
+            .iter()
+            .find(|entry| entry.0 == port)
+            .map(|entry| entry.1)
+    }
+
+    /// Takes one SYN to `port` through: true when it may pass (not gated, or credit left,
+    /// which is then spent), false when it must be held.
+    fn admit(&mut self, port: u16) -> bool {
+        match self.ports[..self.len]
+            .iter_mut()
+            .find(|entry| entry.0 == port)
+        {
+            None => true,
+            Some((_, 0)) => false,
+            Some((_, credits)) => {
+                *credits = credits.saturating_sub(1);
+                true
+            }
+        }
+    }
+}
+
 /// smoltcp's view of the NIC.
 ///
-/// It also gives the TCP echo service a listen backlog, which smoltcp lacks: a SYN to
-/// `syn_port` is handed to the stack only while a listening socket is free for it
-/// (`syn_credits`). A SYN beyond that is held (in `held`, ahead of every later frame, so order is
-/// kept) until the next poll, after the service has added listeners; without this, a burst of
-/// connections would find no listener and get resets.
+/// It also gives the TCP services a listen backlog, which smoltcp lacks: a SYN to a gated
+/// port is handed to the stack only while a listening socket is free for it ([`SynCredits`]).
+/// A SYN beyond that is held (in `held`, ahead of every later frame, so order is kept) until
+/// the next poll, after the service has added listeners; without this, a burst of connections
+/// would find no listener and get resets.
 pub struct NicDevice<'a, N: Nic> {
     nic: &'a RefCell<N>,
     held: &'a RefCell<Option<N::Rx>>,
     budget: usize,
-    syn_port: u16,
-    syn_credits: usize,
+    syn_credits: SynCredits,
 }
 
 impl<'a, N: Nic> NicDevice<'a, N> {
     /// Wraps the NIC for one stack poll, with a fresh receive budget and `syn_credits` SYNs to
-    /// `syn_port` allowed through.
+    /// each gated port allowed through.
     pub fn new(
         nic: &'a RefCell<N>,
         held: &'a RefCell<Option<N::Rx>>,
-        syn_port: u16,
-        syn_credits: usize,
+        syn_credits: SynCredits,
     ) -> Self {
         Self {
             nic,
             held,
             budget: RX_BUDGET,
-            syn_port,
             syn_credits,
         }
     }
 }
 
-/// Whether `frame` is an IPv4 TCP segment with SYN set and ACK clear, to `port`.
-pub fn is_tcp_syn_to(frame: &[u8], port: u16) -> bool {
+/// The destination port of `frame` when it is an IPv4 TCP segment with SYN set and ACK clear
+/// (a connection attempt), else `None`.
+pub fn tcp_syn_port(frame: &[u8]) -> Option<u16> {
     if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
-        return false;
+        return None;
     }
     let ip = &frame[14..];
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     if ip[0] >> 4 != 4 || ip[9] != 6 || header_len < 20 || ip.len() < header_len + 14 {
-        return false;
+        return None;
     }
     let tcp = &ip[header_len..];
     let flags = tcp[13];
-    u16::from_be_bytes([tcp[2], tcp[3]]) == port && flags & 0x02 != 0 && flags & 0x10 == 0
+    (flags & 0x02 != 0 && flags & 0x10 == 0).then(|| u16::from_be_bytes([tcp[2], tcp[3]]))
+}
+
+/// Whether `frame` is an IPv4 TCP segment with SYN set and ACK clear, to `port`.
+pub fn is_tcp_syn_to(frame: &[u8], port: u16) -> bool {
+    tcp_syn_port(frame) == Some(port)
 }
 
 /// Receive token: one received frame.
@@ -151,14 +232,13 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
             Some(rx) => rx,
             None => self.nic.borrow_mut().receive()?,
         };
-        if is_tcp_syn_to(N::frame(&rx), self.syn_port) {
-            if self.syn_credits == 0 {
-                // No free listener: keep the SYN (and so everything behind it) for the next
-                // poll, by which time the echo service has added listeners.
-                *self.held.borrow_mut() = Some(rx);
-                return None;
-            }
-            self.syn_credits -= 1;
+        if let Some(port) = tcp_syn_port(N::frame(&rx))
+            && !self.syn_credits.admit(port)
+        {
+            // No free listener: keep the SYN (and so everything behind it) for the next
+            // poll, by which time the service has added listeners.
+            *self.held.borrow_mut() = Some(rx);
+            return None;
         }
         self.budget -= 1;
         Some((RxToken { nic: self.nic, rx }, TxToken { nic: self.nic }))

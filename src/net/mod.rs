@@ -2,11 +2,13 @@
 //! on the host:
 //!
 //! * [`device`]: smoltcp's `Device` over any [`device::Nic`] (zero copy), with the receive
-//!   budget and the TCP echo service's listen backlog (the SYN gate);
+//!   budget and the TCP services' listen backlog (the SYN gate, per port);
 //! * [`isn`]: RFC 6528 initial sequence numbers, by a sequence-number translation between
 //!   smoltcp and the NIC (smoltcp has no ISN hook), keyed from the CSPRNG;
-//! * [`services`]: the interface and its services (UDP/TCP echo on port 7, the stats service on
-//!   UDP port 7007, the DHCPv4 client, the SYN-flood defence);
+//! * [`service`]: the service API, the [`service::Service`] trait every service implements;
+//! * [`services`]: the service host (the interface, its sockets, the DHCPv4 client) and the
+//!   services (UDP/TCP echo on port 7 with the SYN-flood defence, the stats service on UDP
+//!   port 7007, discard on UDP port 9);
 //! * [`NicControl`]: what the kernel's network loop (`src/net_loop/` in the binary) needs from a
 //!   NIC besides packets.
 //!
@@ -18,6 +20,7 @@ use core::fmt::Write;
 
 pub mod device;
 pub mod isn;
+pub mod service;
 pub mod services;
 
 #[cfg(test)]

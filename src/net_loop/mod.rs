@@ -32,9 +32,9 @@ use vireo::adaptive::{HaltOutcome, PollWindow};
 use vireo::config::{Config, Mode};
 
 use vireo::net::NicControl;
-use vireo::net::device::{Nic, NicDevice};
+use vireo::net::device::{Nic, NicDevice, SynCredits};
 use vireo::net::isn::NetSecrets;
-use vireo::net::services::{self, Services};
+use vireo::net::services::Services;
 
 use crate::arch::{self, clock};
 
@@ -133,8 +133,11 @@ impl LinkState {
         if !self.ready {
             self.ready = true;
             let [a, b, c, d, e, f] = self.mac;
+            // The running services' words: ` udp-echo=7 tcp-echo=7 stats=7007` by default.
+            let mut words = alloc::string::String::new();
+            services.describe(&mut words);
             crate::println!(
-                "vireo: ready ip={address} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={} udp-echo=7 tcp-echo=7 stats=7007{}",
+                "vireo: ready ip={address} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={}{words}{}",
                 self.mode,
                 if self.dhcp { " addressing=dhcp" } else { "" }
             );
@@ -196,7 +199,7 @@ pub fn run<N: Nic + NicControl>(
     let nic = RefCell::new(nic);
     let held = RefCell::new(None);
     let mut services = {
-        let mut device = NicDevice::new(&nic, &held, services::ECHO_PORT, 0);
+        let mut device = NicDevice::new(&nic, &held, SynCredits::new());
         Services::new(&mut device, mac, config, now(), secrets)
     };
     let mut link = LinkState::new(mac, config);
@@ -217,8 +220,7 @@ pub fn run<N: Nic + NicControl>(
     loop {
         let now_ns = clock::now_ns();
         let activity = {
-            let mut device =
-                NicDevice::new(&nic, &held, services::ECHO_PORT, services.syn_credits());
+            let mut device = NicDevice::new(&nic, &held, services.syn_credits());
             let mut write_stats = |out: &mut dyn Write| {
                 nic.borrow().write_stats(out);
                 crate::devices::write_stats(out);
