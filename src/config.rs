@@ -805,6 +805,69 @@ mod tests {
     }
 
     #[test]
+    fn services_selects_known_names_in_their_fixed_order() {
+        let (config, errors) = parse_collect("");
+        assert_eq!(config.services, ServiceSet::DEFAULT);
+        assert_eq!(config.services.to_string(), "echo,stats");
+        assert!(errors.is_empty());
+
+        let (config, errors) = parse_collect("services=echo,stats,discard");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.services.to_string(), "echo,stats,discard");
+        // Whatever the order written, they run in one order (the stats line's keys keep theirs).
+        let (config, errors) = parse_collect("services=discard,stats");
+        assert!(errors.is_empty(), "{errors:?}");
+        let kinds: Vec<_> = config.services.iter().collect();
+        assert_eq!(kinds, [ServiceKind::Stats, ServiceKind::Discard]);
+        assert_eq!(
+            parse_collect("services=stats").0.services.to_string(),
+            "stats"
+        );
+        // Empty items are ignored.
+        let (config, errors) = parse_collect("services=,echo,,stats,");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.services, ServiceSet::DEFAULT);
+    }
+
+    #[test]
+    fn services_names_unknown_and_repeated_services_and_never_runs_none() {
+        let (config, errors) = parse_collect("services=echo,nbd,stats,echo");
+        assert_eq!(config.services, ServiceSet::DEFAULT);
+        assert_eq!(
+            errors,
+            [
+                "unknown service 'nbd' in services= skipped",
+                "service 'echo' named more than once in services=",
+            ]
+        );
+        for line in ["services=", "services=bogus", "services=,"] {
+            let (config, errors) = parse_collect(line);
+            assert_eq!(config.services, ServiceSet::DEFAULT, "{line}");
+            let last = errors.last().map(String::as_str);
+            assert_eq!(
+                last,
+                Some("services= names no known service; using echo,stats"),
+                "{line}"
+            );
+        }
+        let (config, errors) = parse_collect("services");
+        assert_eq!(config.services, ServiceSet::DEFAULT);
+        assert_eq!(
+            errors,
+            ["invalid services= value '': expected key=value; using echo,stats"]
+        );
+        let (config, errors) = parse_collect("services=echo services=stats,discard");
+        assert_eq!(config.services.to_string(), "stats,discard");
+        assert_eq!(
+            errors,
+            ["services= given more than once; the last one wins"]
+        );
+        // Hostile names are escaped and truncated like every other value.
+        let (_, errors) = parse_collect("services=\x1b[2J");
+        assert_eq!(errors[0], "unknown service '\\x1b[2J' in services= skipped");
+    }
+
+    #[test]
     fn empty_command_line_gives_the_documented_defaults() {
         let (config, errors) = parse_collect("");
         assert!(errors.is_empty());

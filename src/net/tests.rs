@@ -6,6 +6,7 @@
 //! through [`HostPort`] (a `phy::Device` over the same queues). Time is simulated: every step
 //! advances both clocks by a millisecond.
 
+use std::boxed::Box;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -21,6 +22,10 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Ad
 
 use super::device::{Nic, NicDevice, RX_BUDGET, SynCredits, is_tcp_syn_to};
 use super::isn::{IsnTranslation, NetSecrets};
+use super::service::{Service, ServiceContext};
+use super::services::discard::DISCARD_PORT;
+use super::services::echo::EchoService;
+use super::services::stats::StatsService;
 use super::services::{ECHO_PORT, STATS_PORT, Services, TCP_LISTENERS};
 use crate::config::Config;
 
@@ -151,13 +156,28 @@ impl Net {
     }
 
     fn with_secrets(secrets: NetSecrets) -> Self {
+        Self::build(secrets, None)
+    }
+
+    /// The guest runs `services` (in this order) instead of those of the default config.
+    fn with_services(services: Vec<Box<dyn Service>>) -> Self {
+        Self::build(SECRETS, Some(services))
+    }
+
+    fn build(secrets: NetSecrets, services: Option<Vec<Box<dyn Service>>>) -> Self {
         let wire = Rc::new(RefCell::new(Wire::default()));
         let nic = RefCell::new(MemoryNic { wire: wire.clone() });
         let held = RefCell::new(None);
         let now = Instant::from_millis(1);
         let services = {
             let mut device = NicDevice::new(&nic, &held, SynCredits::new());
-            Services::new(&mut device, GUEST_MAC, &Config::default(), now, secrets)
+            let config = Config::default();
+            match services {
+                None => Services::new(&mut device, GUEST_MAC, &config, now, secrets),
+                Some(services) => {
+                    Services::with_services(&mut device, GUEST_MAC, &config, now, secrets, services)
+                }
+            }
         };
         let mut host_port = HostPort { wire: wire.clone() };
         let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(HOST_MAC)));
@@ -367,6 +387,11 @@ fn tcp_echo_on_port_7_returns_every_byte_in_order() {
 /// Connects `count` host sockets to the guest's echo port in one host poll (after ARP is
 /// resolved), so that `count` SYNs wait in the guest's receive queue together.
 fn syn_burst(net: &mut Net, count: usize) -> Vec<SocketHandle> {
+    syn_burst_to(net, ECHO_PORT, count)
+}
+
+/// [`syn_burst`] to another port of the guest.
+fn syn_burst_to(net: &mut Net, port: u16, count: usize) -> Vec<SocketHandle> {
     let warm_up = net.host_udp(40_000);
     net.udp_exchange(warm_up, ECHO_PORT, b"arp");
     let sockets: Vec<_> = (0..count)
@@ -374,11 +399,7 @@ fn syn_burst(net: &mut Net, count: usize) -> Vec<SocketHandle> {
             let handle = net.host_tcp();
             net.host_sockets
                 .get_mut::<tcp::Socket>(handle)
-                .connect(
-                    net.host.context(),
-                    (GUEST_IP, ECHO_PORT),
-                    50_000 + index as u16,
-                )
+                .connect(net.host.context(), (GUEST_IP, port), 50_000 + index as u16)
                 .expect("connect");
             handle
         })
@@ -388,7 +409,7 @@ fn syn_burst(net: &mut Net, count: usize) -> Vec<SocketHandle> {
     let syns = wire
         .to_guest
         .iter()
-        .filter(|frame| is_tcp_syn_to(frame, ECHO_PORT))
+        .filter(|frame| is_tcp_syn_to(frame, port))
         .count();
     assert_eq!(syns, count, "one SYN per connection, all queued");
     drop(wire);
@@ -659,4 +680,255 @@ fn tcp_echo_through_the_translation_with_another_key_is_exact() {
     });
     assert!(received == sent, "the echo differs from what was sent");
     assert_eq!(net.counter("tcp_aborted"), 0);
+}
+
+/// The services of `services=echo,stats,discard`, built as the kernel builds them.
+fn echo_stats_discard() -> Vec<Box<dyn Service>> {
+    let mut config = Config::default();
+    config.services.insert(crate::config::ServiceKind::Discard);
+    config.services.iter().map(super::services::build).collect()
+}
+
+#[test]
+fn default_services_describe_the_ready_line_as_before() {
+    let net = Net::new();
+    let mut words = String::new();
+    net.services.describe(&mut words);
+    assert_eq!(words, " udp-echo=7 tcp-echo=7 stats=7007");
+    let names: Vec<_> = net.services.services().iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["echo", "stats"]);
+
+    let net = Net::with_services(echo_stats_discard());
+    let mut words = String::new();
+    net.services.describe(&mut words);
+    assert_eq!(words, " udp-echo=7 tcp-echo=7 stats=7007 discard=9");
+}
+
+#[test]
+fn discard_reads_and_counts_every_datagram_and_answers_none() {
+    let mut net = Net::with_services(echo_stats_discard());
+    let socket = net.host_udp(40_009);
+    for length in [1, 100, 1472] {
+        net.host_sockets
+            .get_mut::<udp::Socket>(socket)
+            .send_slice(
+                &pattern(length, 1),
+                IpEndpoint::new(GUEST_IP.into(), DISCARD_PORT),
+            )
+            .expect("host send");
+    }
+    net.run_until(200, "three datagrams discarded", |net| {
+        net.counter("discard_datagrams") == 3
+    });
+    assert_eq!(net.counter("discard_bytes"), 1 + 100 + 1472);
+    for _ in 0..20 {
+        net.step();
+    }
+    assert!(
+        !net.host_sockets.get_mut::<udp::Socket>(socket).can_recv(),
+        "discard never answers"
+    );
+    // The other services still run beside it.
+    let answer = net.udp_exchange(socket, ECHO_PORT, b"still here");
+    assert_eq!(answer, b"still here");
+}
+
+#[test]
+fn a_services_counters_take_its_place_on_the_stats_line() {
+    let mut net = Net::with_services(echo_stats_discard());
+    let socket = net.host_udp(40_009);
+    net.host_sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(b"gone", IpEndpoint::new(GUEST_IP.into(), DISCARD_PORT))
+        .expect("host send");
+    net.run_until(200, "discarded", |net| {
+        net.counter("discard_datagrams") == 1
+    });
+    let line = net.stats();
+    let line = line.strip_suffix('\n').expect("newline");
+    // Echo's keys, then stats', then discard's, then the host's, then the platform's.
+    assert!(
+        line.starts_with(
+            "udp_echoed=0 udp_echo_dropped=0 tcp_accepted=0 tcp_connected=0 tcp_aborted=0 \
+             tcp_half_open_reset=0 tcp_bytes_echoed=0 stats_requests=1 discard_datagrams=1 \
+             discard_bytes=4 dhcp_leases=0 dhcp_lost=0"
+        ),
+        "{line}"
+    );
+    assert!(line.ends_with(PLATFORM_STATS), "{line}");
+}
+
+#[test]
+fn the_stats_line_follows_the_services_that_run() {
+    // Stats alone: no echo keys; its own, the host's and the platform's remain.
+    let mut net = Net::with_services(vec![Box::new(StatsService::new())]);
+    let line = net.stats();
+    assert_eq!(
+        line,
+        std::format!("stats_requests=1 dhcp_leases=0 dhcp_lost=0{PLATFORM_STATS}\n")
+    );
+}
+
+/// A service that only asks for time: `poll_at` returns `at`.
+struct Alarm {
+    at: Instant,
+    polls: Rc<RefCell<usize>>,
+}
+
+impl Service for Alarm {
+    fn name(&self) -> &'static str {
+        "alarm"
+    }
+    fn max_sockets(&self) -> usize {
+        0
+    }
+    fn bind(&mut self, _sockets: &mut SocketSet<'static>) {}
+    fn poll(&mut self, _context: &mut ServiceContext<'_>) -> bool {
+        *self.polls.borrow_mut() += 1;
+        false
+    }
+    fn poll_at(&self, _now: Instant) -> Option<Instant> {
+        Some(self.at)
+    }
+    fn describe(&self, _out: &mut dyn core::fmt::Write) {}
+}
+
+#[test]
+fn a_services_poll_at_reaches_the_loops_delay() {
+    let polls = Rc::new(RefCell::new(0));
+    let at = Instant::from_millis(251);
+    let mut net = Net::with_services(vec![
+        Box::new(EchoService::new()),
+        Box::new(Alarm {
+            at,
+            polls: polls.clone(),
+        }),
+    ]);
+    // The echo service's listeners have no timer: the alarm sets the delay.
+    let now = net.now;
+    assert_eq!(net.services.poll_delay(now), Some(at - now));
+    net.poll_guest();
+    assert_eq!(*polls.borrow(), 1, "every service is polled on every pass");
+    // Past it: poll at once.
+    assert_eq!(
+        net.services.poll_delay(Instant::from_millis(300)),
+        Some(Duration::ZERO)
+    );
+    // Without the alarm, nothing to wait for.
+    let mut idle = Net::with_services(vec![Box::new(EchoService::new())]);
+    let now = idle.now;
+    assert_eq!(idle.services.poll_delay(now), None);
+    idle.poll_guest();
+}
+
+/// A TCP service on another port that accepts and closes: one listener kept ready, up to
+/// `MAX` sockets, so its listen backlog is one SYN per poll.
+struct Acceptor {
+    port: u16,
+    sockets: Vec<SocketHandle>,
+    accepted: usize,
+}
+
+impl Acceptor {
+    const MAX: usize = 8;
+
+    fn listener(port: u16) -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 1024]),
+            tcp::SocketBuffer::new(vec![0; 1024]),
+        );
+        socket.listen(port).expect("listen");
+        socket
+    }
+}
+
+impl Service for Acceptor {
+    fn name(&self) -> &'static str {
+        "acceptor"
+    }
+    fn max_sockets(&self) -> usize {
+        Self::MAX
+    }
+    fn bind(&mut self, sockets: &mut SocketSet<'static>) {
+        self.sockets.push(sockets.add(Self::listener(self.port)));
+    }
+    fn poll(&mut self, context: &mut ServiceContext<'_>) -> bool {
+        let mut listening = 0;
+        let mut activity = false;
+        for &handle in &self.sockets {
+            let socket = context.sockets.get_mut::<tcp::Socket>(handle);
+            if socket.is_listening() {
+                listening += 1;
+            } else if socket.state() == tcp::State::Established {
+                self.accepted += 1;
+                socket.close();
+                activity = true;
+            }
+        }
+        if listening == 0 && self.sockets.len() < Self::MAX {
+            self.sockets
+                .push(context.sockets.add(Self::listener(self.port)));
+            activity = true;
+        }
+        activity
+    }
+    fn describe(&self, out: &mut dyn core::fmt::Write) {
+        let _ = write!(out, " acceptor={}", self.port);
+    }
+    fn tcp_ports(&self) -> &[u16] {
+        core::slice::from_ref(&self.port)
+    }
+    fn syn_credits(&self, sockets: &SocketSet<'static>, port: u16) -> usize {
+        assert_eq!(port, self.port);
+        self.sockets
+            .iter()
+            .filter(|&&handle| sockets.get::<tcp::Socket>(handle).is_listening())
+            .count()
+    }
+}
+
+#[test]
+fn syn_gate_is_per_port_for_a_second_tcp_service() {
+    const PORT: u16 = 5_000;
+    let mut net = Net::with_services(vec![
+        Box::new(EchoService::new()),
+        Box::new(Acceptor {
+            port: PORT,
+            sockets: Vec::new(),
+            accepted: 0,
+        }),
+    ]);
+    let credits = net.services.syn_credits();
+    assert_eq!(credits.get(ECHO_PORT), Some(TCP_LISTENERS));
+    assert_eq!(credits.get(PORT), Some(1));
+    assert_eq!(
+        credits.get(9),
+        None,
+        "a port no service declared is not gated"
+    );
+
+    let sockets = syn_burst_to(&mut net, PORT, 3);
+    // One listener on the second port: the first SYN takes it, the second is held, the third
+    // waits behind it in the ring; port 7's credit is untouched.
+    net.poll_guest();
+    let held = net.held.borrow();
+    let held_frame = held.as_ref().expect("a SYN to the second port is held");
+    assert!(is_tcp_syn_to(held_frame, PORT));
+    drop(held);
+    assert_eq!(net.wire.borrow().to_guest.len(), 1);
+    let credits = net.services.syn_credits();
+    assert_eq!(credits.get(ECHO_PORT), Some(TCP_LISTENERS));
+    assert_eq!(credits.get(PORT), Some(1), "the service added a listener");
+
+    // Every attempt is served in turn, none refused.
+    net.run_until(500, "every connection accepted", |net| {
+        sockets.iter().all(|&handle| {
+            let state = net.host_sockets.get::<tcp::Socket>(handle).state();
+            state != tcp::State::SynSent && state != tcp::State::Closed
+        })
+    });
+    assert!(net.held.borrow().is_none());
+    // Echo on port 7 still works beside it.
+    let socket = net.host_udp(40_001);
+    assert_eq!(net.udp_exchange(socket, ECHO_PORT, b"seven"), b"seven");
 }
