@@ -4,7 +4,7 @@
 //!
 //! - Over QEMU user networking (no root): the guest's ports are forwarded to 127.0.0.1. UDP echo
 //!   of 1, 64, 1400 and 1472 bytes, TCP echo of 1 MiB, 64 concurrent TCP connections of
-//!   16 KiB each, and the stats line with its counters moving.
+//!   16 KiB each, the stats line with its counters moving, and `services=` adding discard.
 //! - Over a tap in a private network namespace (root; CI runs them and never skips them): UDP,
 //!   ICMP and TCP echo in each receive mode (`mode=irq`, `mode=poll`, `mode=adaptive`). The
 //!   clients run inside the namespace and talk to 10.0.2.15 only.
@@ -115,6 +115,51 @@ fn user_ready_line_names_ip_mac_and_mode() -> Result<(), RunError> {
         return Err(booted.guest.check_failed(format!(
             "expected QEMU's default MAC 52:54:00:12:34:56, got {}",
             ready.mac
+        )));
+    }
+    Ok(())
+}
+
+/// `services=` chooses the services: with discard added, the `ready` line names it after the
+/// default services, the stats line carries its counters after the stats service's, echo still
+/// works, and an unknown name gets a `cmdline:` line and is skipped.
+#[test]
+fn user_services_on_the_command_line_add_discard() -> Result<(), RunError> {
+    let booted = boot_user_net("services=echo,stats,discard,bogus")?;
+    let guest = &booted.guest;
+    if !booted
+        .ready
+        .text
+        .ends_with("udp-echo=7 tcp-echo=7 stats=7007 discard=9")
+    {
+        return Err(guest.check_failed(format!(
+            "expected the ready line to end with the services' words, got {:?}",
+            booted.ready.text
+        )));
+    }
+    if common::count_lines(
+        guest,
+        "cmdline: unknown service 'bogus' in services= skipped",
+    ) != 1
+    {
+        return Err(guest.check_failed("no `cmdline:` line names the unknown service 'bogus'"));
+    }
+    let mut client = on_guest(
+        guest,
+        UdpEchoClient::connect(booted.net.udp_echo(), ECHO_WAIT),
+    )?;
+    on_guest(guest, client.warm_up(WARM_UP, Duration::from_millis(250)))?;
+    let stats = on_guest(guest, query_stats(booted.net.stats(), ECHO_WAIT, 3))?;
+    println!("stats: {}", stats.line);
+    if stats.get("discard_datagrams") != Some(0)
+        || stats.get("discard_bytes") != Some(0)
+        || !stats
+            .line
+            .contains(" discard_datagrams=0 discard_bytes=0 dhcp_leases=0 dhcp_lost=0 ")
+    {
+        return Err(guest.check_failed(format!(
+            "expected discard's counters before the host's in the stats line: {:?}",
+            stats.line
         )));
     }
     Ok(())
