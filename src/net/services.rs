@@ -2,7 +2,9 @@
 //! DHCPv4 client, the RFC 6528 sequence-number translation, and the services it runs, each a
 //! [`Service`] (`src/net/service.rs`): echo on port 7 ([`echo`]), the stats line on UDP port
 //! 7007 ([`stats`]), discard on UDP port 9 ([`discard`]), chosen by `services=` on the command
-//! line (default `echo,stats`). ICMP echo is answered by smoltcp's interface itself.
+//! line (default `echo,stats`). ICMP echo is answered by smoltcp's interface itself. An NBD
+//! server over any block device ([`nbd`], TCP port 10809) is a service too, run by whoever
+//! builds it with a device; it is not one of `services=`.
 //!
 //! The address is the command line's, or with `ip=dhcp` leased by smoltcp's DHCPv4 client
 //! (RFC 2131), which retries discovery on its own timers, renews at T1 and rebinds at T2; each
@@ -28,6 +30,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 pub mod discard;
 pub mod echo;
+pub mod nbd;
 pub mod stats;
 
 pub use echo::{ECHO_PORT, TCP_CONNECTIONS, TCP_LISTENERS};

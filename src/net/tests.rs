@@ -932,3 +932,5 @@ fn syn_gate_is_per_port_for_a_second_tcp_service() {
     let socket = net.host_udp(40_001);
     assert_eq!(net.udp_exchange(socket, ECHO_PORT, b"seven"), b"seven");
 }
+
+mod nbd;
