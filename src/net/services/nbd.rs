@@ -446,6 +446,26 @@ impl<D: BlockDevice> NbdService<D> {
         &self.backend.device
     }
 
+    /// Forgets the requests of former clients that the device has not taken yet, so that
+    /// clients coming and going cannot grow the queue of deferred requests.
+    fn drop_stale_deferred(&mut self) {
+        let connections = &self.connections;
+        let in_flight = &mut self.backend.in_flight;
+        self.backend.deferred.retain(|(id, _)| {
+            let Some(index) = in_flight.iter().position(|entry| entry.id == *id) else {
+                return false;
+            };
+            let entry = &in_flight[index];
+            let live = connections
+                .get(entry.slot)
+                .is_some_and(|connection| connection.generation == entry.generation);
+            if !live {
+                in_flight.swap_remove(index);
+            }
+            live
+        });
+    }
+
     /// Takes the device's completions and queues the replies.
     fn complete(&mut self) -> bool {
         let mut activity = false;
@@ -622,10 +642,11 @@ impl<D: BlockDevice> NbdService<D> {
                 }
                 continue;
             }
-            // Back-pressure: no new request while the device or the socket is behind.
-            if connection.phase == Phase::Transmission
-                && (connection.in_flight >= MAX_IN_FLIGHT
-                    || connection.pending_output() > OUTPUT_HIGH_WATER)
+            // Back-pressure: no new option or request while the socket or the device is
+            // behind (a client that never reads its replies cannot grow the output).
+            if connection.pending_output() > OUTPUT_HIGH_WATER
+                || (connection.phase == Phase::Transmission
+                    && connection.in_flight >= MAX_IN_FLIGHT)
             {
                 return activity;
             }
@@ -971,6 +992,7 @@ impl<D: BlockDevice> Service for NbdService<D> {
     }
 
     fn poll(&mut self, context: &mut ServiceContext<'_>) -> bool {
+        self.drop_stale_deferred();
         let mut activity = self.backend.retry_deferred();
         activity |= self.complete();
         for slot in 0..self.connections.len() {

@@ -486,3 +486,49 @@ fn a_client_that_never_closes_after_the_server_did_loses_its_slot() {
     assert_eq!(read(&mut net, socket, 1, 0, 512), [0; 512]);
     assert_eq!(net.counter("nbd_violations"), 4);
 }
+
+#[test]
+fn a_write_longer_than_any_tolerated_payload_is_a_disconnect_not_an_allocation() {
+    let disk = MemoryDisk::new(DISK, false);
+    let mut net = net_with(&disk, false);
+    let (socket, _, _) = client(&mut net, 49_190);
+    // 2^32 - 1 bytes announced; only the header is sent.
+    send(&mut net, socket, &request(0, CMD_WRITE, 1, 0, u32::MAX));
+    closed_by_guest(&mut net, socket);
+    assert_eq!(net.counter("nbd_violations"), 1);
+    assert_eq!(disk.state().log.len(), 0);
+}
+
+#[test]
+fn a_client_that_never_reads_its_option_replies_stops_being_read() {
+    let disk = MemoryDisk::new(DISK, false);
+    let mut net = net_with(&disk, false);
+    let socket = connect(&mut net, 49_191);
+    greet(&mut net, socket, 0b11);
+    // Up to 20000 NBD_OPT_LIST (16 bytes each, 48 bytes of replies each), none of the replies
+    // read: once the replies back up (through both TCP buffers and the guest's output), the guest
+    // stops reading, so the host's send buffer fills.
+    let mut list = Vec::new();
+    list.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    list.extend_from_slice(&3u32.to_be_bytes());
+    list.extend_from_slice(&0u32.to_be_bytes());
+    let mut sent = 0;
+    for _ in 0..3_000 {
+        let host = net.host_sockets.get_mut::<tcp::Socket>(socket);
+        while sent < 20_000 && host.send_capacity() - host.send_queue() >= list.len() {
+            host.send_slice(&list).expect("send");
+            sent += 1;
+        }
+        net.step();
+    }
+    assert!(
+        sent < 20_000,
+        "the guest kept reading ({sent} options sent)"
+    );
+    // Reading the replies lets it go on: every option sent is answered.
+    for _ in 0..sent {
+        let (_, kind, _) = option_reply(&mut net, socket);
+        assert_eq!(kind, 2);
+        assert_eq!(option_reply(&mut net, socket).1, 1);
+    }
+}
