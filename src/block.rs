@@ -146,6 +146,11 @@ pub trait BlockDevice {
 
     /// The next finished request, if any. Never blocks.
     fn poll(&mut self) -> Option<BlockCompletion>;
+
+    /// Whether [`BlockDevice::poll`] may have something now or soon without an interrupt
+    /// to say so (a polled device with requests in flight): the caller then polls again
+    /// without sleeping. Cheap.
+    fn pending(&self) -> bool;
 }
 
 /// The state of a [`MemoryDisk`], shared between its clones.
@@ -314,6 +319,11 @@ impl BlockDevice for MemoryDisk {
             }
         }
         state.done.pop_front()
+    }
+
+    fn pending(&self) -> bool {
+        let state = self.state.borrow();
+        !state.queue.is_empty() || !state.done.is_empty()
     }
 }
 

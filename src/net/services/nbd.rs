@@ -56,9 +56,12 @@ pub const OPTION_DATA_MAX: u32 = 8192;
 const SKIP_LIMIT: u32 = 1 << 25;
 /// Replies waiting to be sent beyond this stop the reading of further requests.
 const OUTPUT_HIGH_WATER: usize = 64 * 1024;
-/// A connection we closed whose client does not close its side within this is reset, so a
-/// client cannot hold a slot after its session ended.
+/// A connection we closed, or that drains its last replies, and that is still open this long
+/// after is reset, so a client cannot hold a slot after its session ended.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client still haggling this long after it connected is reset (a slot is not held by a
+/// client that never gets to transmission; an idle transmission is legitimate and kept).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -156,6 +159,8 @@ pub struct NbdCounters {
     pub errors: u64,
     /// Connections closed by the server for a protocol violation.
     pub violations: u64,
+    /// Connections reset for outstaying a handshake or a close.
+    pub timeouts: u64,
 }
 
 /// Where a connection is in the protocol.
@@ -173,6 +178,17 @@ enum Phase {
     Draining,
     /// Closed by us; waiting for the socket to finish closing.
     Closed,
+}
+
+impl Phase {
+    /// How long a connection may stay in this phase.
+    fn time_limit(self) -> Option<Duration> {
+        match self {
+            Self::ClientFlags | Self::Options => Some(HANDSHAKE_TIMEOUT),
+            Self::Draining | Self::Closed => Some(CLOSE_TIMEOUT),
+            Self::Idle | Self::Transmission => None,
+        }
+    }
 }
 
 /// What to do once skipped bytes are gone.
@@ -202,8 +218,9 @@ struct Connection {
     sent: usize,
     in_flight: usize,
     spare: Vec<Vec<u8>>,
-    /// When we closed it (phase `Closed`).
-    closed_at: Option<Instant>,
+    /// The phase last seen by [`NbdService::serve`], and since when.
+    observed: Phase,
+    since: Instant,
 }
 
 /// A transmission request, parsed.
@@ -344,7 +361,8 @@ impl Connection {
             sent: 0,
             in_flight: 0,
             spare: Vec::new(),
-            closed_at: None,
+            observed: Phase::Idle,
+            since: Instant::ZERO,
         }
     }
 
@@ -359,7 +377,19 @@ impl Connection {
         self.output.clear();
         self.sent = 0;
         self.in_flight = 0;
-        self.closed_at = None;
+    }
+
+    /// Notes when the phase changed.
+    fn observe(&mut self, now: Instant) {
+        if self.phase != self.observed {
+            self.observed = self.phase;
+            self.since = now;
+        }
+    }
+
+    /// When the connection outstays its phase, if its phase has a limit.
+    fn deadline(&self) -> Option<Instant> {
+        self.phase.time_limit().map(|limit| self.since + limit)
     }
 
     fn pending_output(&self) -> usize {
@@ -526,11 +556,17 @@ impl<D: BlockDevice> NbdService<D> {
         let connection = &mut self.connections[slot];
         let socket = sockets.get_mut::<tcp::Socket>(connection.handle);
         let mut activity = false;
-        if connection.phase == Phase::Closed && socket.is_open() {
-            let since = *connection.closed_at.get_or_insert(now);
-            if now - since >= CLOSE_TIMEOUT {
-                socket.abort();
-            }
+        connection.observe(now);
+        if socket.is_open()
+            && connection
+                .deadline()
+                .is_some_and(|deadline| now >= deadline)
+        {
+            // The reset goes out when the interface next dispatches; the socket listens
+            // again on the next pass (listening now would forget the peer, and the reset).
+            socket.abort();
+            self.counters.timeouts += 1;
+            return true;
         }
         if !socket.is_open() {
             // Closed (by either side): listen again.
@@ -576,6 +612,7 @@ impl<D: BlockDevice> NbdService<D> {
             connection.close(socket);
             activity = true;
         }
+        connection.observe(now);
         activity
     }
 
@@ -1004,25 +1041,29 @@ impl<D: BlockDevice> Service for NbdService<D> {
         activity
     }
 
-    /// The reset of a connection whose client did not close after we did.
-    fn poll_at(&self, _now: Instant) -> Option<Instant> {
+    /// The first connection to outstay its phase (a handshake or a close that takes too
+    /// long); now, while the device may have completions waiting.
+    fn poll_at(&self, now: Instant) -> Option<Instant> {
+        if self.backend.device.pending() {
+            return Some(now);
+        }
         self.connections
             .iter()
-            .filter_map(|connection| connection.closed_at)
+            .filter_map(Connection::deadline)
             .min()
-            .map(|since| since + CLOSE_TIMEOUT)
     }
 
     fn write_stats(&self, out: &mut dyn Write) {
         let counters = self.counters;
         let _ = write!(
             out,
-            " nbd_accepted={} nbd_exports={} nbd_requests={} nbd_errors={} nbd_violations={}",
+            " nbd_accepted={} nbd_exports={} nbd_requests={} nbd_errors={} nbd_violations={} nbd_timeouts={}",
             counters.accepted,
             counters.exports,
             counters.requests,
             counters.errors,
             counters.violations,
+            counters.timeouts,
         );
     }
 

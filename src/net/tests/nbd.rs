@@ -532,3 +532,32 @@ fn a_client_that_never_reads_its_option_replies_stops_being_read() {
         assert_eq!(option_reply(&mut net, socket).1, 1);
     }
 }
+
+#[test]
+fn a_client_that_never_finishes_the_handshake_is_reset() {
+    let disk = MemoryDisk::new(DISK, false);
+    let mut net = net_with(&disk, false);
+    let socket = connect(&mut net, 49_192);
+    recv_exact(&mut net, socket, 18);
+    // No client flags: after the handshake timeout (10 s), the guest resets the connection.
+    net.run_until(12_000, "the handshake times out", |net| {
+        !net.host_sockets.get::<tcp::Socket>(socket).is_open()
+    });
+    assert_eq!(net.counter("nbd_timeouts"), 1);
+    assert!(net.now.total_millis() > 10_000);
+}
+
+#[test]
+fn poll_at_is_now_while_the_device_has_requests_in_flight() {
+    use crate::block::{BlockDevice, BlockRequest};
+    use crate::net::service::Service;
+    use smoltcp::time::Instant;
+
+    let disk = MemoryDisk::new(DISK, false);
+    disk.state().latency = 3;
+    let service = NbdService::new(disk.clone(), NbdConfig::default());
+    let now = Instant::from_millis(5);
+    assert_eq!(service.poll_at(now), None);
+    assert!(disk.clone().submit(1, BlockRequest::Flush).is_ok());
+    assert_eq!(service.poll_at(now), Some(now));
+}
