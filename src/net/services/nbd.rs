@@ -26,11 +26,19 @@
 //!   beyond what the document says a server must tolerate (2^25 bytes, "Size constraints"),
 //!   is a hard disconnect; other connections are unaffected.
 //!
-//! Connections are a fixed pool of TCP sockets, each listening until a client takes it. Every
-//! buffer is bounded: a write's payload is read only when it fits the maximum payload
-//! (otherwise it is skipped and refused), each connection has at most [`MAX_IN_FLIGHT`]
-//! device requests and stops reading requests while its replies wait to be sent. Data buffers
-//! are recycled per connection.
+//! Connections are a fixed pool of TCP sockets ([`NbdConfig::connections`]), each listening
+//! until a client takes it; the free ones are the port's listen backlog
+//! ([`Service::syn_credits`]). A client still haggling after 10 s, or a connection still open
+//! 5 s after it was closed or started draining, is reset, so no client holds a slot outside
+//! transmission (an idle transmission is legitimate and kept).
+//!
+//! Every buffer is bounded: a write's payload is read only when it fits the maximum payload
+//! (otherwise it is skipped and refused), option data beyond [`OPTION_DATA_MAX`] is skipped,
+//! each connection has at most [`MAX_IN_FLIGHT`] device requests, and a connection whose
+//! replies back up (the client not reading) is not read further. Data buffers are recycled
+//! per connection. The device is never waited for: requests are submitted with an id and
+//! their completions polled ([`BlockDevice`]); while the device has requests in flight,
+//! [`Service::poll_at`] asks for polling at once ([`BlockDevice::pending`]).
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
