@@ -34,8 +34,10 @@
 //!
 //! Every buffer is bounded: a write's payload is read only when it fits the maximum payload
 //! (otherwise it is skipped and refused), option data beyond [`OPTION_DATA_MAX`] is skipped,
-//! each connection has at most [`MAX_IN_FLIGHT`] device requests, and a connection whose
-//! replies back up (the client not reading) is not read further. Data buffers are recycled
+//! each connection has at most [`MAX_IN_FLIGHT`] device requests and takes no new one while
+//! the data of those in flight and of its unsent replies exceeds one maximum payload (so it
+//! holds about two maximum payloads at most, plus a write's), and a connection whose replies
+//! back up (the client not reading) is not read further. Data buffers are recycled
 //! per connection. The device is never waited for: requests are submitted with an id and
 //! their completions polled ([`BlockDevice`]); while the device has requests in flight,
 //! [`Service::poll_at`] asks for polling at once ([`BlockDevice::pending`]).
@@ -225,6 +227,8 @@ struct Connection {
     output: Vec<u8>,
     sent: usize,
     in_flight: usize,
+    /// Bytes of data buffers its requests in flight hold.
+    buffered: usize,
     spare: Vec<Vec<u8>>,
     /// The phase last seen by [`NbdService::serve`], and since when.
     observed: Phase,
@@ -252,6 +256,8 @@ struct InFlight {
     read: bool,
     /// A flush must follow before the reply (FUA).
     then_flush: bool,
+    /// Bytes of data buffer it holds (counted in its connection's `buffered`).
+    bytes: usize,
 }
 
 /// The device and the requests in flight on it.
@@ -368,6 +374,7 @@ impl Connection {
             output: Vec::new(),
             sent: 0,
             in_flight: 0,
+            buffered: 0,
             spare: Vec::new(),
             observed: Phase::Idle,
             since: Instant::ZERO,
@@ -385,6 +392,7 @@ impl Connection {
         self.output.clear();
         self.sent = 0;
         self.in_flight = 0;
+        self.buffered = 0;
     }
 
     /// Notes when the phase changed.
@@ -539,6 +547,7 @@ impl<D: BlockDevice> NbdService<D> {
                 continue;
             }
             connection.in_flight -= 1;
+            connection.buffered -= entry.bytes;
             self.counters.requests += 1;
             match completion.result {
                 Ok(()) => {
@@ -688,10 +697,15 @@ impl<D: BlockDevice> NbdService<D> {
                 continue;
             }
             // Back-pressure: no new option or request while the socket or the device is
-            // behind (a client that never reads its replies cannot grow the output).
+            // behind (a client that never reads its replies cannot grow the output), nor while
+            // the data of requests in flight and of replies waiting exceeds one maximum
+            // payload (so a connection holds at most about two maximum payloads and a
+            // write's).
             if connection.pending_output() > OUTPUT_HIGH_WATER
                 || (connection.phase == Phase::Transmission
-                    && connection.in_flight >= MAX_IN_FLIGHT)
+                    && (connection.in_flight >= MAX_IN_FLIGHT
+                        || connection.buffered + connection.pending_output()
+                            > self.backend.max_payload as usize))
             {
                 return activity;
             }
@@ -995,8 +1009,15 @@ impl<D: BlockDevice> NbdService<D> {
                 self.connections[slot].simple_reply(request.cookie, error, &[]);
             }
             Ok(block_request) => {
+                let bytes = match &block_request {
+                    BlockRequest::Read { buffer, .. } | BlockRequest::Write { buffer, .. } => {
+                        buffer.len()
+                    }
+                    _ => 0,
+                };
                 let connection = &mut self.connections[slot];
                 connection.in_flight += 1;
+                connection.buffered += bytes;
                 let generation = connection.generation;
                 let read = matches!(block_request, BlockRequest::Read { .. });
                 let modifies = matches!(
@@ -1013,6 +1034,7 @@ impl<D: BlockDevice> NbdService<D> {
                     cookie: request.cookie,
                     read,
                     then_flush: fua && modifies,
+                    bytes,
                 };
                 self.backend.submit(entry, block_request);
             }

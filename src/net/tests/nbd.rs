@@ -561,3 +561,35 @@ fn poll_at_is_now_while_the_device_has_requests_in_flight() {
     assert!(disk.clone().submit(1, BlockRequest::Flush).is_ok());
     assert_eq!(service.poll_at(now), Some(now));
 }
+
+#[test]
+fn pipelined_requests_beyond_the_data_budget_are_all_served_in_turn() {
+    let disk = MemoryDisk::new(DISK, false);
+    disk.state().latency = 4;
+    disk.state().data[..4096 * 6].copy_from_slice(&pattern(4096 * 6, 3));
+    let config = NbdConfig {
+        export_name: EXPORT.into(),
+        max_payload: 4096,
+        ..NbdConfig::default()
+    };
+    let mut net = Net::with_services(vec![Box::new(NbdService::new(disk.clone(), config))]);
+    let socket = connect(&mut net, 49_193);
+    greet(&mut net, socket, 0b11);
+    option(&mut net, socket, 1, b"");
+    recv_exact(&mut net, socket, 10);
+    // Six reads of one maximum payload each, sent at once: the server takes them one budget
+    // at a time, and answers each.
+    let mut bytes = Vec::new();
+    for index in 0..6u64 {
+        bytes.extend(request(0, CMD_READ, index, index * 4096, 4096));
+    }
+    send(&mut net, socket, &bytes);
+    let expected = pattern(4096 * 6, 3);
+    for index in 0..6u64 {
+        assert_eq!(reply(&mut net, socket), (0, index));
+        let data = recv_exact(&mut net, socket, 4096);
+        assert!(data[..] == expected[index as usize * 4096..][..4096]);
+    }
+    let reads = disk.state().log.len();
+    assert_eq!(reads, 6);
+}
