@@ -724,7 +724,7 @@ fn parse_mac(text: &[u8]) -> Result<[u8; 6], ValueProblem> {
     if parts.next().is_some() {
         return Err(ValueProblem::NotAMac);
     }
-    if mac[0] & 1 != 0 || mac == [0; 6] {
+    if !virtio::net::is_valid_station_mac(mac) {
         return Err(ValueProblem::NotAStationMac);
     }
     Ok(mac)

@@ -185,7 +185,7 @@ fn boot(start_info_address: u32) -> ! {
     for error in &enumeration.errors {
         log::warn!("pci: {error}");
     }
-    let random = arch::boot_unique_u64().to_le_bytes();
+    let random = arch::entropy::boot_unique_u64().to_le_bytes();
     let mut options = virtio::net::NetOptions {
         mac: config.mac,
         fallback_mac: virtio::net::locally_administered_mac([

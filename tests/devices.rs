@@ -14,9 +14,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{NET_RUN_LIMIT, READY_WAIT, count_lines, on_guest, wait_for_count};
+use common::{count_lines, on_guest, wait_for_count};
 use xtask::client::{EchoReport, UdpEchoClient, query_stats, tcp_echo};
-use xtask::{Guest, Machine, QemuCommand, RunError, RunOptions, UserNetGuest, unique_temp_path};
+use xtask::{Guest, Machine, RunError, UserNetGuest, unique_temp_path};
 
 /// The pattern `blk-check` writes into a disk's last block (`src/devices/blk.rs`).
 const CHECK_PATTERN: &[u8] = b"vireo blk-check ";
@@ -79,25 +79,7 @@ fn boot(
     extra: &[String],
     nic: &str,
 ) -> Result<UserNetGuest, RunError> {
-    let mut base = QemuCommand::for_kernel(common::kernel())
-        .map_err(RunError::setup)?
-        .machine(machine)
-        .args(extra.iter().map(String::as_str));
-    if !append.is_empty() {
-        base = base.append(append);
-    }
-    let booted = xtask::boot_on_user_net(
-        &base,
-        nic,
-        RunOptions {
-            timeout: NET_RUN_LIMIT,
-            echo: false,
-        },
-        READY_WAIT,
-    )?;
-    println!("running: {}", booted.guest.command_line());
-    println!("ready: {}", booted.ready.text);
-    Ok(booted)
+    common::boot_user_net_on(machine, append, extra, nic)
 }
 
 /// UDP (64 and 1400 bytes) and a 64 KiB TCP echo, exact.

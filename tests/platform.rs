@@ -59,6 +59,29 @@ fn echo_exact(guest: &Guest, udp: SocketAddr, tcp: SocketAddr) -> Result<(), Run
     Ok(())
 }
 
+/// Starts QEMU for `command` with the networked wall-clock limit, printing the command line.
+fn spawn(command: &QemuCommand) -> Result<Guest, RunError> {
+    println!("running: {}", command.command_line());
+    Guest::spawn(
+        command,
+        RunOptions {
+            timeout: NET_RUN_LIMIT,
+            echo: false,
+        },
+    )
+}
+
+/// A guest with `ip=dhcp` on the tap of `netns`, started (not waited for).
+fn dhcp_guest_in(netns: &NetNs) -> Result<Guest, RunError> {
+    let command = QemuCommand::for_kernel(common::kernel())
+        .map_err(RunError::setup)?
+        .in_netns(netns.name())
+        .append("ip=dhcp")
+        .netdev(NetNs::tap_netdev("n0", "tap0", None))
+        .device(xtask::DEFAULT_NIC);
+    spawn(&command)
+}
+
 /// Fails unless some serial line contains `needle`.
 fn expect_line(guest: &Guest, needle: &str) -> Result<(), RunError> {
     if count_lines(guest, needle) == 0 {
@@ -76,24 +99,7 @@ fn user_net_case(
     extra: &[&str],
     expect: &[&str],
 ) -> Result<UserNetGuest, RunError> {
-    let mut base = QemuCommand::for_kernel(common::kernel())
-        .map_err(RunError::setup)?
-        .machine(machine)
-        .args(extra.iter().copied());
-    if !append.is_empty() {
-        base = base.append(append);
-    }
-    let booted = xtask::boot_on_user_net(
-        &base,
-        nic,
-        RunOptions {
-            timeout: NET_RUN_LIMIT,
-            echo: false,
-        },
-        READY_WAIT,
-    )?;
-    println!("running: {}", booted.guest.command_line());
-    println!("ready: {}", booted.ready.text);
+    let booted = common::boot_user_net_on(machine, append, extra, nic)?;
     for needle in expect {
         expect_line(&booted.guest, needle)?;
     }
@@ -211,14 +217,7 @@ fn polling_only_link_down_at_boot_then_up_via_qmp() -> Result<(), RunError> {
         .qmp_socket(&socket)
         .netdev(net.netdev("n0"))
         .device("virtio-net-pci,netdev=n0,vectors=0");
-    println!("running: {}", command.command_line());
-    let mut guest = Guest::spawn(
-        &command,
-        RunOptions {
-            timeout: NET_RUN_LIMIT,
-            echo: false,
-        },
-    )?;
+    let mut guest = spawn(&command)?;
     let mut qmp = guest.qmp(Duration::from_secs(10))?;
     qmp.set_link("n0", false)
         .map_err(|error| guest.failure(error))?;
@@ -595,20 +594,7 @@ fn dhcp_server_that_never_answers_is_reported_and_survived() -> Result<(), RunEr
     }
     let netns =
         NetNs::create_with("platform-nodhcp", &[TapConfig::default()]).map_err(RunError::setup)?;
-    let command = QemuCommand::for_kernel(common::kernel())
-        .map_err(RunError::setup)?
-        .in_netns(netns.name())
-        .append("ip=dhcp")
-        .netdev(NetNs::tap_netdev("n0", "tap0", None))
-        .device(xtask::DEFAULT_NIC);
-    println!("running: {}", command.command_line());
-    let mut guest = Guest::spawn(
-        &command,
-        RunOptions {
-            timeout: NET_RUN_LIMIT,
-            echo: false,
-        },
-    )?;
+    let mut guest = dhcp_guest_in(&netns)?;
     wait_for_count(&guest, "dhcp: asking for an address", 1, READY_WAIT)?;
     wait_for_count(&guest, "dhcp: no lease after", 2, Duration::from_secs(30))?;
     if count_lines(&guest, "PANIC") != 0 || count_lines(&guest, "vireo: ready") != 0 {
@@ -635,20 +621,7 @@ fn dhcp_server_that_answers_late_gives_a_lease_and_echo() -> Result<(), RunError
         .map_err(|error| RunError::setup(error.into()))?;
     let netns = NetNs::create_with("platform-latedhcp", &[TapConfig::default()])
         .map_err(RunError::setup)?;
-    let command = QemuCommand::for_kernel(common::kernel())
-        .map_err(RunError::setup)?
-        .in_netns(netns.name())
-        .append("ip=dhcp")
-        .netdev(NetNs::tap_netdev("n0", "tap0", None))
-        .device(xtask::DEFAULT_NIC);
-    println!("running: {}", command.command_line());
-    let mut guest = Guest::spawn(
-        &command,
-        RunOptions {
-            timeout: NET_RUN_LIMIT,
-            echo: false,
-        },
-    )?;
+    let mut guest = dhcp_guest_in(&netns)?;
     wait_for_count(&guest, "dhcp: asking for an address", 1, READY_WAIT)?;
     std::thread::sleep(Duration::from_secs(4));
     if count_lines(&guest, "vireo: ready") != 0 {

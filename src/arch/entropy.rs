@@ -97,3 +97,20 @@ pub fn seed_kernel_csprng(
 ) -> (vireo::entropy::Csprng, vireo::entropy::EntropySource) {
     vireo::entropy::seed_csprng(virtio_rng, &mut HardwareEntropy::detect())
 }
+
+/// 64 bits that differ from boot to boot, for identifiers that must not collide (the generated
+/// MAC, drawn before any entropy device is up), not for secrets: RDSEED, else RDRAND (the
+/// library's retry policy), else the TSC stirred by splitmix64's finalizer. Logs nothing: the
+/// `entropy:` line belongs to the CSPRNG's seeding.
+pub fn boot_unique_u64() -> u64 {
+    let mut cpu = HardwareEntropy::detect();
+    if let Some(value) =
+        vireo::entropy::rdseed_u64(&mut cpu).or_else(|| vireo::entropy::rdrand_u64(&mut cpu))
+    {
+        return value;
+    }
+    let mut mixed = cpu.tsc().wrapping_add(0x9e37_79b9_7f4a_7c15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    mixed ^ (mixed >> 31)
+}

@@ -179,27 +179,3 @@ pub fn idle_until_interrupt() {
     x86_64::instructions::interrupts::enable_and_hlt();
     x86_64::instructions::interrupts::disable();
 }
-
-/// 64 bits that differ from boot to boot, for identifiers that must not collide (a generated
-/// MAC), not for secrets: RDRAND when CPUID.1:ECX bit 30 offers it (retried up to 10 times, as
-/// the SDM recommends), else the TSC stirred by a 64-bit mixer (splitmix64's finalizer).
-pub fn boot_unique_u64() -> u64 {
-    let (_, _, features_ecx, _) = cpuid(1);
-    if features_ecx & (1 << 30) != 0 {
-        for _ in 0..10 {
-            let value: u64;
-            let ok: u8;
-            // SAFETY: CPUID says RDRAND exists; it writes only the named registers and flags.
-            unsafe {
-                core::arch::asm!("rdrand {value}", "setc {ok}", value = out(reg) value, ok = out(reg_byte) ok, options(nomem, nostack));
-            }
-            if ok != 0 {
-                return value;
-            }
-        }
-    }
-    let mut mixed = rdtsc().wrapping_add(0x9e37_79b9_7f4a_7c15);
-    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    mixed ^ (mixed >> 31)
-}

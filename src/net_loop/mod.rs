@@ -132,12 +132,12 @@ impl LinkState {
         }
         if !self.ready {
             self.ready = true;
-            let [a, b, c, d, e, f] = self.mac;
             // The running services' words: ` udp-echo=7 tcp-echo=7 stats=7007` by default.
             let mut words = alloc::string::String::new();
             services.describe(&mut words);
             crate::println!(
-                "vireo: ready ip={address} mac={a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x} mode={}{words}{}",
+                "vireo: ready ip={address} mac={} mode={}{words}{}",
+                vireo::config::MacDisplay(self.mac),
                 self.mode,
                 if self.dhcp { " addressing=dhcp" } else { "" }
             );

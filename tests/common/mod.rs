@@ -156,7 +156,21 @@ pub const READY_WAIT: Duration = Duration::from_secs(60);
 /// e.g. [`DEFAULT_NIC`]) on QEMU user networking with the guest's echo and stats ports forwarded
 /// to 127.0.0.1, and waits for the `ready` line.
 pub fn boot_user_net_with(append: &str, nic: &str) -> Result<UserNetGuest, RunError> {
-    let mut command = QemuCommand::for_kernel(kernel()).map_err(RunError::setup)?;
+    boot_user_net_on::<&str>(Machine::Q35, append, &[], nic)
+}
+
+/// [`boot_user_net_with`] on `machine`, with `extra` QEMU arguments (drives, devices, `-cpu`,
+/// ...) before the NIC.
+pub fn boot_user_net_on<S: AsRef<str>>(
+    machine: Machine,
+    append: &str,
+    extra: &[S],
+    nic: &str,
+) -> Result<UserNetGuest, RunError> {
+    let mut command = QemuCommand::for_kernel(kernel())
+        .map_err(RunError::setup)?
+        .machine(machine)
+        .args(extra.iter().map(AsRef::as_ref));
     if !append.is_empty() {
         command = command.append(append);
     }

@@ -450,20 +450,16 @@ impl<H: DmaHal> Part<H> {
         len: usize,
         device_writable: bool,
     ) -> Result<Self, (DmaBuf<H>, DmaError)> {
-        let Ok(len32) = u32::try_from(len) else {
-            let error = DmaError::OutOfBounds {
-                offset: len,
-                len: buf.len(),
-            };
-            return Err((buf, error));
+        let len32 = match u32::try_from(len) {
+            Ok(len32) if len <= buf.len() => len32,
+            _ => {
+                let error = DmaError::OutOfBounds {
+                    offset: len,
+                    len: buf.len(),
+                };
+                return Err((buf, error));
+            }
         };
-        if len > buf.len() {
-            let error = DmaError::OutOfBounds {
-                offset: len,
-                len: buf.len(),
-            };
-            return Err((buf, error));
-        }
         let direction = Self::direction_of(device_writable);
         match buf.allocation.hal.share(buf.phys(), len, direction) {
             Ok(device_address) => Ok(Self {
