@@ -15,9 +15,8 @@ use crate::queue::fake::{FakeDevice as QueueDevice, for_both_formats};
 use crate::queue::{DeviceError, QueueAddresses, QueueFeatures, QueueFormat};
 use crate::spec::{Features, rng};
 use crate::tests::fake::{ADDRESS, FakeConfig, FakeDevice as PciDevice, Layout};
-use crate::transport::{
-    DeviceStatus, DeviceType, IsrStatus, QueueConfig, RegisterWidth, Transport,
-};
+use crate::tests::fake::{ObservedTransport, TransportObserver};
+use crate::transport::{DeviceStatus, DeviceType, Transport};
 
 /// How the fake device answers a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,48 +102,20 @@ impl RngModel<'_> {
     }
 }
 
-/// The PCI transport, reporting to an [`RngModel`].
-struct RngTransport<'m, 'w> {
-    pci: PciTransport<&'w PciDevice>,
-    model: &'m RefCell<RngModel<'w>>,
-}
+/// The PCI transport, reporting to the model.
+type RngTransport<'m, 'w> = ObservedTransport<'m, 'w, RngModel<'w>>;
 
-impl Transport for RngTransport<'_, '_> {
-    fn device_type(&self) -> DeviceType {
-        self.pci.device_type()
+impl TransportObserver for RngModel<'_> {
+    fn driver_features(&mut self, features: u64) {
+        self.features = features;
     }
-    fn read_device_features(&mut self) -> u64 {
-        self.pci.read_device_features()
+    fn reset(&mut self) {
+        self.resets += 1;
+        self.queue = None;
+        self.features = 0;
     }
-    fn write_driver_features(&mut self, features: u64) {
-        self.model.borrow_mut().features = features;
-        self.pci.write_driver_features(features);
-    }
-    fn read_status(&self) -> DeviceStatus {
-        self.pci.read_status()
-    }
-    fn write_status(&mut self, status: DeviceStatus) {
-        self.pci.write_status(status);
-    }
-    fn reset(&mut self) -> Result<(), TransportError> {
-        {
-            let mut model = self.model.borrow_mut();
-            model.resets += 1;
-            model.queue = None;
-            model.features = 0;
-        }
-        self.pci.reset()
-    }
-    fn num_queues(&self) -> u16 {
-        self.pci.num_queues()
-    }
-    fn max_queue_size(&mut self, queue: u16) -> Result<u16, TransportError> {
-        self.pci.max_queue_size(queue)
-    }
-    fn setup_queue(&mut self, queue: u16, config: &QueueConfig) -> Result<(), TransportError> {
-        self.pci.setup_queue(queue, config)?;
-        let mut model = self.model.borrow_mut();
-        let (size, addresses) = model.pci.with(|state| {
+    fn queue_enabled(&mut self, queue: u16) {
+        let (size, addresses) = self.pci.with(|state| {
             let queue = state.queues.get(&queue).expect("queue state");
             let join = |halves: [u32; 2]| u64::from(halves[0]) | (u64::from(halves[1]) << 32);
             let addresses = QueueAddresses {
@@ -154,44 +125,12 @@ impl Transport for RngTransport<'_, '_> {
             };
             (queue.size, addresses)
         });
-        let features = QueueFeatures::from_negotiated(model.features);
-        let dma = model.dma;
-        model.queue = Some(QueueDevice::new(dma, features, size, addresses));
-        Ok(())
+        let features = QueueFeatures::from_negotiated(self.features);
+        self.queue = Some(QueueDevice::new(self.dma, features, size, addresses));
     }
-    fn notify(&self, queue: u16) -> Result<(), TransportError> {
-        self.pci.notify(queue)?;
-        let mut model = self.model.borrow_mut();
-        model.doorbells += 1;
-        model.answer_requests();
-        Ok(())
-    }
-    fn read_isr(&self) -> IsrStatus {
-        self.pci.read_isr()
-    }
-    fn set_config_vector(&mut self, vector: Option<u16>) -> Result<(), TransportError> {
-        self.pci.set_config_vector(vector)
-    }
-    fn config_generation(&self) -> u8 {
-        self.pci.config_generation()
-    }
-    fn device_config_len(&self) -> u64 {
-        self.pci.device_config_len()
-    }
-    fn read_device_config_raw(
-        &self,
-        offset: u32,
-        width: RegisterWidth,
-    ) -> Result<u32, TransportError> {
-        self.pci.read_device_config_raw(offset, width)
-    }
-    fn write_device_config_raw(
-        &mut self,
-        offset: u32,
-        width: RegisterWidth,
-        value: u32,
-    ) -> Result<(), TransportError> {
-        self.pci.write_device_config_raw(offset, width, value)
+    fn doorbell(&mut self, _queue: u16) {
+        self.doorbells += 1;
+        self.answer_requests();
     }
 }
 
@@ -247,7 +186,7 @@ impl World {
             DeviceConfigRequirement::Optional,
         )
         .expect("the fake is discoverable");
-        RngTransport { pci, model }
+        ObservedTransport { pci, model }
     }
 }
 

@@ -822,3 +822,96 @@ impl Hal for FakeDevice {
         self.state.borrow_mut().delayed_us += u64::from(micros);
     }
 }
+
+/// What a device model of the driver tests wants to hear from the transport: the feature bits
+/// the driver wrote, resets, each queue once enabled, and doorbells.
+pub(crate) trait TransportObserver {
+    /// The driver wrote its feature bits.
+    fn driver_features(&mut self, features: u64);
+    /// The driver reset the device (before the registers are reset).
+    fn reset(&mut self);
+    /// Queue `queue` was set up and enabled (its registers hold its addresses).
+    fn queue_enabled(&mut self, queue: u16);
+    /// The driver rang the doorbell of `queue`.
+    fn doorbell(&mut self, queue: u16);
+}
+
+/// The real PCI transport over the fake registers, reporting to a device model `M`: every
+/// operation goes through the production code, and the model learns what the device saw.
+pub(crate) struct ObservedTransport<'m, 'w, M> {
+    pub pci: crate::pci::PciTransport<&'w FakeDevice>,
+    pub model: &'m RefCell<M>,
+}
+
+impl<M: TransportObserver> crate::transport::Transport for ObservedTransport<'_, '_, M> {
+    fn device_type(&self) -> crate::transport::DeviceType {
+        self.pci.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.pci.read_device_features()
+    }
+    fn write_driver_features(&mut self, features: u64) {
+        self.model.borrow_mut().driver_features(features);
+        self.pci.write_driver_features(features);
+    }
+    fn read_status(&self) -> crate::transport::DeviceStatus {
+        self.pci.read_status()
+    }
+    fn write_status(&mut self, status: crate::transport::DeviceStatus) {
+        self.pci.write_status(status);
+    }
+    fn reset(&mut self) -> Result<(), crate::error::TransportError> {
+        self.model.borrow_mut().reset();
+        self.pci.reset()
+    }
+    fn num_queues(&self) -> u16 {
+        self.pci.num_queues()
+    }
+    fn max_queue_size(&mut self, queue: u16) -> Result<u16, crate::error::TransportError> {
+        self.pci.max_queue_size(queue)
+    }
+    fn setup_queue(
+        &mut self,
+        queue: u16,
+        config: &crate::transport::QueueConfig,
+    ) -> Result<(), crate::error::TransportError> {
+        self.pci.setup_queue(queue, config)?;
+        self.model.borrow_mut().queue_enabled(queue);
+        Ok(())
+    }
+    fn notify(&self, queue: u16) -> Result<(), crate::error::TransportError> {
+        self.pci.notify(queue)?;
+        self.model.borrow_mut().doorbell(queue);
+        Ok(())
+    }
+    fn read_isr(&self) -> crate::transport::IsrStatus {
+        self.pci.read_isr()
+    }
+    fn set_config_vector(
+        &mut self,
+        vector: Option<u16>,
+    ) -> Result<(), crate::error::TransportError> {
+        self.pci.set_config_vector(vector)
+    }
+    fn config_generation(&self) -> u8 {
+        self.pci.config_generation()
+    }
+    fn device_config_len(&self) -> u64 {
+        self.pci.device_config_len()
+    }
+    fn read_device_config_raw(
+        &self,
+        offset: u32,
+        width: crate::transport::RegisterWidth,
+    ) -> Result<u32, crate::error::TransportError> {
+        self.pci.read_device_config_raw(offset, width)
+    }
+    fn write_device_config_raw(
+        &mut self,
+        offset: u32,
+        width: crate::transport::RegisterWidth,
+        value: u32,
+    ) -> Result<(), crate::error::TransportError> {
+        self.pci.write_device_config_raw(offset, width, value)
+    }
+}

@@ -18,15 +18,13 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use crate::dma::host::HostDma;
-use crate::error::TransportError;
 use crate::pci::{DeviceConfigRequirement, PciTransport};
 use crate::queue::fake::{Completion, FakeDevice as QueueDevice};
 use crate::queue::{QueueAddresses, QueueFeatures};
 use crate::spec::NetFeatures;
 use crate::tests::fake::{ADDRESS, FakeConfig, FakeDevice as PciDevice, Layout};
-use crate::transport::{
-    DeviceStatus, DeviceType, IsrStatus, QueueConfig, RegisterWidth, Transport,
-};
+use crate::tests::fake::{ObservedTransport, TransportObserver};
+use crate::transport::DeviceStatus;
 
 /// Receive queue index (§5.1.2).
 pub(super) const RX: u16 = 0;
@@ -407,75 +405,21 @@ impl<'w> NetModel<'w> {
     }
 }
 
-/// The PCI transport, reporting to a [`NetModel`].
-pub(super) struct NetTransport<'m, 'w> {
-    pci: PciTransport<&'w PciDevice>,
-    model: &'m RefCell<NetModel<'w>>,
-}
+/// The PCI transport, reporting to the model.
+pub(super) type NetTransport<'m, 'w> = ObservedTransport<'m, 'w, NetModel<'w>>;
 
-impl Transport for NetTransport<'_, '_> {
-    fn device_type(&self) -> DeviceType {
-        self.pci.device_type()
+impl TransportObserver for NetModel<'_> {
+    fn driver_features(&mut self, features: u64) {
+        self.features = features;
     }
-    fn read_device_features(&mut self) -> u64 {
-        self.pci.read_device_features()
+    fn reset(&mut self) {
+        NetModel::reset(self);
     }
-    fn write_driver_features(&mut self, features: u64) {
-        self.model.borrow_mut().features = features;
-        self.pci.write_driver_features(features);
+    fn queue_enabled(&mut self, queue: u16) {
+        self.enabled(queue);
     }
-    fn read_status(&self) -> DeviceStatus {
-        self.pci.read_status()
-    }
-    fn write_status(&mut self, status: DeviceStatus) {
-        self.pci.write_status(status);
-    }
-    fn reset(&mut self) -> Result<(), TransportError> {
-        self.model.borrow_mut().reset();
-        self.pci.reset()
-    }
-    fn num_queues(&self) -> u16 {
-        self.pci.num_queues()
-    }
-    fn max_queue_size(&mut self, queue: u16) -> Result<u16, TransportError> {
-        self.pci.max_queue_size(queue)
-    }
-    fn setup_queue(&mut self, queue: u16, config: &QueueConfig) -> Result<(), TransportError> {
-        self.pci.setup_queue(queue, config)?;
-        self.model.borrow_mut().enabled(queue);
-        Ok(())
-    }
-    fn notify(&self, queue: u16) -> Result<(), TransportError> {
-        self.pci.notify(queue)?;
-        self.model.borrow_mut().doorbell(queue);
-        Ok(())
-    }
-    fn read_isr(&self) -> IsrStatus {
-        self.pci.read_isr()
-    }
-    fn set_config_vector(&mut self, vector: Option<u16>) -> Result<(), TransportError> {
-        self.pci.set_config_vector(vector)
-    }
-    fn config_generation(&self) -> u8 {
-        self.pci.config_generation()
-    }
-    fn device_config_len(&self) -> u64 {
-        self.pci.device_config_len()
-    }
-    fn read_device_config_raw(
-        &self,
-        offset: u32,
-        width: RegisterWidth,
-    ) -> Result<u32, TransportError> {
-        self.pci.read_device_config_raw(offset, width)
-    }
-    fn write_device_config_raw(
-        &mut self,
-        offset: u32,
-        width: RegisterWidth,
-        value: u32,
-    ) -> Result<(), TransportError> {
-        self.pci.write_device_config_raw(offset, width, value)
+    fn doorbell(&mut self, queue: u16) {
+        NetModel::doorbell(self, queue);
     }
 }
 
@@ -522,7 +466,7 @@ impl World {
             DeviceConfigRequirement::Required,
         )
         .expect("the fake is discoverable");
-        NetTransport { pci, model }
+        ObservedTransport { pci, model }
     }
 
     /// Doorbell writes the PCI function saw.
