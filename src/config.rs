@@ -75,11 +75,14 @@ pub enum ServiceKind {
     Stats,
     /// UDP discard on port 9 (RFC 863).
     Discard,
+    /// The NBD export of the first virtio-blk disk on TCP port 10809 (the kernel builds it
+    /// with the disk; without one it is not started).
+    Nbd,
 }
 
 impl ServiceKind {
     /// Every service, in the order they run (and report on the stats line).
-    pub const ALL: [Self; 3] = [Self::Echo, Self::Stats, Self::Discard];
+    pub const ALL: [Self; 4] = [Self::Echo, Self::Stats, Self::Discard, Self::Nbd];
 
     /// Its name in `services=`.
     pub const fn name(self) -> &'static str {
@@ -87,6 +90,7 @@ impl ServiceKind {
             Self::Echo => "echo",
             Self::Stats => "stats",
             Self::Discard => "discard",
+            Self::Nbd => "nbd",
         }
     }
 
@@ -830,13 +834,37 @@ mod tests {
     }
 
     #[test]
+    fn services_nbd_is_selectable_and_runs_after_the_others() {
+        let (config, errors) = parse_collect("services=nbd,echo,stats");
+        assert!(errors.is_empty(), "{errors:?}");
+        let kinds: Vec<_> = config.services.iter().collect();
+        assert_eq!(
+            kinds,
+            [ServiceKind::Echo, ServiceKind::Stats, ServiceKind::Nbd]
+        );
+        assert_eq!(config.services.to_string(), "echo,stats,nbd");
+        let (config, errors) = parse_collect("services=nbd");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.services.to_string(), "nbd");
+        assert!(!config.services.contains(ServiceKind::Echo));
+        let (config, errors) = parse_collect("services=echo,stats,discard,nbd,nbd");
+        assert_eq!(config.services.to_string(), "echo,stats,discard,nbd");
+        assert_eq!(errors, ["service 'nbd' named more than once in services="]);
+        // Not a default service: the demo and the guest contract keep echo,stats.
+        assert!(!ServiceSet::DEFAULT.contains(ServiceKind::Nbd));
+        let (config, errors) = parse_collect("services=NBD");
+        assert_eq!(config.services, ServiceSet::DEFAULT);
+        assert_eq!(errors[0], "unknown service 'NBD' in services= skipped");
+    }
+
+    #[test]
     fn services_names_unknown_and_repeated_services_and_never_runs_none() {
-        let (config, errors) = parse_collect("services=echo,nbd,stats,echo");
+        let (config, errors) = parse_collect("services=echo,nfs,stats,echo");
         assert_eq!(config.services, ServiceSet::DEFAULT);
         assert_eq!(
             errors,
             [
-                "unknown service 'nbd' in services= skipped",
+                "unknown service 'nfs' in services= skipped",
                 "service 'echo' named more than once in services=",
             ]
         );

@@ -2,8 +2,9 @@
 //! interrupt path it accepts (its [`DeviceIrq`] record tries MSI-X with a config and a queue
 //! vector, one shared vector, INTx, polling), its configuration logged, and the `blk-check`
 //! boot check (kernel command line) that proves reads, writes and flushes reach the image.
-//! Until a service uses the disk (the network block export), the kernel holds it in the
-//! registry of `super` and reports its counters in the stats line.
+//! The kernel holds the disk in the registry of `super` and reports its counters in the stats
+//! line; the network block export (`services=nbd`) reaches the first disk through
+//! `super::disk`, whose requests a recovery answers with an I/O error.
 
 #![deny(unsafe_code)]
 
@@ -40,6 +41,8 @@ pub struct BlkDevice {
     pub retired: virtio::blk::BlkStats,
     /// Device resets done.
     pub resets: u64,
+    /// The network block export's requests on this disk (`super::disk`).
+    pub requests: super::disk::DiskRequests,
 }
 
 impl BlkDevice {
@@ -83,6 +86,13 @@ impl BlkDevice {
         };
         if let Some(error) = failure {
             self.recover(config, &error);
+        } else if self.requests.stalled(crate::arch::clock::now_ns()) {
+            let stalled = alloc::format!(
+                "no completion in {} s with {} requests in flight",
+                super::disk::STALL_NS / 1_000_000_000,
+                self.requests.in_flight()
+            );
+            self.recover(config, &stalled);
         }
     }
 
@@ -95,6 +105,13 @@ impl BlkDevice {
             add_stats(&mut self.retired, old.stats());
             // Dropping the driver resets the device before its queue memory is freed.
             drop(old);
+        }
+        let lost = self.requests.in_flight();
+        if lost > 0 {
+            log::warn!(
+                "virtio-blk: {address}: {lost} requests of the block export fail with an I/O error (the device was reset under them)"
+            );
+            self.requests.fail_all();
         }
         match start(config, &self.function, self.path) {
             Ok(blk) => {
@@ -220,6 +237,7 @@ pub fn bind(
         path,
         retired: virtio::blk::BlkStats::default(),
         resets: 0,
+        requests: super::disk::DiskRequests::default(),
     })
 }
 

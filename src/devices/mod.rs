@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod blk;
+pub mod disk;
 pub mod irq;
 pub mod net;
 pub mod rng;
@@ -449,6 +450,61 @@ pub fn housekeeping() {
         device.housekeeping(config);
     }
     reseed(&mut registry);
+}
+
+/// Runs `f` on the first disk with the configuration access its recovery needs; `None`
+/// without a disk.
+pub fn with_first_blk<R>(
+    f: impl FnOnce(&mut BlkDevice, &'static PlatformConfig) -> R,
+) -> Option<R> {
+    let mut registry = REGISTRY.lock();
+    let config = registry.config?;
+    registry.blks.first_mut().map(|device| f(device, config))
+}
+
+/// Before the loop halts: arms the request-queue interrupt of every disk the block export has
+/// requests on. Returns true when the loop must not halt: completions are already waiting
+/// (found by the driver's re-check after arming, §2.7.10 / §2.8.21), or requests are in flight
+/// on a disk that cannot interrupt.
+pub fn arm_blk_interrupts() -> bool {
+    let mut registry = REGISTRY.lock();
+    let mut busy = false;
+    for device in registry.blks.iter_mut() {
+        if device.requests.has_ready() {
+            busy = true;
+            continue;
+        }
+        if device.requests.in_flight() == 0 {
+            continue;
+        }
+        let Some(blk) = device.blk.as_mut() else {
+            continue;
+        };
+        if device.path == InterruptPath::Polling || blk.arm_interrupt() {
+            busy = true;
+        }
+    }
+    busy
+}
+
+/// After the halt: the disks' request-queue interrupts go off again (completions are polled
+/// while the loop runs).
+pub fn disarm_blk_interrupts() {
+    let mut registry = REGISTRY.lock();
+    for device in registry.blks.iter_mut() {
+        if let Some(blk) = device.blk.as_mut() {
+            blk.disarm_interrupt();
+        }
+    }
+}
+
+/// Whether a disk has completions of the block export waiting (cheap: the polling loop
+/// watches it beside the NIC's ring).
+pub fn blk_completions_waiting() -> bool {
+    let registry = REGISTRY.lock();
+    registry.blks.iter().any(|device| {
+        device.requests.in_flight() > 0 && device.blk.as_ref().is_some_and(|blk| blk.pending())
+    })
 }
 
 /// Appends the other devices' counters to a stats line (` key=value` pairs; totals over the

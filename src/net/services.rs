@@ -2,9 +2,9 @@
 //! DHCPv4 client, the RFC 6528 sequence-number translation, and the services it runs, each a
 //! [`Service`] (`src/net/service.rs`): echo on port 7 ([`echo`]), the stats line on UDP port
 //! 7007 ([`stats`]), discard on UDP port 9 ([`discard`]), chosen by `services=` on the command
-//! line (default `echo,stats`). ICMP echo is answered by smoltcp's interface itself. An NBD
-//! server over any block device ([`nbd`], TCP port 10809) is a service too, run by whoever
-//! builds it with a device; it is not one of `services=`.
+//! line (default `echo,stats`). ICMP echo is answered by smoltcp's interface itself. The NBD
+//! server over any block device ([`nbd`], TCP port 10809) is `services=nbd`: the kernel builds
+//! it over its first virtio-blk disk ([`build_all`]).
 //!
 //! The address is the command line's, or with `ip=dhcp` leased by smoltcp's DHCPv4 client
 //! (RFC 2131), which retries discovery on its own timers, renews at T1 and rebinds at T2; each
@@ -18,7 +18,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write;
 
-use crate::config::{Config, ServiceKind};
+use crate::config::{Config, ServiceKind, ServiceSet};
 use crate::net::device::SynCredits;
 use crate::net::isn::{IsnDevice, IsnTranslation, NetSecrets};
 use crate::net::service::{HostCounters, Service, ServiceContext};
@@ -48,13 +48,28 @@ pub fn udp_socket(packets: usize, bytes: usize) -> udp::Socket<'static> {
     udp::Socket::new(rx, tx)
 }
 
-/// The service of that name, not yet bound.
-pub fn build(kind: ServiceKind) -> Box<dyn Service> {
+/// The service of that name, not yet bound; `None` for a service that needs something only
+/// the kernel has ([`ServiceKind::Nbd`] needs the disk: see [`build_all`]).
+pub fn build(kind: ServiceKind) -> Option<Box<dyn Service>> {
     match kind {
-        ServiceKind::Echo => Box::new(echo::EchoService::new()),
-        ServiceKind::Stats => Box::new(stats::StatsService::new()),
-        ServiceKind::Discard => Box::new(discard::DiscardService::default()),
+        ServiceKind::Echo => Some(Box::new(echo::EchoService::new())),
+        ServiceKind::Stats => Some(Box::new(stats::StatsService::new())),
+        ServiceKind::Discard => Some(Box::new(discard::DiscardService::default())),
+        ServiceKind::Nbd => None,
     }
+}
+
+/// The services of `services`, in the order they run: those [`build`] makes, and the others
+/// from `platform` (the kernel builds the NBD export over its disk there), which may decline
+/// one (`None`: it is not started, and `platform` says why).
+pub fn build_all(
+    services: ServiceSet,
+    mut platform: impl FnMut(ServiceKind) -> Option<Box<dyn Service>>,
+) -> Vec<Box<dyn Service>> {
+    services
+        .iter()
+        .filter_map(|kind| build(kind).or_else(|| platform(kind)))
+        .collect()
 }
 
 /// The interface, the sockets, the DHCP client and the services.
@@ -79,7 +94,8 @@ pub struct Services {
 
 impl Services {
     /// Builds the interface for `mac` with the command line's address and gateway, and binds
-    /// the services `services=` chose. `secrets` (drawn from the CSPRNG, [`NetSecrets::draw`])
+    /// the services `services=` chose that the library builds on its own ([`build`]; the
+    /// kernel uses [`Services::with_services`] with [`build_all`] for the others). `secrets` (drawn from the CSPRNG, [`NetSecrets::draw`])
     /// seed smoltcp's generator and key the TCP sequence-number translation of
     /// [`crate::net::isn`].
     pub fn new<D: Device>(
@@ -89,7 +105,7 @@ impl Services {
         now: Instant,
         secrets: NetSecrets,
     ) -> Self {
-        let services = config.services.iter().map(build).collect();
+        let services = build_all(config.services, |_| None);
         Self::with_services(device, mac, config, now, secrets, services)
     }
 

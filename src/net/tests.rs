@@ -686,7 +686,7 @@ fn tcp_echo_through_the_translation_with_another_key_is_exact() {
 fn echo_stats_discard() -> Vec<Box<dyn Service>> {
     let mut config = Config::default();
     config.services.insert(crate::config::ServiceKind::Discard);
-    config.services.iter().map(super::services::build).collect()
+    super::services::build_all(config.services, |_| None)
 }
 
 #[test]
@@ -702,6 +702,30 @@ fn default_services_describe_the_ready_line_as_before() {
     let mut words = String::new();
     net.services.describe(&mut words);
     assert_eq!(words, " udp-echo=7 tcp-echo=7 stats=7007 discard=9");
+}
+
+#[test]
+fn services_nbd_comes_from_the_platform_which_may_decline_it() {
+    let mut config = Config::default();
+    config.services.insert(crate::config::ServiceKind::Nbd);
+    let mut asked = Vec::new();
+    let without_disk = super::services::build_all(config.services, |kind| {
+        asked.push(kind);
+        None
+    });
+    assert_eq!(asked, [crate::config::ServiceKind::Nbd]);
+    let names: Vec<_> = without_disk.iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["echo", "stats"], "the others still run");
+    let with_disk = super::services::build_all(config.services, |kind| {
+        assert_eq!(kind, crate::config::ServiceKind::Nbd);
+        let disk = crate::block::MemoryDisk::new(1 << 20, false);
+        let service = super::services::nbd::NbdService::new(disk, Default::default());
+        Some(Box::new(service) as Box<dyn Service>)
+    });
+    let net = Net::with_services(with_disk);
+    let mut words = String::new();
+    net.services.describe(&mut words);
+    assert_eq!(words, " udp-echo=7 tcp-echo=7 stats=7007 nbd=10809");
 }
 
 #[test]

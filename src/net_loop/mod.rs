@@ -29,12 +29,14 @@ use core::fmt::Write;
 
 use smoltcp::time::Instant;
 use vireo::adaptive::{HaltOutcome, PollWindow};
-use vireo::config::{Config, Mode};
+use vireo::config::{Config, Mode, ServiceKind};
 
 use vireo::net::NicControl;
 use vireo::net::device::{Nic, NicDevice, SynCredits};
 use vireo::net::isn::NetSecrets;
+use vireo::net::service::Service;
 use vireo::net::services::Services;
+use vireo::net::services::nbd::{NbdConfig, NbdService};
 
 use crate::arch::{self, clock};
 
@@ -187,6 +189,24 @@ fn stack_timer_ns(services: &mut Services) -> Option<u64> {
         .map(|delay| delay.total_micros().saturating_mul(1000))
 }
 
+/// The services the library cannot build on its own: `nbd`, the export of the first
+/// virtio-blk disk. Without a disk it is not started, and the console says so.
+fn platform_service(kind: ServiceKind) -> Option<alloc::boxed::Box<dyn Service>> {
+    match kind {
+        ServiceKind::Nbd => match crate::devices::disk::KernelDisk::first() {
+            Some(disk) => Some(alloc::boxed::Box::new(NbdService::new(
+                disk,
+                NbdConfig::default(),
+            ))),
+            None => {
+                crate::println!("nbd: no virtio-blk device, not started");
+                None
+            }
+        },
+        _ => None,
+    }
+}
+
 /// Serves forever; `nic_irq` counts the NIC's interrupts for the stats line; `secrets` (smoltcp's
 /// seed and the TCP ISN key) come from the kernel CSPRNG.
 pub fn run<N: Nic + NicControl>(
@@ -200,7 +220,8 @@ pub fn run<N: Nic + NicControl>(
     let held = RefCell::new(None);
     let mut services = {
         let mut device = NicDevice::new(&nic, &held, SynCredits::new());
-        Services::new(&mut device, mac, config, now(), secrets)
+        let chosen = vireo::net::services::build_all(config.services, platform_service);
+        Services::with_services(&mut device, mac, config, now(), secrets, chosen)
     };
     let mut link = LinkState::new(mac, config);
     if !nic.borrow().link_up() {
@@ -289,7 +310,7 @@ pub fn run<N: Nic + NicControl>(
             let (stolen_ns, steals) = arch::interrupts::enabled_during(|| {
                 let mut stolen = (0u64, 0u64);
                 let mut last = clock::now_ns();
-                while !nic.borrow().rx_pending() {
+                while !nic.borrow().rx_pending() && !crate::devices::blk_completions_waiting() {
                     let at = clock::now_ns();
                     if at >= deadline {
                         break;
@@ -322,8 +343,15 @@ pub fn run<N: Nic + NicControl>(
         if sleep_ns == 0 {
             continue;
         }
+        // The disks first: a disk the block export waits on must be able to wake the halt
+        // (its interrupt armed, with the re-check), or the loop must not halt at all.
+        if crate::devices::arm_blk_interrupts() {
+            crate::devices::disarm_blk_interrupts();
+            continue;
+        }
         if nic.borrow_mut().arm_rx_interrupt() {
             nic.borrow_mut().disarm_rx_interrupt();
+            crate::devices::disarm_blk_interrupts();
             continue;
         }
         let halt_at_ns = clock::now_ns();
@@ -333,6 +361,7 @@ pub fn run<N: Nic + NicControl>(
         counters.halts += 1;
         arch::idle_until_interrupt();
         nic.borrow_mut().disarm_rx_interrupt();
+        crate::devices::disarm_blk_interrupts();
         if config.mode == Mode::Adaptive {
             let halted_ns = clock::now_ns().saturating_sub(halt_at_ns);
             match window.after_halt(halted_ns, nic.borrow().rx_pending()) {

@@ -338,7 +338,8 @@ impl<H: DmaHal> DmaBuf<H> {
         let pointer = self.allocation.check(self.offset, self.len, 1);
         // SAFETY: the range is inside the live allocation (checked), which the `Arc` keeps
         // alive for the borrow; `DmaBuf` ranges of one allocation are disjoint (only
-        // `split_at` makes new ones, from an owned buffer) and the device does not access a
+        // `split_at` and `join` make new ones, from owned buffers: `join` merges two adjacent
+        // ranges it owns both of) and the device does not access a
         // buffer the driver holds, so no one writes these bytes during the shared borrow.
         // They were zeroed at allocation, so they are initialized `u8`s.
         unsafe { core::slice::from_raw_parts(pointer, self.len) }
@@ -374,6 +375,22 @@ impl<H: DmaHal> DmaBuf<H> {
             len: mid,
         };
         Ok((head, tail))
+    }
+
+    /// Joins `tail` back onto `self` when it is the piece right after it in the same
+    /// allocation (as [`DmaBuf::split_at`] made them), so a pool can lend the head of a buffer
+    /// and take the whole back; otherwise both come back unchanged.
+    pub fn join(self, tail: Self) -> Result<Self, (Self, Self)> {
+        let adjacent = Arc::ptr_eq(&self.allocation, &tail.allocation)
+            && self.offset.checked_add(self.len) == Some(tail.offset);
+        if !adjacent {
+            return Err((self, tail));
+        }
+        Ok(Self {
+            allocation: self.allocation,
+            offset: self.offset,
+            len: self.len + tail.len,
+        })
     }
 
     /// Splits into consecutive pieces of `chunk` bytes (the last may be shorter).
@@ -638,6 +655,33 @@ mod tests {
             "one piece still holds the allocation"
         );
         drop(last);
+        assert_eq!(hal.live_allocations(), 0);
+    }
+
+    #[test]
+    fn dma_buf_join_takes_back_only_the_adjacent_piece_of_the_same_allocation() {
+        let hal = HostDma::new();
+        let buf = DmaBuf::new(&hal, 8192).expect("allocation");
+        let base = buf.phys();
+        let (mut head, tail) = buf.split_at(512).expect("split");
+        head.as_bytes_mut().fill(0x5a);
+        let other = DmaBuf::new(&hal, 4096).expect("allocation");
+        let (head, other) = head.join(other).expect_err("another allocation");
+        let (tail, head) = tail.join(head).expect_err("not in that order");
+        let whole = head.join(tail).expect("adjacent");
+        assert_eq!((whole.phys(), whole.len()), (base, 8192));
+        assert!(whole.as_bytes()[..512].iter().all(|&b| b == 0x5a));
+        let (head, rest) = whole.split_at(4096).expect("split");
+        let (middle, last) = rest.split_at(4096).expect("split at the end");
+        assert_eq!(last.len(), 0);
+        let (head, last) = head.join(last).expect_err("a gap between them");
+        let whole = head
+            .join(middle)
+            .and_then(|b| b.join(last))
+            .expect("in order");
+        assert_eq!(whole.len(), 8192);
+        drop(other);
+        drop(whole);
         assert_eq!(hal.live_allocations(), 0);
     }
 
