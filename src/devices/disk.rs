@@ -219,6 +219,8 @@ fn refusal(error: BlkError, write: bool) -> BlockError {
 /// header).
 pub struct KernelDisk {
     info: BlockDeviceInfo,
+    /// Requests the disk's queue holds at once (its size).
+    queue_depth: usize,
 }
 
 impl KernelDisk {
@@ -226,10 +228,11 @@ impl KernelDisk {
     pub fn first() -> Option<Self> {
         let info = super::with_first_blk(|device, _| {
             let blk = device.blk.as_ref()?;
-            Some((device.function.address, export_info(&blk.info())))
+            let depth = usize::from(blk.queue_size());
+            Some((device.function.address, export_info(&blk.info()), depth))
         })
         .flatten()?;
-        let (address, info) = info;
+        let (address, info, queue_depth) = info;
         log::info!(
             "nbd: exporting virtio-blk {address}: {} bytes, block size {}, {}, flush {}, trim {}, write zeroes {}",
             info.size,
@@ -243,7 +246,12 @@ impl KernelDisk {
             yes(info.trim),
             yes(info.write_zeroes),
         );
-        Some(Self { info })
+        Some(Self { info, queue_depth })
+    }
+
+    /// Requests the disk's queue holds at once.
+    pub fn queue_depth(&self) -> usize {
+        self.queue_depth
     }
 }
 

@@ -194,10 +194,13 @@ fn stack_timer_ns(services: &mut Services) -> Option<u64> {
 fn platform_service(kind: ServiceKind) -> Option<alloc::boxed::Box<dyn Service>> {
     match kind {
         ServiceKind::Nbd => match crate::devices::disk::KernelDisk::first() {
-            Some(disk) => Some(alloc::boxed::Box::new(NbdService::new(
-                disk,
-                NbdConfig::default(),
-            ))),
+            Some(disk) => {
+                // The disk's queue shared among the connections: requests are pipelined up
+                // to its depth.
+                let mut nbd = NbdConfig::default();
+                nbd.max_in_flight = (disk.queue_depth() / nbd.connections.max(1)).max(1);
+                Some(alloc::boxed::Box::new(NbdService::new(disk, nbd)))
+            }
             None => {
                 crate::println!("nbd: no virtio-blk device, not started");
                 None

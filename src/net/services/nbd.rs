@@ -34,7 +34,7 @@
 //!
 //! Every buffer is bounded: a write's payload is read only when it fits the maximum payload
 //! (otherwise it is skipped and refused), option data beyond [`OPTION_DATA_MAX`] is skipped,
-//! each connection has at most [`MAX_IN_FLIGHT`] device requests and takes no new one while
+//! each connection has at most [`NbdConfig::max_in_flight`] device requests and takes no new one while
 //! the data of those in flight and of its unsent replies exceeds one maximum payload (so it
 //! holds about two maximum payloads at most, plus a write's), and a connection whose replies
 //! back up (the client not reading) is not read further. Data buffers are recycled
@@ -57,7 +57,7 @@ use crate::net::service::{Service, ServiceContext};
 
 /// The IANA port for NBD ("Newstyle negotiation").
 pub const NBD_PORT: u16 = 10809;
-/// Device requests in flight per connection, at most.
+/// Device requests in flight per connection, at most, by default ([`NbdConfig::max_in_flight`]).
 pub const MAX_IN_FLIGHT: usize = 8;
 /// Option data kept, at most (an export name is at most 4 KiB, "Option types").
 pub const OPTION_DATA_MAX: u32 = 8192;
@@ -143,6 +143,9 @@ pub struct NbdConfig {
     pub max_payload: u32,
     /// Serve the export read-only even if the device is writable.
     pub read_only: bool,
+    /// Device requests one connection may have in flight ([`MAX_IN_FLIGHT`] by default; the
+    /// kernel shares its disk's queue depth among the connections).
+    pub max_in_flight: usize,
 }
 
 impl Default for NbdConfig {
@@ -152,6 +155,7 @@ impl Default for NbdConfig {
             connections: 4,
             max_payload: 1 << 20,
             read_only: false,
+            max_in_flight: MAX_IN_FLIGHT,
         }
     }
 }
@@ -230,6 +234,8 @@ struct Connection {
     /// Bytes of data buffers its requests in flight hold.
     buffered: usize,
     spare: Vec<Vec<u8>>,
+    /// Buffers kept for reuse, at most (its requests in flight, at most).
+    spare_max: usize,
     /// The phase last seen by [`NbdService::serve`], and since when.
     observed: Phase,
     since: Instant,
@@ -362,7 +368,7 @@ fn be_u64(bytes: &[u8]) -> u64 {
 }
 
 impl Connection {
-    fn new(handle: SocketHandle) -> Self {
+    fn new(handle: SocketHandle, spare_max: usize) -> Self {
         Self {
             handle,
             generation: 0,
@@ -376,6 +382,7 @@ impl Connection {
             in_flight: 0,
             buffered: 0,
             spare: Vec::new(),
+            spare_max,
             observed: Phase::Idle,
             since: Instant::ZERO,
         }
@@ -420,7 +427,7 @@ impl Connection {
     }
 
     fn recycle(&mut self, buffer: Vec<u8>) {
-        if self.spare.len() < MAX_IN_FLIGHT {
+        if self.spare.len() < self.spare_max {
             self.spare.push(buffer);
         }
     }
@@ -703,7 +710,7 @@ impl<D: BlockDevice> NbdService<D> {
             // write's).
             if connection.pending_output() > OUTPUT_HIGH_WATER
                 || (connection.phase == Phase::Transmission
-                    && (connection.in_flight >= MAX_IN_FLIGHT
+                    && (connection.in_flight >= self.config.max_in_flight.max(1)
                         || connection.buffered + connection.pending_output()
                             > self.backend.max_payload as usize))
             {
@@ -1054,7 +1061,7 @@ impl<D: BlockDevice> Service for NbdService<D> {
     fn bind(&mut self, sockets: &mut SocketSet<'static>) {
         let port = self.port;
         self.connections = (0..self.config.connections)
-            .map(|_| Connection::new(sockets.add(listener(port))))
+            .map(|_| Connection::new(sockets.add(listener(port)), self.config.max_in_flight))
             .collect();
     }
 
