@@ -27,6 +27,7 @@ mod demo;
 mod error;
 pub mod faults;
 pub mod host;
+pub mod nbd;
 mod netns;
 pub mod progress;
 mod qmp;
