@@ -12,6 +12,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::client::{
@@ -23,7 +24,7 @@ use crate::host::{Qemu, choose_accel, log};
 use crate::progress::Progress;
 use crate::qmp::QmpError;
 use crate::runner::{GuestExit, RunError, RunOptions, SerialLine, unique_temp_path};
-use crate::usernet::{DEFAULT_NIC, UserNet, boot_on_user_net};
+use crate::usernet::{DEFAULT_NIC, UserNet, boot_on_user_net_forwarding};
 
 /// What the demo does after the guest is ready.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +64,9 @@ pub struct DemoConfig {
     pub blk: Option<PathBuf>,
     /// Attach a virtio-rng device (`--rng`); the guest seeds its CSPRNG from it.
     pub rng: bool,
+    /// Export the disk over NBD (`--nbd`): `services=echo,stats,nbd`, with `--blk`'s image or
+    /// a fresh 64 MiB one, and show real clients using it (see [`nbd_demo`]).
+    pub nbd: bool,
 }
 
 impl Default for DemoConfig {
@@ -76,6 +80,7 @@ impl Default for DemoConfig {
             echo_serial: true,
             blk: None,
             rng: false,
+            nbd: false,
         }
     }
 }
@@ -113,6 +118,12 @@ pub struct DemoArgs {
     /// the entropy line.
     #[arg(long)]
     pub rng: bool,
+    /// Export the disk over NBD (services=echo,stats,nbd; the --blk image, or a fresh 64 MiB
+    /// one): nbdinfo lists it, qemu-io writes and reads back patterns at 1 MiB, nbdcopy reads
+    /// the whole export; exits 0 only when every byte matches. Needs nbdinfo, nbdcopy
+    /// (libnbd-bin) and qemu-io (qemu-utils), installed when running as root.
+    #[arg(long)]
+    pub nbd: bool,
 }
 
 /// `demo` alone, for [`DemoConfig::parse`].
@@ -137,6 +148,7 @@ impl From<&DemoArgs> for DemoConfig {
             echo_serial: true,
             blk: args.blk.clone(),
             rng: args.rng,
+            nbd: args.nbd,
         }
     }
 }
@@ -176,6 +188,12 @@ pub enum DemoError {
     /// An echo failed: missing, wrong bytes, or a service that did not answer.
     #[error("demo failed: an echo failed: {error}\n{failure}", error = .0.error, failure = .0)]
     Echo(RunError),
+    /// `--nbd`: a client program is missing and cannot be installed here.
+    #[error("demo failed: an NBD client is missing: {0}")]
+    NbdClientMissing(crate::host::InstallError),
+    /// `--nbd`: a client failed, or the bytes it read back did not match.
+    #[error("demo failed: the NBD export failed: {error}\n{failure}", error = .0.error, failure = .0)]
+    Nbd(RunError),
     /// The guest served every echo but did not shut down cleanly through QMP `quit`.
     #[error("demo failed: the guest did not shut down cleanly: {error}\n{failure}", error = .0.error, failure = .0)]
     Shutdown(RunError),
@@ -191,6 +209,8 @@ impl DemoError {
             DemoError::KernelMissing(_) => "no kernel image",
             DemoError::NeverReady(_) => "the guest never became ready",
             DemoError::Echo(_) => "an echo failed",
+            DemoError::NbdClientMissing(_) => "an NBD client is missing",
+            DemoError::Nbd(_) => "the NBD export failed",
             DemoError::Shutdown(_) => "the guest did not shut down cleanly",
         }
     }
@@ -261,6 +281,8 @@ pub struct DemoSummary {
     pub exit: GuestExit,
     /// How long QEMU took to exit after `quit`.
     pub shutdown: Duration,
+    /// What the NBD clients did (`--nbd`).
+    pub nbd: Option<NbdDemoReport>,
 }
 
 impl DemoSummary {
@@ -348,6 +370,21 @@ impl fmt::Display for DemoSummary {
             per("interrupts")
         )?;
         writeln!(f, "    stats:       {}", m.stats_after.line)?;
+        if let Some(nbd) = &self.nbd {
+            writeln!(
+                f,
+                "    NBD:         {} ({} bytes, {}): qemu-io wrote and read back {} bytes at \
+                 offset {}, nbdcopy read the whole export in {:.2} s ({:.1} MiB/s); every byte \
+                 matches, in the export and in the image",
+                nbd.uri,
+                nbd.size,
+                nbd.flags,
+                nbd.written,
+                NBD_DEMO_OFFSET,
+                nbd.copy_time.as_secs_f64(),
+                nbd.size as f64 / (1u64 << 20) as f64 / nbd.copy_time.as_secs_f64().max(1e-9)
+            )?;
+        }
         let exit = match self.exit {
             GuestExit::QemuStatus(code) => format!("status {code}"),
             other => other.to_string(),
@@ -409,6 +446,22 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
             }));
         }
         append.push("blk-check".to_string());
+    }
+    // `--nbd` without `--blk`: a fresh image, removed at the end.
+    let scratch_image = match (&config.blk, config.nbd) {
+        (None, true) => Some(ScratchImage::new(NBD_DEMO_IMAGE_BYTES).map_err(DemoError::Setup)?),
+        _ => None,
+    };
+    let disk = config
+        .blk
+        .clone()
+        .or_else(|| scratch_image.as_ref().map(|image| image.path.clone()));
+    if config.nbd {
+        // Before booting: a missing client is a clear error, not a half-run demo.
+        crate::nbd::ensure_nbd_tools().map_err(DemoError::NbdClientMissing)?;
+        append.push("services=echo,stats,nbd".to_string());
+    }
+    if let Some(image) = &disk {
         base = base
             .arg("-drive")
             .arg(format!(
@@ -428,7 +481,7 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
          echo (7), TCP echo (7) and stats (UDP 7007) ports are forwarded to free ports on \
          127.0.0.1"
     ));
-    let booted = boot_on_user_net(
+    let booted = boot_on_user_net_forwarding(
         &base,
         DEFAULT_NIC,
         RunOptions {
@@ -436,6 +489,7 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
             echo: config.echo_serial,
         },
         config.timeout,
+        config.nbd,
     )
     .map_err(DemoError::NeverReady)?;
     let mut guest = booted.guest;
@@ -453,6 +507,13 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
     ));
     let measurements = demo_exchanges(&net, config.options)
         .map_err(|error| DemoError::Echo(guest.failure(Error::Client(error))))?;
+    let nbd = match (config.nbd, net.nbd(), &disk) {
+        (true, Some(address), Some(image)) => Some(
+            nbd_demo(address, image)
+                .map_err(|message| DemoError::Nbd(guest.check_failed(message)))?,
+        ),
+        _ => None,
+    };
 
     // A clean shutdown: QMP `quit`, then QEMU must exit on its own.
     log("demo: shutting the guest down (QMP quit)");
@@ -477,6 +538,18 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
         ))));
     }
     let _ = std::fs::remove_file(&qmp_socket);
+    if let (Some(report), Some(image)) = (&nbd, &disk) {
+        // What the clients wrote is in the image, seen from the host after QEMU exited.
+        let contents = std::fs::read(image).map_err(|error| {
+            DemoError::Nbd(guest.check_failed(format!("reading {}: {error}", image.display())))
+        })?;
+        if let Err(message) = check_nbd_pattern(&contents, report.written) {
+            return Err(DemoError::Nbd(guest.check_failed(format!(
+                "in the image after QEMU exited: {message}"
+            ))));
+        }
+    }
+    drop(scratch_image);
     Ok(DemoSummary {
         command_line: guest.command_line().to_string(),
         kernel,
@@ -493,6 +566,7 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
                     || text.contains("blk-check: ")
                     || text.contains("virtio-rng: ")
                     || text.contains("entropy: ")
+                    || text.contains("nbd: ")
             })
             .map(|text| text.split("] ").last().unwrap_or(&text).trim().to_string())
             .collect(),
@@ -500,6 +574,7 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
         measurements,
         exit,
         shutdown,
+        nbd,
     })
 }
 
@@ -594,6 +669,205 @@ pub fn demo_exchanges(
     })
 }
 
+/// The size of the image `--nbd` makes when no `--blk` is given.
+pub const NBD_DEMO_IMAGE_BYTES: u64 = 64 << 20;
+/// Where `--nbd` writes its patterns: 1 MiB of 0xa5 at 1 MiB, then 3000 bytes of 0x5a at an
+/// unaligned offset right after.
+pub const NBD_DEMO_OFFSET: u64 = 1 << 20;
+const NBD_DEMO_BLOCK: u64 = 1 << 20;
+const NBD_DEMO_TAIL: (u64, u64) = ((2 << 20) + 1000, 3000);
+/// How long one NBD client program may run in the demo.
+const NBD_TOOL_LIMIT: Duration = Duration::from_secs(120);
+
+/// A sparse raw image in the temporary directory, removed on drop.
+struct ScratchImage {
+    path: PathBuf,
+}
+
+impl ScratchImage {
+    fn new(bytes: u64) -> Result<ScratchImage, Error> {
+        let path = unique_temp_path("vireo-demo-disk", "img");
+        let made = std::fs::File::create(&path).and_then(|file| file.set_len(bytes));
+        made.map_err(|source| Error::Io {
+            context: format!("making the demo's disk image {}", path.display()),
+            source,
+        })?;
+        Ok(ScratchImage { path })
+    }
+}
+
+impl Drop for ScratchImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What `--nbd`'s clients did.
+#[derive(Clone, Debug)]
+pub struct NbdDemoReport {
+    /// The export's URI.
+    pub uri: String,
+    /// Its size, from nbdinfo.
+    pub size: u64,
+    /// Its flags, from nbdinfo (`read-write, flush, fua, trim, zero`).
+    pub flags: String,
+    /// Bytes qemu-io wrote and read back.
+    pub written: u64,
+    /// How long nbdcopy took to read the whole export.
+    pub copy_time: Duration,
+}
+
+/// Checks the patterns `--nbd` wrote in `contents` (the whole export or image).
+fn check_nbd_pattern(contents: &[u8], written: u64) -> Result<(), String> {
+    let (tail_offset, tail_length) = NBD_DEMO_TAIL;
+    if written != NBD_DEMO_BLOCK + tail_length {
+        return Err(format!(
+            "{written} bytes written, not {}",
+            NBD_DEMO_BLOCK + tail_length
+        ));
+    }
+    let block = contents
+        .get(NBD_DEMO_OFFSET as usize..(NBD_DEMO_OFFSET + NBD_DEMO_BLOCK) as usize)
+        .ok_or("too short for the 1 MiB pattern")?;
+    if let Some(at) = block.iter().position(|&byte| byte != 0xa5) {
+        return Err(format!(
+            "byte {} is not 0xa5",
+            NBD_DEMO_OFFSET as usize + at
+        ));
+    }
+    let tail = contents
+        .get(tail_offset as usize..(tail_offset + tail_length) as usize)
+        .ok_or("too short for the unaligned pattern")?;
+    if let Some(at) = tail.iter().position(|&byte| byte != 0x5a) {
+        return Err(format!("byte {} is not 0x5a", tail_offset as usize + at));
+    }
+    Ok(())
+}
+
+/// `--nbd`'s clients against the export forwarded to `address` (the guest serves `image`),
+/// printed step by step: nbdinfo lists it (its size must be the image's), qemu-io writes 1 MiB
+/// of 0xa5 at 1 MiB and 3000 bytes of 0x5a at an unaligned offset, reads both back with
+/// pattern checks and flushes, and nbdcopy reads the whole export into a file whose bytes at
+/// those places must match. Any failure is an error naming what went wrong.
+pub fn nbd_demo(
+    address: std::net::SocketAddr,
+    image: &std::path::Path,
+) -> Result<NbdDemoReport, String> {
+    use crate::nbd::{nbd_uri, run_tool};
+    let step = |text: String| println!("\n==> {text}");
+    let uri = nbd_uri(address);
+    let image_bytes = std::fs::metadata(image)
+        .map_err(|error| format!("reading {}: {error}", image.display()))?
+        .len();
+    // The disk holds whole 512-byte sectors.
+    let size = image_bytes / 512 * 512;
+    let (tail_offset, tail_length) = NBD_DEMO_TAIL;
+    if size < tail_offset + tail_length {
+        return Err(format!(
+            "the image is {image_bytes} bytes; --nbd needs at least {} bytes to write its patterns",
+            tail_offset + tail_length
+        ));
+    }
+
+    step(format!(
+        "NBD: nbdinfo {uri} (the guest's TCP 10809, export 'vireo')"
+    ));
+    let info = run_tool(
+        Command::new("nbdinfo").args(["--json", &uri]),
+        NBD_TOOL_LIMIT,
+    )
+    .map_err(|error| error.to_string())?;
+    let json: serde_json::Value =
+        serde_json::from_str(&info.stdout).map_err(|error| format!("nbdinfo --json: {error}"))?;
+    let export = &json["exports"][0];
+    let reported = export["export-size"].as_u64().unwrap_or(0);
+    let flag = |key: &str, name: &'static str| (export[key] == true).then_some(name);
+    let flags: Vec<&str> = [
+        Some(if export["is_read_only"] == true {
+            "read-only"
+        } else {
+            "read-write"
+        }),
+        flag("can_flush", "flush"),
+        flag("can_fua", "fua"),
+        flag("can_trim", "trim"),
+        flag("can_zero", "zero"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    println!(
+        "    export 'vireo': {reported} bytes, {}; block sizes {} / {} / {} (minimum / preferred / maximum)",
+        flags.join(", "),
+        export["block_size_minimum"],
+        export["block_size_preferred"],
+        export["block_size_maximum"]
+    );
+    if reported != size {
+        return Err(format!(
+            "nbdinfo says the export has {reported} bytes; the image has {size}"
+        ));
+    }
+    if export["is_read_only"] == true {
+        return Err("the export is read-only; the demo needs to write".to_string());
+    }
+
+    step(format!(
+        "NBD: qemu-io writes 1 MiB of 0xa5 at {NBD_DEMO_OFFSET} and {tail_length} bytes of \
+         0x5a at {tail_offset} (unaligned), reads both back with pattern checks, flushes"
+    ));
+    let commands = [
+        format!("write -P 0xa5 {NBD_DEMO_OFFSET} {NBD_DEMO_BLOCK}"),
+        format!("write -P 0x5a {tail_offset} {tail_length}"),
+        format!("read -P 0xa5 {NBD_DEMO_OFFSET} {NBD_DEMO_BLOCK}"),
+        format!("read -P 0x5a {tail_offset} {tail_length}"),
+        "flush".to_string(),
+    ];
+    let mut qemu_io = Command::new("qemu-io");
+    qemu_io.args(["-f", "raw"]);
+    for command in &commands {
+        qemu_io.args(["-c", command]);
+    }
+    qemu_io.arg(&uri);
+    let io = run_tool(&mut qemu_io, NBD_TOOL_LIMIT).map_err(|error| error.to_string())?;
+    for line in io.stdout.lines() {
+        println!("    {line}");
+    }
+    if io.stdout.contains("verification failed") {
+        return Err(format!("qemu-io read back other bytes:\n{}", io.stdout));
+    }
+
+    step(format!(
+        "NBD: nbdcopy reads the whole export ({size} bytes) into a file"
+    ));
+    let copy = ScratchImage::new(0).map_err(|error| error.to_string())?;
+    let copy_text = copy.path.display().to_string();
+    let read = run_tool(
+        Command::new("nbdcopy").args([&uri, &copy_text]),
+        NBD_TOOL_LIMIT,
+    )
+    .map_err(|error| error.to_string())?;
+    let contents =
+        std::fs::read(&copy.path).map_err(|error| format!("reading the copy: {error}"))?;
+    if contents.len() as u64 != size {
+        return Err(format!("nbdcopy read {} bytes of {size}", contents.len()));
+    }
+    let written = NBD_DEMO_BLOCK + tail_length;
+    check_nbd_pattern(&contents, written)
+        .map_err(|message| format!("nbdcopy's copy: {message}"))?;
+    println!(
+        "    {size} bytes in {:.2} s; the patterns are there, byte for byte",
+        read.elapsed.as_secs_f64()
+    );
+    Ok(NbdDemoReport {
+        uri,
+        size,
+        flags: flags.join(", "),
+        written,
+        copy_time: read.elapsed,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +912,43 @@ mod tests {
         assert_eq!(defaults.options.tcp_bytes, 1 << 20);
         assert_eq!(defaults.timeout, Duration::from_secs(120));
         assert!(defaults.release && defaults.mode.is_none());
+    }
+
+    #[test]
+    fn nbd_flag_parses_and_its_errors_name_the_cause() {
+        let config = DemoConfig::parse(strings(&["--nbd"])).expect("valid");
+        assert!(config.nbd && config.blk.is_none());
+        assert!(!DemoConfig::parse(strings(&[])).expect("valid").nbd);
+        let missing = DemoError::NbdClientMissing(crate::host::InstallError::NotRoot {
+            packages: "libnbd-bin qemu-utils".to_string(),
+            command: crate::host::apt_command(&["libnbd-bin", "qemu-utils"], true),
+        });
+        assert_eq!(missing.cause(), "an NBD client is missing");
+        let text = missing.to_string();
+        assert!(
+            text.starts_with("demo failed: an NBD client is missing: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("sudo apt-get update && sudo apt-get install -y libnbd-bin qemu-utils"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_nbd_patterns_are_checked_byte_for_byte() {
+        let (tail_offset, tail_length) = NBD_DEMO_TAIL;
+        let written = NBD_DEMO_BLOCK + tail_length;
+        let mut contents = vec![0u8; 4 << 20];
+        contents[NBD_DEMO_OFFSET as usize..(NBD_DEMO_OFFSET + NBD_DEMO_BLOCK) as usize].fill(0xa5);
+        contents[tail_offset as usize..(tail_offset + tail_length) as usize].fill(0x5a);
+        assert_eq!(check_nbd_pattern(&contents, written), Ok(()));
+        contents[tail_offset as usize + 2999] = 0;
+        assert_eq!(
+            check_nbd_pattern(&contents, written),
+            Err(format!("byte {} is not 0x5a", tail_offset + 2999))
+        );
+        assert!(check_nbd_pattern(&contents[..1 << 20], written).is_err());
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub use runner::{Guest, GuestExit, RunError, RunOptions, RunReport, SerialLine, 
 pub use tap::{ReflectorCounters, TapDevice, TapReflector};
 pub use usernet::{
     DEFAULT_NIC, ECHO_PORT, ReadyLine, STATS_PORT, UserNet, UserNetGuest, boot_on_user_net,
-    wait_for_ready,
+    boot_on_user_net_forwarding, wait_for_ready,
 };
 
 impl RunError {

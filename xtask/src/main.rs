@@ -443,7 +443,13 @@ fn test(passthrough: Vec<OsString>) -> Result<i32> {
 fn demo(args: &DemoArgs) -> Result<i32> {
     let summary = xtask::run_demo(&DemoConfig::from(args))?;
     println!("\n{summary}");
-    log("demo: every echo came back exact; the guest shut down cleanly");
+    if args.nbd {
+        log(
+            "demo: every echo came back exact; the NBD clients read back every byte they wrote; the guest shut down cleanly",
+        );
+    } else {
+        log("demo: every echo came back exact; the guest shut down cleanly");
+    }
     Ok(0)
 }
 

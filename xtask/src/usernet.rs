@@ -109,6 +109,9 @@ pub struct UserNet {
     pub tcp_echo_port: u16,
     /// Host UDP port forwarded to the guest's UDP 7007.
     pub stats_port: u16,
+    /// Host TCP port forwarded to the guest's NBD export (TCP 10809), when asked for
+    /// ([`UserNet::with_nbd`]).
+    pub nbd_port: Option<u16>,
 }
 
 impl UserNet {
@@ -138,19 +141,49 @@ impl UserNet {
             udp_echo_port: port(udp.local_addr())?,
             tcp_echo_port: port(tcp.local_addr())?,
             stats_port: port(stats.local_addr())?,
+            nbd_port: None,
+        })
+    }
+
+    /// The same forwards plus one free TCP port on 127.0.0.1 to the guest's NBD export.
+    pub fn with_nbd(self) -> Result<UserNet, Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
+            context: "finding a free TCP port on 127.0.0.1".to_string(),
+            source,
+        })?;
+        let port = listener.local_addr().map_err(|source| Error::Io {
+            context: "reading a bound port".to_string(),
+            source,
+        })?;
+        Ok(UserNet {
+            nbd_port: Some(port.port()),
+            ..self
         })
     }
 
     /// The `-netdev` spec: `user,id=ID,hostfwd=udp:127.0.0.1:P-GUEST:7,hostfwd=tcp:...:7,
-    /// hostfwd=udp:...:7007`.
+    /// hostfwd=udp:...:7007` (and `hostfwd=tcp:...:10809` with the NBD forward).
     pub fn netdev(&self, id: &str) -> String {
         let guest = self.guest;
-        format!(
+        let mut spec = format!(
             "user,id={id},hostfwd=udp:127.0.0.1:{}-{guest}:{ECHO_PORT},\
              hostfwd=tcp:127.0.0.1:{}-{guest}:{ECHO_PORT},\
              hostfwd=udp:127.0.0.1:{}-{guest}:{STATS_PORT}",
             self.udp_echo_port, self.tcp_echo_port, self.stats_port
-        )
+        );
+        if let Some(port) = self.nbd_port {
+            spec.push_str(&format!(
+                ",hostfwd=tcp:127.0.0.1:{port}-{guest}:{}",
+                crate::nbd::NBD_PORT
+            ));
+        }
+        spec
+    }
+
+    /// Where the guest's NBD export is reached, with the NBD forward.
+    pub fn nbd(&self) -> Option<SocketAddr> {
+        self.nbd_port
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     }
 
     /// Where to send UDP echo requests.
@@ -198,10 +231,24 @@ pub fn boot_on_user_net(
     options: RunOptions,
     ready_wait: Duration,
 ) -> Result<UserNetGuest, RunError> {
+    boot_on_user_net_forwarding(base, nic, options, ready_wait, false)
+}
+
+/// [`boot_on_user_net`], with the guest's NBD export forwarded too when `nbd`.
+pub fn boot_on_user_net_forwarding(
+    base: &QemuCommand,
+    nic: &str,
+    options: RunOptions,
+    ready_wait: Duration,
+    nbd: bool,
+) -> Result<UserNetGuest, RunError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let net = UserNet::allocate().map_err(RunError::setup)?;
+        let mut net = UserNet::allocate().map_err(RunError::setup)?;
+        if nbd {
+            net = net.with_nbd().map_err(RunError::setup)?;
+        }
         let command = base.clone().netdev(net.netdev("n0")).device(nic);
         crate::log(&format!("running: {}", command.command_line()));
         let mut guest = Guest::spawn(&command, options)?;
@@ -260,6 +307,7 @@ mod tests {
             udp_echo_port: 4000,
             tcp_echo_port: 4001,
             stats_port: 4002,
+            nbd_port: None,
         };
         assert_eq!(
             net.netdev("n0"),
@@ -268,5 +316,14 @@ mod tests {
         );
         let allocated = UserNet::allocate().expect("free ports");
         assert_ne!(allocated.udp_echo_port, allocated.stats_port);
+        assert_eq!(allocated.nbd(), None);
+        let with_nbd = UserNet {
+            nbd_port: Some(4003),
+            ..net
+        };
+        assert!(with_nbd.netdev("n0").ends_with(
+            ",hostfwd=udp:127.0.0.1:4002-10.0.2.15:7007,hostfwd=tcp:127.0.0.1:4003-10.0.2.15:10809"
+        ));
+        assert_eq!(with_nbd.nbd().map(|a| a.port()), Some(4003));
     }
 }

@@ -331,6 +331,8 @@ pub struct NbdService<D> {
     backend: Backend<D>,
     connections: Vec<Connection>,
     counters: NbdCounters,
+    /// The largest reply buffer a connection held, in bytes (`nbd_output_peak`).
+    output_peak: usize,
 }
 
 fn listener(port: u16) -> tcp::Socket<'static> {
@@ -485,6 +487,7 @@ impl<D: BlockDevice> NbdService<D> {
             },
             connections: Vec::new(),
             counters: NbdCounters::default(),
+            output_peak: 0,
             config,
         }
     }
@@ -617,6 +620,7 @@ impl<D: BlockDevice> NbdService<D> {
         }
         let connection = &mut self.connections[slot];
         let socket = sockets.get_mut::<tcp::Socket>(connection.handle);
+        self.output_peak = self.output_peak.max(connection.output.capacity());
         // Send what is waiting.
         if connection.pending_output() > 0 && socket.can_send() {
             let sent = socket
@@ -625,6 +629,12 @@ impl<D: BlockDevice> NbdService<D> {
             connection.sent += sent;
             if connection.sent == connection.output.len() {
                 connection.output.clear();
+                connection.sent = 0;
+            } else if connection.sent >= connection.output.len() / 2 {
+                // Replies keep coming while earlier ones are being sent: give back what went
+                // out, or the buffer would grow with everything ever sent. Moving the unsent
+                // half at most costs no more than the bytes sent since the last move.
+                connection.output.drain(..connection.sent);
                 connection.sent = 0;
             }
             activity |= sent > 0;
@@ -1094,13 +1104,14 @@ impl<D: BlockDevice> Service for NbdService<D> {
         let counters = self.counters;
         let _ = write!(
             out,
-            " nbd_accepted={} nbd_exports={} nbd_requests={} nbd_errors={} nbd_violations={} nbd_timeouts={}",
+            " nbd_accepted={} nbd_exports={} nbd_requests={} nbd_errors={} nbd_violations={} nbd_timeouts={} nbd_output_peak={}",
             counters.accepted,
             counters.exports,
             counters.requests,
             counters.errors,
             counters.violations,
             counters.timeouts,
+            self.output_peak,
         );
     }
 

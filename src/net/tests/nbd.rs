@@ -4,6 +4,7 @@
 //! to the guest's service over a [`MemoryDisk`].
 
 use std::boxed::Box;
+use std::string::String;
 use std::vec;
 use std::vec::Vec;
 
@@ -592,4 +593,68 @@ fn pipelined_requests_beyond_the_data_budget_are_all_served_in_turn() {
     }
     let reads = disk.state().log.len();
     assert_eq!(reads, 6);
+}
+
+#[test]
+fn replies_sent_while_more_are_queued_never_grow_the_output_beyond_its_budget() {
+    // Many reads pipelined by a client that takes its replies slowly: the output always has
+    // unsent bytes when new replies are queued, and what was sent must still be given back.
+    let disk = MemoryDisk::new(DISK, false);
+    disk.state()
+        .data
+        .copy_from_slice(&pattern(DISK as usize, 5));
+    let config = NbdConfig {
+        export_name: EXPORT.into(),
+        max_in_flight: 64,
+        ..NbdConfig::default()
+    };
+    let mut net = Net::with_services(vec![Box::new(NbdService::new(disk.clone(), config))]);
+    let socket = connect(&mut net, 49_194);
+    greet(&mut net, socket, 0b11);
+    option(&mut net, socket, 1, b"");
+    recv_exact(&mut net, socket, 10);
+    const READS: u64 = 96;
+    const LENGTH: u32 = 32 * 1024;
+    let mut bytes = Vec::new();
+    for index in 0..READS {
+        let offset = (index * u64::from(LENGTH)) % DISK;
+        bytes.extend(request(0, CMD_READ, index, offset, LENGTH));
+    }
+    send(&mut net, socket, &bytes);
+    let expected = pattern(DISK as usize, 5);
+    let total = READS as usize * (16 + LENGTH as usize);
+    let mut received = Vec::with_capacity(total);
+    net.run_until(200_000, "every reply, taken slowly", |net| {
+        let socket = net.host_sockets.get_mut::<tcp::Socket>(socket);
+        if socket.can_recv() {
+            socket
+                .recv(|bytes| {
+                    let take = bytes.len().min(1500).min(total - received.len());
+                    received.extend_from_slice(&bytes[..take]);
+                    (take, ())
+                })
+                .expect("recv");
+        }
+        received.len() == total
+    });
+    for (index, reply) in received.chunks(16 + LENGTH as usize).enumerate() {
+        assert_eq!(u32_at(reply, 0), SIMPLE_REPLY_MAGIC);
+        assert_eq!((u32_at(reply, 4), u64_at(reply, 8)), (0, index as u64));
+        let offset = (index * LENGTH as usize) % DISK as usize;
+        assert!(reply[16..] == expected[offset..offset + LENGTH as usize]);
+    }
+    let mut line = String::new();
+    net.services.write_stats(&mut line);
+    let peak: usize = line
+        .split_whitespace()
+        .find_map(|pair| pair.strip_prefix("nbd_output_peak="))
+        .expect("nbd_output_peak on the stats line")
+        .parse()
+        .expect("a number");
+    // The budget: about one maximum payload of data in flight and unsent, plus one reply.
+    println!("nbd_output_peak={peak}");
+    assert!(
+        peak > 0 && peak <= 3 << 20,
+        "the output grew to {peak} bytes"
+    );
 }
