@@ -48,7 +48,8 @@ pub use command::{
     DEBUG_EXIT_DEVICE, GuestMode, Machine, QemuCommand, parse_memory_mib, shell_quote,
 };
 pub use demo::{
-    DemoArgs, DemoConfig, DemoError, DemoMeasurements, DemoOptions, DemoSummary, demo_exchanges,
+    DemoArgs, DemoConfig, DemoError, DemoMeasurements, DemoOptions, DemoSummary,
+    NBD_DEMO_IMAGE_BYTES, NBD_DEMO_OFFSET, NbdDemoReport, demo_exchanges, nbd_demo,
     negotiated_features, run_demo,
 };
 pub use error::Error;
