@@ -18,6 +18,8 @@
 //!   huge requests, unknown commands, clients that vanish mid-request: each gets the error the
 //!   NBD protocol document names or a disconnect, a well-behaved client keeps being served,
 //!   and nothing outside the requests' ranges changes;
+//! - the disk's own errors (QEMU's blkdebug injecting EIO) answered with `NBD_EIO`, the
+//!   connection still served;
 //! - four qemu-io clients at once on disjoint regions;
 //! - a disk on INTx and a polling-only disk (the loop must keep polling while a request is in
 //!   flight on it, even in `mode=irq`).
@@ -34,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use common::{TapGuest, boot_tap_with, count_lines, on_guest, root_networking_or_skip};
 use xtask::nbd::{
-    CMD_READ, CMD_WRITE, FLAG_READ_ONLY, NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_PORT, NbdClient,
-    OPT_GO, REP_ERR_UNSUP, ensure_nbd_tools, nbd_uri, run_tool, run_tool_any,
+    CMD_READ, CMD_WRITE, FLAG_READ_ONLY, NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EPERM, NBD_PORT,
+    NbdClient, OPT_GO, REP_ERR_UNSUP, ensure_nbd_tools, nbd_uri, run_tool, run_tool_any,
 };
 use xtask::{
     DEFAULT_NIC, Machine, NetNs, RunError, TapConfig, UdpEchoClient, query_stats,
@@ -131,6 +133,8 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 /// How the disk is attached.
 struct Disk<'a> {
     image: &'a Path,
+    /// Put before the image's path in `file=` (`blkdebug:RULES:` to inject errors).
+    prefix: &'a str,
     /// Added to `-drive` (`,readonly=on`).
     drive: &'a str,
     /// Added to `-device virtio-blk-pci` (`,vectors=0`).
@@ -141,6 +145,7 @@ impl<'a> Disk<'a> {
     fn plain(image: &'a Path) -> Disk<'a> {
         Disk {
             image,
+            prefix: "",
             drive: "",
             device: "",
         }
@@ -175,7 +180,8 @@ fn boot_nbd_with(
             .device(DEFAULT_NIC)
             .arg("-drive")
             .arg(format!(
-                "file={},format=raw,if=none,id=d0{}",
+                "file={}{},format=raw,if=none,id=d0{}",
+                disk.prefix,
                 disk.image.display(),
                 disk.drive
             ))
@@ -364,6 +370,7 @@ fn a_read_only_disk_is_a_read_only_export_whose_writes_get_eperm() -> Result<(),
     let (image, contents) = scratch.random_file("disk.img", 4 * MIB, 7);
     let disk = Disk {
         image: &image,
+        prefix: "",
         drive: ",readonly=on",
         device: "",
     };
@@ -879,6 +886,7 @@ fn copy_on_disk_path(
     let (source, data) = scratch.random_file("source.bin", 16 * MIB, 16);
     let disk = Disk {
         image: &image,
+        prefix: "",
         drive: "",
         device,
     };
@@ -937,4 +945,72 @@ fn nbdcopy_over_a_polling_only_disk_in_irq_mode() -> Result<(), RunError> {
         ",vectors=0",
         "polling only",
     )
+}
+
+#[test]
+fn the_disks_own_errors_are_nbd_eio_and_the_export_keeps_serving() -> Result<(), RunError> {
+    if !prerequisites() {
+        return Ok(());
+    }
+    let scratch = Scratch::new();
+    let (image, mut model) = scratch.random_file("disk.img", 4 * MIB, 5);
+    // QEMU's blkdebug fails every read touching sector 2048 (1 MiB) and every write touching
+    // sector 4096 (2 MiB) with EIO, which virtio-blk reports as VIRTIO_BLK_S_IOERR.
+    let rules = scratch.path("rules.conf");
+    std::fs::write(
+        &rules,
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"2048\"\nonce = \"off\"\n\n\
+         [inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nsector = \"4096\"\nonce = \"off\"\n",
+    )
+    .expect("writing the blkdebug rules");
+    let prefix = format!("blkdebug:{}:", rules.display());
+    let disk = Disk {
+        image: &image,
+        prefix: &prefix,
+        drive: ",werror=report,rerror=report",
+        device: "",
+    };
+    let booted = boot_nbd("nbd-eio", Machine::Q35, "", &disk)?;
+    let good = random_bytes(4096, 55);
+    model[3 * MIB..3 * MIB + 4096].copy_from_slice(&good);
+    let expected_start = model[..4096].to_vec();
+    raw(&booted, || {
+        let io = |error: std::io::Error| error.to_string();
+        let mut client = NbdClient::go(nbd_address(), RAW_WAIT).map_err(io)?;
+        expect_error(
+            client.read(MIB as u64, 4096),
+            NBD_EIO,
+            "a read the disk fails",
+        )?;
+        let start = client.read(0, 4096).map_err(io)?;
+        if start.as_deref() != Ok(&expected_start[..]) {
+            return Err(format!("after a failed read, a good one got {start:?}"));
+        }
+        expect_error(
+            client.write(2 * MIB as u64, &[0xee; 4096], true),
+            NBD_EIO,
+            "a write the disk fails",
+        )?;
+        let written = client.write(3 * MIB as u64, &good, true).map_err(io)?;
+        if written.is_err() {
+            return Err(format!("a good write after a failed one got {written:?}"));
+        }
+        let back = client.read(3 * MIB as u64, 4096).map_err(io)?;
+        if back.as_deref() != Ok(&good[..]) {
+            return Err("the good write does not read back".into());
+        }
+        client.disconnect().map_err(io)?;
+        Ok(())
+    })?;
+    let (nbd_errors, blk_errors) = (
+        counter(&booted, "nbd_errors")?,
+        counter(&booted, "blk_errors")?,
+    );
+    println!("nbd_errors={nbd_errors} blk_errors={blk_errors}");
+    if nbd_errors != 2 || blk_errors < 2 {
+        return Err(booted.guest.check_failed(format!(
+            "nbd_errors={nbd_errors} blk_errors={blk_errors}: expected the two failed requests"
+        )));
+    }
+    kill_and_compare_image(booted, &image, &model)
 }

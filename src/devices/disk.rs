@@ -42,7 +42,7 @@ const SMALLEST_CLASS: usize = 4096;
 /// The longest read or write the export takes in one request (one DMA segment).
 const MAX_TRANSFER: u32 = 1 << 20;
 /// Bytes the pool keeps at most (beyond this, returned buffers are freed).
-const POOL_BYTES_MAX: usize = 16 << 20;
+const POOL_BYTES_MAX: usize = 8 << 20;
 /// A disk with requests in flight that completes nothing for this long is declared failed,
 /// reset, and its requests answered with an I/O error (so a hung device cannot make the loop
 /// poll forever).
