@@ -6,7 +6,9 @@
 //! (default adaptive), `poll-window=MICROSECONDS` (how long `adaptive` keeps polling after the
 //! last packet, default 200), `log=error|warn|info|debug` (default info), the flag `selftest`, and the
 //! fault-injection key `inject-reset=N` (tests only: treat the NIC as failed every N received
-//! frames, to exercise the reset-and-reinitialise path under QEMU), and `services=NAME,...`, the
+//! frames, to exercise the reset-and-reinitialise path under QEMU), its disk counterpart
+//! `inject-blk-reset=N` (treat the first virtio-blk disk as failed every N completions of the
+//! NBD export's requests, with others in flight), and `services=NAME,...`, the
 //! network services to run (default `echo,stats`; see [`ServiceKind`]).
 //! The command line is untrusted input: every problem is reported through a callback as one
 //! [`CmdlineError`] (which names the key and value) and the default is kept. Parsing never
@@ -177,6 +179,9 @@ pub struct Config {
     pub blk_check: bool,
     /// Fault injection (`inject-reset=N`): declare the NIC failed every N received frames.
     pub inject_reset_every: Option<u32>,
+    /// Fault injection (`inject-blk-reset=N`): declare the first disk failed after every N
+    /// completions of the NBD export's requests, while others are in flight.
+    pub inject_blk_reset_every: Option<u32>,
     /// How long `adaptive` keeps polling after the last packet (`poll-window=`), microseconds.
     pub poll_window_us: u32,
     /// `ip=dhcp`: address, prefix and gateway come from DHCPv4 (`ip` and `gateway` unused).
@@ -207,6 +212,7 @@ impl Default for Config {
             selftest: false,
             blk_check: false,
             inject_reset_every: None,
+            inject_blk_reset_every: None,
             poll_window_us: DEFAULT_POLL_WINDOW_US,
             dhcp: false,
             mac: None,
@@ -434,6 +440,7 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
     let mut seen_selftest = false;
     let mut seen_blk_check = false;
     let mut seen_inject = false;
+    let mut seen_inject_blk = false;
     let mut seen_window = false;
     let mut seen_mac = false;
     let mut seen_lease = false;
@@ -556,6 +563,21 @@ pub fn parse<'a>(cmdline: &'a [u8], mut report: impl FnMut(CmdlineError<'a>)) ->
                         value,
                         problem,
                         Kept::Flag(config.inject_reset_every.is_some()),
+                    )),
+                }
+            }
+            b"inject-blk-reset" => {
+                check_duplicate(&mut seen_inject_blk, "inject-blk-reset");
+                match value
+                    .ok_or(ValueProblem::MissingValue)
+                    .and_then(parse_count)
+                {
+                    Ok(count) => config.inject_blk_reset_every = Some(count),
+                    Err(problem) => report(invalid(
+                        "inject-blk-reset",
+                        value,
+                        problem,
+                        Kept::Flag(config.inject_blk_reset_every.is_some()),
                     )),
                 }
             }
@@ -1035,6 +1057,29 @@ mod tests {
                 "{bad}: {errors:?}"
             );
         }
+    }
+
+    #[test]
+    fn inject_blk_reset_takes_a_positive_count_apart_from_the_nics() {
+        let (config, errors) = parse_collect("inject-blk-reset=40 inject-reset=7");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(config.inject_blk_reset_every, Some(40));
+        assert_eq!(config.inject_reset_every, Some(7));
+        for bad in [
+            "inject-blk-reset=0",
+            "inject-blk-reset=x",
+            "inject-blk-reset",
+        ] {
+            let (config, errors) = parse_collect(bad);
+            assert_eq!(config.inject_blk_reset_every, None, "{bad}");
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert!(
+                errors[0].starts_with("invalid inject-blk-reset= value"),
+                "{bad}: {errors:?}"
+            );
+        }
+        let (_, errors) = parse_collect("inject-blk-reset=1 inject-blk-reset=2");
+        assert_eq!(errors.len(), 1, "{errors:?}");
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   and nothing outside the requests' ranges changes;
 //! - the disk's own errors (QEMU's blkdebug injecting EIO) answered with `NBD_EIO`, the
 //!   connection still served;
+//! - requests in flight when the disk is reset (`inject-blk-reset=N`) answered with
+//!   `NBD_EIO`, each exactly once, none lost;
 //! - four qemu-io clients at once on disjoint regions;
 //! - a disk on INTx and a polling-only disk (the loop must keep polling while a request is in
 //!   flight on it, even in `mode=irq`).
@@ -1013,4 +1015,83 @@ fn the_disks_own_errors_are_nbd_eio_and_the_export_keeps_serving() -> Result<(),
         )));
     }
     kill_and_compare_image(booted, &image, &model)
+}
+
+#[test]
+fn requests_in_flight_when_the_disk_is_reset_are_answered_with_eio_not_lost() -> Result<(), RunError>
+{
+    if !prerequisites() {
+        return Ok(());
+    }
+    let scratch = Scratch::new();
+    let (image, contents) = scratch.random_file("disk.img", 8 * MIB, 6);
+    // The disk is declared failed after every 24 completions while others are in flight: it
+    // is reset and brought up again, and what it held must be answered, with NBD_EIO.
+    let booted = boot_nbd(
+        "nbd-reset",
+        Machine::Q35,
+        "inject-blk-reset=24",
+        &Disk::plain(&image),
+    )?;
+    const READS: u64 = 96;
+    const LENGTH: u32 = 65536;
+    let expected = contents.clone();
+    let (ok, failed) = raw(&booted, move || {
+        let io = |error: std::io::Error| error.to_string();
+        let mut client = NbdClient::go(nbd_address(), RAW_WAIT).map_err(io)?;
+        for cookie in 0..READS {
+            let offset = cookie * u64::from(LENGTH);
+            client
+                .send_request(0, CMD_READ, cookie, offset, LENGTH, &[])
+                .map_err(io)?;
+        }
+        let mut answered = vec![false; READS as usize];
+        let (mut ok, mut failed) = (0, 0);
+        for _ in 0..READS {
+            let reply = client.read_reply(LENGTH as usize).map_err(io)?;
+            let Some(seen) = answered.get_mut(reply.cookie as usize) else {
+                return Err(format!("a reply for cookie {} never sent", reply.cookie));
+            };
+            if std::mem::replace(seen, true) {
+                return Err(format!("two replies for cookie {}", reply.cookie));
+            }
+            match reply.error {
+                0 => {
+                    let offset = (reply.cookie * u64::from(LENGTH)) as usize;
+                    if reply.data[..] != expected[offset..offset + LENGTH as usize] {
+                        return Err(format!("read {} returned other bytes", reply.cookie));
+                    }
+                    ok += 1;
+                }
+                NBD_EIO => failed += 1,
+                error => return Err(format!("read {} got error {error}", reply.cookie)),
+            }
+        }
+        // One at a time, nothing is in flight at a completion: no more injected resets.
+        for cookie in 0..4u64 {
+            let offset = cookie * u64::from(LENGTH);
+            let back = client.read(offset, LENGTH).map_err(io)?;
+            if back.as_deref() != Ok(&expected[offset as usize..][..LENGTH as usize]) {
+                return Err(format!("after the resets, a read at {offset} got {back:?}"));
+            }
+        }
+        client.disconnect().map_err(io)?;
+        Ok((ok, failed))
+    })?;
+    println!("{READS} pipelined reads across injected disk resets: {ok} exact, {failed} NBD_EIO");
+    let resets = count_lines(
+        &booted.guest,
+        "resetting the device after: an injected failure",
+    );
+    let answered = count_lines(
+        &booted.guest,
+        "requests of the block export fail with an I/O error",
+    );
+    if failed == 0 || ok == 0 || resets == 0 || answered == 0 {
+        return Err(booted.guest.check_failed(format!(
+            "{ok} exact, {failed} NBD_EIO, {resets} injected resets, {answered} reset lines \
+             naming failed requests: expected some of each"
+        )));
+    }
+    kill_and_compare_image(booted, &image, &contents)
 }

@@ -78,6 +78,10 @@ pub struct DiskRequests {
     last_progress_ns: u64,
     /// Requests answered with an I/O error because the device was reset under them.
     pub failed_by_reset: u64,
+    /// Fault injection (`inject-blk-reset=N`): the device is declared failed after every N
+    /// completions, when requests are still in flight.
+    pub inject_reset_every: Option<u32>,
+    completions_since_injection: u32,
 }
 
 /// The class of a buffer for `len` bytes.
@@ -224,9 +228,11 @@ pub struct KernelDisk {
 }
 
 impl KernelDisk {
-    /// A handle on the first disk, if there is one; logs what it exports.
-    pub fn first() -> Option<Self> {
+    /// A handle on the first disk, if there is one; logs what it exports. `inject_reset_every`
+    /// is the command line's `inject-blk-reset=N` (fault injection for tests).
+    pub fn first(inject_reset_every: Option<u32>) -> Option<Self> {
         let info = super::with_first_blk(|device, _| {
+            device.requests.inject_reset_every = inject_reset_every;
             let blk = device.blk.as_ref()?;
             let depth = usize::from(blk.queue_size());
             Some((device.function.address, export_info(&blk.info()), depth))
@@ -514,6 +520,14 @@ impl super::BlkDevice {
                 BlkError::Unsupported => BlockError::Unsupported,
                 _ => BlockError::Io,
             });
+            if let Some(every) = requests.inject_reset_every {
+                requests.completions_since_injection += 1;
+                if requests.completions_since_injection >= every && requests.in_flight() > 0 {
+                    requests.completions_since_injection = 0;
+                    let reason = alloc::format!("an injected failure (inject-blk-reset={every})");
+                    self.recover(config, &reason);
+                }
+            }
             return Some(BlockCompletion {
                 id: record.id,
                 result,

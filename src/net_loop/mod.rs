@@ -191,21 +191,23 @@ fn stack_timer_ns(services: &mut Services) -> Option<u64> {
 
 /// The services the library cannot build on its own: `nbd`, the export of the first
 /// virtio-blk disk. Without a disk it is not started, and the console says so.
-fn platform_service(kind: ServiceKind) -> Option<alloc::boxed::Box<dyn Service>> {
+fn platform_service(kind: ServiceKind, config: &Config) -> Option<alloc::boxed::Box<dyn Service>> {
     match kind {
-        ServiceKind::Nbd => match crate::devices::disk::KernelDisk::first() {
-            Some(disk) => {
-                // The disk's queue shared among the connections: requests are pipelined up
-                // to its depth.
-                let mut nbd = NbdConfig::default();
-                nbd.max_in_flight = (disk.queue_depth() / nbd.connections.max(1)).max(1);
-                Some(alloc::boxed::Box::new(NbdService::new(disk, nbd)))
+        ServiceKind::Nbd => {
+            match crate::devices::disk::KernelDisk::first(config.inject_blk_reset_every) {
+                Some(disk) => {
+                    // The disk's queue shared among the connections: requests are pipelined up
+                    // to its depth.
+                    let mut nbd = NbdConfig::default();
+                    nbd.max_in_flight = (disk.queue_depth() / nbd.connections.max(1)).max(1);
+                    Some(alloc::boxed::Box::new(NbdService::new(disk, nbd)))
+                }
+                None => {
+                    crate::println!("nbd: no virtio-blk device, not started");
+                    None
+                }
             }
-            None => {
-                crate::println!("nbd: no virtio-blk device, not started");
-                None
-            }
-        },
+        }
         _ => None,
     }
 }
@@ -223,7 +225,8 @@ pub fn run<N: Nic + NicControl>(
     let held = RefCell::new(None);
     let mut services = {
         let mut device = NicDevice::new(&nic, &held, SynCredits::new());
-        let chosen = vireo::net::services::build_all(config.services, platform_service);
+        let chosen =
+            vireo::net::services::build_all(config.services, |kind| platform_service(kind, config));
         Services::with_services(&mut device, mac, config, now(), secrets, chosen)
     };
     let mut link = LinkState::new(mac, config);
