@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 
 use alloc::collections::VecDeque;
+use core::sync::atomic::{AtomicBool, Ordering};
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -47,6 +48,15 @@ const POOL_BYTES_MAX: usize = 8 << 20;
 /// reset, and its requests answered with an I/O error (so a hung device cannot make the loop
 /// poll forever).
 pub const STALL_NS: u64 = 30_000_000_000;
+
+/// Whether any disk holds requests of the export: the polling loop reads it on every spin (one
+/// load) and looks at the disks' used rings only when it is set.
+static ANY_IN_FLIGHT: AtomicBool = AtomicBool::new(false);
+
+/// Whether any disk may hold requests of the export (cheap; see [`ANY_IN_FLIGHT`]).
+pub fn any_in_flight() -> bool {
+    ANY_IN_FLIGHT.load(Ordering::Relaxed)
+}
 
 /// The rest of a pooled buffer whose head is lent out, and the pool class it goes back to.
 type Tail = (DmaBuf<KernelHal>, usize);
@@ -109,6 +119,7 @@ impl DiskRequests {
     /// The device was reset: every request it held completes with an I/O error, its caller's
     /// buffer handed back (the DMA buffers went with the old driver's queue).
     pub fn fail_all(&mut self) {
+        ANY_IN_FLIGHT.store(false, Ordering::Relaxed);
         for record in self.in_flight.drain(..) {
             self.failed_by_reset += 1;
             self.ready.push_back(BlockCompletion {
@@ -426,6 +437,7 @@ impl super::BlkDevice {
                 if requests.in_flight.is_empty() {
                     requests.last_progress_ns = now_ns;
                 }
+                ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
                 requests.in_flight.push(Record {
                     driver_id,
                     id,
@@ -447,7 +459,8 @@ impl super::BlkDevice {
                     if requests.in_flight.is_empty() {
                         requests.last_progress_ns = now_ns;
                     }
-                    requests.in_flight.push(Record {
+                    ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
+                requests.in_flight.push(Record {
                         driver_id,
                         id,
                         caller,
@@ -504,6 +517,9 @@ impl super::BlkDevice {
                 continue;
             };
             let record = requests.in_flight.swap_remove(index);
+            if requests.in_flight.is_empty() {
+                ANY_IN_FLIGHT.store(false, Ordering::Relaxed);
+            }
             let mut caller = record.caller;
             let mut buffers = completion.buffers;
             if let Some(head) = buffers.pop() {

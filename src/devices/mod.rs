@@ -467,6 +467,9 @@ pub fn with_first_blk<R>(
 /// (found by the driver's re-check after arming, §2.7.10 / §2.8.21), or requests are in flight
 /// on a disk that cannot interrupt.
 pub fn arm_blk_interrupts() -> bool {
+    if !disk::any_in_flight() {
+        return false;
+    }
     let mut registry = REGISTRY.lock();
     let mut busy = false;
     for device in registry.blks.iter_mut() {
@@ -480,16 +483,27 @@ pub fn arm_blk_interrupts() -> bool {
         let Some(blk) = device.blk.as_mut() else {
             continue;
         };
-        if device.path == InterruptPath::Polling || blk.arm_interrupt() {
+        if device.path == InterruptPath::Polling {
+            busy = true;
+            continue;
+        }
+        BLK_ARMED.store(true, core::sync::atomic::Ordering::Relaxed);
+        if blk.arm_interrupt() {
             busy = true;
         }
     }
     busy
 }
 
+/// Set while a disk's request-queue interrupt may be armed.
+static BLK_ARMED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// After the halt: the disks' request-queue interrupts go off again (completions are polled
 /// while the loop runs).
 pub fn disarm_blk_interrupts() {
+    if !BLK_ARMED.swap(false, core::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let mut registry = REGISTRY.lock();
     for device in registry.blks.iter_mut() {
         if let Some(blk) = device.blk.as_mut() {
@@ -501,6 +515,9 @@ pub fn disarm_blk_interrupts() {
 /// Whether a disk has completions of the block export waiting (cheap: the polling loop
 /// watches it beside the NIC's ring).
 pub fn blk_completions_waiting() -> bool {
+    if !disk::any_in_flight() {
+        return false;
+    }
     let registry = REGISTRY.lock();
     registry.blks.iter().any(|device| {
         device.requests.in_flight() > 0 && device.blk.as_ref().is_some_and(|blk| blk.pending())
