@@ -525,6 +525,7 @@ fn qemu_io_reads_and_writes(mode: &str) -> Result<(), RunError> {
         args.extend(["-c", command.as_str()]);
     }
     args.push(&uri);
+    let interrupts_before = counter(&booted, "blk_interrupts")?;
     let run = tool(&booted, "qemu-io", &args)?;
     if run.stdout.contains("Pattern verification failed") || run.stderr.contains("failed") {
         return Err(booted.guest.check_failed(format!(
@@ -538,6 +539,26 @@ fn qemu_io_reads_and_writes(mode: &str) -> Result<(), RunError> {
             "qemu-io reported {reads} reads, fewer than the {} asked for",
             QEMU_IO_WRITES.len() + 2
         )));
+    }
+    // The disk's interrupt is armed only before the loop halts: in `irq` mode it woke the loop
+    // for the completions (a halt that missed one would still end at the next timer, slowly);
+    // in `poll` mode the loop never halts and never arms it. QEMU notifies the first
+    // completion after the device started whatever the driver asked (its `signalled_used`
+    // is not valid yet), so poll mode may see that one.
+    let blk_interrupts = counter(&booted, "blk_interrupts")? - interrupts_before;
+    println!("mode={mode}: blk_interrupts +{blk_interrupts} over qemu-io's requests");
+    match mode {
+        "irq" if blk_interrupts == 0 => {
+            return Err(booted
+                .guest
+                .check_failed("mode=irq served the disk without a single disk interrupt"));
+        }
+        "poll" if blk_interrupts > 1 => {
+            return Err(booted.guest.check_failed(format!(
+                "mode=poll took {blk_interrupts} disk interrupts; polling arms none"
+            )));
+        }
+        _ => {}
     }
     // The whole export against the host's model of the disk.
     let expected = scratch.path("expected.img");

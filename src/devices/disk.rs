@@ -26,9 +26,9 @@
 #![deny(unsafe_code)]
 
 use alloc::collections::VecDeque;
-use core::sync::atomic::{AtomicBool, Ordering};
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use vireo::block::{BlockCompletion, BlockDevice, BlockDeviceInfo, BlockError, BlockRequest};
 use virtio::blk::{BlkError, BlkRange, BlkRequest, RequestId};
@@ -460,7 +460,7 @@ impl super::BlkDevice {
                         requests.last_progress_ns = now_ns;
                     }
                     ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
-                requests.in_flight.push(Record {
+                    requests.in_flight.push(Record {
                         driver_id,
                         id,
                         caller,
