@@ -236,6 +236,9 @@ pub struct KernelDisk {
     info: BlockDeviceInfo,
     /// Requests the disk's queue holds at once (its size).
     queue_depth: usize,
+    /// Requests answered without a disk to hold them (the registry lost it: never expected,
+    /// but a request is never dropped unanswered).
+    orphans: VecDeque<BlockCompletion>,
 }
 
 impl KernelDisk {
@@ -263,7 +266,11 @@ impl KernelDisk {
             yes(info.trim),
             yes(info.write_zeroes),
         );
-        Some(Self { info, queue_depth })
+        Some(Self {
+            info,
+            queue_depth,
+            orphans: VecDeque::new(),
+        })
     }
 
     /// Requests the disk's queue holds at once.
@@ -282,15 +289,37 @@ impl BlockDevice for KernelDisk {
     }
 
     fn submit(&mut self, id: u64, request: BlockRequest) -> Result<(), BlockRequest> {
-        super::with_first_blk(|device, _| device.submit_for_service(id, request)).unwrap_or(Ok(()))
+        let mut request = Some(request);
+        let submitted = super::with_first_blk(|device, _| match request.take() {
+            Some(request) => device.submit_for_service(id, request),
+            None => Ok(()),
+        });
+        if let (None, Some(request)) = (submitted.as_ref(), request) {
+            let buffer = match request {
+                BlockRequest::Read { buffer, .. } | BlockRequest::Write { buffer, .. } => {
+                    Some(buffer)
+                }
+                _ => None,
+            };
+            self.orphans.push_back(BlockCompletion {
+                id,
+                result: Err(BlockError::Io),
+                buffer,
+            });
+        }
+        submitted.unwrap_or(Ok(()))
     }
 
     fn poll(&mut self) -> Option<BlockCompletion> {
+        if let Some(done) = self.orphans.pop_front() {
+            return Some(done);
+        }
         super::with_first_blk(|device, config| device.poll_for_service(config)).flatten()
     }
 
     fn pending(&self) -> bool {
-        super::with_first_blk(|device, _| device.service_pending()).unwrap_or(false)
+        !self.orphans.is_empty()
+            || super::with_first_blk(|device, _| device.service_pending()).unwrap_or(false)
     }
 }
 
@@ -320,112 +349,19 @@ impl super::BlkDevice {
             });
             return Ok(());
         };
-        let info = blk.info();
-        let block = u64::from(info.block_size);
         let original = Original::of(&request);
-        let fail = |requests: &mut DiskRequests, error, buffer| {
-            requests.ready.push_back(BlockCompletion {
-                id,
-                result: Err(error),
-                buffer,
-            });
-        };
-        let (driver_request, caller, read, tail) = match request {
-            BlockRequest::Read { offset, buffer } | BlockRequest::Write { offset, buffer }
-                if buffer.is_empty() =>
-            {
-                // Nothing to move: done at once, without the device.
-                let _ = offset;
-                requests.ready.push_back(BlockCompletion {
-                    id,
-                    result: Ok(()),
-                    buffer: Some(buffer),
-                });
+        let Planned {
+            request: driver_request,
+            caller,
+            read,
+            tail,
+        } = match plan(requests, &blk.info(), request) {
+            Ok(planned) => planned,
+            Err((result, buffer)) => {
+                requests
+                    .ready
+                    .push_back(BlockCompletion { id, result, buffer });
                 return Ok(());
-            }
-            BlockRequest::Read { offset, buffer } => {
-                if !offset.is_multiple_of(SECTOR) {
-                    fail(requests, BlockError::Invalid, Some(buffer));
-                    return Ok(());
-                }
-                let (head, tail) = match requests.lend(buffer.len()) {
-                    Ok(lent) => lent,
-                    Err(error) => {
-                        fail(requests, error, Some(buffer));
-                        return Ok(());
-                    }
-                };
-                let request = BlkRequest::Read {
-                    sector: offset / SECTOR,
-                    buffers: vec![head],
-                };
-                (request, Some(buffer), true, Some(tail))
-            }
-            BlockRequest::Write { offset, buffer } => {
-                if !offset.is_multiple_of(SECTOR) {
-                    fail(requests, BlockError::Invalid, Some(buffer));
-                    return Ok(());
-                }
-                let (mut head, tail) = match requests.lend(buffer.len()) {
-                    Ok(lent) => lent,
-                    Err(error) => {
-                        fail(requests, error, Some(buffer));
-                        return Ok(());
-                    }
-                };
-                head.as_bytes_mut().copy_from_slice(&buffer);
-                let request = BlkRequest::Write {
-                    sector: offset / SECTOR,
-                    buffers: vec![head],
-                };
-                (request, Some(buffer), false, Some(tail))
-            }
-            BlockRequest::Flush => (BlkRequest::Flush, None, false, None),
-            BlockRequest::Trim { offset, length }
-            | BlockRequest::WriteZeroes { offset, length }
-                if length == 0 =>
-            {
-                let _ = offset;
-                requests.ready.push_back(BlockCompletion {
-                    id,
-                    result: Ok(()),
-                    buffer: None,
-                });
-                return Ok(());
-            }
-            BlockRequest::Trim { offset, length } => {
-                let Some(limits) = info.discard else {
-                    fail(requests, BlockError::Unsupported, None);
-                    return Ok(());
-                };
-                if !offset.is_multiple_of(block) || !length.is_multiple_of(block) {
-                    fail(requests, BlockError::Invalid, None);
-                    return Ok(());
-                }
-                let Some(ranges) = ranges(offset, length, limits, block) else {
-                    fail(requests, BlockError::Invalid, None);
-                    return Ok(());
-                };
-                (BlkRequest::Discard { ranges }, None, false, None)
-            }
-            BlockRequest::WriteZeroes { offset, length } => {
-                let Some(limits) = info.write_zeroes else {
-                    fail(requests, BlockError::Unsupported, None);
-                    return Ok(());
-                };
-                if !offset.is_multiple_of(block) || !length.is_multiple_of(block) {
-                    fail(requests, BlockError::Invalid, None);
-                    return Ok(());
-                }
-                let Some(ranges) = ranges(offset, length, limits, block) else {
-                    fail(requests, BlockError::Invalid, None);
-                    return Ok(());
-                };
-                let request = BlkRequest::WriteZeroes {
-                    ranges,
-                    unmap: false,
-                };
-                (request, None, false, None)
             }
         };
         let write = matches!(
@@ -479,7 +415,11 @@ impl super::BlkDevice {
                         Err(original.rebuild(caller))
                     }
                     error => {
-                        fail(requests, refusal(error, write), caller);
+                        requests.ready.push_back(BlockCompletion {
+                            id,
+                            result: Err(refusal(error, write)),
+                            buffer: caller,
+                        });
                         Ok(())
                     }
                 }
@@ -563,6 +503,117 @@ impl super::BlkDevice {
         };
         blk.pending()
             || (self.requests.in_flight() > 0 && self.path == super::InterruptPath::Polling)
+    }
+}
+
+/// A service request turned into the driver's, with what its completion needs.
+struct Planned {
+    request: BlkRequest<KernelHal>,
+    /// The caller's buffer, handed back at completion.
+    caller: Option<Vec<u8>>,
+    /// A read: its data is copied out at completion.
+    read: bool,
+    /// The rest of the pooled buffer lent for the data.
+    tail: Option<Tail>,
+}
+
+/// What to answer at once, without the device: the outcome and the caller's buffer.
+type Answer = (Result<(), BlockError>, Option<Vec<u8>>);
+
+/// Turns the service's `request` into the driver's (§5.2.6: 512-byte sectors; data in a
+/// pooled DMA buffer, a write's bytes copied in), or the answer it gets at once: nothing to
+/// move (done), a misaligned offset or range, a kind the disk does not offer, or no DMA
+/// memory. The driver checks the rest (§5.2.6.1) at submission.
+fn plan(
+    requests: &mut DiskRequests,
+    info: &virtio::blk::BlkInfo,
+    request: BlockRequest,
+) -> Result<Planned, Answer> {
+    let block = u64::from(info.block_size);
+    let aligned =
+        |offset: u64, length: u64| offset.is_multiple_of(block) && length.is_multiple_of(block);
+    match request {
+        BlockRequest::Read { buffer, .. } | BlockRequest::Write { buffer, .. }
+            if buffer.is_empty() =>
+        {
+            Err((Ok(()), Some(buffer)))
+        }
+        BlockRequest::Read { offset, buffer } | BlockRequest::Write { offset, buffer }
+            if !aligned(offset, buffer.len() as u64) =>
+        {
+            Err((Err(BlockError::Invalid), Some(buffer)))
+        }
+        BlockRequest::Read { offset, buffer } => {
+            let (head, tail) = match requests.lend(buffer.len()) {
+                Ok(lent) => lent,
+                Err(error) => return Err((Err(error), Some(buffer))),
+            };
+            Ok(Planned {
+                request: BlkRequest::Read {
+                    sector: offset / SECTOR,
+                    buffers: vec![head],
+                },
+                caller: Some(buffer),
+                read: true,
+                tail: Some(tail),
+            })
+        }
+        BlockRequest::Write { offset, buffer } => {
+            let (mut head, tail) = match requests.lend(buffer.len()) {
+                Ok(lent) => lent,
+                Err(error) => return Err((Err(error), Some(buffer))),
+            };
+            head.as_bytes_mut().copy_from_slice(&buffer);
+            Ok(Planned {
+                request: BlkRequest::Write {
+                    sector: offset / SECTOR,
+                    buffers: vec![head],
+                },
+                caller: Some(buffer),
+                read: false,
+                tail: Some(tail),
+            })
+        }
+        BlockRequest::Flush => Ok(Planned {
+            request: BlkRequest::Flush,
+            caller: None,
+            read: false,
+            tail: None,
+        }),
+        BlockRequest::Trim { length: 0, .. } | BlockRequest::WriteZeroes { length: 0, .. } => {
+            Err((Ok(()), None))
+        }
+        BlockRequest::Trim { offset, length } | BlockRequest::WriteZeroes { offset, length } => {
+            let zeroes = matches!(request, BlockRequest::WriteZeroes { .. });
+            let limits = if zeroes {
+                info.write_zeroes
+            } else {
+                info.discard
+            };
+            let Some(limits) = limits else {
+                return Err((Err(BlockError::Unsupported), None));
+            };
+            if !aligned(offset, length) {
+                return Err((Err(BlockError::Invalid), None));
+            }
+            let Some(ranges) = ranges(offset, length, limits, block) else {
+                return Err((Err(BlockError::Invalid), None));
+            };
+            let request = if zeroes {
+                BlkRequest::WriteZeroes {
+                    ranges,
+                    unmap: false,
+                }
+            } else {
+                BlkRequest::Discard { ranges }
+            };
+            Ok(Planned {
+                request,
+                caller: None,
+                read: false,
+                tail: None,
+            })
+        }
     }
 }
 
