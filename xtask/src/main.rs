@@ -374,8 +374,12 @@ fn test(passthrough: Vec<OsString>) -> Result<i32> {
     choose_accel()?;
     // The tap tests drive `ip` (iproute2); a minimal Debian may lack it. As root, install it.
     // Not as root (or without apt-get) the tap tests say so themselves (and fail under CI=true).
+    // The NBD tests' real clients (libnbd-bin, qemu-utils) too, once, here: the tests would
+    // install them themselves, but in parallel processes apt-get would race for its lock.
     if xtask::is_root() {
-        match xtask::ensure_packages(&[("ip", "iproute2")]) {
+        let mut wanted = vec![("ip", "iproute2")];
+        wanted.extend(xtask::nbd::NBD_TOOLS);
+        match xtask::ensure_packages(&wanted) {
             Ok(()) | Err(xtask::InstallError::NoAptGet { .. }) => {}
             Err(error) => return Err(Error::from(error).into()),
         }
