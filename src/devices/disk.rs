@@ -21,7 +21,8 @@
 //! * [`BlockDevice::pending`] is true when completions are waiting, or when requests are in
 //!   flight on a disk without interrupts (the loop then keeps polling instead of halting);
 //!   with interrupts, the loop arms the disk's request-queue interrupt before it halts
-//!   (`super::arm_blk_interrupts`, with the re-check after arming of §2.7.10 / §2.8.21).
+//!   (`super::arm_blk_interrupts`, with the re-check after arming: §2.7.7 and the §2.7.14
+//!   note, §2.8.10 for packed rings).
 
 #![deny(unsafe_code)]
 

@@ -464,7 +464,8 @@ pub fn with_first_blk<R>(
 
 /// Before the loop halts: arms the request-queue interrupt of every disk the block export has
 /// requests on. Returns true when the loop must not halt: completions are already waiting
-/// (found by the driver's re-check after arming, §2.7.10 / §2.8.21), or requests are in flight
+/// (found by the driver's re-check after arming: split §2.7.7 and the §2.7.14 note, packed
+/// §2.8.10), or requests are in flight
 /// on a disk that cannot interrupt.
 pub fn arm_blk_interrupts() -> bool {
     if !disk::any_in_flight() {

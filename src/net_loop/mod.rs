@@ -11,6 +11,12 @@
 //!   halts like `irq`; each switch is counted. The window starts at `poll-window=` (200 µs by
 //!   default) and adapts to how halts turn out ([`vireo::adaptive::PollWindow`]).
 //!
+//! With the NBD export (`services=nbd`) the disk is served in every mode too: while the
+//! export has requests on it, the polling spin also watches the disk's used ring, and before
+//! halting the loop arms the disk's request-queue interrupt with the same re-check (or does
+//! not halt at all when the disk cannot interrupt, or completions are already there); the
+//! service's `poll_at` keeps the loop polling while completions wait.
+//!
 //! The kernel is tickless: no periodic timer runs. Before it halts, the loop arms a one-shot
 //! APIC timer for its nearest deadline (smoltcp's next timer, housekeeping), and re-arms only
 //! when that deadline moves earlier or the timer has fired. Polling arms nothing. While it spins
