@@ -37,8 +37,9 @@
 //! each connection has at most [`NbdConfig::max_in_flight`] device requests and takes no new one while
 //! the data of those in flight and of its unsent replies exceeds one maximum payload (so it
 //! holds about two maximum payloads at most, plus a write's), and a connection whose replies
-//! back up (the client not reading) is not read further. Data buffers are recycled
-//! per connection. The device is never waited for: requests are submitted with an id and
+//! back up (the client not reading) is not read further. The reply buffer gives back what
+//! was sent while more replies queue, so it stays within about twice that budget
+//! (`nbd_output_peak` on the stats line). Data buffers are recycled per connection. The device is never waited for: requests are submitted with an id and
 //! their completions polled ([`BlockDevice`]); while the device has requests in flight,
 //! [`Service::poll_at`] asks for polling at once ([`BlockDevice::pending`]).
 
