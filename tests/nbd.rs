@@ -23,8 +23,9 @@
 //! - requests in flight when the disk is reset (`inject-blk-reset=N`) answered with
 //!   `NBD_EIO`, each exactly once, none lost;
 //! - four qemu-io clients at once on disjoint regions;
-//! - a disk on INTx and a polling-only disk (the loop must keep polling while a request is in
-//!   flight on it, even in `mode=irq`).
+//! - two readers on a 16-entry queue without indirect descriptors (requests wait for room),
+//!   a packed ring, a disk on INTx and a polling-only disk (the loop must keep polling while a
+//!   request is in flight on it, even in `mode=irq`).
 //!
 //! Without a disk (user networking, no root): `nbd: no virtio-blk device, not started`, and
 //! the other services keep serving.
@@ -1115,4 +1116,73 @@ fn requests_in_flight_when_the_disk_is_reset_are_answered_with_eio_not_lost() ->
         )));
     }
     kill_and_compare_image(booted, &image, &contents)
+}
+
+#[test]
+fn two_nbdcopy_readers_on_a_small_queue_without_indirect_descriptors_wait_for_room()
+-> Result<(), RunError> {
+    if !prerequisites() {
+        return Ok(());
+    }
+    let scratch = Scratch::new();
+    let (image, contents) = scratch.random_file("disk.img", 8 * MIB, 17);
+    // 16 descriptors, 3 per request without indirect tables: 5 requests fit, while two
+    // nbdcopy readers keep up to 8 in flight (4 per connection on a 16-entry queue).
+    let disk = Disk {
+        image: &image,
+        prefix: "",
+        drive: "",
+        device: ",queue-size=16,indirect_desc=off",
+    };
+    let booted = boot_nbd("nbd-small", Machine::Q35, "", &disk)?;
+    let uri = nbd_uri(nbd_address());
+    let copies: Vec<PathBuf> = (0..2)
+        .map(|n| scratch.path(&format!("copy{n}.bin")))
+        .collect();
+    let mut readers = Vec::new();
+    for copy in &copies {
+        let mut command: Command = booted.netns.command("nbdcopy");
+        command.arg(&uri).arg(copy);
+        readers.push(std::thread::spawn(move || {
+            run_tool(&mut command, TOOL_LIMIT).map_err(|error| error.to_string())
+        }));
+    }
+    for reader in readers {
+        reader
+            .join()
+            .map_err(|_| booted.guest.check_failed("an nbdcopy thread panicked"))?
+            .map_err(|error| booted.guest.check_failed(error))?;
+    }
+    for copy in &copies {
+        let back = std::fs::read(copy).map_err(|error| {
+            booted
+                .guest
+                .check_failed(format!("reading a copy: {error}"))
+        })?;
+        if let Some(at) = first_difference(&back, &contents) {
+            return Err(booted
+                .guest
+                .check_failed(format!("{} differs at byte {at}", copy.display())));
+        }
+    }
+    let deferred = counter(&booted, "nbd_deferred")?;
+    println!("nbd_deferred={deferred}");
+    if deferred == 0 {
+        return Err(booted
+            .guest
+            .check_failed("no request waited for room in the queue: the test missed its path"));
+    }
+    kill_and_compare_image(booted, &image, &contents)
+}
+
+#[test]
+fn nbdcopy_over_a_packed_ring_disk() -> Result<(), RunError> {
+    copy_on_disk_path(
+        "nbd-packed",
+        Machine::Q35,
+        &[],
+        "",
+        ",packed=on",
+        "(Packed)",
+    )
 }

@@ -277,6 +277,8 @@ struct Backend<D> {
     in_flight: Vec<InFlight>,
     /// Requests the device refused for now, retried in order.
     deferred: VecDeque<(u64, BlockRequest)>,
+    /// Requests the device refused for now (its queue full) and that waited (`nbd_deferred`).
+    deferrals: u64,
 }
 
 impl<D: BlockDevice> Backend<D> {
@@ -284,8 +286,10 @@ impl<D: BlockDevice> Backend<D> {
         let id = entry.id;
         self.in_flight.push(entry);
         if !self.deferred.is_empty() {
+            self.deferrals += 1;
             self.deferred.push_back((id, request));
         } else if let Err(request) = self.device.submit(id, request) {
+            self.deferrals += 1;
             self.deferred.push_back((id, request));
         }
     }
@@ -485,6 +489,7 @@ impl<D: BlockDevice> NbdService<D> {
                 next_id: 0,
                 in_flight: Vec::new(),
                 deferred: VecDeque::new(),
+                deferrals: 0,
             },
             connections: Vec::new(),
             counters: NbdCounters::default(),
@@ -1105,7 +1110,7 @@ impl<D: BlockDevice> Service for NbdService<D> {
         let counters = self.counters;
         let _ = write!(
             out,
-            " nbd_accepted={} nbd_exports={} nbd_requests={} nbd_errors={} nbd_violations={} nbd_timeouts={} nbd_output_peak={}",
+            " nbd_accepted={} nbd_exports={} nbd_requests={} nbd_errors={} nbd_violations={} nbd_timeouts={} nbd_output_peak={} nbd_deferred={}",
             counters.accepted,
             counters.exports,
             counters.requests,
@@ -1113,6 +1118,7 @@ impl<D: BlockDevice> Service for NbdService<D> {
             counters.violations,
             counters.timeouts,
             self.output_peak,
+            self.backend.deferrals,
         );
     }
 

@@ -470,6 +470,18 @@ fn two_clients_interleaved_with_out_of_order_device_completions() {
     assert_eq!(cookies_b, [(0, 200), (0, 201), (0, 202), (0, 203)]);
     assert_eq!(read(&mut net, second, 1, 65536, 8192), b);
     assert_eq!(read(&mut net, first, 2, 0, 8192), a);
+    // Eight writes on a queue of three: some waited for room, and the stats line says so.
+    let mut line = String::new();
+    net.services.write_stats(&mut line);
+    let deferred: u64 = line
+        .split_whitespace()
+        .find_map(|pair| pair.strip_prefix("nbd_deferred="))
+        .and_then(|value| value.parse().ok())
+        .expect("nbd_deferred on the stats line");
+    assert!(
+        deferred >= 5,
+        "nbd_deferred={deferred} for 8 writes on a queue of 3"
+    );
 }
 
 #[test]
