@@ -446,6 +446,14 @@ pub fn run_demo(config: &DemoConfig) -> Result<DemoSummary, DemoError> {
             }));
         }
         append.push("blk-check".to_string());
+        let bytes = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
+        if config.nbd && bytes < NBD_DEMO_MIN_IMAGE_BYTES {
+            return Err(DemoError::Setup(Error::InvalidSetting {
+                name: "--blk",
+                value: format!("{} ({bytes} bytes)", image.display()),
+                expected: "with --nbd, an image of at least 4 MiB (the demo writes at 1 MiB and 2 MiB)",
+            }));
+        }
     }
     // `--nbd` without `--blk`: a fresh image, removed at the end.
     let scratch_image = match (&config.blk, config.nbd) {
@@ -676,6 +684,8 @@ pub const NBD_DEMO_IMAGE_BYTES: u64 = 64 << 20;
 pub const NBD_DEMO_OFFSET: u64 = 1 << 20;
 const NBD_DEMO_BLOCK: u64 = 1 << 20;
 const NBD_DEMO_TAIL: (u64, u64) = ((2 << 20) + 1000, 3000);
+/// The smallest `--blk` image `--nbd` takes (its patterns end past 2 MiB).
+const NBD_DEMO_MIN_IMAGE_BYTES: u64 = 4 << 20;
 /// How long one NBD client program may run in the demo.
 const NBD_TOOL_LIMIT: Duration = Duration::from_secs(120);
 
