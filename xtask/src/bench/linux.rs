@@ -5,6 +5,11 @@
 //! echo server (`linux_echo.rs`, compiled here with `-C target-feature=+crt-static`), which also
 //! answers a stats line on UDP 7007.
 //!
+//! For the NBD section the same initramfs carries `virtio_blk` and Debian's `nbd-server` (the
+//! binary and every shared library `ldd` names, at the same paths): booted with
+//! [`NBD_CMDLINE_FLAG`] on its command line, `/init` waits for `/dev/vda` and starts
+//! `nbd-server` exporting it as [`NBD_EXPORT`] on TCP 10809 before the echo server.
+//!
 //! Missing Debian packages are installed through [`crate::host::install_packages`] when running
 //! as root (announced first).
 //! Anything that cannot be done comes back as an error string that the benchmark reports in its
@@ -22,9 +27,17 @@ pub const READY_MARKER: &str = "linux-echo: ready";
 /// The serial line that carries eth0's negotiated virtio feature bits.
 pub const FEATURES_MARKER: &str = "linux-echo: features";
 /// The Debian packages the Linux guest needs.
-pub const PACKAGES: [&str; 2] = ["linux-image-amd64", "busybox-static"];
+pub const PACKAGES: [&str; 3] = ["linux-image-amd64", "busybox-static", "nbd-server"];
 /// The modules `/init` loads (with their dependencies).
-const WANTED_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+const WANTED_MODULES: [&str; 3] = ["virtio_pci", "virtio_net", "virtio_blk"];
+/// The kernel command-line word that makes `/init` export `/dev/vda` with `nbd-server`.
+pub const NBD_CMDLINE_FLAG: &str = "vireo_bench_nbd=1";
+/// The export name `nbd-server` serves `/dev/vda` under (its configuration's section name).
+pub const NBD_EXPORT: &str = "bench";
+/// The serial line `/init` prints once `nbd-server` started.
+pub const NBD_READY_MARKER: &str = "linux-echo: nbd-server started";
+/// Where Debian installs `nbd-server`.
+const NBD_SERVER_PATHS: [&str; 2] = ["/usr/bin/nbd-server", "/usr/sbin/nbd-server"];
 /// The Linux guest's kernel command line.
 pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet mitigations=off";
 
@@ -48,6 +61,14 @@ impl LinuxImage {
     pub fn command(&self, base: QemuCommand) -> QemuCommand {
         base.append(CMDLINE).arg("-initrd").arg(&self.initramfs)
     }
+
+    /// The guest's QEMU command for the NBD section: as [`LinuxImage::command`], with
+    /// [`NBD_CMDLINE_FLAG`] (the disk is part of `base`).
+    pub fn nbd_command(&self, base: QemuCommand) -> QemuCommand {
+        base.append(format!("{CMDLINE} {NBD_CMDLINE_FLAG}"))
+            .arg("-initrd")
+            .arg(&self.initramfs)
+    }
 }
 
 /// Turns the bit string of `/sys/class/net/eth0/device/features` (bit 0 first) into the
@@ -69,6 +90,9 @@ pub fn features_hex(bits: &str) -> Option<String> {
 /// under `out_dir/linux-guest/`.
 pub fn prepare(out_dir: &Path) -> Result<LinuxImage, String> {
     let mut found = find_parts();
+    if found.is_ok() && find_nbd_server().is_none() {
+        found = Err("no nbd-server (Debian package nbd-server)".to_string());
+    }
     if let Err(missing) = &found {
         log(&format!(
             "bench: {missing}; the Linux guest needs {}",
@@ -78,15 +102,35 @@ pub fn prepare(out_dir: &Path) -> Result<LinuxImage, String> {
         found = find_parts();
     }
     let (version, vmlinuz, busybox) = found?;
+    let nbd_server = find_nbd_server()
+        .ok_or_else(|| "nbd-server is still missing after installing nbd-server".to_string())?;
     let modules_dir = PathBuf::from("/lib/modules").join(&version);
     let order = module_load_order(&modules_dir, &WANTED_MODULES)?;
     let stage = out_dir.join("linux-guest");
     std::fs::create_dir_all(&stage).map_err(|e| format!("creating {}: {e}", stage.display()))?;
     let echo_server = build_echo_server(&stage)?;
     let mut archive = Cpio::default();
-    for dir in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+        "etc",
+        "etc/nbd-server",
+        "var",
+        "var/run",
+    ] {
         archive.directory(dir);
     }
+    add_program_with_libraries(&mut archive, &nbd_server, "bin/nbd-server")?;
+    archive.file(
+        "etc/nbd-server/config",
+        0o644,
+        nbd_server_config().as_bytes(),
+    );
     archive.char_device("dev/console", 5, 1);
     archive.file(
         "bin/busybox",
@@ -121,6 +165,88 @@ pub fn prepare(out_dir: &Path) -> Result<LinuxImage, String> {
         initramfs,
         modules: names,
     })
+}
+
+fn find_nbd_server() -> Option<PathBuf> {
+    NBD_SERVER_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+}
+
+/// `nbd-server`'s configuration in the guest: one export, [`NBD_EXPORT`], of `/dev/vda` on
+/// port 10809, with flush and FUA offered (the server then calls `fdatasync` for them); no
+/// `user`, so it stays root and needs no passwd database.
+pub fn nbd_server_config() -> String {
+    format!(
+        "[generic]\n    port = 10809\n    listenaddr = 0.0.0.0\n[{NBD_EXPORT}]\n    exportname = \
+         /dev/vda\n    flush = true\n    fua = true\n"
+    )
+}
+
+/// The shared libraries `ldd` names for `program`, the dynamic loader included.
+pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, String> {
+    let output = Command::new("ldd")
+        .arg(program)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running ldd {}: {e}", program.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "ldd {} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(parse_ldd(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Parses `ldd` output: `name => /path (address)` and `/path (address)` lines give a path;
+/// the vDSO (no path) is skipped.
+pub fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// Adds `program` as `name` and every shared library it needs at its own path (parent
+/// directories first; symbolic links are read through).
+fn add_program_with_libraries(
+    archive: &mut Cpio,
+    program: &Path,
+    name: &str,
+) -> Result<(), String> {
+    let read =
+        |path: &Path| std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()));
+    archive.file(name, 0o755, &read(program)?);
+    let mut directories = BTreeSet::new();
+    for library in shared_libraries(program)? {
+        let relative = library.strip_prefix("/").unwrap_or(&library).to_path_buf();
+        for ancestor in relative
+            .ancestors()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            let text = ancestor.to_string_lossy().to_string();
+            if !text.is_empty()
+                && !["lib", "bin"].contains(&text.as_str())
+                && directories.insert(text.clone())
+            {
+                archive.directory(&text);
+            }
+        }
+        archive.file(&relative.to_string_lossy(), 0o755, &read(&library)?);
+    }
+    Ok(())
 }
 
 /// The newest kernel with both `/boot/vmlinuz-V` and `/lib/modules/V`, and a static busybox.
@@ -349,9 +475,21 @@ echo 1 > /proc/sys/net/ipv4/conf/eth0/arp_notify
 ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 echo "linux-echo: features $(cat /sys/class/net/eth0/device/features) driver $(basename $(readlink /sys/class/net/eth0/device/driver))"
+if grep -q {nbd_flag} /proc/cmdline; then
+    i=0
+    while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do usleep 25000; i=$((i+1)); done
+    if [ -b /dev/vda ] && LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/lib64 /bin/nbd-server -C /etc/nbd-server/config; then
+        echo "{nbd_ready} (/dev/vda, $(cat /sys/block/vda/size) sectors, export {nbd_export}, port 10809)"
+    else
+        echo "linux-echo: FAILED: nbd-server did not start (is /dev/vda there? $(ls /dev/vd* 2>&1))"
+    fi
+fi
 exec /bin/echo-server
 "#,
-        modules = modules.join(" ")
+        modules = modules.join(" "),
+        nbd_flag = NBD_CMDLINE_FLAG,
+        nbd_ready = NBD_READY_MARKER,
+        nbd_export = NBD_EXPORT,
     )
 }
 
@@ -453,6 +591,27 @@ mod tests {
         assert!(position("failover") < position("net_failover"));
         assert!(position("net_failover") < position("virtio_net"));
         assert_eq!(order.len(), 7);
+    }
+
+    #[test]
+    fn ldd_lines_become_paths() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibglib-2.0.so.0 => /lib/x86_64-linux-gnu/libglib-2.0.so.0 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 (0x2)\n\tlibgone.so => not found\n";
+        assert_eq!(
+            parse_ldd(text),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libglib-2.0.so.0"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+    }
+
+    #[test]
+    fn init_exports_vda_only_when_asked() {
+        let script = init_script(&["virtio_blk".to_string()]);
+        assert!(script.contains(&format!("grep -q {NBD_CMDLINE_FLAG} /proc/cmdline")));
+        assert!(script.contains("/bin/nbd-server -C /etc/nbd-server/config"));
+        assert!(nbd_server_config().contains("exportname = /dev/vda"));
+        assert!(nbd_server_config().contains(&format!("[{NBD_EXPORT}]")));
     }
 
     #[test]

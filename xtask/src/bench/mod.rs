@@ -25,6 +25,8 @@
 pub mod linux;
 pub mod machine;
 pub mod measure;
+pub mod nbd;
+mod nbd_section;
 pub mod options;
 pub mod output;
 pub mod report;
@@ -38,7 +40,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use self::machine::Environment;
-pub use self::options::{BenchArgs, BenchOptions};
+pub use self::options::{BenchArgs, BenchOptions, Section};
 pub use self::output::{Outputs, render, validate_outputs, write_outputs};
 use self::report::{NotMeasured, Report, Settings};
 use self::systems::{
@@ -76,6 +78,9 @@ pub enum BenchError {
     /// A client of the guest's services failed.
     #[error(transparent)]
     Client(#[from] crate::ClientError),
+    /// The NBD client failed (or read wrong bytes).
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdError),
     /// Anything else, described.
     #[error("{0}")]
     Failed(String),
@@ -307,59 +312,69 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
     let base = base_for(&kernel);
     let mut systems = Vec::new();
     note_contention();
-    if options.floors {
-        systems.push(measure_loopback_floor(&netns, options)?);
-        systems.push(measure_tap_floor(&netns, options, 0)?);
-        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
-            systems.push(measure_tap_floor(&netns, options, 1)?);
+    if options.sections.contains(&Section::Echo) {
+        if options.floors {
+            systems.push(measure_loopback_floor(&netns, options)?);
+            systems.push(measure_tap_floor(&netns, options, 0)?);
+            if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+                systems.push(measure_tap_floor(&netns, options, 1)?);
+            }
         }
-    }
-    for mode in &options.modes {
-        let spec = GuestSpec::vireo(&base, mode);
-        match measure_guest(&netns, &spec, options) {
-            Ok(result) => systems.push(result),
-            Err(error) => {
-                check_cancelled()?;
-                log(&format!("bench: {} FAILED: {error}", spec.label));
-                failures.push(format!(
-                    "{}: {}",
-                    spec.label,
-                    first_lines(&error.to_string(), 3)
-                ));
-                not_measured.push(NotMeasured {
-                    what: spec.label.clone(),
-                    reason: format!("measurement failed: {error}"),
-                });
+        for mode in &options.modes {
+            let spec = GuestSpec::vireo(&base, mode);
+            match measure_guest(&netns, &spec, options) {
+                Ok(result) => systems.push(result),
+                Err(error) => {
+                    check_cancelled()?;
+                    log(&format!("bench: {} FAILED: {error}", spec.label));
+                    failures.push(format!(
+                        "{}: {}",
+                        spec.label,
+                        first_lines(&error.to_string(), 3)
+                    ));
+                    not_measured.push(NotMeasured {
+                        what: spec.label.clone(),
+                        reason: format!("measurement failed: {error}"),
+                    });
+                }
+            }
+        }
+        if let Some(image) = &linux_image {
+            let spec = GuestSpec::linux(base_for(&image.vmlinuz), image);
+            match measure_guest(&netns, &spec, options) {
+                Ok(result) => systems.push(result),
+                Err(error) => {
+                    check_cancelled()?;
+                    log(&format!("bench: Linux guest FAILED: {error}"));
+                    failures.push(format!(
+                        "Linux guest: {}",
+                        first_lines(&error.to_string(), 3)
+                    ));
+                    not_measured.push(NotMeasured {
+                        what: "Linux guest".to_string(),
+                        reason: format!("measurement failed: {error}"),
+                    });
+                }
             }
         }
     }
-    if let Some(image) = &linux_image {
-        let spec = GuestSpec::linux(base_for(&image.vmlinuz), image);
-        match measure_guest(&netns, &spec, options) {
-            Ok(result) => systems.push(result),
-            Err(error) => {
-                check_cancelled()?;
-                log(&format!("bench: Linux guest FAILED: {error}"));
-                failures.push(format!(
-                    "Linux guest: {}",
-                    first_lines(&error.to_string(), 3)
-                ));
-                not_measured.push(NotMeasured {
-                    what: "Linux guest".to_string(),
-                    reason: format!("measurement failed: {error}"),
-                });
-            }
-        }
-    }
+    let nbd = if options.sections.contains(&Section::Nbd) {
+        let inputs = nbd_section::SectionInputs {
+            netns: &netns,
+            options,
+            base_for: &base_for,
+            kernel: &kernel,
+            linux_image: linux_image.as_ref(),
+        };
+        Some(nbd_section::run(&inputs, &mut not_measured, &mut failures)?)
+    } else {
+        None
+    };
     netns.remove()?;
 
     let mut report = Report {
         schema: 1,
-        command: if options.quick {
-            "cargo xtask bench --quick".to_string()
-        } else {
-            "cargo xtask bench".to_string()
-        },
+        command: command_line(options),
         quick: options.quick,
         started_utc,
         wall_time_s: 0.0,
@@ -368,6 +383,7 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         systems,
         not_measured,
         targets: Vec::new(),
+        nbd,
     };
     note_contention();
     report.environment.other_qemu_processes_max_during_run =
@@ -382,6 +398,20 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         report.wall_time_s
     ));
     Ok((report, outputs, failures))
+}
+
+/// `cargo xtask bench` with the arguments this process got after `bench` (or, when it was not
+/// started as `cargo xtask bench`, e.g. from a test, the run's kind).
+fn command_line(options: &BenchOptions) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "bench") {
+        Some(at) => std::iter::once("cargo xtask bench")
+            .chain(args[at + 1..].iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None if options.quick => "cargo xtask bench --quick".to_string(),
+        None => "cargo xtask bench".to_string(),
+    }
 }
 
 fn first_lines(text: &str, count: usize) -> String {

@@ -5,13 +5,34 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
+use serde::{Deserialize, Serialize};
 
 use super::measure::ClientForm;
 use crate::command::GuestMode;
 
+/// A part of the benchmark that can run on its own.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Section {
+    /// UDP/ICMP echo latency and throughput, boot to first echo (issue 6).
+    Echo,
+    /// NBD block export throughput and latency (issue 14).
+    Nbd,
+}
+
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
+    /// The sections to run.
+    pub sections: Vec<Section>,
+    /// Length of each NBD figure.
+    pub nbd_time: Duration,
+    /// The NBD client counts (each a connection with one request in flight).
+    pub nbd_clients: Vec<usize>,
+    /// The NBD disk image's size, MiB.
+    pub nbd_image_mib: u64,
     /// The short smoke run (Vireo in one mode and the floors, a few thousand samples).
     pub quick: bool,
     /// Where the results go.
@@ -53,6 +74,10 @@ impl BenchOptions {
     /// The full benchmark.
     pub fn full() -> BenchOptions {
         BenchOptions {
+            sections: vec![Section::Echo, Section::Nbd],
+            nbd_time: Duration::from_secs(4),
+            nbd_clients: vec![1, 4],
+            nbd_image_mib: 64,
             quick: false,
             out_dir: crate::workspace_root().join("bench-results"),
             kernel: None,
@@ -87,6 +112,8 @@ impl BenchOptions {
             throughput: Duration::from_secs(1),
             boots: 1,
             linux: false,
+            nbd_time: Duration::from_millis(500),
+            nbd_image_mib: 16,
             ..BenchOptions::full()
         }
     }
@@ -165,6 +192,21 @@ pub struct BenchArgs {
     /// arp_notify=1).
     #[arg(long)]
     pub static_neigh: bool,
+    /// The sections to run [default: echo,nbd].
+    #[arg(long, value_enum, value_name = "SECTION", value_delimiter = ',')]
+    pub sections: Option<Vec<Section>>,
+    /// Only the NBD section (the same as --sections nbd).
+    #[arg(long, conflicts_with = "sections")]
+    pub nbd_only: bool,
+    /// Length of each NBD figure in seconds [default: 4; --quick 0.5].
+    #[arg(long, value_name = "S")]
+    pub nbd_secs: Option<f64>,
+    /// NBD client counts, each client one connection with one request in flight [default: 1,4].
+    #[arg(long, value_name = "N", value_delimiter = ',')]
+    pub nbd_clients: Option<Vec<usize>>,
+    /// Size of the NBD disk image in MiB [default: 64; --quick 16].
+    #[arg(long, value_name = "MIB")]
+    pub nbd_image_mib: Option<u64>,
     /// Re-render bench.md and bench-cdf.svg from a run's JSON, without measuring.
     #[arg(long, value_name = "DIR/bench.json", conflicts_with_all = ["quick", "kernel", "samples"])]
     pub render: Option<PathBuf>,
@@ -227,6 +269,35 @@ impl BenchArgs {
         if self.no_floors {
             options.floors = false;
         }
+        if let Some(sections) = &self.sections {
+            options.sections = sections.clone();
+            options.sections.sort();
+            options.sections.dedup();
+        }
+        if self.nbd_only {
+            options.sections = vec![Section::Nbd];
+        }
+        if let Some(seconds) = self.nbd_secs {
+            options.nbd_time = Duration::try_from_secs_f64(seconds)
+                .ok()
+                .filter(|time| !time.is_zero())
+                .ok_or_else(|| format!("bench: --nbd-secs: {seconds} is not a positive number"))?;
+        }
+        if let Some(clients) = &self.nbd_clients {
+            options.nbd_clients = clients.clone();
+        }
+        if let Some(mib) = self.nbd_image_mib {
+            options.nbd_image_mib = mib;
+        }
+        if options.sections.is_empty() {
+            return Err("bench: --sections needs at least one section".into());
+        }
+        if options.nbd_clients.is_empty() || options.nbd_clients.iter().any(|&c| c == 0 || c > 16) {
+            return Err("bench: --nbd-clients: each count must be 1 to 16".into());
+        }
+        if options.nbd_image_mib < 1 || options.nbd_image_mib > 4096 {
+            return Err("bench: --nbd-image-mib must be 1 to 4096".into());
+        }
         options.host_idle_poll |= self.host_idle_poll;
         options.static_neigh |= self.static_neigh;
         if options.sizes.is_empty() || options.forms.is_empty() || options.samples == 0 {
@@ -275,8 +346,24 @@ mod tests {
         assert_eq!(custom.boots, 1);
         assert_eq!(custom.memory_mib, 1024);
         assert_eq!(custom.throughput, Duration::from_millis(2500));
+        assert_eq!(full.sections, [Section::Echo, Section::Nbd]);
+        assert_eq!(full.nbd_clients, [1, 4]);
+        let nbd =
+            BenchOptions::parse(&["--quick", "--nbd-only", "--nbd-clients", "2"]).expect("valid");
+        assert_eq!(nbd.sections, [Section::Nbd]);
+        assert_eq!(nbd.nbd_clients, [2]);
+        assert_eq!(nbd.nbd_time, Duration::from_millis(500));
+        let both =
+            BenchOptions::parse(&["--sections", "nbd,echo", "--nbd-secs", "1.5"]).expect("valid");
+        assert_eq!(both.sections, [Section::Echo, Section::Nbd]);
+        assert_eq!(both.nbd_time, Duration::from_millis(1500));
         for bad in [
-            &["--modes", "turbo"][..],
+            &["--sections", "disk"][..],
+            &["--nbd-only", "--sections", "echo"],
+            &["--nbd-clients", "0"],
+            &["--nbd-secs", "0"],
+            &["--nbd-image-mib", "0"],
+            &["--modes", "turbo"],
             &["--forms", "lazy"],
             &["--samples", "x"],
             &["--bogus"],

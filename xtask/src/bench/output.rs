@@ -14,8 +14,10 @@ pub struct Outputs {
     pub markdown: PathBuf,
     /// The JSON.
     pub json: PathBuf,
-    /// The SVG CDF.
+    /// The SVG CDF (written when the echo section ran).
     pub svg: PathBuf,
+    /// The NBD bar chart (written when the NBD section ran).
+    pub nbd_svg: PathBuf,
 }
 
 /// Re-renders a run's `bench.md` and `bench-cdf.svg` (and the derived figures and target checks
@@ -38,6 +40,7 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError>
         markdown: dir.join("bench.md"),
         json: dir.join("bench.json"),
         svg: dir.join("bench-cdf.svg"),
+        nbd_svg: dir.join("bench-nbd.svg"),
     };
     let write = |path: &Path, text: &str| {
         std::fs::write(path, text)
@@ -50,8 +53,14 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError>
         &outputs.markdown,
         &format!("# Vireo benchmark\n\n{}", report::markdown(report)),
     )?;
-    let size = report.settings.sizes.first().copied().unwrap_or(64);
-    report::plot_cdf(report, size, &outputs.svg).map_err(BenchError::Failed)?;
+    if report.systems.iter().any(|system| !system.udp.is_empty()) {
+        let size = report.settings.sizes.first().copied().unwrap_or(64);
+        report::plot_cdf(report, size, &outputs.svg).map_err(BenchError::Failed)?;
+    }
+    if let Some(nbd) = &report.nbd {
+        report::plot_nbd(nbd, &report.environment.accelerator, &outputs.nbd_svg)
+            .map_err(BenchError::Failed)?;
+    }
     Ok(outputs)
 }
 

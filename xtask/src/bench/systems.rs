@@ -111,7 +111,7 @@ fn boot_and_probe(
     Ok((guest, first_echo, ready))
 }
 
-fn stats(netns: &NetNs) -> Result<crate::client::Stats, BenchError> {
+pub(super) fn stats(netns: &NetNs) -> Result<crate::client::Stats, BenchError> {
     Ok(netns.run(|| query_stats(guest_address(STATS_PORT), Duration::from_millis(500), 5))??)
 }
 

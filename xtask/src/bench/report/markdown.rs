@@ -82,15 +82,46 @@ pub fn markdown(report: &Report) -> String {
         s.boots,
         report.wall_time_s
     );
+    if !report.systems.is_empty() {
+        echo_tables(report, &mut out);
+    }
+    if let Some(nbd) = &report.nbd {
+        out.push_str(&nbd.markdown());
+    }
+    if !report.targets.is_empty() {
+        let _ = writeln!(out, "| Target | Measured | Verdict |");
+        let _ = writeln!(out, "| --- | --- | --- |");
+        for check in &report.targets {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                check.target, check.measured, check.verdict
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if !report.not_measured.is_empty() {
+        let _ = writeln!(out, "Not measured in this run:\n");
+        for missing in &report.not_measured {
+            let _ = writeln!(out, "- **{}**: {}", missing.what, missing.reason);
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+/// The echo section's tables: the summary per system and the RTT detail.
+fn echo_tables(report: &Report, out: &mut String) {
+    let s = &report.settings;
     let size = s.sizes.first().copied().unwrap_or(64);
     let _ = writeln!(
-        out,
+        *out,
         "| System | UDP {size} B p50 / p99 (blocking), us | p50 / p99 (spin), us | ICMP p50, us | \
          echo pps (loss) | boot to first echo (to `ready`), ms | kicks/pkt | irqs/pkt | RX desc/pkt | mode \
          switches/pkt | guest work/pkt, us | p50 vs Linux | pps vs Linux | boot vs Linux |"
     );
     let _ = writeln!(
-        out,
+        *out,
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for system in &report.systems {
@@ -154,7 +185,7 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     let _ = writeln!(
-        out,
+        *out,
         "\nRatios are *times better than the Linux guest* (Linux's RTT or boot time over this \
          one's; this pps over Linux's). Counters are per echoed packet over the {size} B \
          blocking ping-pong run, from the guest's stats service before and after. *Guest \
@@ -163,19 +194,19 @@ pub fn markdown(report: &Report) -> String {
          trip is waiting: QEMU and the host.\n"
     );
     let _ = writeln!(
-        out,
+        *out,
         "| System | size | client | min | p50 | p90 | p99 | p99.9 | max | mean | overhead p50 / p99 | \
          overhead vs Linux p50 / p99 |"
     );
     let _ = writeln!(
-        out,
+        *out,
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
     );
     for system in &report.systems {
         for run in system.udp.iter().chain(system.icmp.iter()) {
             let st = &run.stats;
             let _ = writeln!(
-                out,
+                *out,
                 "| {} | {} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} |",
                 system.label,
                 run.size,
@@ -198,29 +229,9 @@ pub fn markdown(report: &Report) -> String {
         }
     }
     let _ = writeln!(
-        out,
+        *out,
         "\nAll times in microseconds. *Overhead* is the RTT minus the tap-reflector floor's at \
          the same percentile, size and client form; *overhead vs Linux* is this overhead over \
          the Linux guest's (the poll-mode target is ≤ 0.33×).\n"
     );
-    if !report.targets.is_empty() {
-        let _ = writeln!(out, "| Target | Measured | Verdict |");
-        let _ = writeln!(out, "| --- | --- | --- |");
-        for check in &report.targets {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} |",
-                check.target, check.measured, check.verdict
-            );
-        }
-        let _ = writeln!(out);
-    }
-    if !report.not_measured.is_empty() {
-        let _ = writeln!(out, "Not measured in this run:\n");
-        for missing in &report.not_measured {
-            let _ = writeln!(out, "- **{}**: {}", missing.what, missing.reason);
-        }
-        let _ = writeln!(out);
-    }
-    out
 }

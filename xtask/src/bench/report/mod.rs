@@ -4,6 +4,7 @@
 //! latency CDF).
 
 mod markdown;
+pub mod nbd;
 mod svg;
 
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::markdown::markdown;
-pub use self::svg::plot_cdf;
+pub use self::svg::{plot_cdf, plot_nbd};
 use super::machine::Environment;
 use super::measure::{ClientForm, PingPong, Throughput};
 use crate::client::{RttSummary, nearest_rank};
@@ -52,6 +53,9 @@ pub struct Report {
     pub not_measured: Vec<NotMeasured>,
     /// The issue's targets, checked against this run's figures.
     pub targets: Vec<TargetCheck>,
+    /// The NBD section (issue 14), when it ran.
+    #[serde(default)]
+    pub nbd: Option<nbd::NbdSection>,
 }
 
 /// The run's parameters.
@@ -427,6 +431,9 @@ pub struct TargetCheck {
 
 /// Fills in the derived figures: overhead over the tap-reflector floor, ratios against Linux.
 pub fn derive(report: &mut Report) {
+    if let Some(nbd) = &mut report.nbd {
+        nbd.derive();
+    }
     let floor: BTreeMap<(usize, Option<ClientForm>), (f64, f64)> = report
         .systems
         .iter()
@@ -484,7 +491,7 @@ pub(super) fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
     }
 }
 
-fn verdict(ok: Option<bool>) -> String {
+pub(super) fn verdict(ok: Option<bool>) -> String {
     match ok {
         Some(true) => "met".to_string(),
         Some(false) => "missed".to_string(),
@@ -502,6 +509,12 @@ pub fn check_targets(report: &Report) -> Vec<TargetCheck> {
         find(LINUX),
     );
     let mut checks = Vec::new();
+    if let Some(nbd) = &report.nbd {
+        checks.push(nbd.check_target());
+    }
+    if report.systems.is_empty() {
+        return checks;
+    }
     // 1. Poll-mode guest overhead at most 1/3 of Linux's, p50 and p99, both client forms.
     for &size in &report.settings.sizes {
         for &form in &report.settings.client_forms {

@@ -1,9 +1,10 @@
-//! The latency CDF plot (`bench-cdf.svg`), drawn with plotters: one panel per client form, one
-//! curve per system, on a log-scaled RTT axis.
+//! The plots, drawn with plotters: the latency CDF (`bench-cdf.svg`: one panel per client form,
+//! one curve per system, on a log-scaled RTT axis) and the NBD bars (`bench-nbd.svg`).
 
 use std::path::Path;
 
 use super::Report;
+use super::nbd::NbdSection;
 use crate::bench::measure::ClientForm;
 
 /// Draws the latency CDF (log-scaled x axis) of every system's UDP ping-pong at `size`, one
@@ -109,6 +110,103 @@ pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String>
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| error(&e))?;
+    }
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}
+
+/// Draws the NBD section as grouped bars, one group per figure and one bar per target: IOPS
+/// in the upper panel, p50 request latency in the lower one.
+pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+
+    let mut keys: Vec<String> = Vec::new();
+    for target in &section.targets {
+        for figure in &target.figures {
+            if !keys.contains(&figure.name()) {
+                keys.push(figure.name());
+            }
+        }
+    }
+    if keys.is_empty() {
+        return Err("no NBD figure to plot".to_string());
+    }
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
+    let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (1100, 760)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let panels = root.split_evenly((2, 1));
+    let metrics: [(&str, fn(&super::nbd::NbdFigure) -> f64); 2] = [
+        ("requests per second (4 KiB)", |f| f.iops),
+        ("p50 request latency (us)", |f| f.latency.p50_us),
+    ];
+    let bars = section.targets.len().max(1) as f64;
+    for (panel, (title, metric)) in panels.iter().zip(metrics) {
+        let high = section
+            .targets
+            .iter()
+            .flat_map(|t| t.figures.iter().map(metric))
+            .filter(|v| v.is_finite())
+            .fold(0.0, f64::max)
+            * 1.15;
+        let names = keys.clone();
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("NBD {title}, {accelerator}"), ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..keys.len() as f64, 0.0..high.max(1.0))
+            .map_err(|e| error(&e))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(keys.len() * 2 + 1)
+            .x_label_formatter(&move |v| {
+                let index = v.floor() as usize;
+                if (v - v.floor() - 0.5).abs() < 0.01 {
+                    names.get(index).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc(title)
+            .draw()
+            .map_err(|e| error(&e))?;
+        for (slot, target) in section.targets.iter().enumerate() {
+            let color = palette[slot % palette.len()];
+            let width = 0.8 / bars;
+            let rectangles: Vec<Rectangle<(f64, f64)>> = target
+                .figures
+                .iter()
+                .filter_map(|figure| {
+                    let index = keys.iter().position(|k| *k == figure.name())? as f64;
+                    let left = index + 0.1 + slot as f64 * width;
+                    Some(Rectangle::new(
+                        [(left, 0.0), (left + width, metric(figure))],
+                        color.filled(),
+                    ))
+                })
+                .collect();
+            chart
+                .draw_series(rectangles)
+                .map_err(|e| error(&e))?
+                .label(target.label.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
