@@ -1,14 +1,20 @@
-//! Smoke test of the benchmark harness: `cargo xtask bench --quick` (Vireo in poll mode and the
-//! floors, 64-byte payloads, 2000 samples) over a tap in a private namespace, on the kernel that
-//! cargo built for the tests. It checks that the Markdown table, the JSON and the SVG exist and
+//! Smoke tests of the benchmark harness over a tap in a private namespace, on the kernel that
+//! cargo built for the tests: `cargo xtask bench --quick --sections echo` (Vireo in poll mode
+//! and the floors, 64-byte payloads, 2000 samples), and `--quick --nbd-only` (Vireo's NBD export
+//! and the host's qemu-nbd, every figure for half a second). It checks that the Markdown table, the JSON and the SVG exist and
 //! are complete, never that a speed was reached: the benchmark reports numbers, it does not
 //! assert them. Needs root (a network namespace with a tap); without it, it skips, or fails
 //! under CI=true.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use xtask::bench::{self, BenchOptions};
 use xtask::{skip_or_fail_in_ci, unique_temp_path};
+
+/// One benchmark at a time: both share the cores, and each checks that no namespace of this
+/// process is left behind.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
 fn bench_quick_writes_complete_table_json_and_svg() {
@@ -16,9 +22,12 @@ fn bench_quick_writes_complete_table_json_and_svg() {
         skip_or_fail_in_ci(&reason);
         return;
     }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let out = unique_temp_path("vireo-bench-smoke", "d");
     let args: Vec<String> = [
         "--quick",
+        "--sections",
+        "echo",
         "--kernel",
         env!("CARGO_BIN_EXE_vireo"),
         "--out",
@@ -62,6 +71,83 @@ fn bench_quick_writes_complete_table_json_and_svg() {
         report.not_measured
     );
     // The namespace is gone.
+    assert!(
+        !xtask::list_namespaces()
+            .iter()
+            .any(|name| name.starts_with(&format!("vireo-bench-{}-", std::process::id()))),
+        "the benchmark's namespace was left behind"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn bench_nbd_quick_checks_every_read_and_writes_the_nbd_table() {
+    if let Err(reason) = bench::available() {
+        skip_or_fail_in_ci(&reason);
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let out = unique_temp_path("vireo-bench-nbd-smoke", "d");
+    let args: Vec<String> = [
+        "--quick",
+        "--nbd-only",
+        "--nbd-secs",
+        "0.3",
+        "--kernel",
+        env!("CARGO_BIN_EXE_vireo"),
+        "--out",
+        &out.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let options = BenchOptions::parse(&args).expect("the NBD smoke arguments parse");
+    assert_eq!(options.sections, [bench::Section::Nbd]);
+    let began = Instant::now();
+    let (report, outputs, failures) = bench::run(&options).unwrap_or_else(|error| {
+        panic!("cargo xtask bench --quick --nbd-only failed: {error}");
+    });
+    println!(
+        "bench --quick --nbd-only took {:.1} s\n{}",
+        began.elapsed().as_secs_f64(),
+        bench::report::markdown(&report)
+    );
+    assert!(failures.is_empty(), "measurements failed: {failures:?}");
+    assert!(report.systems.is_empty(), "the echo section ran too");
+    bench::validate_nbd_outputs(&outputs, &["nbd-vireo", "nbd-host-qemu-nbd"])
+        .unwrap_or_else(|problem| panic!("incomplete NBD results: {problem}"));
+    // Bytes were checked: every read figure of every target compared all it read, and the
+    // section read something.
+    let section = report.nbd.as_ref().expect("the NBD section");
+    let checked: u64 = section
+        .targets
+        .iter()
+        .flat_map(|t| &t.figures)
+        .filter(|f| f.operation == bench::nbd::Operation::Read)
+        .map(|f| {
+            assert_eq!(f.verified_bytes, f.bytes, "{}: unchecked bytes", f.name());
+            f.verified_bytes
+        })
+        .sum();
+    assert!(checked > 0, "no byte was read back and checked");
+    // Vireo's export is the image's size, writable, with flush.
+    let vireo = section
+        .targets
+        .iter()
+        .find(|t| t.id == "nbd-vireo")
+        .expect("Vireo");
+    let export = vireo.export.expect("Vireo's NBD_OPT_GO information");
+    assert_eq!(export.size, options.nbd_image_mib << 20);
+    assert!(export.can_flush() && !export.read_only());
+    // Without the Linux guest the goal has no verdict, and the report says why.
+    assert!(
+        report
+            .targets
+            .iter()
+            .any(|t| t.target.starts_with("NBD:") && t.verdict == "not measured"),
+        "{:?}",
+        report.targets
+    );
     assert!(
         !xtask::list_namespaces()
             .iter()

@@ -41,7 +41,7 @@ use signal_hook::iterator::Signals;
 
 use self::machine::Environment;
 pub use self::options::{BenchArgs, BenchOptions, Section};
-pub use self::output::{Outputs, render, validate_outputs, write_outputs};
+pub use self::output::{Outputs, render, validate_nbd_outputs, validate_outputs, write_outputs};
 use self::report::{NotMeasured, Report, Settings};
 use self::systems::{
     BOOT_PROBE_INTERVAL, GuestSpec, measure_guest, measure_loopback_floor, measure_tap_floor,

@@ -174,3 +174,105 @@ pub fn validate_outputs(outputs: &Outputs, expected: &[&str], samples: u64) -> R
     }
     Ok(())
 }
+
+/// Checks that a run's NBD section is complete: the JSON has the section with each of
+/// `expected` (target ids), each with every figure (sequential and random, read and write, per
+/// client count) with requests, positive throughput and latency percentiles, every read figure
+/// with all its bytes checked (`verified_bytes == bytes`), and a command line; the Markdown has
+/// the NBD table with a column per target and the goal's row; `bench-nbd.svg` is a whole SVG
+/// document naming every target. Speeds are not checked.
+pub fn validate_nbd_outputs(outputs: &Outputs, expected: &[&str]) -> Result<(), String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let json: serde_json::Value = serde_json::from_str(&read(&outputs.json)?)
+        .map_err(|e| format!("{} is not valid JSON: {e}", outputs.json.display()))?;
+    let section = &json["nbd"];
+    let clients: Vec<u64> = section["settings"]["clients"]
+        .as_array()
+        .ok_or("bench.json: no nbd.settings.clients")?
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    if clients.is_empty() {
+        return Err("bench.json: nbd.settings.clients is empty".to_string());
+    }
+    let targets = section["targets"]
+        .as_array()
+        .ok_or("bench.json: no nbd.targets array")?;
+    let markdown = read(&outputs.markdown)?;
+    let svg = read(&outputs.nbd_svg)?;
+    if !markdown.contains("### NBD") || !markdown.contains("| Figure |") {
+        return Err("bench.md lacks the NBD table".to_string());
+    }
+    if !markdown.contains("| NBD: Vireo at least matches the Linux guest") {
+        return Err("bench.md lacks the NBD goal's verdict".to_string());
+    }
+    let svg_trimmed = svg.trim();
+    if !(svg_trimmed.starts_with("<svg") || svg_trimmed.starts_with("<?xml"))
+        || !svg_trimmed.ends_with("</svg>")
+        || !svg.contains("<rect")
+    {
+        return Err("bench-nbd.svg is not a complete SVG document with bars".to_string());
+    }
+    for id in expected {
+        let target = targets
+            .iter()
+            .find(|t| t["id"] == *id)
+            .ok_or_else(|| format!("bench.json: NBD target {id:?} is missing"))?;
+        let label = target["label"].as_str().unwrap_or("");
+        if target["command_lines"].as_array().is_none_or(Vec::is_empty) {
+            return Err(format!("bench.json: NBD target {id} has no command line"));
+        }
+        if target["export"]["size"].as_u64().unwrap_or(0) == 0 {
+            return Err(format!("bench.json: NBD target {id} has no export size"));
+        }
+        let figures = target["figures"]
+            .as_array()
+            .ok_or_else(|| format!("bench.json: NBD target {id} has no figures"))?;
+        for &count in &clients {
+            for pattern in ["sequential", "random"] {
+                for operation in ["read", "write"] {
+                    let figure = figures
+                        .iter()
+                        .find(|f| {
+                            f["pattern"] == pattern
+                                && f["operation"] == operation
+                                && f["clients"].as_u64() == Some(count)
+                        })
+                        .ok_or_else(|| {
+                            format!("bench.json: {id} lacks {pattern} {operation} x{count}")
+                        })?;
+                    let what = format!("{id} {pattern} {operation} x{count}");
+                    let bytes = figure["bytes"].as_u64().unwrap_or(0);
+                    if figure["ops"].as_u64().unwrap_or(0) == 0 || bytes == 0 {
+                        return Err(format!("bench.json: {what} completed no request"));
+                    }
+                    if operation == "read" && figure["verified_bytes"].as_u64() != Some(bytes) {
+                        return Err(format!(
+                            "bench.json: {what}: {} of {bytes} bytes read were checked",
+                            figure["verified_bytes"]
+                        ));
+                    }
+                    for key in ["mib_per_s", "iops"] {
+                        if figure[key].as_f64().is_none_or(|v| v <= 0.0) {
+                            return Err(format!("bench.json: {what}: {key} is missing"));
+                        }
+                    }
+                    for key in ["p50_us", "p99_us"] {
+                        if figure["latency"][key].as_f64().is_none_or(|v| v <= 0.0) {
+                            return Err(format!("bench.json: {what}: latency {key} is missing"));
+                        }
+                    }
+                }
+            }
+        }
+        if !markdown.contains(&format!(" {label} MiB/s (IOPS) |")) {
+            return Err(format!("bench.md has no NBD column for {label:?}"));
+        }
+        if !svg.contains(label) {
+            return Err(format!("bench-nbd.svg has no bars labelled {label:?}"));
+        }
+    }
+    Ok(())
+}
