@@ -72,7 +72,7 @@ enum Cmd {
     /// Over a tap in a private namespace: Vireo in each mode, a Linux guest peer and the floors
     /// (loopback, userspace tap reflector). Writes bench.md, bench.json and bench-cdf.svg to
     /// --out (default bench-results/).
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// A long mixed-traffic run against the release kernel on a tap (root)
     ///
     /// UDP, ICMP and TCP echo at a steady rate for N minutes: per-interval loss, RTT

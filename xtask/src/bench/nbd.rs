@@ -522,7 +522,7 @@ pub fn open_workers(
             first_block: first,
             generations,
             cursor: 0,
-            rng: mix(model.seed ^ (index + 1) * 0x1234_5678),
+            rng: mix(model.seed ^ ((index + 1) * 0x1234_5678)),
         });
     }
     Ok(workers)

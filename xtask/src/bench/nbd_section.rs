@@ -171,6 +171,7 @@ fn measure_figures(
     target: &mut NbdTarget,
 ) -> Result<(), BenchError> {
     let options = inputs.options;
+    let guest = target.kind != SystemKind::Floor;
     let mut connect_limit = first_connect_limit;
     for &clients in &options.nbd_clients {
         check_cancelled()?;
@@ -190,6 +191,11 @@ fn measure_figures(
             );
             let mut bar = Progress::new("[bench]", name, 1, "figures");
             let seed = model.seed;
+            let before = if guest {
+                stats(inputs.netns).ok()
+            } else {
+                None
+            };
             let outcome = inputs.netns.run(|| {
                 nbd::run_phase(
                     &mut workers,
@@ -207,7 +213,7 @@ fn measure_figures(
                     return Err(BenchError::Failed(format!("{label}: {error}")));
                 }
             };
-            let figure = NbdFigure::from_outcome(pattern, operation, clients, &outcome)
+            let mut figure = NbdFigure::from_outcome(pattern, operation, clients, &outcome)
                 .ok_or_else(|| {
                     BenchError::Failed(format!(
                         "{label}: no NBD request completed in {} {}",
@@ -227,12 +233,32 @@ fn measure_figures(
                     String::new()
                 }
             ));
+            if let (Some(before), Ok(after)) = (&before, stats(inputs.netns)) {
+                figure.counters = Some(per_request(before, &after, figure.ops));
+            }
             target.figures.push(figure);
             note_contention();
         }
         nbd::close_workers(workers, model);
     }
     Ok(())
+}
+
+/// The counters' changes between two stats lines, per NBD request (`echoed` holds the
+/// request count; there were no echoes).
+fn per_request(
+    before: &crate::client::Stats,
+    after: &crate::client::Stats,
+    requests: u64,
+) -> Counters {
+    let mut counters = Counters::between(before, after, requests);
+    counters.echoed = requests;
+    counters.per_packet = counters
+        .deltas
+        .iter()
+        .map(|(key, &delta)| (key.clone(), delta as f64 / requests.max(1) as f64))
+        .collect();
+    counters
 }
 
 fn new_target(id: &str, label: &str, kind: SystemKind, server: String) -> NbdTarget {
@@ -383,15 +409,7 @@ fn measure_guest_target(
     );
     if let (Some(before), Ok(after)) = (&before, stats(inputs.netns)) {
         let requests: u64 = target.figures.iter().map(|f| f.ops).sum();
-        let mut counters = Counters::between(before, &after, requests);
-        // Per request, not per echoed datagram (there were none).
-        counters.echoed = requests;
-        counters.per_packet = counters
-            .deltas
-            .iter()
-            .map(|(key, &delta)| (key.clone(), delta as f64 / requests.max(1) as f64))
-            .collect();
-        target.counters = Some(counters);
+        target.counters = Some(per_request(before, &after, requests));
     }
     guest.kill();
     let _ = std::fs::write(inputs.options.out_dir.join(log_name), guest.serial_log());

@@ -128,6 +128,10 @@ pub struct NbdFigure {
     pub flush_ms: Option<f64>,
     /// Vireo over Linux (Vireo's rows only).
     pub vs_linux: Option<NbdRatio>,
+    /// The guest's counters over the figure (its stats service before and after), per
+    /// request in `per_packet`.
+    #[serde(default)]
+    pub counters: Option<Counters>,
 }
 
 impl NbdFigure {
@@ -167,6 +171,7 @@ impl NbdFigure {
             },
             flush_ms: outcome.flush.map(|d| d.as_secs_f64() * 1e3),
             vs_linux: None,
+            counters: None,
         })
     }
 
@@ -365,23 +370,43 @@ impl NbdSection {
             let _ = writeln!(out, "- {line}");
         }
         let _ = writeln!(out);
-        for target in &self.targets {
-            if let Some(counters) = &target.counters {
-                let interesting: Vec<String> = counters
-                    .deltas
-                    .iter()
-                    .filter(|(_, v)| **v != 0)
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                let _ = writeln!(
-                    out,
-                    "{} counters over the section: {}; per request: interrupts {}, kicks {}.\n",
-                    target.label,
-                    interesting.join(" "),
-                    fmt_opt(counters.per("interrupts"), 3),
-                    fmt_opt(counters.per("kicks"), 3),
-                );
+        let guests: Vec<&NbdTarget> = self
+            .targets
+            .iter()
+            .filter(|t| t.figures.iter().any(|f| f.counters.is_some()))
+            .collect();
+        if !guests.is_empty() {
+            let _ = writeln!(
+                out,
+                "Guest counters per request over each figure (stats service before and after; \
+                 Vireo's *busy* is its loop's `stack_busy_ns`, *stolen* the host's steal time \
+                 the guest saw):\n\n| Guest | Figure | interrupts | halts | kicks | RX pkts | \
+                 TX pkts | busy, us | stolen, us |\n| --- | --- | ---: | ---: | ---: | ---: | \
+                 ---: | ---: | ---: |"
+            );
+            for target in guests {
+                for figure in &target.figures {
+                    let Some(counters) = &figure.counters else {
+                        continue;
+                    };
+                    let per = |key: &str| fmt_opt(counters.per(key), 3);
+                    let micros = |key: &str| fmt_opt(counters.per(key).map(|ns| ns / 1e3), 1);
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        target.label,
+                        figure.name(),
+                        per("interrupts"),
+                        per("halts"),
+                        per("kicks"),
+                        per("rx_packets"),
+                        per("tx_packets"),
+                        micros("stack_busy_ns"),
+                        micros("stolen_ns"),
+                    );
+                }
             }
+            let _ = writeln!(out);
         }
         for target in &self.targets {
             for line in &target.command_lines {

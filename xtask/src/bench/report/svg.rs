@@ -119,6 +119,9 @@ pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String>
     Ok(())
 }
 
+/// One number of an NBD figure.
+type FigureValue = fn(&super::nbd::NbdFigure) -> f64;
+
 /// Draws the NBD section as grouped bars, one group per figure and one bar per target: IOPS
 /// in the upper panel, p50 request latency in the lower one.
 pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<(), String> {
@@ -145,7 +148,7 @@ pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<
     let root = SVGBackend::new(path, (1100, 760)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| error(&e))?;
     let panels = root.split_evenly((2, 1));
-    let metrics: [(&str, fn(&super::nbd::NbdFigure) -> f64); 2] = [
+    let metrics: [(&str, FigureValue); 2] = [
         ("requests per second (4 KiB)", |f| f.iops),
         ("p50 request latency (us)", |f| f.latency.p50_us),
     ];
