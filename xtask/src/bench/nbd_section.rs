@@ -196,6 +196,7 @@ fn measure_figures(
             } else {
                 None
             };
+            let tcp_before = inputs.netns.run(host_tcp_counters).unwrap_or_default();
             let outcome = inputs.netns.run(|| {
                 nbd::run_phase(
                     &mut workers,
@@ -236,12 +237,53 @@ fn measure_figures(
             if let (Some(before), Ok(after)) = (&before, stats(inputs.netns)) {
                 figure.counters = Some(per_request(before, &after, figure.ops));
             }
+            let tcp_after = inputs.netns.run(host_tcp_counters).unwrap_or_default();
+            figure.host_tcp = tcp_after
+                .iter()
+                .filter_map(|(key, after)| Some((key.clone(), after - tcp_before.get(key)?)))
+                .collect();
             target.figures.push(figure);
             note_contention();
         }
         nbd::close_workers(workers, model);
     }
     Ok(())
+}
+
+/// The host's TCP counters that show lost segments, in the calling thread's namespace: `Tcp:`
+/// `RetransSegs` from `/proc/thread-self/net/snmp` and `TcpExt:` `TCPTimeouts`,
+/// `TCPLossProbes`, `TCPFastRetrans` and `TCPSpuriousRTOs` from `.../netstat` (each file is a
+/// header line of names and a line of values per protocol).
+fn host_tcp_counters() -> std::collections::BTreeMap<String, i64> {
+    let wanted = [
+        ("Tcp:", "RetransSegs"),
+        ("TcpExt:", "TCPTimeouts"),
+        ("TcpExt:", "TCPLossProbes"),
+        ("TcpExt:", "TCPFastRetrans"),
+        ("TcpExt:", "TCPSpuriousRTOs"),
+    ];
+    let mut counters = std::collections::BTreeMap::new();
+    for file in ["snmp", "netstat"] {
+        let text =
+            std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let mut names = names.split_whitespace();
+            let mut values = values.split_whitespace();
+            let (Some(protocol), Some(_)) = (names.next(), values.next()) else {
+                continue;
+            };
+            for (name, value) in names.zip(values) {
+                if wanted.contains(&(protocol, name))
+                    && let Ok(value) = value.parse()
+                {
+                    counters.insert(name.to_string(), value);
+                }
+            }
+        }
+    }
+    counters
 }
 
 /// The counters' changes between two stats lines, per NBD request (`echoed` holds the

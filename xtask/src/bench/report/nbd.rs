@@ -132,6 +132,11 @@ pub struct NbdFigure {
     /// request in `per_packet`.
     #[serde(default)]
     pub counters: Option<Counters>,
+    /// The host's TCP counters in the namespace over the figure (`/proc/net/snmp` and
+    /// `/proc/net/netstat` changes: `RetransSegs`, `TCPTimeouts`, ...): the client side's
+    /// retransmissions, which a lost segment towards the server shows up in.
+    #[serde(default)]
+    pub host_tcp: BTreeMap<String, i64>,
 }
 
 impl NbdFigure {
@@ -172,6 +177,7 @@ impl NbdFigure {
             flush_ms: outcome.flush.map(|d| d.as_secs_f64() * 1e3),
             vs_linux: None,
             counters: None,
+            host_tcp: BTreeMap::new(),
         })
     }
 
@@ -380,9 +386,11 @@ impl NbdSection {
                 out,
                 "Guest counters per request over each figure (stats service before and after; \
                  Vireo's *busy* is its loop's `stack_busy_ns`, *stolen* the host's steal time \
-                 the guest saw):\n\n| Guest | Figure | interrupts | halts | kicks | RX pkts | \
-                 TX pkts | busy, us | stolen, us |\n| --- | --- | ---: | ---: | ---: | ---: | \
-                 ---: | ---: | ---: |"
+                 the guest saw; *host RTOs / retransmits* are the client side's TCP timeouts and \
+                 retransmitted segments over the whole figure, and *max* the slowest request):\n\n\
+                 | Guest | Figure | interrupts | halts | kicks | RX pkts | TX pkts | busy, us | \
+                 stolen, us | host RTOs / retransmits | max, ms |\n| --- | --- | ---: | ---: | ---: \
+                 | ---: | ---: | ---: | ---: | ---: | ---: |"
             );
             for target in guests {
                 for figure in &target.figures {
@@ -393,7 +401,7 @@ impl NbdSection {
                     let micros = |key: &str| fmt_opt(counters.per(key).map(|ns| ns / 1e3), 1);
                     let _ = writeln!(
                         out,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {:.1} |",
                         target.label,
                         figure.name(),
                         per("interrupts"),
@@ -403,6 +411,15 @@ impl NbdSection {
                         per("tx_packets"),
                         micros("stack_busy_ns"),
                         micros("stolen_ns"),
+                        figure
+                            .host_tcp
+                            .get("TCPTimeouts")
+                            .map_or("–".to_string(), i64::to_string),
+                        figure
+                            .host_tcp
+                            .get("RetransSegs")
+                            .map_or("–".to_string(), i64::to_string),
+                        figure.latency.max_us / 1e3,
                     );
                 }
             }
