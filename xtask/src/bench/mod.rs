@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: Vireo's latency benchmark against the host tap (issue 6).
+//! `cargo xtask bench`: Vireo's latency benchmark against the host tap (issue 6) and its NBD
+//! section (issue 14).
 //!
 //! One run, on one machine, with one QEMU binary and one set of device options, measures:
 //! - Vireo in each mode (`irq`, `poll`, `adaptive`): UDP ping-pong RTT at 64 and 1400 bytes in
@@ -7,7 +8,11 @@
 //! - the Linux guest peer (Debian's kernel and a busybox initramfs built here, see [`linux`]),
 //!   measured the same way;
 //! - the floors: UDP echo over the namespace's loopback, and a userspace tap reflector with no
-//!   VM ([`crate::TapReflector`]).
+//!   VM ([`crate::TapReflector`]);
+//! - the NBD section (issue 14, `--sections nbd` or `--nbd-only`): 4 KiB sequential and random
+//!   reads and writes with one and several clients against Vireo's NBD export, the Linux guest's
+//!   `nbd-server` and `qemu-nbd` on the host, on the same raw image ([`nbd`] is the client,
+//!   `nbd_section` the targets).
 //!
 //! Everything runs in a private network namespace with a tap (`vhost=off`), created here and
 //! always removed: [`crate::NetNs`] removes it on drop, which also runs on errors, on panics and
@@ -16,7 +21,8 @@
 //! sweep that runs before the next namespace is created.
 //!
 //! Results go to `bench-results/` (or `--out`): `bench.md` (tables), `bench.json` (every figure
-//! and the raw environment), `bench-cdf.svg` (latency CDF) and the guests' serial logs.
+//! and the raw environment), `bench-cdf.svg` (latency CDF), `bench-nbd.svg` (NBD bars) and the
+//! guests' serial logs.
 //!
 //! This file orchestrates a run (environment, namespace, the systems in turn, cancellation);
 //! [`options`] is the command line, `systems` measures one system, [`measure`] holds the

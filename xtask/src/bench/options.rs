@@ -132,7 +132,8 @@ impl BenchOptions {
 /// run's with `--quick`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct BenchArgs {
-    /// The smoke run (< 30 s): Vireo poll mode and the floors, 64 B, 2000 samples, no Linux guest.
+    /// The smoke run (< 45 s): Vireo poll mode and the floors, 64 B, 2000 samples, NBD 0.5 s per
+    /// figure on a 16 MiB image, no Linux guest.
     #[arg(long)]
     pub quick: bool,
     /// Where the results go [default: bench-results/ in the workspace].
