@@ -23,17 +23,14 @@ use super::report::{Counters, NotMeasured, SystemKind};
 use super::systems::stats;
 use super::{BenchError, check_cancelled, first_lines, note_contention};
 use crate::host::ensure_packages;
+use crate::nbd::{EXPORT_NAME as VIREO_EXPORT, NBD_PORT};
 use crate::progress::Progress;
 use crate::{DEFAULT_GUEST_IP, Guest, NetNs, QemuCommand, RunOptions, log};
 
-/// NBD's port ("Newstyle negotiation").
-pub const NBD_PORT: u16 = 10809;
 /// The host side of the tap, where the host floor's qemu-nbd listens.
 const HOST_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// The QEMU cache mode of both guests' disk and of the host's qemu-nbd.
 pub const CACHE_MODE: &str = "writeback";
-/// Vireo's export name (the kernel's default).
-const VIREO_EXPORT: &str = "vireo";
 /// The host floor's export name.
 const FLOOR_EXPORT: &str = "bench";
 
