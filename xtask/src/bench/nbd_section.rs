@@ -469,13 +469,14 @@ fn measure_vireo(inputs: &SectionInputs<'_>, image: &Path) -> Result<NbdTarget, 
         .device(DISK_DEVICE);
     let mut target = new_target(
         NBD_VIREO,
-        "Vireo",
+        &format!("Vireo ({})", inputs.options.nbd_mode),
         SystemKind::Vireo,
         format!("{DEFAULT_GUEST_IP}:{NBD_PORT} export {VIREO_EXPORT:?}"),
     );
-    target
-        .notes
-        .push("the kernel's default mode (adaptive), services=echo,stats,nbd".to_string());
+    target.notes.push(format!(
+        "mode={} (--nbd-mode; adaptive is the kernel's default), services=echo,stats,nbd",
+        inputs.options.nbd_mode
+    ));
     measure_guest_target(
         inputs,
         command,

@@ -33,6 +33,8 @@ pub struct BenchOptions {
     pub nbd_clients: Vec<usize>,
     /// The NBD disk image's size, MiB.
     pub nbd_image_mib: u64,
+    /// Vireo's mode for the NBD section.
+    pub nbd_mode: String,
     /// The short smoke run (Vireo in one mode and the floors, a few thousand samples).
     pub quick: bool,
     /// Where the results go.
@@ -78,6 +80,7 @@ impl BenchOptions {
             nbd_time: Duration::from_secs(4),
             nbd_clients: vec![1, 4],
             nbd_image_mib: 64,
+            nbd_mode: "adaptive".to_string(),
             quick: false,
             out_dir: crate::workspace_root().join("bench-results"),
             kernel: None,
@@ -208,6 +211,9 @@ pub struct BenchArgs {
     /// Size of the NBD disk image in MiB [default: 64; --quick 16].
     #[arg(long, value_name = "MIB")]
     pub nbd_image_mib: Option<u64>,
+    /// Vireo's mode in the NBD section [default: adaptive, the kernel's default].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub nbd_mode: Option<GuestMode>,
     /// Re-render bench.md and bench-cdf.svg from a run's JSON, without measuring.
     #[arg(long, value_name = "DIR/bench.json", conflicts_with_all = ["quick", "kernel", "samples"])]
     pub render: Option<PathBuf>,
@@ -287,6 +293,9 @@ impl BenchArgs {
         if let Some(clients) = &self.nbd_clients {
             options.nbd_clients = clients.clone();
         }
+        if let Some(mode) = self.nbd_mode {
+            options.nbd_mode = mode.as_str().to_string();
+        }
         if let Some(mib) = self.nbd_image_mib {
             options.nbd_image_mib = mib;
         }
@@ -358,6 +367,9 @@ mod tests {
             BenchOptions::parse(&["--sections", "nbd,echo", "--nbd-secs", "1.5"]).expect("valid");
         assert_eq!(both.sections, [Section::Echo, Section::Nbd]);
         assert_eq!(both.nbd_time, Duration::from_millis(1500));
+        assert_eq!(both.nbd_mode, "adaptive");
+        let irq = BenchOptions::parse(&["--nbd-mode", "irq"]).expect("valid");
+        assert_eq!(irq.nbd_mode, "irq");
         for bad in [
             &["--sections", "disk"][..],
             &["--nbd-only", "--sections", "echo"],

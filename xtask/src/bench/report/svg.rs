@@ -181,6 +181,7 @@ pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<
                     String::new()
                 }
             })
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .y_desc(title)
             .draw()
             .map_err(|e| error(&e))?;
@@ -209,7 +210,7 @@ pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
