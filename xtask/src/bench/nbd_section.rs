@@ -76,6 +76,7 @@ pub(super) fn run(
         image_mib: options.nbd_image_mib,
         block_size: BLOCK_SIZE,
         seconds_per_figure: options.nbd_time.as_secs_f64(),
+        warmup_seconds: options.nbd_warmup.as_secs_f64(),
         clients: options.nbd_clients.clone(),
         drive: drive_spec(Path::new("IMAGE")),
         disk_device: DISK_DEVICE.to_string(),
@@ -178,6 +179,26 @@ fn measure_figures(
         connect_limit = Duration::from_secs(15);
         if target.export.is_none() {
             target.export = workers.first().map(|w| w.info());
+            // A warm-up before the first figure, recorded nowhere but checked like any read:
+            // the first requests after a boot or a connect (code paths run for the first time,
+            // buffer pools filling) are not what "sequential read" should measure.
+            if !options.nbd_warmup.is_zero() {
+                let seed = model.seed;
+                let warmup = inputs.netns.run(|| {
+                    nbd::run_phase(
+                        &mut workers,
+                        seed,
+                        Pattern::Random,
+                        Operation::Read,
+                        options.nbd_warmup,
+                        &super::cancelled,
+                    )
+                })?;
+                if let Err(error) = warmup {
+                    nbd::close_workers(workers, model);
+                    return Err(BenchError::Failed(format!("{label}: warm-up: {error}")));
+                }
+            }
         }
         for (pattern, operation) in PHASES {
             check_cancelled()?;

@@ -35,6 +35,8 @@ pub struct BenchOptions {
     pub nbd_image_mib: u64,
     /// Vireo's mode for the NBD section.
     pub nbd_mode: String,
+    /// Unrecorded (but checked) reads on every target before its first figure.
+    pub nbd_warmup: Duration,
     /// The short smoke run (Vireo in one mode and the floors, a few thousand samples).
     pub quick: bool,
     /// Where the results go.
@@ -81,6 +83,7 @@ impl BenchOptions {
             nbd_clients: vec![1, 4],
             nbd_image_mib: 64,
             nbd_mode: "adaptive".to_string(),
+            nbd_warmup: Duration::from_secs(1),
             quick: false,
             out_dir: crate::workspace_root().join("bench-results"),
             kernel: None,
@@ -116,6 +119,7 @@ impl BenchOptions {
             boots: 1,
             linux: false,
             nbd_time: Duration::from_millis(500),
+            nbd_warmup: Duration::from_millis(200),
             nbd_image_mib: 16,
             ..BenchOptions::full()
         }
@@ -211,6 +215,10 @@ pub struct BenchArgs {
     /// Size of the NBD disk image in MiB [default: 64; --quick 16].
     #[arg(long, value_name = "MIB")]
     pub nbd_image_mib: Option<u64>,
+    /// Seconds of unrecorded (still checked) reads on each NBD target before its first figure
+    /// [default: 1; --quick 0.2; 0 for none].
+    #[arg(long, value_name = "S")]
+    pub nbd_warmup_secs: Option<f64>,
     /// Vireo's mode in the NBD section [default: adaptive, the kernel's default].
     #[arg(long, value_enum, value_name = "MODE")]
     pub nbd_mode: Option<GuestMode>,
@@ -292,6 +300,11 @@ impl BenchArgs {
         }
         if let Some(clients) = &self.nbd_clients {
             options.nbd_clients = clients.clone();
+        }
+        if let Some(seconds) = self.nbd_warmup_secs {
+            options.nbd_warmup = Duration::try_from_secs_f64(seconds).map_err(|_| {
+                format!("bench: --nbd-warmup-secs: {seconds} is not a valid number of seconds")
+            })?;
         }
         if let Some(mode) = self.nbd_mode {
             options.nbd_mode = mode.as_str().to_string();
@@ -375,6 +388,7 @@ mod tests {
             &["--nbd-only", "--sections", "echo"],
             &["--nbd-clients", "0"],
             &["--nbd-secs", "0"],
+            &["--nbd-warmup-secs", "-1"],
             &["--nbd-image-mib", "0"],
             &["--modes", "turbo"],
             &["--forms", "lazy"],

@@ -36,6 +36,9 @@ pub struct NbdSettings {
     pub block_size: u32,
     /// Length of each figure, in seconds.
     pub seconds_per_figure: f64,
+    /// Unrecorded (but checked) random reads on each target before its first figure, seconds.
+    #[serde(default)]
+    pub warmup_seconds: f64,
     /// The client counts measured (each client is one connection with one request in flight).
     pub clients: Vec<usize>,
     /// The `-drive` spec both guests get (the image path aside).
@@ -279,11 +282,12 @@ impl NbdSection {
         let s = &self.settings;
         let _ = writeln!(
             out,
-            "### NBD\n\n{} KiB requests, one in flight per client, {:.1} s per figure, on a {} MiB \
-             raw image; both guests: `-drive {}` `-device {}` (cache mode {}). Every read \
+            "### NBD\n\n{} KiB requests, one in flight per client, {:.1} s per figure after {:.1} s \
+             of unrecorded random reads per target, on a {} MiB raw image; both guests: `-drive {}` `-device {}` (cache mode {}). Every read \
              compared with what the disk holds ({}).\n",
             s.block_size / 1024,
             s.seconds_per_figure,
+            s.warmup_seconds,
             s.image_mib,
             s.drive,
             s.disk_device,
@@ -472,6 +476,7 @@ mod tests {
                 image_mib: 64,
                 block_size: 4096,
                 seconds_per_figure: 1.0,
+                warmup_seconds: 0.0,
                 clients: vec![1],
                 drive: String::new(),
                 disk_device: String::new(),
