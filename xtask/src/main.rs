@@ -603,17 +603,23 @@ fn netns(action: NetnsAction) -> Result<i32> {
     Ok(0)
 }
 
+/// The plots a run wrote (the CDF with the echo section, the bars with the NBD section), each
+/// after ", ".
+fn plots(outputs: &bench::Outputs) -> String {
+    [&outputs.svg, &outputs.nbd_svg]
+        .into_iter()
+        .filter(|path| path.is_file())
+        .map(|path| format!(", {}", path.display()))
+        .collect()
+}
+
 /// `cargo xtask bench`: the latency benchmark ([`xtask::bench`]). Exits 0 when every system
 /// asked for was measured or declared unmeasurable with a reason, 1 when a measurement failed,
 /// 130 when interrupted.
 fn bench(args: &BenchArgs) -> Result<i32> {
     if let Some(json) = &args.render {
         let outputs = bench::render(json)?;
-        println!(
-            "rendered {} and {}",
-            outputs.markdown.display(),
-            outputs.svg.display()
-        );
+        println!("rendered {}{}", outputs.markdown.display(), plots(&outputs));
         return Ok(0);
     }
     let options = args.options().map_err(|message| anyhow!(message))?;
@@ -627,10 +633,10 @@ fn bench(args: &BenchArgs) -> Result<i32> {
     };
     println!("{}", bench::report::markdown(&report));
     println!(
-        "results: {}, {}, {}",
+        "results: {}, {}{}",
         outputs.markdown.display(),
         outputs.json.display(),
-        outputs.svg.display()
+        plots(&outputs)
     );
     if failures.is_empty() {
         return Ok(0);
