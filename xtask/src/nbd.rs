@@ -195,20 +195,40 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// The option reply magic.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// The request magic.
+/// The request magic ("Request message").
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-/// The simple reply magic.
+/// The simple reply magic ("Simple reply message").
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// `NBD_FLAG_FIXED_NEWSTYLE` in the server's handshake flags.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// `NBD_FLAG_NO_ZEROES` in the server's handshake flags.
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// `NBD_FLAG_C_FIXED_NEWSTYLE` in the client's flags.
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// `NBD_FLAG_C_NO_ZEROES` in the client's flags.
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 /// `NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES`.
-pub const CLIENT_FLAGS: u32 = 0b11;
+pub const CLIENT_FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+/// `NBD_FLAG_HAS_FLAGS` in the transmission flags.
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+/// `NBD_FLAG_READ_ONLY` in the transmission flags.
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+/// `NBD_FLAG_SEND_FLUSH` in the transmission flags.
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 /// `NBD_OPT_GO`.
 pub const OPT_GO: u32 = 7;
 /// `NBD_REP_ACK`.
 pub const REP_ACK: u32 = 1;
 /// `NBD_REP_INFO`.
 pub const REP_INFO: u32 = 3;
+/// The bit every error reply type (`NBD_REP_ERR_*`) has set.
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
 /// `NBD_REP_ERR_UNSUP`.
-pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR + 1;
+/// `NBD_INFO_EXPORT`.
+pub const INFO_EXPORT: u16 = 0;
+/// `NBD_INFO_BLOCK_SIZE`.
+pub const INFO_BLOCK_SIZE: u16 = 3;
 /// `NBD_CMD_READ`.
 pub const CMD_READ: u16 = 0;
 /// `NBD_CMD_WRITE`.
@@ -219,8 +239,6 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 /// `NBD_CMD_FLAG_FUA`.
 pub const FLAG_FUA: u16 = 1;
-/// `NBD_FLAG_READ_ONLY` in the transmission flags.
-pub const FLAG_READ_ONLY: u16 = 1 << 1;
 /// `NBD_EPERM`.
 pub const NBD_EPERM: u32 = 1;
 /// `NBD_EIO`.
@@ -229,6 +247,61 @@ pub const NBD_EIO: u32 = 5;
 pub const NBD_EINVAL: u32 = 22;
 /// `NBD_ENOSPC`.
 pub const NBD_ENOSPC: u32 = 28;
+
+/// Appends an option message (`IHAVEOPT`, the option, the data's length, the data) to `out`.
+pub fn encode_option(out: &mut Vec<u8>, option: u32, data: &[u8]) {
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The data of `NBD_OPT_GO` for `export`, asking for the `NBD_INFO_*` items in `info`.
+pub fn go_option_data(export: &str, info: &[u16]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(6 + export.len() + 2 * info.len());
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&(info.len() as u16).to_be_bytes());
+    for item in info {
+        data.extend_from_slice(&item.to_be_bytes());
+    }
+    data
+}
+
+/// Appends a request message (the header, then `payload` as given: it need not match
+/// `length`, so that a test can lie) to `out`.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+) {
+    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The error value and cookie of a simple reply's 16-byte header, or the magic it carried
+/// instead of the simple reply's.
+pub fn decode_simple_reply(header: &[u8; 16]) -> Result<(u32, u64), u32> {
+    let field = |range: core::ops::Range<usize>| {
+        header[range]
+            .iter()
+            .fold(0u64, |value, &byte| value << 8 | u64::from(byte))
+    };
+    let magic = field(0..4) as u32;
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(magic);
+    }
+    Ok((field(4..8) as u32, field(8..16)))
+}
 
 /// One option reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -298,12 +371,7 @@ impl NbdClient {
     pub fn go(address: SocketAddr, timeout: Duration) -> io::Result<NbdClient> {
         let mut client = NbdClient::connect(address, timeout)?;
         client.send(&CLIENT_FLAGS.to_be_bytes())?;
-        let name = EXPORT_NAME.as_bytes();
-        let mut data = Vec::new();
-        data.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        data.extend_from_slice(name);
-        data.extend_from_slice(&0u16.to_be_bytes());
-        client.send_option(OPT_GO, &data)?;
+        client.send_option(OPT_GO, &go_option_data(EXPORT_NAME, &[]))?;
         loop {
             let reply = client.read_option_reply()?;
             match reply.kind {
@@ -331,10 +399,7 @@ impl NbdClient {
     /// Sends an option (`IHAVEOPT`, the option, the length, the data).
     pub fn send_option(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(16 + data.len());
-        bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        bytes.extend_from_slice(&option.to_be_bytes());
-        bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        bytes.extend_from_slice(data);
+        encode_option(&mut bytes, option, data);
         self.send(&bytes)
     }
 
@@ -375,13 +440,7 @@ impl NbdClient {
         payload: &[u8],
     ) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(28 + payload.len());
-        bytes.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        bytes.extend_from_slice(&flags.to_be_bytes());
-        bytes.extend_from_slice(&kind.to_be_bytes());
-        bytes.extend_from_slice(&cookie.to_be_bytes());
-        bytes.extend_from_slice(&offset.to_be_bytes());
-        bytes.extend_from_slice(&length.to_be_bytes());
-        bytes.extend_from_slice(payload);
+        encode_request(&mut bytes, flags, kind, cookie, offset, length, payload);
         self.send(&bytes)
     }
 
@@ -389,12 +448,8 @@ impl NbdClient {
     pub fn read_reply(&mut self, data_length: usize) -> io::Result<SimpleReply> {
         let mut header = [0u8; 16];
         self.stream.read_exact(&mut header)?;
-        let magic = u32::from_be_bytes(header[..4].try_into().unwrap_or_default());
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(protocol_error(format!("bad reply magic {magic:#x}")));
-        }
-        let error = u32::from_be_bytes(header[4..8].try_into().unwrap_or_default());
-        let cookie = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
+        let (error, cookie) = decode_simple_reply(&header)
+            .map_err(|magic| protocol_error(format!("bad reply magic {magic:#x}")))?;
         let mut data = Vec::new();
         if error == 0 && data_length > 0 {
             data = vec![0; data_length];
@@ -532,6 +587,42 @@ mod tests {
             run_tool(&mut missing, Duration::from_secs(1)),
             Err(ToolError::Spawn { .. })
         ));
+    }
+
+    #[test]
+    fn messages_are_laid_out_as_the_protocol_document_says() {
+        let mut request = Vec::new();
+        encode_request(&mut request, FLAG_FUA, CMD_WRITE, 7, 4096, 3, b"abc");
+        assert_eq!(request.len(), 28 + 3);
+        assert_eq!(request[..4], REQUEST_MAGIC.to_be_bytes());
+        assert_eq!(request[4..6], FLAG_FUA.to_be_bytes());
+        assert_eq!(request[6..8], CMD_WRITE.to_be_bytes());
+        assert_eq!(request[8..16], 7u64.to_be_bytes());
+        assert_eq!(request[16..24], 4096u64.to_be_bytes());
+        assert_eq!(request[24..28], 3u32.to_be_bytes());
+        assert_eq!(&request[28..], b"abc");
+
+        let data = go_option_data("ab", &[INFO_BLOCK_SIZE]);
+        assert_eq!(data, [0, 0, 0, 2, b'a', b'b', 0, 1, 0, 3]);
+        let mut option = Vec::new();
+        encode_option(&mut option, OPT_GO, &data);
+        assert_eq!(option[..8], IHAVEOPT.to_be_bytes());
+        assert_eq!(option[8..12], OPT_GO.to_be_bytes());
+        assert_eq!(option[12..16], (data.len() as u32).to_be_bytes());
+
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        header[4..8].copy_from_slice(&NBD_EIO.to_be_bytes());
+        header[8..].copy_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+        assert_eq!(
+            decode_simple_reply(&header),
+            Ok((NBD_EIO, 0x0102_0304_0506_0708))
+        );
+        header[0] ^= 1;
+        assert_eq!(
+            decode_simple_reply(&header),
+            Err(SIMPLE_REPLY_MAGIC ^ (1 << 24))
+        );
     }
 
     #[test]

@@ -24,37 +24,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// `NBDMAGIC` ("Newstyle negotiation").
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-/// `IHAVEOPT`.
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-/// The magic of an option reply.
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// The magic of a request ("Request message").
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-/// The magic of a simple reply ("Simple reply message").
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
-const FLAG_C_NO_ZEROES: u32 = 1 << 1;
-
-const TRANSMISSION_HAS_FLAGS: u16 = 1 << 0;
-const TRANSMISSION_READ_ONLY: u16 = 1 << 1;
-const TRANSMISSION_SEND_FLUSH: u16 = 1 << 2;
-
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
+use crate::nbd::{
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_READ_ONLY, FLAG_SEND_FLUSH, IHAVEOPT,
+    INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPT_GO, OPTION_REPLY_MAGIC, REP_ACK, REP_FLAG_ERROR,
+    REP_INFO, decode_simple_reply, encode_option, encode_request, go_option_data,
+};
 
 /// The request size of every figure.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -121,12 +96,12 @@ pub struct ExportInfo {
 impl ExportInfo {
     /// Whether the export accepts `NBD_CMD_FLUSH`.
     pub fn can_flush(&self) -> bool {
-        self.flags & TRANSMISSION_HAS_FLAGS != 0 && self.flags & TRANSMISSION_SEND_FLUSH != 0
+        self.flags & FLAG_HAS_FLAGS != 0 && self.flags & FLAG_SEND_FLUSH != 0
     }
 
     /// Whether the export is read-only.
     pub fn read_only(&self) -> bool {
-        self.flags & TRANSMISSION_READ_ONLY != 0
+        self.flags & FLAG_READ_ONLY != 0
     }
 }
 
@@ -191,17 +166,12 @@ impl NbdClient {
         let no_zeroes = handshake_flags & FLAG_NO_ZEROES != 0;
         let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
         // NBD_OPT_GO: name length, name, one information request (NBD_INFO_BLOCK_SIZE).
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&1u16.to_be_bytes());
-        data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        let mut message = Vec::new();
-        message.extend_from_slice(&client_flags.to_be_bytes());
-        message.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        message.extend_from_slice(&OPT_GO.to_be_bytes());
-        message.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        message.extend_from_slice(&data);
+        let mut message = client_flags.to_be_bytes().to_vec();
+        encode_option(
+            &mut message,
+            OPT_GO,
+            &go_option_data(export, &[INFO_BLOCK_SIZE]),
+        );
         stream
             .write_all(&message)
             .map_err(io_context("sending NBD_OPT_GO"))?;
@@ -293,13 +263,15 @@ impl NbdClient {
     ) -> Result<u64, NbdError> {
         self.cookie += 1;
         self.request.clear();
-        self.request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        self.request.extend_from_slice(&0u16.to_be_bytes());
-        self.request.extend_from_slice(&command.to_be_bytes());
-        self.request.extend_from_slice(&self.cookie.to_be_bytes());
-        self.request.extend_from_slice(&offset.to_be_bytes());
-        self.request.extend_from_slice(&length.to_be_bytes());
-        self.request.extend_from_slice(data);
+        encode_request(
+            &mut self.request,
+            0,
+            command,
+            self.cookie,
+            offset,
+            length,
+            data,
+        );
         self.stream
             .write_all(&self.request)
             .map_err(io_context("sending a request"))?;
@@ -317,16 +289,11 @@ impl NbdClient {
         self.stream
             .read_exact(&mut header)
             .map_err(io_context("reading a reply"))?;
-        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let errno = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        let mut cookie_bytes = [0u8; 8];
-        cookie_bytes.copy_from_slice(&header[8..16]);
-        let got = u64::from_be_bytes(cookie_bytes);
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(NbdError::Protocol(format!(
+        let (errno, got) = decode_simple_reply(&header).map_err(|magic| {
+            NbdError::Protocol(format!(
                 "a reply with magic {magic:#x} (structured replies were not negotiated)"
-            )));
-        }
+            ))
+        })?;
         if got != cookie {
             return Err(NbdError::Protocol(format!(
                 "a reply for cookie {got}, the only request in flight is {cookie}"
@@ -732,6 +699,7 @@ pub fn run_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::SIMPLE_REPLY_MAGIC;
     use std::net::TcpListener;
 
     #[test]
@@ -781,7 +749,7 @@ mod tests {
         };
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&(blocks * 4096).to_be_bytes());
-        info.extend_from_slice(&(TRANSMISSION_HAS_FLAGS | TRANSMISSION_SEND_FLUSH).to_be_bytes());
+        info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH).to_be_bytes());
         reply(&mut stream, REP_INFO, &info);
         reply(&mut stream, REP_ACK, &[]);
         loop {
