@@ -191,6 +191,9 @@ fn boot(start_info_address: u32) -> ! {
         fallback_mac: virtio::net::locally_administered_mac([
             random[0], random[1], random[2], random[3], random[4], random[5],
         ]),
+        // The driver verifies what the device does not vouch for, so the stack skips the
+        // TCP/UDP checksum (see `vireo::net::device::Nic::rx_checksums_verified`).
+        rx_checksums: virtio::net::RxChecksums::VerifyUnvouched,
         ..virtio::net::NetOptions::default()
     };
     let mut devices = devices::bring_up(

@@ -21,6 +21,13 @@ pub trait Nic {
     /// frame is readable without borrowing the NIC, because smoltcp transmits its reply from
     /// inside the receive closure.
     fn frame(rx: &Self::Rx) -> &[u8];
+    /// The frame's bytes, writable (the caller owns the buffer until it recycles it): for
+    /// header rewrites in place ([`crate::net::isn`]).
+    fn frame_mut(rx: &mut Self::Rx) -> &mut [u8];
+    /// Whether every received TCP/UDP frame's checksum is already trusted: verified by the
+    /// driver, or vouched for by the device (virtio-net NEEDS_CSUM/DATA_VALID, §5.1.6.4). The
+    /// stack then skips its own TCP/UDP verification; the IPv4 header's is always checked.
+    fn rx_checksums_verified(&self) -> bool;
     /// Gives the buffer back to the device.
     fn recycle(&mut self, rx: Self::Rx);
     /// Whether a frame can be sent now (reclaiming completed transmissions first).
@@ -185,6 +192,21 @@ impl<N: Nic> phy::RxToken for RxToken<'_, N> {
     }
 }
 
+/// A receive token that can hand the frame out writable: the TCP sequence-number translation
+/// rewrites received headers in place with it instead of copying each frame.
+pub trait RxTokenMut: phy::RxToken {
+    /// Like [`phy::RxToken::consume`], with the frame writable.
+    fn consume_mut<R, F: FnOnce(&mut [u8]) -> R>(self, f: F) -> R;
+}
+
+impl<N: Nic> RxTokenMut for RxToken<'_, N> {
+    fn consume_mut<R, F: FnOnce(&mut [u8]) -> R>(mut self, f: F) -> R {
+        let result = f(N::frame_mut(&mut self.rx));
+        self.nic.borrow_mut().recycle(self.rx);
+        result
+    }
+}
+
 impl<N: Nic> phy::TxToken for TxToken<'_, N> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, length: usize, f: F) -> R {
         let mut nic = self.nic.borrow_mut();
@@ -256,12 +278,18 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
         capabilities.medium = Medium::Ethernet;
         capabilities.max_transmission_unit = self.nic.borrow().max_frame();
         capabilities.max_burst_size = None;
-        if self.nic.borrow().tx_checksum_offload() {
-            // Verify on receive, leave transmit to the device (the driver writes the
-            // pseudo-header sum and sets NEEDS_CSUM).
-            capabilities.checksum.tcp = Checksum::Rx;
-            capabilities.checksum.udp = Checksum::Rx;
-        }
+        let nic = self.nic.borrow();
+        // Transmit: left to the device under offload (the driver writes the pseudo-header sum
+        // and sets NEEDS_CSUM). Receive: skipped when the driver verified or the device
+        // vouched (see `Nic::rx_checksums_verified`).
+        let checksum = match (nic.rx_checksums_verified(), nic.tx_checksum_offload()) {
+            (false, false) => Checksum::Both,
+            (false, true) => Checksum::Rx,
+            (true, false) => Checksum::Tx,
+            (true, true) => Checksum::None,
+        };
+        capabilities.checksum.tcp = checksum;
+        capabilities.checksum.udp = checksum;
         capabilities
     }
 }

@@ -50,6 +50,7 @@ use smoltcp::phy::{self, Device, DeviceCapabilities};
 use smoltcp::time::Instant;
 
 use crate::entropy::Csprng;
+use crate::net::device::{Nic, NicDevice, RxTokenMut};
 
 /// Ethernet II header length.
 const ETHERNET_HEADER: usize = 14;
@@ -300,35 +301,31 @@ impl IsnTranslation {
 }
 
 /// A smoltcp `Device` that applies an [`IsnTranslation`] to every TCP segment passing
-/// through `inner`: sent segments inside the stack's fill closure (so before the driver
-/// finalizes the frame for checksum offload), received ones in a copy (`scratch`), because a
-/// receive token hands out the driver's buffer read-only.
-pub struct IsnDevice<'a, D: Device> {
-    inner: &'a mut D,
+/// through the NIC: sent segments inside the stack's fill closure (so before the driver
+/// finalizes the frame for checksum offload), received ones in place in the driver's buffer
+/// ([`RxTokenMut`]), whatever their length: no copy.
+pub struct IsnDevice<'a, 'n, N: Nic> {
+    inner: &'a mut NicDevice<'n, N>,
     translation: IsnTranslation,
-    scratch: &'a mut [u8],
     stack_checksum: bool,
 }
 
-impl<'a, D: Device> IsnDevice<'a, D> {
-    /// Wraps `inner` for one stack poll. `scratch` must hold the largest frame; a longer one
-    /// is passed untranslated (the stack would then see the peer's wire numbers).
-    pub fn new(inner: &'a mut D, translation: IsnTranslation, scratch: &'a mut [u8]) -> Self {
+impl<'a, 'n, N: Nic> IsnDevice<'a, 'n, N> {
+    /// Wraps `inner` for one stack poll.
+    pub fn new(inner: &'a mut NicDevice<'n, N>, translation: IsnTranslation) -> Self {
         let stack_checksum = inner.capabilities().checksum.tcp.tx();
         Self {
             inner,
             translation,
-            scratch,
             stack_checksum,
         }
     }
 }
 
 /// Receive token of [`IsnDevice`].
-pub struct IsnRxToken<'a, R: phy::RxToken> {
+pub struct IsnRxToken<R: RxTokenMut> {
     inner: R,
     translation: IsnTranslation,
-    scratch: &'a mut [u8],
 }
 
 /// Transmit token of [`IsnDevice`].
@@ -338,21 +335,12 @@ pub struct IsnTxToken<T: phy::TxToken> {
     stack_checksum: bool,
 }
 
-impl<R: phy::RxToken> phy::RxToken for IsnRxToken<'_, R> {
+impl<R: RxTokenMut> phy::RxToken for IsnRxToken<R> {
     fn consume<U, F: FnOnce(&[u8]) -> U>(self, f: F) -> U {
-        let Self {
-            inner,
-            translation,
-            scratch,
-        } = self;
-        inner.consume(|frame| {
-            if !IsnTranslation::applies_to(frame) || frame.len() > scratch.len() {
-                return f(frame);
-            }
-            let copy = &mut scratch[..frame.len()];
-            copy.copy_from_slice(frame);
-            translation.incoming(copy);
-            f(copy)
+        let Self { inner, translation } = self;
+        inner.consume_mut(|frame| {
+            translation.incoming(frame);
+            f(frame)
         })
     }
 }
@@ -372,13 +360,13 @@ impl<T: phy::TxToken> phy::TxToken for IsnTxToken<T> {
     }
 }
 
-impl<D: Device> Device for IsnDevice<'_, D> {
+impl<'n, N: Nic> Device for IsnDevice<'_, 'n, N> {
     type RxToken<'b>
-        = IsnRxToken<'b, D::RxToken<'b>>
+        = IsnRxToken<<NicDevice<'n, N> as Device>::RxToken<'b>>
     where
         Self: 'b;
     type TxToken<'b>
-        = IsnTxToken<D::TxToken<'b>>
+        = IsnTxToken<<NicDevice<'n, N> as Device>::TxToken<'b>>
     where
         Self: 'b;
 
@@ -388,7 +376,6 @@ impl<D: Device> Device for IsnDevice<'_, D> {
             IsnRxToken {
                 inner: rx,
                 translation: self.translation,
-                scratch: &mut *self.scratch,
             },
             IsnTxToken {
                 inner: tx,

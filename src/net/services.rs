@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use crate::config::{Config, ServiceKind, ServiceSet};
-use crate::net::device::SynCredits;
+use crate::net::device::{Nic, NicDevice, SynCredits};
 use crate::net::isn::{IsnDevice, IsnTranslation, NetSecrets};
 use crate::net::service::{HostCounters, Service, ServiceContext};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
@@ -38,8 +38,6 @@ pub use stats::STATS_PORT;
 
 /// How long the DHCP client waits for an offer before it asks again.
 const DHCP_DISCOVER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Where received TCP segments are translated, at least (a jumbo frame).
-const SCRATCH_BYTES: usize = 9216;
 
 /// A UDP socket with room for `packets` datagrams of `bytes` bytes in all, each way.
 pub fn udp_socket(packets: usize, bytes: usize) -> udp::Socket<'static> {
@@ -88,8 +86,6 @@ pub struct Services {
     address_changed: bool,
     /// The RFC 6528 sequence-number translation applied between the stack and the device.
     isn: IsnTranslation,
-    /// Where received TCP segments are translated (sized to the device's largest frame).
-    rx_scratch: Vec<u8>,
 }
 
 impl Services {
@@ -121,13 +117,6 @@ impl Services {
     ) -> Self {
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         iface_config.random_seed = secrets.stack_seed;
-        let rx_scratch = vec![
-            0;
-            device
-                .capabilities()
-                .max_transmission_unit
-                .max(SCRATCH_BYTES)
-        ];
         let mut iface = Interface::new(iface_config, device, now);
         let address = (!config.dhcp).then_some(config.ip);
         if let Some(address) = address {
@@ -175,7 +164,6 @@ impl Services {
             address,
             address_changed: address.is_some(),
             isn: IsnTranslation::new(secrets.isn_key),
-            rx_scratch,
         }
     }
 
@@ -273,21 +261,13 @@ impl Services {
     ///
     /// Every TCP segment between the stack and `device` goes through the RFC 6528
     /// sequence-number translation ([`crate::net::isn`]).
-    pub fn poll<D: Device>(
+    pub fn poll<N: Nic>(
         &mut self,
-        device: &mut D,
+        device: &mut NicDevice<'_, N>,
         now: Instant,
         write_stats: &mut dyn FnMut(&mut dyn Write),
     ) -> bool {
-        let largest = device.capabilities().max_transmission_unit;
-        if self.rx_scratch.len() < largest {
-            // Only when the device's MTU grew (a device reset); never per packet.
-            self.rx_scratch.resize(largest, 0);
-        }
-        // Taken out for the poll (no allocation: a moved Vec), so the services below can
-        // borrow `self` while the wrapped device holds the scratch.
-        let mut scratch = core::mem::take(&mut self.rx_scratch);
-        let mut device = IsnDevice::new(device, self.isn, &mut scratch);
+        let mut device = IsnDevice::new(device, self.isn);
         let device = &mut device;
         let mut activity =
             self.iface.poll(now, device, &mut self.sockets) != smoltcp::iface::PollResult::None;
@@ -311,7 +291,6 @@ impl Services {
             // Send what the services queued without waiting for the next loop iteration.
             self.iface.poll(now, device, &mut self.sockets);
         }
-        self.rx_scratch = scratch;
         activity
     }
 

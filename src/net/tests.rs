@@ -59,6 +59,14 @@ impl Nic for MemoryNic {
         rx
     }
 
+    fn frame_mut(rx: &mut Vec<u8>) -> &mut [u8] {
+        rx
+    }
+
+    fn rx_checksums_verified(&self) -> bool {
+        false
+    }
+
     fn recycle(&mut self, _rx: Vec<u8>) {}
 
     fn can_transmit(&mut self) -> bool {

@@ -135,6 +135,16 @@ impl net::device::Nic for KernelNic {
         rx.bytes()
     }
 
+    fn frame_mut(rx: &mut Self::Rx) -> &mut [u8] {
+        rx.bytes_mut()
+    }
+
+    fn rx_checksums_verified(&self) -> bool {
+        self.net
+            .as_ref()
+            .is_some_and(|net| net.rx_checksums() == virtio::net::RxChecksums::VerifyUnvouched)
+    }
+
     fn recycle(&mut self, rx: Self::Rx) {
         // A frame from a retired driver is simply dropped: its buffers belonged to the old
         // queues, which are gone; the new driver posted fresh ones.
@@ -266,7 +276,7 @@ impl net::NicControl for KernelNic {
         let stats = self.stats();
         let _ = write!(
             out,
-            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
+            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} rx_csum_vouched={} rx_csum_verified={} rx_csum_bad={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
             stats.rx_packets,
             stats.rx_bytes,
             stats.rx_malformed,
@@ -274,6 +284,9 @@ impl net::NicControl for KernelNic {
             stats.rx_merged,
             stats.rx_buffers_posted,
             stats.rx_checksums_completed,
+            stats.rx_checksums_vouched,
+            stats.rx_checksums_verified,
+            stats.rx_checksum_bad,
             stats.tx_packets,
             stats.tx_bytes,
             stats.tx_full,

@@ -96,10 +96,21 @@ pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
     true
 }
 
-/// For a TCP or UDP over IPv4 frame, stores the pseudo-header sum in the transport checksum
-/// field and returns (`csum_start`, `csum_offset`) for NEEDS_CSUM (§5.1.6.2). Other frames
-/// (ARP, ICMP, fragments, malformed) return `None` and keep the checksum the stack computed.
-pub fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
+/// Where an unfragmented IPv4 TCP or UDP segment sits in an Ethernet frame.
+struct Transport {
+    /// Offset of the transport header in the frame.
+    start: usize,
+    /// Offset of the checksum field within the transport header.
+    checksum_offset: usize,
+    /// The pseudo-header sum (RFC 793 §3.1, RFC 768), folded.
+    pseudo: u16,
+    /// Offset of the end of the IP packet in the frame.
+    end: usize,
+}
+
+/// Locates the TCP or UDP segment of an IPv4 frame; `None` for anything else (ARP, ICMP,
+/// fragments, malformed lengths).
+fn transport(frame: &[u8]) -> Option<Transport> {
     if frame.len() < ETHERNET_HEADER_LEN + 20 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
@@ -128,9 +139,41 @@ pub fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
     let mut sum = sum_words(&ip[12..20], 0);
     sum = sum.wrapping_add(u32::from(protocol));
     sum = sum.wrapping_add(segment_len as u32);
-    let pseudo = fold(sum);
-    let start = ETHERNET_HEADER_LEN + header_len;
-    let field = start + checksum_offset;
-    frame[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
-    Some((start as u16, checksum_offset as u16))
+    Some(Transport {
+        start: ETHERNET_HEADER_LEN + header_len,
+        checksum_offset,
+        pseudo: fold(sum),
+        end: ETHERNET_HEADER_LEN + total_len,
+    })
+}
+
+/// For a TCP or UDP over IPv4 frame, stores the pseudo-header sum in the transport checksum
+/// field and returns (`csum_start`, `csum_offset`) for NEEDS_CSUM (§5.1.6.2). Other frames
+/// (ARP, ICMP, fragments, malformed) return `None` and keep the checksum the stack computed.
+pub fn prepare_checksum_offload(frame: &mut [u8]) -> Option<(u16, u16)> {
+    let at = transport(frame)?;
+    let field = at.start + at.checksum_offset;
+    frame[field..field + 2].copy_from_slice(&at.pseudo.to_be_bytes());
+    Some((at.start as u16, at.checksum_offset as u16))
+}
+
+/// Verifies the TCP or UDP checksum of an unfragmented IPv4 frame (RFC 1071 over the
+/// pseudo-header and the segment): `Some(true)` when it is right, `Some(false)` when it is
+/// wrong, `None` when there is nothing to verify here (not IPv4 TCP/UDP, a fragment, a
+/// malformed length, or UDP without a checksum, RFC 768); the stack decides about those.
+pub fn verify_transport_checksum(frame: &[u8]) -> Option<bool> {
+    let at = transport(frame)?;
+    let field = at.start + at.checksum_offset;
+    if at.checksum_offset == 6 && frame[field..field + 2] == [0, 0] {
+        return None;
+    }
+    let sum = sum_words(&frame[at.start..at.end], u32::from(at.pseudo));
+    Some(fold(sum) == 0xffff)
+}
+
+/// Whether a partial checksum's `csum_start`/`csum_offset` (NEEDS_CSUM) fit in a frame of
+/// `length` bytes: what [`complete_checksum`] checks before writing.
+pub fn partial_checksum_fits(length: usize, start: u16, offset: u16) -> bool {
+    let start = usize::from(start);
+    start < length && start + usize::from(offset) + 2 <= length
 }

@@ -38,7 +38,7 @@ use core::fmt;
 use header::ETHERNET_HEADER_LEN;
 pub use header::{
     HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_GSO_NONE, NET_HEADER_LEN, NetHeader, complete_checksum,
-    parse_header, prepare_checksum_offload,
+    parse_header, partial_checksum_fits, prepare_checksum_offload, verify_transport_checksum,
 };
 pub use rx::RxFrame;
 
@@ -169,6 +169,23 @@ pub struct NetOptions {
     /// (counted in `rx_foreign`). On by default; tests of other parts turn it off to feed
     /// arbitrary frames.
     pub drop_foreign: bool,
+    /// What the driver does about received checksums (with VIRTIO_NET_F_GUEST_CSUM).
+    pub rx_checksums: RxChecksums,
+}
+
+/// The receive checksum policy (§5.1.6.4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RxChecksums {
+    /// Complete every partial checksum (NEEDS_CSUM) so that the frame carries a valid one,
+    /// and leave all verification to the caller's stack.
+    #[default]
+    Complete,
+    /// Trust what the device vouches for: a frame with NEEDS_CSUM (its data came from a
+    /// trusted source, the checksum is merely not computed yet) or DATA_VALID (the device
+    /// checked it) is passed as it is, unverified and uncompleted; every other IPv4 TCP/UDP
+    /// frame has its checksum verified here and is dropped when it is wrong
+    /// (`rx_checksum_bad`). The caller's stack must then not verify TCP/UDP checksums itself.
+    VerifyUnvouched,
 }
 
 impl Default for NetOptions {
@@ -183,6 +200,7 @@ impl Default for NetOptions {
             mac: None,
             fallback_mac: locally_administered_mac([0x02, 0x00, 0x5e, 0x00, 0x00, 0x01]),
             drop_foreign: true,
+            rx_checksums: RxChecksums::Complete,
         }
     }
 }
@@ -292,8 +310,18 @@ pub struct NetStats {
     pub rx_merged: u64,
     /// Receive buffers posted to the device (descriptors).
     pub rx_buffers_posted: u64,
-    /// Received frames whose checksum the driver completed (NEEDS_CSUM).
+    /// Received frames whose checksum the driver completed (NEEDS_CSUM, with
+    /// [`RxChecksums::Complete`]).
     pub rx_checksums_completed: u64,
+    /// Received frames passed unverified because the device vouched for them (NEEDS_CSUM or
+    /// DATA_VALID, with [`RxChecksums::VerifyUnvouched`]).
+    pub rx_checksums_vouched: u64,
+    /// Received TCP/UDP frames whose checksum the driver verified (nothing vouched for them,
+    /// with [`RxChecksums::VerifyUnvouched`]).
+    pub rx_checksums_verified: u64,
+    /// Received frames dropped for a wrong TCP/UDP checksum (with
+    /// [`RxChecksums::VerifyUnvouched`]).
+    pub rx_checksum_bad: u64,
     /// Frames sent.
     pub tx_packets: u64,
     /// Their bytes.
@@ -328,6 +356,9 @@ impl core::ops::AddAssign for NetStats {
         self.rx_merged += other.rx_merged;
         self.rx_buffers_posted += other.rx_buffers_posted;
         self.rx_checksums_completed += other.rx_checksums_completed;
+        self.rx_checksums_vouched += other.rx_checksums_vouched;
+        self.rx_checksums_verified += other.rx_checksums_verified;
+        self.rx_checksum_bad += other.rx_checksum_bad;
         self.tx_packets += other.tx_packets;
         self.tx_bytes += other.tx_bytes;
         self.tx_full += other.tx_full;
@@ -441,6 +472,7 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
     rx_filter: RxFilter,
     announce_requested: bool,
     drop_foreign: bool,
+    rx_checksums: RxChecksums,
     mtu: u16,
     link_up: bool,
     mergeable: bool,
@@ -608,6 +640,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             rx_filter: RxFilter::DeviceDefault,
             announce_requested: false,
             drop_foreign: options.drop_foreign,
+            rx_checksums: options.rx_checksums,
             mtu,
             link_up: true,
             mergeable: has(features, NetFeatures::MRG_RXBUF.bits()),
@@ -829,6 +862,11 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     /// Whether TCP/UDP checksums of sent frames are left to the device.
     pub fn tx_checksum_offload(&self) -> bool {
         self.tx_checksum_offload
+    }
+
+    /// The receive checksum policy in force.
+    pub fn rx_checksums(&self) -> RxChecksums {
+        self.rx_checksums
     }
 
     /// Whether received frames may carry partial checksums that the driver completes.

@@ -1,14 +1,16 @@
 //! The receive path (§5.1.6.3, §5.1.6.4): posting receive buffers, taking used ones back
-//! (one buffer, or several with VIRTIO_NET_F_MRG_RXBUF), completing partial checksums,
-//! dropping malformed frames and frames for other stations, and recycling buffers in place.
+//! (one buffer, or several with VIRTIO_NET_F_MRG_RXBUF), the receive checksum policy
+//! ([`RxChecksums`]: complete partial checksums, or trust what the device vouches for and
+//! verify the rest), dropping malformed frames and frames for other stations, and recycling buffers in place.
 //! Every length and count the device wrote is bounded before use.
 
 use alloc::vec::Vec;
 
 use super::header::{
-    ETHERNET_HEADER_LEN, HDR_F_NEEDS_CSUM, NET_HEADER_LEN, complete_checksum, parse_header,
+    ETHERNET_HEADER_LEN, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, NET_HEADER_LEN, NetHeader,
+    complete_checksum, parse_header, partial_checksum_fits, verify_transport_checksum,
 };
-use super::{BROADCAST_MAC, NetError, VirtioNet};
+use super::{BROADCAST_MAC, NetError, RxChecksums, VirtioNet};
 use crate::dma::{DmaBuf, DmaHal, Part};
 use crate::queue::CallbackState;
 use crate::transport::Transport;
@@ -33,6 +35,28 @@ impl<H: DmaHal + Clone> RxFrame<H> {
             _ => &self.merged,
         }
     }
+
+    /// The Ethernet frame, writable: the buffers belong to the caller until recycled, so a
+    /// stack may rewrite headers in place instead of copying the frame.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match (self.in_place, self.parts.first_mut()) {
+            (Some((offset, length)), Some(part)) => part
+                .as_bytes_mut()
+                .get_mut(offset..offset + length)
+                .unwrap_or(&mut []),
+            _ => &mut self.merged,
+        }
+    }
+}
+
+/// What the checksum policy decided about one received frame.
+enum ChecksumVerdict {
+    /// Hand it to the caller.
+    Pass,
+    /// Its NEEDS_CSUM offsets do not fit: malformed.
+    Malformed,
+    /// Its TCP/UDP checksum is wrong and nothing vouches for it: drop.
+    Bad,
 }
 
 impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
@@ -65,7 +89,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             // `len` is at most the buffer's size (the queue checked it). End the transfer
             // before reading a byte: a bounce-buffer HAL copies the data back here.
             let length = used.len as usize;
-            let mut buf = used.buffer.into_buf();
+            let buf = used.buffer.into_buf();
             if length < NET_HEADER_LEN + ETHERNET_HEADER_LEN {
                 self.stats.rx_malformed += 1;
                 self.post_rx(buf)?;
@@ -88,15 +112,6 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                 merged: Vec::new(),
             };
             if buffers == 1 {
-                if header.flags & HDR_F_NEEDS_CSUM != 0 {
-                    let bytes = &mut buf.as_bytes_mut()[NET_HEADER_LEN..length];
-                    if !complete_checksum(bytes, header.csum_start, header.csum_offset) {
-                        self.stats.rx_malformed += 1;
-                        self.post_rx(buf)?;
-                        continue;
-                    }
-                    self.stats.rx_checksums_completed += 1;
-                }
                 frame.in_place = Some((NET_HEADER_LEN, length - NET_HEADER_LEN));
                 frame.parts.push(buf);
             } else {
@@ -129,22 +144,25 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                         }
                     }
                 }
-                if !complete
-                    || (header.flags & HDR_F_NEEDS_CSUM != 0
-                        && !complete_checksum(
-                            &mut frame.merged,
-                            header.csum_start,
-                            header.csum_offset,
-                        ))
-                {
+                if !complete {
                     self.stats.rx_malformed += 1;
                     self.recycle(frame)?;
                     continue;
                 }
-                if header.flags & HDR_F_NEEDS_CSUM != 0 {
-                    self.stats.rx_checksums_completed += 1;
-                }
                 self.stats.rx_merged += 1;
+            }
+            match self.check_checksum(&header, frame.bytes_mut()) {
+                ChecksumVerdict::Pass => {}
+                ChecksumVerdict::Malformed => {
+                    self.stats.rx_malformed += 1;
+                    self.recycle(frame)?;
+                    continue;
+                }
+                ChecksumVerdict::Bad => {
+                    self.stats.rx_checksum_bad += 1;
+                    self.recycle(frame)?;
+                    continue;
+                }
             }
             if self.drop_foreign && !self.is_for_us(frame.bytes()) {
                 self.stats.rx_foreign += 1;
@@ -154,6 +172,46 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += frame.bytes().len() as u64;
             return Ok(Some(frame));
+        }
+    }
+
+    /// Applies the receive checksum policy ([`RxChecksums`], §5.1.6.4) to one frame.
+    fn check_checksum(&mut self, header: &NetHeader, frame: &mut [u8]) -> ChecksumVerdict {
+        let partial = header.flags & HDR_F_NEEDS_CSUM != 0;
+        match self.rx_checksums {
+            RxChecksums::Complete => {
+                if !partial {
+                    return ChecksumVerdict::Pass;
+                }
+                if !complete_checksum(frame, header.csum_start, header.csum_offset) {
+                    return ChecksumVerdict::Malformed;
+                }
+                self.stats.rx_checksums_completed += 1;
+                ChecksumVerdict::Pass
+            }
+            RxChecksums::VerifyUnvouched => {
+                if partial {
+                    // The data came from a trusted source with its checksum still to be
+                    // computed: nothing to verify, but the offsets must make sense.
+                    if !partial_checksum_fits(frame.len(), header.csum_start, header.csum_offset) {
+                        return ChecksumVerdict::Malformed;
+                    }
+                    self.stats.rx_checksums_vouched += 1;
+                    return ChecksumVerdict::Pass;
+                }
+                if header.flags & HDR_F_DATA_VALID != 0 {
+                    self.stats.rx_checksums_vouched += 1;
+                    return ChecksumVerdict::Pass;
+                }
+                match verify_transport_checksum(frame) {
+                    Some(true) => {
+                        self.stats.rx_checksums_verified += 1;
+                        ChecksumVerdict::Pass
+                    }
+                    Some(false) => ChecksumVerdict::Bad,
+                    None => ChecksumVerdict::Pass,
+                }
+            }
         }
     }
 

@@ -306,3 +306,77 @@ fn parse_header_reads_little_endian_fields_and_zero_fills_short_input() {
         (0x02, 0, 0)
     );
 }
+
+#[test]
+fn verify_unvouched_passes_vouched_frames_as_they_are_and_verifies_the_rest() {
+    use crate::net::{NetOptions, RxChecksums};
+    let world = World::new(qemu_features());
+    let model = world.model();
+    let options = NetOptions {
+        rx_checksums: RxChecksums::VerifyUnvouched,
+        ..small()
+    };
+    let mut net = up(&world, &model, options).expect("up");
+    assert_eq!(net.rx_checksums(), RxChecksums::VerifyUnvouched);
+    let receive = |net: &mut crate::net::VirtioNet<_, _>| {
+        let received = net.receive().expect("receive");
+        let bytes = received.as_ref().map(|frame| frame.bytes().to_vec());
+        if let Some(frame) = received {
+            net.recycle(frame).expect("recycle");
+        }
+        net.flush().expect("flush");
+        bytes
+    };
+    for protocol in [TCP, UDP] {
+        for payload_len in [0, 1, 1000, 1400] {
+            let frame = with_l4_checksum(&ipv4_frame(protocol, payload_len, 0, 0, 40));
+            // NEEDS_CSUM: handed up untouched (the partial sum left in place, not completed).
+            let (partial, start, offset) = partial_checksum(&frame);
+            model
+                .borrow_mut()
+                .deliver(needs_csum(start, offset), &partial);
+            assert_eq!(receive(&mut net), Some(partial.clone()));
+            // DATA_VALID: handed up even with a wrong checksum in the field (the device
+            // checked the wire's; the driver does not look again).
+            let mut wrong = frame.clone();
+            let (l4, field, _, _) = l4_layout(&wrong);
+            wrong[l4 + field] ^= 0x5a;
+            let valid = WireHeader {
+                flags: HDR_F_DATA_VALID,
+                ..WireHeader::default()
+            };
+            model.borrow_mut().deliver(valid, &wrong);
+            assert_eq!(receive(&mut net), Some(wrong.clone()));
+            // Nothing vouches: a right checksum passes, a wrong one is dropped and counted.
+            model.borrow_mut().deliver(WireHeader::default(), &frame);
+            assert_eq!(receive(&mut net), Some(frame.clone()));
+            model.borrow_mut().deliver(WireHeader::default(), &wrong);
+            assert_eq!(
+                receive(&mut net),
+                None,
+                "a wrong checksum nobody vouched for"
+            );
+        }
+    }
+    // Not TCP/UDP: nothing to verify here, the stack decides.
+    let icmp = ipv4_frame(ICMP, 64, 0, 0, 41);
+    model.borrow_mut().deliver(WireHeader::default(), &icmp);
+    assert_eq!(receive(&mut net), Some(icmp));
+    let stats = net.stats();
+    assert_eq!(
+        stats.rx_checksums_vouched, 16,
+        "8 NEEDS_CSUM and 8 DATA_VALID"
+    );
+    assert_eq!(stats.rx_checksums_verified, 8);
+    assert_eq!(stats.rx_checksum_bad, 8);
+    assert_eq!((stats.rx_checksums_completed, stats.rx_malformed), (0, 0));
+    assert_eq!(stats.rx_packets, 8 * 3 + 1);
+    // NEEDS_CSUM offsets must still fit the frame.
+    let frame = ipv4_frame(UDP, 100, 0, 0, 42);
+    let (partial, _, _) = partial_checksum(&frame);
+    model
+        .borrow_mut()
+        .deliver(needs_csum(partial.len() as u16, 0), &partial);
+    assert_eq!(receive(&mut net), None);
+    assert_eq!(net.stats().rx_malformed, 1);
+}
