@@ -40,7 +40,7 @@ const SYN_RECEIVED_TIMEOUT: Duration = Duration::from_millis(1000);
 const SYN_RECEIVED_TIMEOUT_WHEN_FULL: Duration = Duration::from_millis(20);
 /// The largest datagram echoed (a jumbo frame's payload).
 const SCRATCH_BYTES: usize = 9216;
-const TCP_BUFFER: usize = 16 * 1024;
+const TCP_BUFFER: usize = 256 * 1024;
 const UDP_PACKETS: usize = 128;
 const UDP_BUFFER: usize = 256 * 1024;
 

@@ -119,6 +119,7 @@ pub const DRIVER_FEATURES: u64 = Features::VERSION_1.bits()
     | NetFeatures::MRG_RXBUF.bits()
     | NetFeatures::CSUM.bits()
     | NetFeatures::GUEST_CSUM.bits()
+    | NetFeatures::GUEST_TSO4.bits()
     | NetFeatures::CTRL_VQ.bits()
     | NetFeatures::CTRL_RX.bits()
     | NetFeatures::CTRL_RX_EXTRA.bits()
@@ -513,6 +514,15 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         }
         if !has(offered & wanted, NetFeatures::CTRL_RX.bits()) {
             wanted &= !NetFeatures::CTRL_RX_EXTRA.bits();
+        }
+        // GUEST_TSO4 needs GUEST_CSUM (§5.1.3.1), and without MRG_RXBUF every receive buffer
+        // would have to hold 65562 bytes (§5.1.6.3.1): take large segments only as a chain
+        // of mergeable buffers.
+        if !has(
+            offered & wanted,
+            NetFeatures::GUEST_CSUM.bits() | NetFeatures::MRG_RXBUF.bits(),
+        ) {
+            wanted &= !NetFeatures::GUEST_TSO4.bits();
         }
         // GUEST_ANNOUNCE is signalled through the status field (§5.1.4).
         if !has(offered & wanted, NetFeatures::STATUS.bits()) {

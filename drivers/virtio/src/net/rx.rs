@@ -119,6 +119,9 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                 // (§5.1.6.4). Copy them together; they must already be in the used ring.
                 frame
                     .merged
+                    .reserve_exact(usize::from(buffers) * self.buffer_len);
+                frame
+                    .merged
                     .extend_from_slice(&buf.as_bytes()[NET_HEADER_LEN..length]);
                 frame.parts.push(buf);
                 let mut complete = true;

@@ -567,3 +567,25 @@ fn every_combination_of_optional_features_negotiates_consistently_and_passes_tra
     }
     assert_eq!(combinations, 2048);
 }
+
+#[test]
+fn guest_tso4_is_taken_only_with_guest_csum_and_mergeable_buffers() {
+    let tso = NetFeatures::GUEST_TSO4.bits();
+    let world = World::new(qemu_features());
+    let model = world.model();
+    let net = up(&world, &model, small()).expect("up");
+    assert_eq!(net.features() & tso, tso, "offered with both: negotiated");
+    for missing in [
+        NetFeatures::GUEST_CSUM.bits(),
+        NetFeatures::MRG_RXBUF.bits(),
+    ] {
+        let world = World::new(qemu_features() & !missing);
+        let model = world.model();
+        let net = up(&world, &model, small()).expect("up");
+        assert_eq!(
+            net.features() & tso,
+            0,
+            "without {missing:#x} the driver must not take large segments"
+        );
+    }
+}
