@@ -40,6 +40,9 @@ pub trait Nic {
     /// Whether the device completes TCP/UDP checksums of sent frames (the stack then leaves
     /// them to it).
     fn tx_checksum_offload(&self) -> bool;
+    /// With TCP segmentation offload: the longest IPv4 TCP frame `transmit` takes for the
+    /// device to cut into segments that fit [`Nic::max_frame`]; `None` without.
+    fn max_segmented_frame(&self) -> Option<usize>;
 }
 
 /// Frames one stack poll takes at most, so that a flood cannot starve transmission, timers
@@ -152,6 +155,20 @@ impl<'a, N: Nic> NicDevice<'a, N> {
     }
 }
 
+impl<N: Nic> NicDevice<'_, N> {
+    /// With TCP segmentation offload, the MSS bookkeeping between the wire and the stack:
+    /// the link's MSS (the MTU's) and the stack's (the segmented frame's); `None` without.
+    pub fn segmentation(&self) -> Option<crate::net::isn::MssRewrite> {
+        let nic = self.nic.borrow();
+        let largest = nic.max_segmented_frame()?;
+        let mss = |frame: usize| u16::try_from(frame.checked_sub(14 + 40)?).ok();
+        Some(crate::net::isn::MssRewrite {
+            link_mss: mss(nic.max_frame())?,
+            stack_mss: mss(largest)?,
+        })
+    }
+}
+
 /// The destination port of `frame` when it is an IPv4 TCP segment with SYN set and ACK clear
 /// (a connection attempt), else `None`.
 pub fn tcp_syn_port(frame: &[u8]) -> Option<u16> {
@@ -225,10 +242,18 @@ impl<N: Nic> phy::TxToken for TxToken<'_, N> {
         if let Some(result) = result {
             return result;
         }
-        let mut scratch = [0u8; 9216];
-        let length = length.min(scratch.len());
+        // A refused frame longer than the MTU (segmentation offload) gets a heap buffer of
+        // its length: rare, and smoltcp must be given the length it asked for.
+        let mut small = [0u8; 9216];
+        let mut large = alloc::vec::Vec::new();
+        let scratch: &mut [u8] = if length <= small.len() {
+            &mut small[..length]
+        } else {
+            large.resize(length, 0);
+            &mut large
+        };
         match fill.take() {
-            Some(f) => f(&mut scratch[..length]),
+            Some(f) => f(scratch),
             // `fill` is taken only together with setting `result`, which was `None`.
             None => unreachable!("net: transmit closure consumed without a result"),
         }
@@ -276,7 +301,12 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut capabilities = DeviceCapabilities::default();
         capabilities.medium = Medium::Ethernet;
-        capabilities.max_transmission_unit = self.nic.borrow().max_frame();
+        // With segmentation offload the stack may build TCP segments beyond the MTU (the
+        // MSS it sees and announces is adjusted in `crate::net::isn`, see `segmentation`).
+        capabilities.max_transmission_unit = {
+            let nic = self.nic.borrow();
+            nic.max_segmented_frame().unwrap_or(nic.max_frame())
+        };
         capabilities.max_burst_size = None;
         let nic = self.nic.borrow();
         // Transmit: left to the device under offload (the driver writes the pseudo-header sum

@@ -42,6 +42,17 @@
 //!
 //! Only IPv4 TCP in untagged Ethernet II frames, unfragmented, with well-formed lengths, is
 //! touched; anything else passes as it is (smoltcp drops what it cannot parse anyway).
+//!
+//! # Segmentation offload and the MSS
+//!
+//! With TCP segmentation offload (virtio-net HOST_TSO4) the stack's MTU is the largest frame
+//! the device segments, so smoltcp would announce an MSS of about 64 KiB and would send no
+//! more than the peer's MSS per segment. The same adapter therefore rewrites the MSS option
+//! (RFC 9293 §3.7.1) of SYNs ([`MssRewrite`]): a peer's MSS that is at least the link's
+//! (MTU - 40) is raised to the stack's, so smoltcp builds large segments that the device cuts
+//! into link-MSS pieces; a smaller one is left alone (that connection then simply sends
+//! MTU-sized segments); the stack's own MSS is lowered to the link's, so peers see what the
+//! wire carries.
 
 use core::hash::Hasher as _;
 
@@ -60,6 +71,9 @@ const TCP_ACK: u8 = 0x10;
 const OPTION_END: u8 = 0;
 const OPTION_NOP: u8 = 1;
 const OPTION_SACK: u8 = 5;
+const OPTION_MSS: u8 = 2;
+/// TCP flag SYN (RFC 9293 §3.1).
+const TCP_SYN: u8 = 0x02;
 
 /// What the network services need from the CSPRNG: smoltcp's seed and the ISN key.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -300,6 +314,74 @@ impl IsnTranslation {
     }
 }
 
+/// The SYN MSS rewrites of segmentation offload (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MssRewrite {
+    /// The MSS of the link (MTU - 40): what the wire carries and the device cuts to.
+    pub link_mss: u16,
+    /// The MSS of the stack (largest segmented frame - 54).
+    pub stack_mss: u16,
+}
+
+impl MssRewrite {
+    /// A SYN from the wire: its MSS, when at least the link's, becomes the stack's. The TCP
+    /// checksum is adjusted (RFC 1624). Returns whether the MSS was changed.
+    pub fn incoming(&self, frame: &mut [u8]) -> bool {
+        self.rewrite(frame, true, |mss| {
+            (mss >= self.link_mss && mss < self.stack_mss).then_some(self.stack_mss)
+        })
+    }
+
+    /// A SYN from the stack: its MSS, when above the link's, becomes the link's; the checksum
+    /// is adjusted when `stack_checksum`. Returns whether the MSS was changed.
+    pub fn outgoing(&self, frame: &mut [u8], stack_checksum: bool) -> bool {
+        self.rewrite(frame, stack_checksum, |mss| {
+            (mss > self.link_mss).then_some(self.link_mss)
+        })
+    }
+
+    fn rewrite(&self, frame: &mut [u8], checksum: bool, new: impl Fn(u16) -> Option<u16>) -> bool {
+        let Some(at) = tcp_segment(frame) else {
+            return false;
+        };
+        if frame[at.tcp + 13] & TCP_SYN == 0 {
+            return false;
+        }
+        let end = at.tcp + at.tcp_header;
+        let mut option = at.tcp + 20;
+        while option < end {
+            let kind = frame[option];
+            if kind == OPTION_END {
+                break;
+            }
+            if kind == OPTION_NOP {
+                option += 1;
+                continue;
+            }
+            if option + 1 >= end {
+                break;
+            }
+            let length = usize::from(frame[option + 1]);
+            if length < 2 || option + length > end {
+                break;
+            }
+            // The whole option as one 32-bit field on a 16-bit boundary (always so for the
+            // MSS option, which comes first), so the checksum adjusts word by word.
+            if kind == OPTION_MSS && length == 4 && (option - at.tcp) % 2 == 0 {
+                let mss = u16::from_be_bytes([frame[option + 2], frame[option + 3]]);
+                let Some(mss) = new(mss) else {
+                    return false;
+                };
+                let field = (u32::from(OPTION_MSS) << 24) | (4 << 16) | u32::from(mss);
+                rewrite(frame, option, field, at.tcp, checksum);
+                return true;
+            }
+            option += length;
+        }
+        false
+    }
+}
+
 /// A smoltcp `Device` that applies an [`IsnTranslation`] to every TCP segment passing
 /// through the NIC: sent segments inside the stack's fill closure (so before the driver
 /// finalizes the frame for checksum offload), received ones in place in the driver's buffer
@@ -308,16 +390,19 @@ pub struct IsnDevice<'a, 'n, N: Nic> {
     inner: &'a mut NicDevice<'n, N>,
     translation: IsnTranslation,
     stack_checksum: bool,
+    mss: Option<MssRewrite>,
 }
 
 impl<'a, 'n, N: Nic> IsnDevice<'a, 'n, N> {
     /// Wraps `inner` for one stack poll.
     pub fn new(inner: &'a mut NicDevice<'n, N>, translation: IsnTranslation) -> Self {
         let stack_checksum = inner.capabilities().checksum.tcp.tx();
+        let mss = inner.segmentation();
         Self {
             inner,
             translation,
             stack_checksum,
+            mss,
         }
     }
 }
@@ -326,6 +411,7 @@ impl<'a, 'n, N: Nic> IsnDevice<'a, 'n, N> {
 pub struct IsnRxToken<R: RxTokenMut> {
     inner: R,
     translation: IsnTranslation,
+    mss: Option<MssRewrite>,
 }
 
 /// Transmit token of [`IsnDevice`].
@@ -333,13 +419,22 @@ pub struct IsnTxToken<T: phy::TxToken> {
     inner: T,
     translation: IsnTranslation,
     stack_checksum: bool,
+    mss: Option<MssRewrite>,
 }
 
 impl<R: RxTokenMut> phy::RxToken for IsnRxToken<R> {
     fn consume<U, F: FnOnce(&[u8]) -> U>(self, f: F) -> U {
-        let Self { inner, translation } = self;
+        let Self {
+            inner,
+            translation,
+            mss,
+        } = self;
         inner.consume_mut(|frame| {
-            translation.incoming(frame);
+            if translation.incoming(frame)
+                && let Some(mss) = mss
+            {
+                mss.incoming(frame);
+            }
             f(frame)
         })
     }
@@ -351,10 +446,15 @@ impl<T: phy::TxToken> phy::TxToken for IsnTxToken<T> {
             inner,
             translation,
             stack_checksum,
+            mss,
         } = self;
         inner.consume(length, |buffer| {
             let result = f(buffer);
-            translation.outgoing(buffer, stack_checksum);
+            if translation.outgoing(buffer, stack_checksum)
+                && let Some(mss) = mss
+            {
+                mss.outgoing(buffer, stack_checksum);
+            }
             result
         })
     }
@@ -376,11 +476,13 @@ impl<'n, N: Nic> Device for IsnDevice<'_, 'n, N> {
             IsnRxToken {
                 inner: rx,
                 translation: self.translation,
+                mss: self.mss,
             },
             IsnTxToken {
                 inner: tx,
                 translation: self.translation,
                 stack_checksum: self.stack_checksum,
+                mss: self.mss,
             },
         ))
     }
@@ -391,6 +493,7 @@ impl<'n, N: Nic> Device for IsnDevice<'_, 'n, N> {
             inner: tx,
             translation: self.translation,
             stack_checksum: self.stack_checksum,
+            mss: self.mss,
         })
     }
 

@@ -90,6 +90,10 @@ impl Nic for MemoryNic {
     fn tx_checksum_offload(&self) -> bool {
         false
     }
+
+    fn max_segmented_frame(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The host's end of the wire, as a smoltcp device.

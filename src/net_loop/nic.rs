@@ -181,6 +181,10 @@ impl net::device::Nic for KernelNic {
             .as_ref()
             .is_some_and(|net| net.tx_checksum_offload())
     }
+
+    fn max_segmented_frame(&self) -> Option<usize> {
+        self.net.as_ref()?.max_segmented_frame()
+    }
 }
 
 impl net::NicControl for KernelNic {
@@ -276,7 +280,7 @@ impl net::NicControl for KernelNic {
         let stats = self.stats();
         let _ = write!(
             out,
-            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} rx_csum_vouched={} rx_csum_verified={} rx_csum_bad={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} kicks={} kicks_suppressed={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
+            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} rx_csum_vouched={} rx_csum_verified={} rx_csum_bad={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} tx_tso={} kicks={} kicks_suppressed={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
             stats.rx_packets,
             stats.rx_bytes,
             stats.rx_malformed,
@@ -292,6 +296,7 @@ impl net::NicControl for KernelNic {
             stats.tx_full,
             stats.tx_oversize,
             stats.tx_checksum_offloaded,
+            stats.tx_segmented,
             stats.kicks,
             stats.kicks_suppressed,
             stats.config_changes,

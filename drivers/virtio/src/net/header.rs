@@ -44,6 +44,43 @@ pub fn write_checksum_offload_header(header: &mut [u8], csum_start: u16, csum_of
         .copy_from_slice(&csum_offset.to_le_bytes());
 }
 
+/// `gso_type`: TCP over IPv4 segmentation (§5.1.6).
+pub const HDR_GSO_TCPV4: u8 = 1;
+
+/// Writes the header of a TCP/IPv4 frame for the device to segment (§5.1.6.2, HOST_TSO4):
+/// NEEDS_CSUM from `csum_start`, GSO_TCPV4, `hdr_len` bytes of headers to repeat in each
+/// segment and `gso_size` payload bytes per segment. `header` is [`NET_HEADER_LEN`] bytes.
+pub fn write_segmentation_header(
+    header: &mut [u8],
+    csum_start: u16,
+    csum_offset: u16,
+    hdr_len: u16,
+    gso_size: u16,
+) {
+    write_checksum_offload_header(header, csum_start, csum_offset);
+    header[net_hdr::GSO_TYPE] = HDR_GSO_TCPV4;
+    header[net_hdr::HDR_LEN..net_hdr::HDR_LEN + 2].copy_from_slice(&hdr_len.to_le_bytes());
+    header[net_hdr::GSO_SIZE..net_hdr::GSO_SIZE + 2].copy_from_slice(&gso_size.to_le_bytes());
+}
+
+/// For a frame to segment: `(hdr_len, gso_size)` when it is an IPv4 TCP segment whose
+/// headers (Ethernet, IPv4, TCP with options) end at `hdr_len`, cut so that every segment
+/// fills at most `mtu` bytes of IP packet; `None` for anything else (which cannot be
+/// segmented, so must not exceed the MTU).
+pub fn segmentation_layout(frame: &[u8], mtu: u16) -> Option<(u16, u16)> {
+    let at = transport(frame)?;
+    if at.checksum_offset != 16 || frame.len() < at.start + 20 {
+        return None;
+    }
+    let tcp_header = usize::from(frame[at.start + 12] >> 4) * 4;
+    let hdr_len = at.start + tcp_header;
+    let ip_headers = hdr_len - ETHERNET_HEADER_LEN;
+    if tcp_header < 20 || hdr_len > at.end || usize::from(mtu) <= ip_headers {
+        return None;
+    }
+    Some((hdr_len as u16, (usize::from(mtu) - ip_headers) as u16))
+}
+
 /// Parses the 12-byte header at the start of `bytes` (zeros past the end).
 pub fn parse_header(bytes: &[u8]) -> NetHeader {
     let byte = |index: usize| bytes.get(index).copied().unwrap_or(0);

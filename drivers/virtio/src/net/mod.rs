@@ -37,8 +37,9 @@ use core::fmt;
 
 use header::ETHERNET_HEADER_LEN;
 pub use header::{
-    HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_GSO_NONE, NET_HEADER_LEN, NetHeader, complete_checksum,
-    parse_header, partial_checksum_fits, prepare_checksum_offload, verify_transport_checksum,
+    HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_GSO_NONE, HDR_GSO_TCPV4, NET_HEADER_LEN, NetHeader,
+    complete_checksum, parse_header, partial_checksum_fits, prepare_checksum_offload,
+    segmentation_layout, verify_transport_checksum,
 };
 pub use rx::RxFrame;
 
@@ -120,6 +121,7 @@ pub const DRIVER_FEATURES: u64 = Features::VERSION_1.bits()
     | NetFeatures::CSUM.bits()
     | NetFeatures::GUEST_CSUM.bits()
     | NetFeatures::GUEST_TSO4.bits()
+    | NetFeatures::HOST_TSO4.bits()
     | NetFeatures::CTRL_VQ.bits()
     | NetFeatures::CTRL_RX.bits()
     | NetFeatures::CTRL_RX_EXTRA.bits()
@@ -333,6 +335,9 @@ pub struct NetStats {
     pub tx_oversize: u64,
     /// Frames sent with checksum offload (NEEDS_CSUM).
     pub tx_checksum_offloaded: u64,
+    /// TCP frames longer than the MTU sent for the device to segment (HOST_TSO4,
+    /// `VIRTIO_NET_HDR_GSO_TCPV4`, §5.1.6.2).
+    pub tx_segmented: u64,
     /// Doorbell writes (notifications actually written).
     pub kicks: u64,
     /// Notifications the device suppressed.
@@ -365,6 +370,7 @@ impl core::ops::AddAssign for NetStats {
         self.tx_full += other.tx_full;
         self.tx_oversize += other.tx_oversize;
         self.tx_checksum_offloaded += other.tx_checksum_offloaded;
+        self.tx_segmented += other.tx_segmented;
         self.kicks += other.kicks;
         self.kicks_suppressed += other.kicks_suppressed;
         self.config_changes += other.config_changes;
@@ -466,6 +472,10 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
     tx_index: u16,
     tx_pool: Vec<DmaBuf<H>>,
     buffer_len: usize,
+    /// Large transmit buffers for segmentation offload (HOST_TSO4 only; else empty).
+    tso_pool: Vec<DmaBuf<H>>,
+    /// HOST_TSO4 negotiated: TCP frames up to [`MAX_SEGMENTED_FRAME`] may be sent.
+    tso: bool,
     mac: [u8; 6],
     mac_origin: MacOrigin,
     rejected_device_mac: Option<[u8; 6]>,
@@ -490,6 +500,17 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
 fn has(features: u64, mask: u64) -> bool {
     features & mask == mask
 }
+
+/// The longest frame sent for the device to segment (HOST_TSO4): an IPv4 packet of at most
+/// 65535 bytes in an Ethernet frame.
+pub const MAX_SEGMENTED_FRAME: usize = ETHERNET_HEADER_LEN + 65535;
+
+/// Large transmit buffers kept for segmentation offload: 16 frames of 64 KiB in flight
+/// (1 MiB) is more than the TCP windows of the connections sending them.
+const TSO_BUFFERS: usize = 16;
+
+/// One large transmit buffer: the header and the longest segmented frame, in 64-byte units.
+const TSO_BUFFER_LEN: usize = (NET_HEADER_LEN + MAX_SEGMENTED_FRAME).div_ceil(64) * 64;
 
 /// Receive/transmit buffer size: the virtio header plus the largest frame, at least
 /// 2048 bytes, rounded up to 64 bytes.
@@ -523,6 +544,10 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             NetFeatures::GUEST_CSUM.bits() | NetFeatures::MRG_RXBUF.bits(),
         ) {
             wanted &= !NetFeatures::GUEST_TSO4.bits();
+        }
+        // HOST_TSO4 needs CSUM (§5.1.3.1): a segmented frame's checksum is the device's.
+        if !has(offered & wanted, NetFeatures::CSUM.bits()) {
+            wanted &= !NetFeatures::HOST_TSO4.bits();
         }
         // GUEST_ANNOUNCE is signalled through the status field (§5.1.4).
         if !has(offered & wanted, NetFeatures::STATUS.bits()) {
@@ -624,6 +649,14 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         let tx_pool = DmaBuf::new(hal.clone(), tx_count * buffer_len)?
             .chunks(buffer_len)
             .map_err(|(_, error)| NetError::Dma(error))?;
+        let tso = has(features, NetFeatures::HOST_TSO4.bits());
+        let tso_pool = if tso {
+            DmaBuf::new(hal.clone(), TSO_BUFFERS * TSO_BUFFER_LEN)?
+                .chunks(TSO_BUFFER_LEN)
+                .map_err(|(_, error)| NetError::Dma(error))?
+        } else {
+            Vec::new()
+        };
         let (Some(rx), Some(tx)) = (rx_slot.take(), tx_slot.take()) else {
             return Err(NetError::NeedsReset);
         };
@@ -643,6 +676,8 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             tx_index,
             tx_pool,
             buffer_len,
+            tso_pool,
+            tso,
             mac,
             mac_origin,
             rejected_device_mac,
@@ -887,6 +922,12 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     /// The largest Ethernet frame (without FCS) that can be sent or received.
     pub fn max_frame(&self) -> usize {
         usize::from(self.mtu) + ETHERNET_HEADER_LEN
+    }
+
+    /// With HOST_TSO4: the longest IPv4 TCP frame [`Self::transmit`] takes for the device to
+    /// cut into segments of at most the MTU ([`MAX_SEGMENTED_FRAME`]); `None` without.
+    pub fn max_segmented_frame(&self) -> Option<usize> {
+        self.tso.then_some(MAX_SEGMENTED_FRAME)
     }
 
     /// The counters, with the queues' kick counters folded in.
