@@ -3,7 +3,7 @@
 
 use std::vec::Vec;
 
-use super::{IsnTranslation, adjust_checksum};
+use super::{IsnTranslation, MssRewrite, adjust_checksum};
 
 const GUEST: [u8; 4] = [10, 0, 2, 15];
 const HOST: [u8; 4] = [10, 0, 2, 2];
@@ -294,5 +294,94 @@ fn other_frames_pass_untouched_and_truncated_ones_never_panic() {
         let mut wire = frame(&segment);
         assert!(translation.incoming(&mut wire));
         assert!(tcp_checksum_ok(&wire));
+    }
+}
+
+fn mss_of(frame: &[u8]) -> Option<u16> {
+    let options = &frame[54..14 + 20 + usize::from(frame[14 + 20 + 12] >> 4) * 4];
+    let mut at = 0;
+    while at + 1 < options.len() {
+        match options[at] {
+            0 => return None,
+            1 => at += 1,
+            2 => return Some(u16::from_be_bytes([options[at + 2], options[at + 3]])),
+            _ => at += usize::from(options[at + 1]).max(2),
+        }
+    }
+    None
+}
+
+fn syn_with_mss(flags: u8, mss: u16, leading_nops: usize) -> Vec<u8> {
+    let mut segment = seg((HOST, 40000), (GUEST, 7), 1000, 0);
+    segment.flags = flags;
+    segment.payload.clear();
+    let mut options = vec![1u8; leading_nops];
+    options.extend_from_slice(&[2, 4]);
+    options.extend_from_slice(&mss.to_be_bytes());
+    // Window scale (3 bytes) and padding to a 32-bit boundary.
+    options.extend_from_slice(&[1, 3, 3, 7]);
+    while options.len() % 4 != 0 {
+        options.push(0);
+    }
+    segment.options = options;
+    frame(&segment)
+}
+
+const SEGMENTATION: MssRewrite = MssRewrite {
+    link_mss: 1460,
+    stack_mss: 65481,
+};
+
+#[test]
+fn segmentation_raises_a_full_sized_peer_mss_and_leaves_a_smaller_one() {
+    for flags in [0x02, 0x12] {
+        for (peer, expected) in [
+            (1460, 65481),
+            (8960, 65481),
+            (65481, 65481),
+            (1400, 1400),
+            (536, 536),
+        ] {
+            let mut syn = syn_with_mss(flags, peer, 0);
+            let changed = SEGMENTATION.incoming(&mut syn);
+            assert_eq!(mss_of(&syn), Some(expected), "peer MSS {peer}");
+            assert_eq!(changed, expected != peer);
+            assert!(tcp_checksum_ok(&syn), "checksum after raising {peer}");
+        }
+    }
+    // Not a SYN: an MSS option (invalid there) is not touched.
+    let mut ack = syn_with_mss(0x10, 1460, 0);
+    assert!(!SEGMENTATION.incoming(&mut ack));
+    assert_eq!(mss_of(&ack), Some(1460));
+}
+
+#[test]
+fn segmentation_lowers_the_stacks_own_mss_to_the_links() {
+    for stack_checksum in [true, false] {
+        let mut syn_ack = syn_with_mss(0x12, 65481, 0);
+        assert!(SEGMENTATION.outgoing(&mut syn_ack, stack_checksum));
+        assert_eq!(mss_of(&syn_ack), Some(1460));
+        // With checksum offload the field is the device's: only a full one is kept valid.
+        assert_eq!(tcp_checksum_ok(&syn_ack), stack_checksum);
+    }
+    let mut small = syn_with_mss(0x12, 1200, 0);
+    assert!(!SEGMENTATION.outgoing(&mut small, true));
+    assert_eq!(mss_of(&small), Some(1200));
+}
+
+#[test]
+fn an_mss_option_off_the_16_bit_grid_is_left_alone() {
+    // One NOP before it: the option starts at an odd offset; not rewritten (the connection
+    // then sends link-sized segments), never mangled.
+    let mut syn = syn_with_mss(0x02, 1460, 1);
+    let before = syn.clone();
+    assert!(!SEGMENTATION.incoming(&mut syn));
+    assert_eq!(syn, before);
+    // Truncated SYNs never panic.
+    let full = syn_with_mss(0x02, 1460, 0);
+    for cut in 0..full.len() {
+        let mut truncated = full[..cut].to_vec();
+        let _ = SEGMENTATION.incoming(&mut truncated);
+        let _ = SEGMENTATION.outgoing(&mut truncated, true);
     }
 }

@@ -4,7 +4,8 @@
 
 use super::device::{HEADER, WireHeader, World};
 use super::{
-    Net, UDP, bits, bounce, ipv4_frame, payload, qemu_features, raw_frame, send, small, up,
+    IP_AT, Net, TCP, UDP, bits, bounce, ipv4_frame, payload, qemu_features, raw_frame, send, small,
+    up,
 };
 use crate::net::{NetOptions, buffer_len_for_mtu};
 use crate::spec::{Features, NetFeatures, net_config};
@@ -243,9 +244,10 @@ fn a_full_transmit_ring_is_back_pressure_fill_is_not_called_and_the_drop_is_coun
 
 #[test]
 fn frames_longer_than_the_mtu_or_empty_are_refused_without_calling_fill() {
-    // (config MTU or None for no VIRTIO_NET_F_MTU, largest frame)
+    // (config MTU or None for no VIRTIO_NET_F_MTU, largest frame); no segmentation offload
+    // (HOST_TSO4 is tested below).
     for (mtu, largest) in [(None, 1514usize), (Some(1400u16), 1414), (Some(9000), 9014)] {
-        let mut features = qemu_features();
+        let mut features = qemu_features() & !NetFeatures::HOST_TSO4.bits();
         if mtu.is_none() {
             features &= !bits(&[NetFeatures::MTU.bits()]);
         }
@@ -422,4 +424,74 @@ fn buffer_len_for_mtu_fits_the_frame_and_is_a_multiple_of_64() {
         assert!(len >= HEADER + 14 + 4 + usize::from(mtu), "{mtu}: {len}");
         assert!(len < (HEADER + 14 + 4 + usize::from(mtu)).max(2048) + 64);
     }
+}
+
+#[test]
+fn with_host_tso4_tcp_frames_beyond_the_mtu_go_out_for_the_device_to_segment() {
+    use crate::net::{HDR_F_NEEDS_CSUM, HDR_GSO_TCPV4, MAX_SEGMENTED_FRAME};
+    let world = World::new(qemu_features());
+    let at = net_config::MTU as usize;
+    world.device(|state| state.device_config[at..at + 2].copy_from_slice(&1500u16.to_le_bytes()));
+    let model = world.model();
+    let mut net = up(&world, &model, small()).expect("up");
+    assert_eq!(net.max_segmented_frame(), Some(MAX_SEGMENTED_FRAME));
+    // TCP, with and without options: NEEDS_CSUM over the segment, GSO_TCPV4, the headers to
+    // repeat, and segments that fill the MTU exactly.
+    for (options, payload) in [(0usize, 20_000usize), (3, 60_000), (0, 1461)] {
+        let frame = ipv4_frame(TCP, payload, 0, 0, 7);
+        // `options` TCP option words: widen the data offset over the first payload bytes.
+        let mut frame = frame;
+        frame[IP_AT + 20 + 12] = ((5 + options as u8) << 4) | (frame[IP_AT + 20 + 12] & 0x0f);
+        let sent = send(&mut net, &model, &frame);
+        let field = IP_AT + 20 + 16;
+        let mut expected = frame.clone();
+        expected[field..field + 2].copy_from_slice(&sent.frame[field..field + 2]);
+        assert_eq!(
+            sent.frame, expected,
+            "only the checksum field (now the pseudo-header sum) differs"
+        );
+        let header = sent.header;
+        let hdr_len = IP_AT + 20 + 20 + 4 * options;
+        assert_eq!(header.flags, HDR_F_NEEDS_CSUM);
+        assert_eq!(header.gso_type, HDR_GSO_TCPV4);
+        assert_eq!(usize::from(header.hdr_len), hdr_len);
+        assert_eq!(usize::from(header.gso_size), 1500 - 40 - 4 * options);
+        assert_eq!((header.csum_start, header.csum_offset), (34, 16));
+    }
+    let stats = net.stats();
+    assert_eq!((stats.tx_segmented, stats.tx_oversize), (3, 0));
+    // Beyond the MTU but not TCP: cannot be segmented, so it is dropped after fill ran.
+    let udp = ipv4_frame(UDP, 5_000, 0, 0, 8);
+    let mut called = false;
+    let sent = net
+        .transmit(udp.len(), |buffer| {
+            buffer.copy_from_slice(&udp);
+            called = true;
+        })
+        .expect("transmit");
+    assert_eq!((sent, called), (None, true));
+    assert_eq!(net.stats().tx_oversize, 1);
+    // Beyond the largest segmented frame: refused before fill.
+    let sent = net
+        .transmit(MAX_SEGMENTED_FRAME + 1, |_| panic!("fill must not run"))
+        .expect("transmit");
+    assert_eq!(sent, None);
+    assert_eq!(net.stats().tx_oversize, 2);
+    // Every large buffer in flight: can_transmit says no (the stack learns a frame's length
+    // only after asking), and says yes again once the device returns them.
+    model.borrow_mut().tx_auto = false;
+    let big = ipv4_frame(TCP, 4_000, 0, 0, 9);
+    let mut queued = 0;
+    while net.can_transmit() {
+        let sent = net
+            .transmit(big.len(), |buffer| buffer.copy_from_slice(&big))
+            .expect("transmit");
+        assert_eq!(sent, Some(()));
+        queued += 1;
+        assert!(queued <= 64, "the large pool never ran dry");
+    }
+    assert_eq!(queued, 16, "16 large buffers");
+    net.flush().expect("flush");
+    assert_eq!(model.borrow_mut().process_tx(), 16);
+    assert!(net.can_transmit());
 }
