@@ -307,7 +307,8 @@ pub struct NetStats {
     pub rx_packets: u64,
     /// Their bytes (Ethernet frames, without the virtio header).
     pub rx_bytes: u64,
-    /// Received buffers dropped as malformed (short, bad header, bad `num_buffers`).
+    /// Received buffers dropped as malformed (short, bad header, bad `num_buffers`, and a
+    /// wrong checksum that the driver verified, see `rx_checksum_bad`).
     pub rx_malformed: u64,
     /// Frames that spanned several mergeable buffers (copied to reassemble).
     pub rx_merged: u64,
@@ -323,7 +324,7 @@ pub struct NetStats {
     /// with [`RxChecksums::VerifyUnvouched`]).
     pub rx_checksums_verified: u64,
     /// Received frames dropped for a wrong TCP/UDP checksum (with
-    /// [`RxChecksums::VerifyUnvouched`]).
+    /// [`RxChecksums::VerifyUnvouched`]); also counted in `rx_malformed`.
     pub rx_checksum_bad: u64,
     /// Frames sent.
     pub tx_packets: u64,

@@ -162,7 +162,10 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
                     continue;
                 }
                 ChecksumVerdict::Bad => {
+                    // Counted with the malformed frames too: `rx_malformed` stays "every
+                    // frame the driver dropped as bad".
                     self.stats.rx_checksum_bad += 1;
+                    self.stats.rx_malformed += 1;
                     self.recycle(frame)?;
                     continue;
                 }
