@@ -320,7 +320,7 @@ fn syn_with_mss(flags: u8, mss: u16, leading_nops: usize) -> Vec<u8> {
     options.extend_from_slice(&mss.to_be_bytes());
     // Window scale (3 bytes) and padding to a 32-bit boundary.
     options.extend_from_slice(&[1, 3, 3, 7]);
-    while options.len() % 4 != 0 {
+    while !options.len().is_multiple_of(4) {
         options.push(0);
     }
     segment.options = options;
