@@ -36,6 +36,9 @@ pub mod stats;
 pub use echo::{ECHO_PORT, TCP_CONNECTIONS, TCP_LISTENERS};
 pub use stats::STATS_PORT;
 
+/// Egress passes at most after the services ran (each sends up to one segment per socket).
+const EGRESS_PASSES: usize = 64;
+
 /// How long the DHCP client waits for an offer before it asks again.
 const DHCP_DISCOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -289,7 +292,16 @@ impl Services {
         }
         if activity {
             // Send what the services queued without waiting for the next loop iteration.
-            self.iface.poll(now, device, &mut self.sockets);
+            // smoltcp sends at most one segment per socket per egress pass, so pass again
+            // while something goes out (bounded, like the receive budget): a burst echoed in
+            // this poll leaves in this poll instead of one segment per loop iteration.
+            for _ in 0..EGRESS_PASSES {
+                if self.iface.poll_egress(now, device, &mut self.sockets)
+                    == smoltcp::iface::PollResult::None
+                {
+                    break;
+                }
+            }
         }
         activity
     }

@@ -1169,3 +1169,41 @@ fn without_segmentation_offload_nothing_exceeds_the_mtu() {
     assert_eq!(syn_ack_mss, Some(1460));
     assert!(longest <= MAX_FRAME && net.nic.borrow().longest <= MAX_FRAME);
 }
+
+#[test]
+fn a_burst_echoed_in_one_poll_leaves_in_that_poll() {
+    let mut net = Net::new();
+    let socket = net.host_tcp();
+    net.host_sockets
+        .get_mut::<tcp::Socket>(socket)
+        .connect(net.host.context(), (GUEST_IP, ECHO_PORT), 49_400)
+        .expect("connect");
+    net.run_until(1_000, "connected", |net| {
+        net.host_sockets.get::<tcp::Socket>(socket).may_send()
+    });
+    // 20 full segments from the host, queued for the guest before it polls once.
+    let burst = pattern(20 * 1460, 13);
+    net.host_sockets
+        .get_mut::<tcp::Socket>(socket)
+        .send_slice(&burst)
+        .expect("send");
+    for _ in 0..HOST_POLLS_PER_STEP {
+        net.poll_host();
+    }
+    let queued = net.wire.borrow().to_guest.len();
+    assert!(queued >= 20, "the host sent its burst ({queued} frames)");
+    net.wire.borrow_mut().from_guest.clear();
+    net.poll_guest();
+    let data_frames = net
+        .wire
+        .borrow()
+        .from_guest
+        .iter()
+        .filter(|frame| frame.len() > 54)
+        .count();
+    assert_eq!(
+        data_frames, 20,
+        "one poll echoes the whole burst as 20 segments (smoltcp sends one per socket per \
+         egress pass)"
+    );
+}
