@@ -1,6 +1,7 @@
 //! `struct virtio_net_hdr` (§5.1.6) and the internet checksum work around it: parsing the
 //! header of a received buffer, completing a partial checksum the device left (NEEDS_CSUM,
-//! §5.1.6.4), and preparing a frame for checksum offload on transmit (§5.1.6.2). The field
+//! §5.1.6.4) or verifying a TCP/UDP checksum nothing vouched for, and preparing a frame for
+//! checksum offload or TCP segmentation (GSO_TCPV4) on transmit (§5.1.6.2). The field
 //! offsets come from [`crate::spec::VirtioNetHdr`]. Pure functions over byte slices: the
 //! fuzz targets and the host tests call them directly.
 

@@ -1,6 +1,8 @@
 //! The virtio-net driver (§5.1): feature negotiation, one receive/transmit queue pair (and
 //! the control queue when negotiated), receive buffers kept posted and recycled in place,
-//! mergeable receive buffers, checksum offload in both directions, link status, the MAC
+//! mergeable receive buffers, checksum offload in both directions (and the receive checksum
+//! policy, [`RxChecksums`]), TCP segmentation offload both ways (GUEST_TSO4, HOST_TSO4), link
+//! status, the MAC
 //! address and receive filter (§5.1.6.5.1, §5.1.6.5.2), announce requests (§5.1.6.5.4), and
 //! counters.
 //!
