@@ -156,3 +156,80 @@ fn bench_nbd_quick_checks_every_read_and_writes_the_nbd_table() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `cargo xtask bench --quick --sections tcp --tcp-mib 2`: the TCP throughput section alone
+/// (Vireo poll mode and the loopback TCP floor, 1 and 8 connections of 2 MiB each way). Checks
+/// the structure and that every byte was echoed and checked, never a speed.
+#[test]
+fn bench_tcp_section_alone_checks_every_byte_and_writes_its_table_and_plot() {
+    if let Err(reason) = bench::available() {
+        skip_or_fail_in_ci(&reason);
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let out = unique_temp_path("vireo-bench-tcp-smoke", "d");
+    let args: Vec<String> = [
+        "--quick",
+        "--sections",
+        "tcp",
+        "--tcp-mib",
+        "2",
+        "--kernel",
+        env!("CARGO_BIN_EXE_vireo"),
+        "--out",
+        &out.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let options = BenchOptions::parse(&args).expect("the arguments parse");
+    assert_eq!(options.tcp_bytes, 2 << 20);
+    assert_eq!(options.tcp_connections, [1, 8]);
+    let (report, outputs, failures) = bench::run(&options).unwrap_or_else(|error| {
+        panic!("cargo xtask bench --quick --sections tcp failed: {error}");
+    });
+    println!("{}", bench::report::markdown(&report));
+    assert!(failures.is_empty(), "measurements failed: {failures:?}");
+    for id in ["vireo-poll", "floor-loopback-tcp"] {
+        let system = report
+            .systems
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("{id} is missing"));
+        assert!(system.udp.is_empty(), "{id}: the echo section did not run");
+        for connections in [1, 8] {
+            let run = system
+                .tcp_run(connections)
+                .unwrap_or_else(|| panic!("{id}: no run of {connections} connections"));
+            assert_eq!(run.result.checked_bytes, (connections as u64) << 21);
+            assert_eq!(run.result.per_connection_s.len(), connections);
+            assert!(run.result.mb_per_s > 0.0 && run.result.seconds > 0.0);
+        }
+    }
+    // The guest's own count agrees with the client's: every byte went through its echo.
+    let poll = report
+        .systems
+        .iter()
+        .find(|s| s.id == "vireo-poll")
+        .expect("poll");
+    for run in &poll.tcp {
+        let counters = run.counters.as_ref().expect("guest counters");
+        assert_eq!(
+            counters.deltas.get("tcp_bytes_echoed").copied(),
+            Some(run.result.checked_bytes as i64),
+            "{} connections",
+            run.result.connections
+        );
+    }
+    bench::validate_outputs(&outputs, &["vireo-poll"], options.samples)
+        .unwrap_or_else(|problem| panic!("incomplete results: {problem}"));
+    bench::output::validate_tcp(&outputs, &["vireo-poll", "floor-loopback-tcp"])
+        .unwrap_or_else(|problem| panic!("incomplete TCP results: {problem}"));
+    let markdown = std::fs::read_to_string(&outputs.markdown).expect("bench.md");
+    assert!(
+        !markdown.contains("| System | UDP"),
+        "no echo table without its section"
+    );
+    assert!(!outputs.svg.exists(), "no CDF without the echo section");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -67,11 +67,11 @@ enum Cmd {
         #[command(subcommand)]
         action: Option<NetnsAction>,
     },
-    /// The latency benchmark (root)
+    /// The latency and TCP throughput benchmark (root)
     ///
     /// Over a tap in a private namespace: Vireo in each mode, a Linux guest peer and the floors
-    /// (loopback, userspace tap reflector). Writes bench.md, bench.json and bench-cdf.svg to
-    /// --out (default bench-results/).
+    /// (loopback, userspace tap reflector). Writes bench.md, bench.json, bench-cdf.svg (echo),
+    /// bench-nbd.svg (NBD) and bench-tcp.svg (TCP) to --out (default bench-results/).
     Bench(Box<BenchArgs>),
     /// A long mixed-traffic run against the release kernel on a tap (root)
     ///
@@ -606,7 +606,7 @@ fn netns(action: NetnsAction) -> Result<i32> {
 /// The plots a run wrote (the CDF with the echo section, the bars with the NBD section), each
 /// after ", ".
 fn plots(outputs: &bench::Outputs) -> String {
-    [&outputs.svg, &outputs.nbd_svg]
+    [&outputs.svg, &outputs.nbd_svg, &outputs.tcp_svg]
         .into_iter()
         .filter(|path| path.is_file())
         .map(|path| format!(", {}", path.display()))

@@ -1,9 +1,9 @@
 //! The Linux guest peer: Debian's kernel (`linux-image-amd64`) booted with a busybox initramfs
 //! that this module builds. Its `/init` loads the virtio-net modules (with their dependencies
 //! from `modules.dep`, decompressed here because busybox `insmod` may not read `.ko.xz`),
-//! configures 10.0.2.15/24 on eth0, prints the negotiated features and runs a small static UDP
-//! echo server (`linux_echo.rs`, compiled here with `-C target-feature=+crt-static`), which also
-//! answers a stats line on UDP 7007.
+//! configures 10.0.2.15/24 on eth0, prints the negotiated features and runs a small static echo
+//! server (`linux_echo.rs`, compiled here with `-C target-feature=+crt-static`): UDP and TCP echo
+//! on port 7 and a stats line on UDP 7007.
 //!
 //! For the NBD section the same initramfs carries `virtio_blk` and Debian's `nbd-server` (the
 //! binary and every shared library `ldd` names, at the same paths): booted with

@@ -520,3 +520,94 @@ pub fn pin_current_thread(cpu: usize) -> bool {
     let mut set = CpuSet::new();
     set.set(cpu).is_ok() && sched_setaffinity(Pid::from_raw(0), &set).is_ok()
 }
+
+/// The outcome of one TCP echo throughput run: `connections` connections opened first, then
+/// each streaming `bytes_each` bytes of its own seeded pattern to the echo service while reading
+/// the echo back concurrently, every echoed byte checked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TcpThroughput {
+    /// Connections held open and streaming at once.
+    pub connections: usize,
+    /// Bytes each connection sent (and read back).
+    pub bytes_each: u64,
+    /// Bytes echoed and checked, over all connections (each way).
+    pub checked_bytes: u64,
+    /// From the start of the transfers to the end of the slowest one, in seconds.
+    pub seconds: f64,
+    /// Echo throughput, `checked_bytes / seconds`, in MB/s (10^6 bytes per second, each way).
+    pub mb_per_s: f64,
+    /// Each connection's own transfer time, in seconds.
+    pub per_connection_s: Vec<f64>,
+    /// The slowest connection's connect time, in milliseconds.
+    pub connect_ms_max: f64,
+}
+
+/// Runs the TCP echo throughput measurement against `target` (see [`TcpThroughput`]); fails on
+/// the first connection error or differing byte, or when the whole run outlasts `timeout`.
+pub fn tcp_throughput(
+    target: SocketAddr,
+    connections: usize,
+    bytes_each: usize,
+    timeout: Duration,
+) -> Result<TcpThroughput, BenchError> {
+    let reports = crate::client::tcp_echo_concurrent(target, connections, bytes_each, timeout)?;
+    let per_connection_s: Vec<f64> = reports.iter().map(|r| r.transfer.as_secs_f64()).collect();
+    let seconds = per_connection_s.iter().copied().fold(0.0, f64::max);
+    let checked_bytes: u64 = reports.iter().map(|r| r.bytes).sum();
+    if checked_bytes != (connections * bytes_each) as u64 {
+        return Err(BenchError::Failed(format!(
+            "TCP throughput: {checked_bytes} bytes checked, expected {}",
+            connections * bytes_each
+        )));
+    }
+    Ok(TcpThroughput {
+        connections,
+        bytes_each: bytes_each as u64,
+        checked_bytes,
+        seconds,
+        mb_per_s: checked_bytes as f64 / seconds.max(1e-9) / 1e6,
+        per_connection_s,
+        connect_ms_max: reports
+            .iter()
+            .map(|r| r.connect.as_secs_f64() * 1e3)
+            .fold(0.0, f64::max),
+    })
+}
+
+/// A TCP echo server on `address` (inside the caller's namespace) for the loopback TCP floor:
+/// a thread per connection, echoing every byte until the peer closes; the accept loop stops
+/// when `stop` is set (checked every 50 ms).
+pub fn loopback_tcp_echo_server(
+    address: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(SocketAddr, thread::JoinHandle<()>), BenchError> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(io_err("binding the loopback TCP floor's echo server"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("making the loopback TCP listener non-blocking"))?;
+    let local = listener
+        .local_addr()
+        .map_err(io_err("reading the loopback TCP server's address"))?;
+    let handle = thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_nodelay(true);
+                    thread::spawn(move || {
+                        let mut buffer = vec![0u8; 128 * 1024];
+                        while let Ok(length) = stream.read(&mut buffer) {
+                            if length == 0 || stream.write_all(&buffer[..length]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    Ok((local, handle))
+}

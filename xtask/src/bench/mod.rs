@@ -50,7 +50,8 @@ pub use self::options::{BenchArgs, BenchOptions, Section};
 pub use self::output::{Outputs, render, validate_nbd_outputs, validate_outputs, write_outputs};
 use self::report::{NotMeasured, Report, Settings};
 use self::systems::{
-    BOOT_PROBE_INTERVAL, GuestSpec, measure_guest, measure_loopback_floor, measure_tap_floor,
+    BOOT_PROBE_INTERVAL, GuestSpec, measure_guest, measure_loopback_floor,
+    measure_loopback_tcp_floor, measure_tap_floor,
 };
 use crate::{
     DEFAULT_GUEST_IP, NetNs, Qemu, QemuCommand, choose_accel, is_root, log,
@@ -281,6 +282,10 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         ),
         host_idle_poll: options.host_idle_poll,
         static_neigh: options.static_neigh,
+        sections: options.sections.clone(),
+        tcp_bytes_each: options.tcp_bytes as u64,
+        tcp_connections: options.tcp_connections.clone(),
+        tcp_repeats: options.tcp_repeats,
         teardown: "NetNs is removed on drop (normal end, error, panic); SIGINT/SIGTERM set a \
                    flag that every measuring loop checks, so Ctrl-C unwinds through the same \
                    drop; a second Ctrl-C exits at once and the stale-namespace sweep of the \
@@ -318,13 +323,17 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
     let base = base_for(&kernel);
     let mut systems = Vec::new();
     note_contention();
-    if options.sections.contains(&Section::Echo) {
-        if options.floors {
+    // The guests run for the echo section, the TCP section, or both (one boot each).
+    if options.sections.contains(&Section::Echo) || options.sections.contains(&Section::Tcp) {
+        if options.floors && options.sections.contains(&Section::Echo) {
             systems.push(measure_loopback_floor(&netns, options)?);
             systems.push(measure_tap_floor(&netns, options, 0)?);
             if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
                 systems.push(measure_tap_floor(&netns, options, 1)?);
             }
+        }
+        if options.floors && options.sections.contains(&Section::Tcp) {
+            systems.push(measure_loopback_tcp_floor(&netns, options)?);
         }
         for mode in &options.modes {
             let spec = GuestSpec::vireo(&base, mode);

@@ -1,5 +1,6 @@
 //! What `cargo xtask bench` measures: [`BenchOptions`], and [`BenchArgs`], its command line
-//! (clap), which starts from the full run or the `--quick` smoke run and applies the flags.
+//! (clap), which starts from the full run or the `--quick` smoke run and applies the flags, and
+//! [`Section`], the parts of a run that `--sections` selects.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::measure::ClientForm;
 use crate::command::GuestMode;
 
-/// A part of the benchmark that can run on its own.
+/// A part of the benchmark that can run on its own (`--sections`).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
 )]
@@ -20,6 +21,20 @@ pub enum Section {
     Echo,
     /// NBD block export throughput and latency (issue 14).
     Nbd,
+    /// TCP echo throughput: each connection count in turn, every connection streaming its
+    /// bytes each way, every byte checked (issue 15).
+    Tcp,
+}
+
+impl Section {
+    /// The name on the command line and in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Section::Echo => "echo",
+            Section::Nbd => "nbd",
+            Section::Tcp => "tcp",
+        }
+    }
 }
 
 /// What to measure.
@@ -37,6 +52,12 @@ pub struct BenchOptions {
     pub nbd_mode: String,
     /// Unrecorded (but checked) reads on every target before its first figure.
     pub nbd_warmup: Duration,
+    /// TCP throughput: bytes each connection streams each way.
+    pub tcp_bytes: usize,
+    /// TCP throughput: the connection counts measured.
+    pub tcp_connections: Vec<usize>,
+    /// TCP throughput: runs per connection count (the median is reported).
+    pub tcp_repeats: usize,
     /// The short smoke run (Vireo in one mode and the floors, a few thousand samples).
     pub quick: bool,
     /// Where the results go.
@@ -78,12 +99,15 @@ impl BenchOptions {
     /// The full benchmark.
     pub fn full() -> BenchOptions {
         BenchOptions {
-            sections: vec![Section::Echo, Section::Nbd],
+            sections: vec![Section::Echo, Section::Nbd, Section::Tcp],
             nbd_time: Duration::from_secs(4),
             nbd_clients: vec![1, 4],
             nbd_image_mib: 64,
             nbd_mode: "adaptive".to_string(),
             nbd_warmup: Duration::from_secs(1),
+            tcp_bytes: 64 << 20,
+            tcp_connections: vec![1, 8],
+            tcp_repeats: 3,
             quick: false,
             out_dir: crate::workspace_root().join("bench-results"),
             kernel: None,
@@ -105,7 +129,7 @@ impl BenchOptions {
     }
 
     /// The smoke run: Vireo in poll mode and the floors, 64-byte payloads, a few thousand
-    /// samples; no Linux guest.
+    /// samples, 4 MiB per TCP connection; no Linux guest.
     pub fn quick() -> BenchOptions {
         BenchOptions {
             quick: true,
@@ -118,6 +142,8 @@ impl BenchOptions {
             throughput: Duration::from_secs(1),
             boots: 1,
             linux: false,
+            tcp_bytes: 4 << 20,
+            tcp_repeats: 1,
             nbd_time: Duration::from_millis(500),
             nbd_warmup: Duration::from_millis(200),
             nbd_image_mib: 16,
@@ -139,10 +165,19 @@ impl BenchOptions {
 /// run's with `--quick`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct BenchArgs {
-    /// The smoke run (< 45 s): Vireo poll mode and the floors, 64 B, 2000 samples, NBD 0.5 s per
-    /// figure on a 16 MiB image, no Linux guest.
+    /// The smoke run (< 60 s): Vireo poll mode and the floors, 64 B, 2000 samples, NBD 0.5 s per
+    /// figure on a 16 MiB image, 4 MiB per TCP connection, no Linux guest.
     #[arg(long)]
     pub quick: bool,
+    /// MiB each TCP connection streams each way [default: 64; --quick 4].
+    #[arg(long, value_name = "MIB")]
+    pub tcp_mib: Option<usize>,
+    /// TCP connection counts, one throughput run each [default: 1,8].
+    #[arg(long, value_name = "N", value_delimiter = ',')]
+    pub tcp_connections: Option<Vec<usize>>,
+    /// TCP runs per connection count; the table gives the median [default: 3; --quick 1].
+    #[arg(long, value_name = "N")]
+    pub tcp_repeats: Option<usize>,
     /// Where the results go [default: bench-results/ in the workspace].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -200,7 +235,8 @@ pub struct BenchArgs {
     /// arp_notify=1).
     #[arg(long)]
     pub static_neigh: bool,
-    /// The sections to run [default: echo,nbd].
+    /// The sections to run: echo (UDP/ICMP latency, echo rate, boot time), nbd, tcp (TCP echo
+    /// throughput) [default: echo,nbd,tcp].
     #[arg(long, value_enum, value_name = "SECTION", value_delimiter = ',')]
     pub sections: Option<Vec<Section>>,
     /// Only the NBD section (the same as --sections nbd).
@@ -275,6 +311,22 @@ impl BenchArgs {
         if let Some(modes) = &self.modes {
             options.modes = modes.iter().map(|mode| mode.as_str().to_string()).collect();
         }
+        if let Some(mib) = self.tcp_mib {
+            options.tcp_bytes = mib
+                .checked_mul(1 << 20)
+                .filter(|&bytes| bytes > 0)
+                .ok_or_else(|| format!("bench: --tcp-mib {mib}: need 1 MiB or more"))?;
+        }
+        if let Some(connections) = &self.tcp_connections {
+            if connections.iter().any(|&n| n == 0 || n > 64) {
+                return Err("bench: --tcp-connections: each count must be 1 to 64".into());
+            }
+            options.tcp_connections = connections.clone();
+        }
+        options.tcp_repeats = self.tcp_repeats.unwrap_or(options.tcp_repeats).max(1);
+        if options.sections.is_empty() || options.tcp_connections.is_empty() {
+            return Err("bench: need at least one section and one TCP connection count".into());
+        }
         if self.no_linux {
             options.linux = false;
         }
@@ -346,6 +398,29 @@ mod tests {
         assert_eq!(full.out_dir, crate::workspace_root().join("bench-results"));
         assert_eq!(full.modes, ["irq", "poll", "adaptive"]);
         assert!(full.linux && full.floors);
+        assert_eq!(full.sections, [Section::Echo, Section::Nbd, Section::Tcp]);
+        assert_eq!(
+            (full.tcp_bytes, &full.tcp_connections[..]),
+            (64 << 20, &[1, 8][..])
+        );
+        assert_eq!(quick.tcp_bytes, 4 << 20);
+        assert_eq!((full.tcp_repeats, quick.tcp_repeats), (3, 1));
+        let tcp = BenchOptions::parse(&[
+            "--sections",
+            "tcp",
+            "--tcp-mib",
+            "2",
+            "--tcp-connections",
+            "2,4",
+        ])
+        .expect("valid");
+        assert_eq!(tcp.sections, [Section::Tcp]);
+        assert_eq!(
+            (tcp.tcp_bytes, &tcp.tcp_connections[..]),
+            (2 << 20, &[2, 4][..])
+        );
+        let both = BenchOptions::parse(&["--sections", "tcp,echo,tcp"]).expect("valid");
+        assert_eq!(both.sections, [Section::Echo, Section::Tcp]);
         let custom = BenchOptions::parse(&[
             "--sizes",
             "64,512",
@@ -369,7 +444,7 @@ mod tests {
         assert_eq!(custom.boots, 1);
         assert_eq!(custom.memory_mib, 1024);
         assert_eq!(custom.throughput, Duration::from_millis(2500));
-        assert_eq!(full.sections, [Section::Echo, Section::Nbd]);
+        assert_eq!(full.sections, [Section::Echo, Section::Nbd, Section::Tcp]);
         assert_eq!(full.nbd_clients, [1, 4]);
         let nbd =
             BenchOptions::parse(&["--quick", "--nbd-only", "--nbd-clients", "2"]).expect("valid");
@@ -396,6 +471,10 @@ mod tests {
             &["--bogus"],
             &["--samples", "0"],
             &["--throughput-secs", "-1"],
+            &["--sections", "disk"],
+            &["--tcp-mib", "0"],
+            &["--tcp-connections", "0"],
+            &["--tcp-connections", "65"],
         ] {
             assert!(BenchOptions::parse(bad).is_err(), "{bad:?}");
         }

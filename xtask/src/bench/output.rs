@@ -1,10 +1,11 @@
-//! The benchmark's files: writing `bench.md`, `bench.json` and `bench-cdf.svg`, re-rendering
-//! them from a run's JSON, and checking that a run's files are complete (the smoke test's
-//! oracle).
+//! The benchmark's files: writing `bench.md`, `bench.json`, `bench-cdf.svg` (latency section)
+//! and `bench-tcp.svg` (TCP section), re-rendering them from a run's JSON, and checking that a
+//! run's files are complete (the smoke test's oracle).
 
 use std::path::{Path, PathBuf};
 
 use super::BenchError;
+use super::options::Section;
 use super::report::{self, Report};
 
 /// Where the outputs of a run went.
@@ -18,6 +19,8 @@ pub struct Outputs {
     pub svg: PathBuf,
     /// The NBD bar chart (written when the NBD section ran).
     pub nbd_svg: PathBuf,
+    /// The SVG TCP throughput bars (written when the TCP section ran).
+    pub tcp_svg: PathBuf,
 }
 
 /// Re-renders a run's `bench.md` and `bench-cdf.svg` (and the derived figures and target checks
@@ -41,6 +44,7 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError>
         json: dir.join("bench.json"),
         svg: dir.join("bench-cdf.svg"),
         nbd_svg: dir.join("bench-nbd.svg"),
+        tcp_svg: dir.join("bench-tcp.svg"),
     };
     let write = |path: &Path, text: &str| {
         std::fs::write(path, text)
@@ -57,6 +61,9 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError>
         let size = report.settings.sizes.first().copied().unwrap_or(64);
         report::plot_cdf(report, size, &outputs.svg).map_err(BenchError::Failed)?;
     }
+    if report.settings.sections.contains(&Section::Tcp) {
+        report::plot_tcp(report, &outputs.tcp_svg).map_err(BenchError::Failed)?;
+    }
     if let Some(nbd) = &report.nbd {
         report::plot_nbd(nbd, &report.environment.accelerator, &outputs.nbd_svg)
             .map_err(BenchError::Failed)?;
@@ -64,12 +71,126 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError>
     Ok(outputs)
 }
 
-/// Checks that a run's files exist and are complete: the JSON parses and holds the environment
-/// and, for each of `expected` (system ids), every UDP run with `samples` samples and a full CDF
-/// (guests also with their QEMU command line, negotiated features, boot time and counters); the
-/// Markdown has the tables and a row per system; the SVG is a whole document with a curve per
-/// plotted system. Speeds are not checked.
+/// Checks that a run's files exist and are complete for the sections the JSON says it ran.
+/// Latency: the JSON holds, for each of `expected` (system ids), every UDP run with `samples`
+/// samples and a full CDF (guests also with their QEMU command line, negotiated features, boot
+/// time and counters); the Markdown has the tables and a row per system; the CDF SVG is a whole
+/// document with a curve per plotted system. TCP ([`validate_tcp`]): a run per connection count
+/// with every byte checked. Speeds are not checked.
 pub fn validate_outputs(outputs: &Outputs, expected: &[&str], samples: u64) -> Result<(), String> {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&outputs.json)
+            .map_err(|e| format!("reading {}: {e}", outputs.json.display()))?,
+    )
+    .map_err(|e| format!("{} is not valid JSON: {e}", outputs.json.display()))?;
+    let ran = |section: Section| {
+        json["settings"]["sections"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|s| s == section.as_str()))
+    };
+    if !ran(Section::Echo) && !ran(Section::Tcp) {
+        return Err("bench.json: settings.sections names no section".to_string());
+    }
+    if ran(Section::Echo) {
+        validate_latency(outputs, expected, samples)?;
+    }
+    if ran(Section::Tcp) {
+        let guests: Vec<&str> = expected
+            .iter()
+            .copied()
+            .filter(|id| !id.starts_with("floor-"))
+            .collect();
+        validate_tcp(outputs, &guests)?;
+    }
+    Ok(())
+}
+
+/// Checks the TCP section of a run's files: for each of `expected` (system ids) a run per
+/// connection count in the settings, each with every byte checked (connections × bytes each),
+/// a positive time and MB/s, and a transfer time per connection (guests also with their
+/// counters); a TCP table row per system in the Markdown; a bar per system in the TCP SVG.
+pub fn validate_tcp(outputs: &Outputs, expected: &[&str]) -> Result<(), String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let json: serde_json::Value = serde_json::from_str(&read(&outputs.json)?)
+        .map_err(|e| format!("{} is not valid JSON: {e}", outputs.json.display()))?;
+    let settings = &json["settings"];
+    let bytes_each = settings["tcp_bytes_each"].as_u64().unwrap_or(0);
+    let counts: Vec<u64> = settings["tcp_connections"]
+        .as_array()
+        .map(|all| all.iter().filter_map(|n| n.as_u64()).collect())
+        .unwrap_or_default();
+    if bytes_each == 0 || counts.is_empty() {
+        return Err("bench.json: settings lack tcp_bytes_each or tcp_connections".to_string());
+    }
+    let markdown = read(&outputs.markdown)?;
+    if !markdown.contains("| System | connections |") {
+        return Err("bench.md lacks the TCP throughput table".to_string());
+    }
+    let svg = read(&outputs.tcp_svg)?;
+    let svg_trimmed = svg.trim();
+    if !(svg_trimmed.starts_with("<svg") || svg_trimmed.starts_with("<?xml"))
+        || !svg_trimmed.ends_with("</svg>")
+        || !svg.contains("<rect")
+    {
+        return Err("bench-tcp.svg is not a complete SVG document with bars".to_string());
+    }
+    let systems = json["systems"]
+        .as_array()
+        .ok_or("bench.json: no systems array")?;
+    for id in expected {
+        let system = systems
+            .iter()
+            .find(|s| s["id"] == *id)
+            .ok_or_else(|| format!("bench.json: system {id:?} is missing"))?;
+        let label = system["label"].as_str().unwrap_or("");
+        let runs = system["tcp"].as_array().cloned().unwrap_or_default();
+        for &count in &counts {
+            let run = runs
+                .iter()
+                .find(|r| r["result"]["connections"].as_u64() == Some(count))
+                .ok_or_else(|| format!("bench.json: {id} has no TCP run of {count} connections"))?;
+            let result = &run["result"];
+            let checked = result["checked_bytes"].as_u64().unwrap_or(0);
+            if checked != count * bytes_each {
+                return Err(format!(
+                    "bench.json: {id}, {count} connections: {checked} bytes checked, not {}",
+                    count * bytes_each
+                ));
+            }
+            for key in ["seconds", "mb_per_s"] {
+                if result[key]
+                    .as_f64()
+                    .is_none_or(|v| v <= 0.0 || !v.is_finite())
+                {
+                    return Err(format!("bench.json: {id}, {count} connections: no {key}"));
+                }
+            }
+            if result["per_connection_s"].as_array().map_or(0, Vec::len) as u64 != count {
+                return Err(format!(
+                    "bench.json: {id}, {count} connections: not one time per connection"
+                ));
+            }
+            if system["kind"] != "floor" && !run["counters"]["deltas"].is_object() {
+                return Err(format!(
+                    "bench.json: {id}, {count} connections: no guest counters"
+                ));
+            }
+            if !markdown.contains(&format!("| {label} | {count} |")) {
+                return Err(format!(
+                    "bench.md has no TCP row for {label:?} with {count} connections"
+                ));
+            }
+        }
+        if !svg.contains(label) {
+            return Err(format!("bench-tcp.svg has no bars labelled {label:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_latency(outputs: &Outputs, expected: &[&str], samples: u64) -> Result<(), String> {
     let read = |path: &Path| {
         std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
     };

@@ -1,16 +1,17 @@
 //! Measuring each system of the benchmark: a guest (Vireo in one mode, or the Linux peer) booted
-//! for boot-to-first-echo and measured with every client, and the floors with no VM (loopback,
-//! the tap reflector on the same or the other CPU). Each returns a [`SystemResult`].
+//! for boot-to-first-echo and measured with every client of the sections asked for (latency:
+//! UDP/ICMP/echo rate; tcp: TCP echo throughput), and the floors with no VM (loopback UDP and
+//! TCP, the tap reflector on the same or the other CPU). Each returns a [`SystemResult`].
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::options::BenchOptions;
+use super::options::{BenchOptions, Section};
 use super::report::{
-    BootResult, Counters, LINUX, LOOPBACK_FLOOR, RttRun, SystemKind, SystemResult, TAP_FLOOR,
-    TAP_FLOOR_CROSS_CPU, ThroughputRun,
+    BootResult, Counters, LINUX, LOOPBACK_FLOOR, LOOPBACK_TCP_FLOOR, RttRun, SystemKind,
+    SystemResult, TAP_FLOOR, TAP_FLOOR_CROSS_CPU, TcpRun, ThroughputRun,
 };
 use super::{
     BenchError, ECHO_PORT, GUEST_MAC_BYTES, STATS_PORT, check_cancelled, linux, measure,
@@ -162,11 +163,24 @@ pub(super) fn measure_guest(
         });
     note_contention();
 
-    let measured = measure_services(netns, &spec.label, options, true, None);
+    let latency = options.sections.contains(&Section::Echo);
+    let measured = (|| -> Result<(Measured, Vec<TcpRun>), BenchError> {
+        let services = if latency {
+            measure_services(netns, &spec.label, options, true, None)?
+        } else {
+            (Vec::new(), None, None)
+        };
+        let tcp = if options.sections.contains(&Section::Tcp) {
+            measure_tcp(netns, &spec.label, options, true)?
+        } else {
+            Vec::new()
+        };
+        Ok((services, tcp))
+    })();
     let log_path = options.out_dir.join(format!("serial-{}.log", spec.id));
     guest.kill();
     let _ = std::fs::write(&log_path, guest.serial_log());
-    let (udp, icmp, throughput) = measured.map_err(|error| {
+    let ((udp, icmp, throughput), tcp) = measured.map_err(|error| {
         BenchError::Failed(format!(
             "{error}\n{}",
             guest.failure(crate::Error::Check("measurement failed".to_string()))
@@ -175,9 +189,12 @@ pub(super) fn measure_guest(
     result.udp = udp;
     result.icmp = icmp;
     result.throughput = throughput;
+    result.tcp = tcp;
     drop(guest);
 
-    for index in 1..options.boots {
+    // The further boots are the latency section's (boot time, echo rate per boot).
+    let boots = if latency { options.boots } else { 1 };
+    for index in 1..boots {
         let mut bar = Progress::new(
             "[bench]",
             format!("{}: boot {}/{}", spec.label, index + 1, options.boots),
@@ -350,6 +367,117 @@ fn measure_services(
         vs_linux: None,
     });
     Ok((udp, icmp, throughput))
+}
+
+/// TCP echo throughput against the echo service on port 7 of `target`'s guest (or `target`
+/// itself, for the loopback floor): one run per connection count, each connection streaming
+/// `options.tcp_bytes` each way; with `counters`, the stats service is read before and after
+/// each run (counters per received frame).
+fn measure_tcp_at(
+    netns: &NetNs,
+    label: &str,
+    target: SocketAddr,
+    stats_target: Option<SocketAddr>,
+    options: &BenchOptions,
+) -> Result<Vec<TcpRun>, BenchError> {
+    let mut runs = Vec::new();
+    let read_stats = || -> Result<Option<crate::client::Stats>, BenchError> {
+        match stats_target {
+            Some(address) => {
+                Ok(Some(netns.run(|| {
+                    query_stats(address, Duration::from_millis(500), 5)
+                })??))
+            }
+            None => Ok(None),
+        }
+    };
+    for &connections in &options.tcp_connections {
+        let total = connections * options.tcp_bytes;
+        let mut measured = Vec::with_capacity(options.tcp_repeats);
+        for repeat in 1..=options.tcp_repeats {
+            check_cancelled()?;
+            let mut bar = Progress::new(
+                "[bench]",
+                format!(
+                    "{label}: TCP echo, {connections} connection(s) x {} MiB each way, run \
+                     {repeat}/{}",
+                    options.tcp_bytes >> 20,
+                    options.tcp_repeats
+                ),
+                1,
+                "runs",
+            );
+            let before = read_stats()?;
+            // Generous: 1 MB/s would still finish; a stalled connection fails the run.
+            let timeout = Duration::from_secs(60 + (total as u64 * 2) / 1_000_000);
+            let result = netns.run(|| {
+                measure::tcp_throughput(target, connections, options.tcp_bytes, timeout)
+            })??;
+            let counters = match (before, read_stats()?) {
+                (Some(before), Some(after)) => Some(Counters::per_received_frame(&before, &after)),
+                _ => None,
+            };
+            bar.finish(&format!(
+                "{:.1} MB/s ({:.2} s, {} bytes checked)",
+                result.mb_per_s, result.seconds, result.checked_bytes
+            ));
+            note_contention();
+            measured.push((result, counters));
+        }
+        let repeats_mb_per_s: Vec<f64> = measured.iter().map(|(r, _)| r.mb_per_s).collect();
+        // The median run (the lower middle one for an even count): a single run of a second
+        // or less swings with the host's scheduling.
+        measured.sort_by(|a, b| a.0.mb_per_s.total_cmp(&b.0.mb_per_s));
+        let (result, counters) = measured.swap_remove((measured.len() - 1) / 2);
+        runs.push(TcpRun {
+            result,
+            repeats_mb_per_s,
+            counters,
+            vs_linux: None,
+        });
+    }
+    Ok(runs)
+}
+
+/// TCP echo throughput against a guest's echo service (port 7), with its stats (port 7007)
+/// around each run when `counters`.
+fn measure_tcp(
+    netns: &NetNs,
+    label: &str,
+    options: &BenchOptions,
+    counters: bool,
+) -> Result<Vec<TcpRun>, BenchError> {
+    measure_tcp_at(
+        netns,
+        label,
+        guest_address(ECHO_PORT),
+        counters.then(|| guest_address(STATS_PORT)),
+        options,
+    )
+}
+
+/// The loopback TCP floor: the same TCP client against a thread-per-connection echo server on
+/// 127.0.0.1 inside the namespace (no tap, no VM): what the host's stack and the client alone
+/// can move, so a guest's figure is read against it.
+pub(super) fn measure_loopback_tcp_floor(
+    netns: &NetNs,
+    options: &BenchOptions,
+) -> Result<SystemResult, BenchError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = Arc::clone(&stop);
+    let (address, server) = netns.run(move || {
+        measure::loopback_tcp_echo_server(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), server_stop)
+    })??;
+    let label = "Floor: host loopback TCP";
+    let mut result = SystemResult::new(LOOPBACK_TCP_FLOOR, label, SystemKind::Floor);
+    result.notes.push(format!(
+        "a host TCP echo server at {address} inside the namespace (a thread per connection),          same client: the host's stack and the client alone, no tap, no VM"
+    ));
+    let measured = measure_tcp_at(netns, label, address, None, options);
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    result.tcp = measured?;
+    Ok(result)
 }
 
 /// The loopback floor: the same clients against a UDP echo server on 127.0.0.1 inside the

@@ -13,9 +13,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::markdown::markdown;
-pub use self::svg::{plot_cdf, plot_nbd};
+pub use self::svg::{plot_cdf, plot_nbd, plot_tcp};
 use super::machine::Environment;
-use super::measure::{ClientForm, PingPong, Throughput};
+use super::measure::{ClientForm, PingPong, TcpThroughput, Throughput};
+use super::options::Section;
 use crate::client::{RttSummary, nearest_rank};
 
 /// Identifier of the tap-reflector floor's system.
@@ -26,6 +27,9 @@ pub const TAP_FLOOR_CROSS_CPU: &str = "floor-tap-reflector-other-cpu";
 
 /// Identifier of the loopback floor's system.
 pub const LOOPBACK_FLOOR: &str = "floor-loopback";
+
+/// Identifier of the loopback TCP floor's system.
+pub const LOOPBACK_TCP_FLOOR: &str = "floor-loopback-tcp";
 
 /// Identifier of the Linux guest.
 pub const LINUX: &str = "linux";
@@ -108,6 +112,26 @@ pub struct Settings {
     /// without one, boot-to-first-echo includes the guest making itself known to ARP.
     #[serde(default)]
     pub static_neigh: bool,
+    /// The parts of the benchmark this run measured (runs before `--sections`: echo only).
+    #[serde(default = "latency_only")]
+    pub sections: Vec<Section>,
+    /// TCP throughput: bytes each connection streamed each way.
+    #[serde(default)]
+    pub tcp_bytes_each: u64,
+    /// TCP throughput: the connection counts.
+    #[serde(default)]
+    pub tcp_connections: Vec<usize>,
+    /// TCP throughput: runs per connection count (the median is reported).
+    #[serde(default = "one")]
+    pub tcp_repeats: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn latency_only() -> Vec<Section> {
+    vec![Section::Echo]
 }
 
 /// What kind of system a row is.
@@ -145,6 +169,9 @@ pub struct SystemResult {
     pub icmp: Option<RttRun>,
     /// Windowed echo throughput.
     pub throughput: Option<ThroughputRun>,
+    /// TCP echo throughput, one run per connection count.
+    #[serde(default)]
+    pub tcp: Vec<TcpRun>,
     /// Remarks (e.g. what a floor stands for).
     pub notes: Vec<String>,
 }
@@ -163,8 +190,16 @@ impl SystemResult {
             udp: Vec::new(),
             icmp: None,
             throughput: None,
+            tcp: Vec::new(),
             notes: Vec::new(),
         }
+    }
+
+    /// The TCP throughput run with `connections` connections.
+    pub fn tcp_run(&self, connections: usize) -> Option<&TcpRun> {
+        self.tcp
+            .iter()
+            .find(|run| run.result.connections == connections)
     }
 
     /// The UDP run at `size` in `form`.
@@ -256,6 +291,26 @@ impl Counters {
             deltas,
             per_packet,
         }
+    }
+
+    /// Deltas between two stats lines, per received frame (the `rx_packets` delta) rather than
+    /// per echoed datagram: what TCP runs report (`echoed` then holds the frames received).
+    pub fn per_received_frame(
+        before: &crate::client::Stats,
+        after: &crate::client::Stats,
+    ) -> Counters {
+        let mut counters = Counters::between(before, after, 0);
+        let frames = counters
+            .deltas
+            .get("rx_packets")
+            .map_or(0, |&d| d.max(0) as u64);
+        counters.echoed = frames;
+        counters.per_packet = counters
+            .deltas
+            .iter()
+            .map(|(key, &delta)| (key.clone(), delta as f64 / frames.max(1) as f64))
+            .collect();
+        counters
     }
 
     /// A per-packet figure.
@@ -374,6 +429,21 @@ impl ThroughputRun {
     }
 }
 
+/// One TCP echo throughput run of a system, with the guest's counters over it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TcpRun {
+    /// What the client measured (every byte checked): the median run by MB/s.
+    pub result: TcpThroughput,
+    /// MB/s of every run, in the order measured (the median's included).
+    #[serde(default)]
+    pub repeats_mb_per_s: Vec<f64>,
+    /// The guest's counters over the median run (Vireo: its stats service; Linux: its echo
+    /// server's stats line), per received frame in `per_packet`.
+    pub counters: Option<Counters>,
+    /// This run's MB/s over the Linux guest's with as many connections.
+    pub vs_linux: Option<f64>,
+}
+
 /// Boot-to-first-echo over one or more boots.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BootResult {
@@ -474,6 +544,11 @@ pub fn derive(report: &mut Report) {
         }
         if let (Some(mine), Some(theirs)) = (&mut system.throughput, &linux.throughput) {
             mine.vs_linux = Some(mine.pps() / theirs.pps());
+        }
+        for run in &mut system.tcp {
+            run.vs_linux = linux
+                .tcp_run(run.result.connections)
+                .map(|theirs| run.result.mb_per_s / theirs.result.mb_per_s);
         }
         if let (Some(mine), Some(theirs)) = (&mut system.boot, &linux.boot)
             && !mine.first_echo_ms.is_empty()
@@ -628,7 +703,36 @@ pub fn check_targets(report: &Report) -> Vec<TargetCheck> {
             verdict: verdict(boot.and_then(|b| b.speedup_vs_linux).map(|r| r >= 20.0)),
         });
     }
-    // 5. Poll mode: zero interrupts per packet, at most one kick per TX batch.
+    // 5. TCP echo throughput at least the Linux guest's, each mode and connection count.
+    if report.settings.sections.contains(&Section::Tcp) {
+        for system in [irq, poll, adaptive].into_iter().flatten() {
+            for &connections in &report.settings.tcp_connections {
+                let mine = system.tcp_run(connections);
+                let theirs = linux.and_then(|l| l.tcp_run(connections));
+                checks.push(TargetCheck {
+                    target: format!(
+                        "TCP echo throughput ≥ the Linux guest's ({}, {connections} connection{})",
+                        system.label,
+                        if connections == 1 { "" } else { "s" }
+                    ),
+                    measured: match (mine, theirs) {
+                        (Some(m), Some(t)) => format!(
+                            "{:.1} MB/s vs Linux {:.1} MB/s ({:.2}×)",
+                            m.result.mb_per_s,
+                            t.result.mb_per_s,
+                            m.result.mb_per_s / t.result.mb_per_s
+                        ),
+                        (Some(m), None) => {
+                            format!("{:.1} MB/s; needs the Linux guest", m.result.mb_per_s)
+                        }
+                        _ => "not measured".to_string(),
+                    },
+                    verdict: verdict(mine.and_then(|m| m.vs_linux).map(|r| r >= 1.0)),
+                });
+            }
+        }
+    }
+    // 6. Poll mode: zero interrupts per packet, at most one kick per TX batch.
     if let Some(poll) = poll {
         let runs: Vec<(String, &Counters)> = poll
             .udp

@@ -1,5 +1,6 @@
 //! The plots, drawn with plotters: the latency CDF (`bench-cdf.svg`: one panel per client form,
-//! one curve per system, on a log-scaled RTT axis) and the NBD bars (`bench-nbd.svg`).
+//! one curve per system, on a log-scaled RTT axis), the NBD bars (`bench-nbd.svg`) and the TCP
+//! throughput bars (`bench-tcp.svg`).
 
 use std::path::Path;
 
@@ -216,6 +217,100 @@ pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<
             .draw()
             .map_err(|e| error(&e))?;
     }
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}
+
+/// Draws the TCP echo throughput (MB/s) of every system as grouped bars, one group per
+/// connection count, into an SVG file.
+pub fn plot_tcp(report: &Report, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+
+    let counts = report.settings.tcp_connections.clone();
+    let systems: Vec<&super::SystemResult> = report
+        .systems
+        .iter()
+        .filter(|s| !s.tcp.is_empty())
+        .collect();
+    if systems.is_empty() || counts.is_empty() {
+        return Err("no TCP throughput run to plot".to_string());
+    }
+    let high = systems
+        .iter()
+        .flat_map(|s| s.tcp.iter().map(|r| r.result.mb_per_s))
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.15;
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    let slots = systems.len() + 1;
+    let groups = counts.len();
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "TCP echo throughput, {} MiB each way per connection ({})",
+                report.settings.tcp_bytes_each >> 20,
+                report.environment.accelerator
+            ),
+            ("sans-serif", 17),
+        )
+        .margin(12)
+        .x_label_area_size(42)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..(groups * slots) as f64, 0.0..high)
+        .map_err(|e| error(&e))?;
+    let groups_desc = counts
+        .iter()
+        .map(|n| format!("{n} connection{}", if *n == 1 { "" } else { "s" }))
+        .collect::<Vec<_>>()
+        .join("  |  ");
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .x_desc(format!("left to right: {groups_desc}"))
+        .y_desc("MB/s echoed (each way)")
+        .draw()
+        .map_err(|e| error(&e))?;
+    for (index, system) in systems.iter().enumerate() {
+        let color = palette[index % palette.len()];
+        let bars: Vec<Rectangle<(f64, f64)>> = counts
+            .iter()
+            .enumerate()
+            .filter_map(|(group, &n)| {
+                let run = system.tcp_run(n)?;
+                let left = (group * slots + index) as f64 + 0.5;
+                Some(Rectangle::new(
+                    [(left, 0.0), (left + 0.9, run.result.mb_per_s)],
+                    color.filled(),
+                ))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(|e| error(&e))?
+            .label(system.label.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| error(&e))?;
     root.present().map_err(|e| error(&e))?;
     Ok(())
 }
