@@ -208,16 +208,29 @@ fn user_tcp_echo_64_concurrent_connections_16kib_each() -> Result<(), RunError> 
 }
 
 /// Counters every stats line must carry (README, guest contract).
-const REQUIRED_COUNTERS: [&str; 5] = [
+const REQUIRED_COUNTERS: [&str; 14] = [
     "udp_echoed",
     "interrupts",
     "kicks",
     "heap_used",
     "uptime_ms",
+    "rx_ns",
+    "tx_ns",
+    "kick_ns",
+    "idle_pass_ns",
+    "spin_ns",
+    "halted_ns",
+    "yields",
+    "stalls",
+    "typical_gap_ns",
 ];
 
-/// The stats line parses as `key=value` words with the required counters, and `udp_echoed` grows
-/// by exactly the number of datagrams echoed between two queries.
+/// The time the loop spent, by the guest's TSC, that echoing must make grow.
+const TIMED_WHILE_ECHOING: [&str; 4] = ["rx_ns", "tx_ns", "kick_ns", "stack_busy_ns"];
+
+/// The stats line parses as `key=value` words with the required counters, `udp_echoed` grows
+/// by exactly the number of datagrams echoed between two queries, the loop's time breakdown
+/// grows with them, and the adaptive guard names a known regime.
 #[test]
 fn user_stats_line_parses_and_udp_echoed_grows() -> Result<(), RunError> {
     let booted = boot_user_net("")?;
@@ -262,6 +275,21 @@ fn user_stats_line_parses_and_udp_echoed_grows() -> Result<(), RunError> {
     }
     if counter(&after, "uptime_ms")? < counter(&before, "uptime_ms")? {
         return Err(guest.check_failed("uptime_ms went backwards".to_string()));
+    }
+    for key in TIMED_WHILE_ECHOING {
+        if counter(&after, key)? <= counter(&before, key)? {
+            return Err(guest.check_failed(format!(
+                "{key} did not grow over {sent} echoes (before {:?}, after {:?})",
+                before.line, after.line
+            )));
+        }
+    }
+    let regime = after.fields.get("spin_regime").map(String::as_str);
+    if !matches!(regime, Some("spinning" | "halting")) {
+        return Err(guest.check_failed(format!(
+            "spin_regime is {regime:?}, expected spinning or halting: {:?}",
+            after.line
+        )));
     }
     for key in ["rx_packets", "tx_packets"] {
         if let (Some(b), Some(a)) = (before.get(key), after.get(key))

@@ -9,7 +9,12 @@
 //! * `poll`: receive interrupts stay disarmed and the loop spins on the used ring.
 //! * `adaptive`: polls while traffic arrived within the current polling window, then arms and
 //!   halts like `irq`; each switch is counted. The window starts at `poll-window=` (200 µs by
-//!   default) and adapts to how halts turn out ([`vireo::adaptive::PollWindow`]).
+//!   default) and adapts to how halts turn out ([`vireo::adaptive::PollWindow`]). When the
+//!   host takes the core from the spinning loop (an oversubscribed host: a busy-polling
+//!   client, other guests) or stretches the waits for packets while it spins, it halts as
+//!   soon as it has no work, as `irq` does, for a hold-off that ends in a probe
+//!   ([`vireo::adaptive::ContentionGuard`]; `yields`, `probes_clean`, `stalls`,
+//!   `typical_gap_ns`, `spin_regime=`).
 //!
 //! With the NBD export (`services=nbd`) the disk is served in every mode too: while the
 //! export has requests on it, the polling spin also watches the disk's used ring, and before
@@ -34,7 +39,7 @@ use core::cell::RefCell;
 use core::fmt::Write;
 
 use smoltcp::time::Instant;
-use vireo::adaptive::{HaltOutcome, PollWindow};
+use vireo::adaptive::{ContentionGuard, HaltOutcome, PollWindow, Regime, Verdict};
 use vireo::config::{Config, Mode, ServiceKind};
 
 use vireo::net::NicControl;
@@ -71,6 +76,18 @@ struct LoopCounters {
     busy_ns: u64,
     /// Gratuitous ARPs sent (`announces`).
     announces: u64,
+    /// The contention guard started yielding (`yields`) and cleared after a probe (`probes_clean`).
+    yields: u64,
+    probes_clean: u64,
+    /// Waits for a packet while spinning that the guard judged stalls (`stalls`).
+    stalls: u64,
+    /// Where the loop's time went, by the guest's TSC: the stack on passes that moved nothing
+    /// (`idle_pass_ns`), waiting in the spin loop (`spin_ns`, stolen time included), halted
+    /// (`halted_ns`), and the ring flushes that may notify the device (`kick_ns`).
+    idle_pass_ns: u64,
+    spin_ns: u64,
+    halted_ns: u64,
+    kick_ns: u64,
 }
 
 /// What the network is told, and when: the gratuitous ARP owed at link-up, after a device
@@ -246,12 +263,14 @@ pub fn run<N: Nic + NicControl>(
     let mut counters = LoopCounters::default();
     let mut wake_timer = WakeTimer::default();
     let mut window = PollWindow::new(u64::from(config.poll_window_us) * 1000);
+    let mut guard = ContentionGuard::new();
     let mut last_activity_ns = clock::now_ns();
     let mut polling = config.mode != Mode::Irq;
     let mut last_housekeeping_ns = 0;
     nic.borrow_mut().disarm_rx_interrupt();
     loop {
         let now_ns = clock::now_ns();
+        let regime_now = guard.regime(now_ns);
         let activity = {
             let mut device = NicDevice::new(&nic, &held, services.syn_credits());
             let mut write_stats = |out: &mut dyn Write| {
@@ -260,7 +279,7 @@ pub fn run<N: Nic + NicControl>(
                 let (heap_used, _) = crate::mem::heap_usage();
                 let _ = write!(
                     out,
-                    " announces={} interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} stolen_ns={} steals={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} heap_used={} heap_peak={} uptime_ms={}",
+                    " announces={} interrupts={} spurious_interrupts={} mode={} mode_switches={} poll_window_us={} window_grows={} window_shrinks={} spin_regime={} yields={} probes_clean={} stalls={} typical_gap_ns={} stolen_ns={} steals={} halts={} timer_arms={} timer_interrupts={} stack_busy_ns={} idle_pass_ns={} kick_ns={} spin_ns={} halted_ns={} heap_used={} heap_peak={} uptime_ms={}",
                     counters.announces,
                     nic_irq.interrupts(),
                     arch::interrupts::unexpected_interrupt_count(),
@@ -269,12 +288,24 @@ pub fn run<N: Nic + NicControl>(
                     window.current_ns() / 1000,
                     counters.window_grows,
                     counters.window_shrinks,
+                    match regime_now {
+                        Regime::Spinning => "spinning",
+                        Regime::Yielding { .. } => "halting",
+                    },
+                    counters.yields,
+                    counters.probes_clean,
+                    counters.stalls,
+                    guard.typical_gap_ns(),
                     counters.stolen_ns,
                     counters.steals,
                     counters.halts,
                     counters.timer_arms,
                     arch::apic::ticks(),
                     counters.busy_ns,
+                    counters.idle_pass_ns,
+                    counters.kick_ns,
+                    counters.spin_ns,
+                    counters.halted_ns,
                     heap_used,
                     crate::mem::heap_peak(),
                     now_ns / 1_000_000
@@ -282,9 +313,14 @@ pub fn run<N: Nic + NicControl>(
             };
             services.poll(&mut device, now(), &mut write_stats)
         };
+        let flush_at = clock::now_ns();
         nic.borrow_mut().flush();
+        let flushed_at = clock::now_ns();
+        counters.kick_ns += flushed_at - flush_at;
         if activity {
-            counters.busy_ns += clock::now_ns().saturating_sub(now_ns);
+            counters.busy_ns += flushed_at.saturating_sub(now_ns);
+        } else {
+            counters.idle_pass_ns += flushed_at.saturating_sub(now_ns);
         }
         let address_changed = services.take_address_change();
         if now_ns - last_housekeeping_ns > HOUSEKEEPING_PERIOD_NS || nic.borrow().needs_attention()
@@ -303,7 +339,9 @@ pub fn run<N: Nic + NicControl>(
         let keep_polling = match config.mode {
             Mode::Poll => true,
             Mode::Irq => false,
-            Mode::Adaptive => now_ns - last_activity_ns < window.current_ns(),
+            Mode::Adaptive => {
+                now_ns - last_activity_ns < guard.window_ns(now_ns, window.current_ns())
+            }
         };
         if keep_polling {
             if !polling {
@@ -316,9 +354,11 @@ pub fn run<N: Nic + NicControl>(
             let timer_ns = stack_timer_ns(&mut services).unwrap_or(POLL_SLICE_NS);
             let mut deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
             if config.mode == Mode::Adaptive {
-                // Adaptive stops spinning when its window closes.
-                deadline = deadline.min(last_activity_ns + window.current_ns());
+                // Adaptive stops spinning when its window closes (at once while the guard yields).
+                deadline =
+                    deadline.min(last_activity_ns + guard.window_ns(now_ns, window.current_ns()));
             }
+            let spin_from = clock::now_ns();
             let (stolen_ns, steals) = arch::interrupts::enabled_during(|| {
                 let mut stolen = (0u64, 0u64);
                 let mut last = clock::now_ns();
@@ -338,8 +378,23 @@ pub fn run<N: Nic + NicControl>(
                 }
                 stolen
             });
+            let spun_until = clock::now_ns();
+            counters.spin_ns += spun_until - spin_from;
             counters.stolen_ns += stolen_ns;
             counters.steals += steals;
+            if config.mode == Mode::Adaptive {
+                // A packet ended the spell: how long it made the loop wait since its last work.
+                if nic.borrow().rx_pending()
+                    && guard.observe_gap(spun_until - last_activity_ns, true)
+                {
+                    counters.stalls += 1;
+                }
+                match guard.after_spin(spun_until, spun_until - spin_from, stolen_ns) {
+                    Verdict::StartedYielding => counters.yields += 1,
+                    Verdict::Cleared => counters.probes_clean += 1,
+                    Verdict::Unchanged => {}
+                }
+            }
             continue;
         }
         if polling {
@@ -371,12 +426,23 @@ pub fn run<N: Nic + NicControl>(
             counters.timer_arms += 1;
         }
         counters.halts += 1;
+        let spinning_allowed = guard.regime(halt_at_ns) == Regime::Spinning;
         arch::idle_until_interrupt();
         nic.borrow_mut().disarm_rx_interrupt();
         crate::devices::disarm_blk_interrupts();
-        if config.mode == Mode::Adaptive {
-            let halted_ns = clock::now_ns().saturating_sub(halt_at_ns);
-            match window.after_halt(halted_ns, nic.borrow().rx_pending()) {
+        let halted_ns = clock::now_ns().saturating_sub(halt_at_ns);
+        counters.halted_ns += halted_ns;
+        let packet_waiting = nic.borrow().rx_pending();
+        // A packet that woke the loop tells the pace of traffic too, unless the traffic had
+        // stopped (a wait longer than the largest window).
+        let gap_ns = clock::now_ns() - last_activity_ns;
+        if config.mode == Mode::Adaptive && packet_waiting && gap_ns <= window.max_ns() {
+            guard.observe_gap(gap_ns, false);
+        }
+        // While the guard yields, an early packet says nothing about the window: halting was
+        // chosen because spinning loses on this host.
+        if config.mode == Mode::Adaptive && spinning_allowed {
+            match window.after_halt(halted_ns, packet_waiting) {
                 HaltOutcome::Grew => counters.window_grows += 1,
                 HaltOutcome::Shrank => counters.window_shrinks += 1,
                 HaltOutcome::Kept => {}

@@ -9,6 +9,7 @@ use core::fmt::Write;
 
 use virtio::net::{LinkChange, NetError, NetStats, RxFrame};
 
+use crate::arch::clock;
 use crate::devices::{IrqSlot, KernelNet, Reinit};
 use crate::hal::KernelHal;
 use vireo::net;
@@ -38,6 +39,10 @@ pub struct KernelNic {
     /// Fault injection: declare the device failed after this many received frames.
     inject_reset_every: Option<u32>,
     received_since_reset: u32,
+    /// Nanoseconds in the driver's receive and recycle (`rx_ns`: empty polls included) and in
+    /// its transmit (`tx_ns`: smoltcp filling the buffer included), by the guest's TSC.
+    rx_ns: u64,
+    tx_ns: u64,
 }
 
 impl KernelNic {
@@ -62,6 +67,8 @@ impl KernelNic {
             retired_stats: NetStats::default(),
             inject_reset_every,
             received_since_reset: 0,
+            rx_ns: 0,
+            tx_ns: 0,
         }
     }
 
@@ -111,24 +118,10 @@ impl net::device::Nic for KernelNic {
     type Rx = RxFrame<KernelHal>;
 
     fn receive(&mut self) -> Option<Self::Rx> {
-        if let Some(every) = self.inject_reset_every
-            && self.failed.is_none()
-            && self.received_since_reset >= every
-        {
-            self.received_since_reset = 0;
-            self.note(NetError::Injected);
-        }
-        match self.net.as_mut()?.receive() {
-            Ok(Some(frame)) => {
-                self.received_since_reset = self.received_since_reset.saturating_add(1);
-                Some(frame)
-            }
-            Ok(None) => None,
-            Err(error) => {
-                self.note(error);
-                None
-            }
-        }
+        let began = clock::now_ns();
+        let received = self.receive_untimed();
+        self.rx_ns += clock::now_ns() - began;
+        received
     }
 
     fn frame(rx: &Self::Rx) -> &[u8] {
@@ -146,12 +139,15 @@ impl net::device::Nic for KernelNic {
     }
 
     fn recycle(&mut self, rx: Self::Rx) {
+        let began = clock::now_ns();
         // A frame from a retired driver is simply dropped: its buffers belonged to the old
         // queues, which are gone; the new driver posted fresh ones.
-        let Some(net) = self.net.as_mut() else { return };
-        if let Err(error) = net.recycle(rx) {
+        if let Some(net) = self.net.as_mut()
+            && let Err(error) = net.recycle(rx)
+        {
             self.note(error);
         }
+        self.rx_ns += clock::now_ns() - began;
     }
 
     fn can_transmit(&mut self) -> bool {
@@ -159,13 +155,16 @@ impl net::device::Nic for KernelNic {
     }
 
     fn transmit<R>(&mut self, length: usize, fill: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-        match self.net.as_mut()?.transmit(length, fill) {
+        let began = clock::now_ns();
+        let sent = match self.net.as_mut()?.transmit(length, fill) {
             Ok(result) => result,
             Err(error) => {
                 self.note(error);
                 None
             }
-        }
+        };
+        self.tx_ns += clock::now_ns() - began;
+        sent
     }
 
     fn max_frame(&self) -> usize {
@@ -184,6 +183,30 @@ impl net::device::Nic for KernelNic {
 
     fn max_segmented_frame(&self) -> Option<usize> {
         self.net.as_ref()?.max_segmented_frame()
+    }
+}
+
+impl KernelNic {
+    /// The driver's receive with fault injection and error latching, untimed.
+    fn receive_untimed(&mut self) -> Option<RxFrame<KernelHal>> {
+        if let Some(every) = self.inject_reset_every
+            && self.failed.is_none()
+            && self.received_since_reset >= every
+        {
+            self.received_since_reset = 0;
+            self.note(NetError::Injected);
+        }
+        match self.net.as_mut()?.receive() {
+            Ok(Some(frame)) => {
+                self.received_since_reset = self.received_since_reset.saturating_add(1);
+                Some(frame)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                self.note(error);
+                None
+            }
+        }
     }
 }
 
@@ -280,7 +303,7 @@ impl net::NicControl for KernelNic {
         let stats = self.stats();
         let _ = write!(
             out,
-            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} rx_csum_vouched={} rx_csum_verified={} rx_csum_bad={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} tx_tso={} kicks={} kicks_suppressed={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
+            " rx_packets={} rx_bytes={} rx_dropped={} rx_foreign={} rx_merged={} rx_descriptors={} rx_csum_completed={} rx_csum_vouched={} rx_csum_verified={} rx_csum_bad={} tx_packets={} tx_bytes={} tx_full={} tx_oversize={} tx_csum_offloaded={} tx_tso={} kicks={} kicks_suppressed={} rx_ns={} tx_ns={} config_changes={} status_polls={} announce_acks={} device_resets={} link={}",
             stats.rx_packets,
             stats.rx_bytes,
             stats.rx_malformed,
@@ -299,6 +322,8 @@ impl net::NicControl for KernelNic {
             stats.tx_segmented,
             stats.kicks,
             stats.kicks_suppressed,
+            self.rx_ns,
+            self.tx_ns,
             stats.config_changes,
             stats.status_polls,
             stats.announce_acks,

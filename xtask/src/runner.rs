@@ -281,6 +281,11 @@ impl Guest {
         })
     }
 
+    /// QEMU's process id (`ip netns exec` execs QEMU in place, so it is QEMU's own).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The shell-quoted QEMU command line.
     pub fn command_line(&self) -> &str {
         &self.command_line

@@ -242,3 +242,82 @@ mod tests {
         assert_eq!(utc_timestamp(1_700_000_000), "2023-11-14T22:13:20Z");
     }
 }
+
+/// One QEMU thread's scheduling totals from `/proc/PID/task/TID/schedstat` (Linux
+/// `Documentation/scheduler/sched-stats.rst`): time on a CPU, time runnable but waiting on a
+/// run queue, and time slices run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedTotals {
+    /// Nanoseconds spent running.
+    pub run_ns: u64,
+    /// Nanoseconds spent runnable, waiting for a CPU.
+    pub wait_ns: u64,
+    /// Time slices run (each ends in a sleep or a preemption).
+    pub slices: u64,
+}
+
+/// Parses one `schedstat` line: three decimal numbers.
+pub fn parse_schedstat(text: &str) -> Option<SchedTotals> {
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    let totals = SchedTotals {
+        run_ns: fields.next()?.ok()?,
+        wait_ns: fields.next()?.ok()?,
+        slices: fields.next()?.ok()?,
+    };
+    fields.next().is_none().then_some(totals)
+}
+
+/// Every thread of process `pid` by its name (`comm`): `CPU 0/TCG` is the vCPU, `qemu-system-x86`
+/// the main loop (the I/O thread that moves packets between the tap and the rings). Threads of
+/// the same name are summed; an unreadable thread (it just exited) is left out.
+pub fn thread_schedstats(pid: u32) -> std::collections::BTreeMap<String, SchedTotals> {
+    let mut threads = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let Some(totals) = parse_schedstat(&stat) else {
+            continue;
+        };
+        let sum: &mut SchedTotals = threads.entry(comm.trim().to_string()).or_default();
+        sum.run_ns += totals.run_ns;
+        sum.wait_ns += totals.wait_ns;
+        sum.slices += totals.slices;
+    }
+    threads
+}
+
+#[cfg(test)]
+mod sched_tests {
+    use super::*;
+
+    #[test]
+    fn schedstat_lines_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_schedstat("1203 45 7\n"),
+            Some(SchedTotals {
+                run_ns: 1203,
+                wait_ns: 45,
+                slices: 7
+            })
+        );
+        for bad in ["", "1 2", "1 2 x", "1 2 3 4", "-1 2 3"] {
+            assert_eq!(parse_schedstat(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn this_process_has_a_thread_that_ran() {
+        let threads = thread_schedstats(std::process::id());
+        assert!(!threads.is_empty());
+        assert!(threads.values().any(|t| t.run_ns > 0 && t.slices > 0));
+        assert!(thread_schedstats(u32::MAX).is_empty());
+    }
+}

@@ -263,6 +263,16 @@ pub struct Throughput {
     pub loss_rate: f64,
     /// Times the window was declared lost after a quiet spell and refilled.
     pub window_resets: u64,
+    /// The client thread's own CPU time per echo (its `/proc/thread-self/schedstat`), us: what
+    /// the client costs the host's cores, for the CPU budget of the run.
+    #[serde(default)]
+    pub client_cpu_us_per_echo: Option<f64>,
+}
+
+/// The calling thread's CPU time so far, from `/proc/thread-self/schedstat`.
+fn thread_cpu_ns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    super::machine::parse_schedstat(&text).map(|totals| totals.run_ns)
 }
 
 /// Keeps `window` datagrams of `size` bytes in flight to the echo service at `target` for
@@ -291,6 +301,7 @@ pub fn udp_throughput(
     let mut counted_from: u64 = 0;
     let mut in_flight: u32 = 0;
     let mut last_echo = Instant::now();
+    let cpu_before = thread_cpu_ns();
     let began = Instant::now();
     let end = began + duration;
     let check = |got: &[u8], received: &mut u64| -> Result<Option<u64>, BenchError> {
@@ -357,6 +368,12 @@ pub fn udp_throughput(
         progress.set(began.elapsed().as_millis() as u64);
     }
     let duration_s = began.elapsed().as_secs_f64();
+    let client_cpu_us_per_echo = match (cpu_before, thread_cpu_ns()) {
+        (Some(before), Some(after)) if received > 0 => {
+            Some(after.saturating_sub(before) as f64 / 1e3 / received as f64)
+        }
+        _ => None,
+    };
     let drain_end = Instant::now() + DRAIN;
     while Instant::now() < drain_end && received < sent {
         match socket.recv(&mut buffer) {
@@ -380,6 +397,7 @@ pub fn udp_throughput(
             1.0 - received.min(sent) as f64 / sent as f64
         },
         window_resets: resets,
+        client_cpu_us_per_echo,
     })
 }
 

@@ -210,6 +210,15 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         None => crate::build_kernel(true)?,
     };
     log(&format!("bench: Vireo kernel {}", kernel.display()));
+    if let Some(path) = &options.baseline_kernel {
+        if !path.is_file() {
+            return Err(BenchError::Failed(format!(
+                "--baseline-kernel {}: no such file",
+                path.display()
+            )));
+        }
+        log(&format!("bench: baseline kernel {}", path.display()));
+    }
     std::fs::create_dir_all(&options.out_dir)
         .map_err(|e| BenchError::Failed(format!("creating {}: {e}", options.out_dir.display())))?;
     let mut not_measured = Vec::new();
@@ -319,8 +328,12 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
             .in_netns(netns.name())
             .netdev(NetNs::tap_netdev("n0", "tap0", None))
             .device(nic_spec())
+            // Thread names (`CPU 0/TCG`, the main loop `qemu-system-x86`) for the schedstat
+            // columns; it changes nothing else.
+            .args(["-name", "bench,debug-threads=on"])
     };
     let base = base_for(&kernel);
+    let baseline_base = options.baseline_kernel.as_deref().map(base_for);
     let mut systems = Vec::new();
     note_contention();
     // The guests run for the echo section, the TCP section, or both (one boot each).
@@ -335,8 +348,17 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         if options.floors && options.sections.contains(&Section::Tcp) {
             systems.push(measure_loopback_tcp_floor(&netns, options)?);
         }
-        for mode in &options.modes {
-            let spec = GuestSpec::vireo(&base, mode);
+        // With a baseline kernel, each mode is measured with it right before the kernel under
+        // test, so that the pair sees the same host.
+        let vireo_specs = options.modes.iter().flat_map(|mode| {
+            let baseline = baseline_base
+                .as_ref()
+                .map(|base| GuestSpec::vireo(base, mode, true));
+            baseline
+                .into_iter()
+                .chain(std::iter::once(GuestSpec::vireo(&base, mode, false)))
+        });
+        for spec in vireo_specs {
             match measure_guest(&netns, &spec, options) {
                 Ok(result) => systems.push(result),
                 Err(error) => {
@@ -399,6 +421,7 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
         not_measured,
         targets: Vec::new(),
         nbd,
+        comparisons: Vec::new(),
     };
     note_contention();
     report.environment.other_qemu_processes_max_during_run =
@@ -406,6 +429,7 @@ pub fn run(options: &BenchOptions) -> Result<(Report, Outputs, Vec<String>), Ben
     report.environment.load_average_at_end = machine::load_average();
     report::derive(&mut report);
     report.targets = report::check_targets(&report);
+    report.comparisons = report::compare_baselines(&report.systems);
     report.wall_time_s = began.elapsed().as_secs_f64();
     let outputs = write_outputs(&report, &options.out_dir)?;
     log(&format!(

@@ -64,6 +64,9 @@ pub struct BenchOptions {
     pub out_dir: PathBuf,
     /// A prebuilt kernel; else `cargo build --release -p vireo`.
     pub kernel: Option<PathBuf>,
+    /// A second kernel measured in the same run, mode by mode just before the first, for the
+    /// before/after table (`--baseline-kernel`).
+    pub baseline_kernel: Option<PathBuf>,
     /// Measured UDP round trips per (system, size, form).
     pub samples: u64,
     /// Discarded round trips before each measurement.
@@ -111,6 +114,7 @@ impl BenchOptions {
             quick: false,
             out_dir: crate::workspace_root().join("bench-results"),
             kernel: None,
+            baseline_kernel: None,
             samples: 100_000,
             warmup: 5_000,
             sizes: vec![64, 1400],
@@ -184,6 +188,10 @@ pub struct BenchArgs {
     /// Boot this kernel image instead of building `cargo build --release -p vireo`.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Also measure this kernel image, mode by mode right before the kernel under test, and
+    /// report after/before ratios (a policy or data-path change measured in one run).
+    #[arg(long, value_name = "PATH")]
+    pub baseline_kernel: Option<PathBuf>,
     /// Measured UDP round trips per system, size and client form [default: 100000; --quick 2000].
     #[arg(long, value_name = "N")]
     pub samples: Option<u64>,
@@ -291,6 +299,7 @@ impl BenchArgs {
             options.out_dir = out.clone();
         }
         options.kernel = self.kernel.clone().or(options.kernel);
+        options.baseline_kernel = self.baseline_kernel.clone();
         options.samples = self.samples.unwrap_or(options.samples);
         options.warmup = self.warmup.unwrap_or(options.warmup);
         options.icmp_samples = self.icmp_samples.unwrap_or(options.icmp_samples);
@@ -388,8 +397,17 @@ mod tests {
 
     #[test]
     fn quick_and_full_defaults_and_overrides() {
-        let quick =
-            BenchOptions::parse(&["--quick", "--kernel", "/k", "--out", "/tmp/o"]).expect("valid");
+        let quick = BenchOptions::parse(&[
+            "--quick",
+            "--kernel",
+            "/k",
+            "--out",
+            "/tmp/o",
+            "--baseline-kernel",
+            "/old",
+        ])
+        .expect("valid");
+        assert_eq!(quick.baseline_kernel, Some(PathBuf::from("/old")));
         assert!(quick.quick && !quick.linux && quick.modes == ["poll"]);
         assert_eq!(quick.samples, 2_000);
         assert_eq!(quick.kernel, Some(PathBuf::from("/k")));

@@ -71,6 +71,11 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Outputs, BenchError>
     Ok(outputs)
 }
 
+/// Whether a QEMU thread name is a vCPU's (`CPU 0/TCG`, `CPU 0/KVM`).
+pub fn is_vcpu_thread(name: &str) -> bool {
+    name.starts_with("CPU ")
+}
+
 /// Checks that a run's files exist and are complete for the sections the JSON says it ran.
 /// Latency: the JSON holds, for each of `expected` (system ids), every UDP run with `samples`
 /// samples and a full CDF (guests also with their QEMU command line, negotiated features, boot
@@ -216,7 +221,12 @@ fn validate_latency(outputs: &Outputs, expected: &[&str], samples: u64) -> Resul
         .ok_or("bench.json: no systems array")?;
     let markdown = read(&outputs.markdown)?;
     let svg = read(&outputs.svg)?;
-    for table in ["| System | UDP", "| System | size |", "| Target |"] {
+    for table in [
+        "| System | UDP",
+        "| System | size |",
+        "| Target |",
+        "| System | run |",
+    ] {
         if !markdown.contains(table) {
             return Err(format!("bench.md lacks the table starting {table:?}"));
         }
@@ -281,6 +291,20 @@ fn validate_latency(outputs: &Outputs, expected: &[&str], samples: u64) -> Resul
             }
             if !system["udp"][0]["counters"]["per_packet"].is_object() {
                 return Err(format!("bench.json: {id} has no guest counters"));
+            }
+            if system["kind"] == "vireo"
+                && system["udp"][0]["counters"]["per_packet"]["spin_ns"].is_null()
+            {
+                return Err(format!(
+                    "bench.json: {id} has no per-packet time breakdown (spin_ns)"
+                ));
+            }
+            let threads = system["udp"][0]["threads"].as_array();
+            let is_vcpu = |t: &serde_json::Value| t["thread"].as_str().is_some_and(is_vcpu_thread);
+            if !threads.is_some_and(|t| t.iter().any(is_vcpu)) {
+                return Err(format!(
+                    "bench.json: {id} has no QEMU thread scheduling (no vCPU thread `CPU 0/...`)"
+                ));
             }
         }
         if !markdown.contains(&format!("| {label} |")) {

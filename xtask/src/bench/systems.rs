@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::machine::thread_schedstats;
 use super::options::{BenchOptions, Section};
 use super::report::{
     BootResult, Counters, LINUX, LOOPBACK_FLOOR, LOOPBACK_TCP_FLOOR, RttRun, SystemKind,
-    SystemResult, TAP_FLOOR, TAP_FLOOR_CROSS_CPU, TcpRun, ThroughputRun,
+    SystemResult, TAP_FLOOR, TAP_FLOOR_CROSS_CPU, TcpRun, ThreadShare, ThroughputRun,
 };
 use super::{
     BenchError, ECHO_PORT, GUEST_MAC_BYTES, STATS_PORT, check_cancelled, linux, measure,
@@ -41,10 +42,20 @@ pub(super) struct GuestSpec {
 }
 
 impl GuestSpec {
-    pub(super) fn vireo(base: &QemuCommand, mode: &str) -> GuestSpec {
+    /// Vireo in `mode`; `baseline` marks the `--baseline-kernel` build (its id and label get
+    /// a `baseline` suffix, for the before/after table).
+    pub(super) fn vireo(base: &QemuCommand, mode: &str, baseline: bool) -> GuestSpec {
         GuestSpec {
-            id: format!("vireo-{mode}"),
-            label: format!("Vireo ({mode})"),
+            id: if baseline {
+                format!("vireo-{mode}-baseline")
+            } else {
+                format!("vireo-{mode}")
+            },
+            label: if baseline {
+                format!("Vireo ({mode}, baseline)")
+            } else {
+                format!("Vireo ({mode})")
+            },
             kind: SystemKind::Vireo,
             command: base
                 .clone()
@@ -166,7 +177,7 @@ pub(super) fn measure_guest(
     let latency = options.sections.contains(&Section::Echo);
     let measured = (|| -> Result<(Measured, Vec<TcpRun>), BenchError> {
         let services = if latency {
-            measure_services(netns, &spec.label, options, true, None)?
+            measure_services(netns, &spec.label, options, Some(guest.pid()), None)?
         } else {
             (Vec::new(), None, None)
         };
@@ -284,14 +295,21 @@ fn ping_pong_run(
 }
 
 /// UDP ping-pong per size and form, ICMP and throughput against the echo service at the guest
-/// address; with `counters`, the stats service is read before and after each UDP measurement.
+/// address; with a guest (`qemu_pid`), the stats service and QEMU's thread scheduling are read
+/// before and after each UDP and throughput measurement.
 fn measure_services(
     netns: &NetNs,
     label: &str,
     options: &BenchOptions,
-    counters: bool,
+    qemu_pid: Option<u32>,
     client_cpu: Option<usize>,
 ) -> Result<Measured, BenchError> {
+    let counters = qemu_pid.is_some();
+    let sched = || qemu_pid.map(thread_schedstats);
+    let shares = |before: Option<_>, packets: u64| match (before, sched()) {
+        (Some(before), Some(after)) => ThreadShare::between(&before, &after, packets),
+        _ => Vec::new(),
+    };
     let pin = move || {
         if let Some(cpu) = client_cpu {
             measure::pin_current_thread(cpu);
@@ -303,8 +321,10 @@ fn measure_services(
         for &form in &options.forms {
             check_cancelled()?;
             let before = if counters { Some(stats(netns)?) } else { None };
+            let sched_before = sched();
             let (mut run, raw, mut bar) =
                 ping_pong_run(netns, label, target, size, form, options, pin)?;
+            run.threads = shares(sched_before, options.warmup + options.samples);
             if let Some(before) = before {
                 let after = stats(netns)?;
                 run.counters = Some(Counters::between(
@@ -355,7 +375,9 @@ fn measure_services(
     };
     check_cancelled()?;
     let before = if counters { Some(stats(netns)?) } else { None };
+    let sched_before = sched();
     let result = throughput_run(netns, label, target, options, pin)?;
+    let threads = shares(sched_before, result.received);
     let counters = match before {
         Some(before) => Some(Counters::between(&before, &stats(netns)?, result.received)),
         None => None,
@@ -365,6 +387,7 @@ fn measure_services(
         result,
         counters,
         vs_linux: None,
+        threads,
     });
     Ok((udp, icmp, throughput))
 }
@@ -524,6 +547,7 @@ pub(super) fn measure_loopback_floor(
                 result,
                 counters: None,
                 vs_linux: None,
+                threads: Vec::new(),
             }),
         ))
     })();
@@ -569,7 +593,7 @@ pub(super) fn measure_tap_floor(
             "a cross-CPU wake-up each way"
         }
     ));
-    let measured = measure_services(netns, label, options, false, Some(0));
+    let measured = measure_services(netns, label, options, None, Some(0));
     let counters = Arc::clone(&reflector.counters);
     let _ = reflector.stop();
     let (udp, icmp, throughput) = measured?;

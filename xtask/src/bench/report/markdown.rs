@@ -3,9 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, fmt_opt};
+use super::{Counters, Report, SystemKind, ThreadShare, fmt_opt};
 use crate::bench::measure::ClientForm;
 use crate::bench::options::Section;
+use crate::bench::output::is_vcpu_thread;
 
 fn fmt_ratio(value: Option<f64>) -> String {
     match value {
@@ -219,6 +220,219 @@ fn echo_tables(report: &Report, out: &mut String) {
         "\nAll times in microseconds. *Overhead* is the RTT minus the tap-reflector floor's at \
          the same percentile, size and client form; *overhead vs Linux* is this overhead over \
          the Linux guest's (the poll-mode target is ≤ 0.33×).\n"
+    );
+    breakdown(out, report);
+    cpu_budget(out, report);
+    comparisons(out, report);
+}
+
+/// Microseconds per packet of a nanosecond counter.
+fn per_us(counters: &Counters, key: &str) -> Option<f64> {
+    counters.per(key).map(|ns| ns / 1000.0)
+}
+
+/// The vCPU thread (`CPU 0/TCG`) or QEMU's main loop, the I/O thread (`qemu-system-x86`).
+fn thread_of(threads: &[ThreadShare], vcpu: bool) -> Option<&ThreadShare> {
+    threads.iter().find(|t| {
+        if vcpu {
+            is_vcpu_thread(&t.thread)
+        } else {
+            t.thread.starts_with("qemu-system")
+        }
+    })
+}
+
+/// One thread's share, `run / wait` us per packet.
+fn thread_cell(threads: &[ThreadShare], vcpu: bool) -> String {
+    thread_of(threads, vcpu)
+        .map(|t| {
+            format!(
+                "{:.1} / {:.1} ({:.2})",
+                t.run_us_per_packet, t.wait_us_per_packet, t.slices_per_packet
+            )
+        })
+        .unwrap_or_else(|| "–".to_string())
+}
+
+/// Where each Vireo run's time went, per echoed packet: the guest's TSC counters (the driver's
+/// receive and transmit, the ring flushes, the stack, waiting spinning or halted, stolen time),
+/// and how the host scheduled QEMU's vCPU and I/O threads over the same run.
+fn breakdown(out: &mut String, report: &Report) {
+    let _ = writeln!(
+        out,
+        "| System | run | rx | tx | kick | stack + services | idle passes | spinning (stolen) | \
+         halted | halts | yields | vCPU run / wait (slices) | I/O thread run / wait (slices) |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- |"
+    );
+    let mut rows = 0;
+    for system in &report.systems {
+        let runs = system
+            .udp
+            .iter()
+            .map(|r| {
+                (
+                    format!(
+                        "UDP {} B {}",
+                        r.size,
+                        r.form.map(ClientForm::as_str).unwrap_or("")
+                    ),
+                    r.counters.as_ref(),
+                    &r.threads,
+                )
+            })
+            .chain(system.throughput.as_ref().map(|t| {
+                (
+                    format!("pps, {} in flight", t.result.window),
+                    t.counters.as_ref(),
+                    &t.threads,
+                )
+            }));
+        for (name, counters, threads) in runs {
+            if system.kind == SystemKind::Floor {
+                continue;
+            }
+            let us = |key: &str| fmt_opt(counters.and_then(|c| per_us(c, key)), 2);
+            // The stack's own time: all of the loop's passes minus what the driver and the
+            // flushes took inside them.
+            let stack = counters.and_then(|c| {
+                let passes = per_us(c, "stack_busy_ns")? + per_us(c, "idle_pass_ns")?;
+                Some(passes - per_us(c, "rx_ns")? - per_us(c, "tx_ns")? - per_us(c, "kick_ns")?)
+            });
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} |",
+                system.label,
+                name,
+                us("rx_ns"),
+                us("tx_ns"),
+                us("kick_ns"),
+                fmt_opt(stack, 2),
+                us("idle_pass_ns"),
+                us("spin_ns"),
+                us("stolen_ns"),
+                us("halted_ns"),
+                fmt_opt(counters.and_then(|c| c.per("halts")), 3),
+                fmt_opt(
+                    counters.and_then(|c| c.deltas.get("yields").map(|&v| v as f64)),
+                    0
+                ),
+                thread_cell(threads, true),
+                thread_cell(threads, false),
+            );
+            rows += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{}Per echoed packet, in microseconds. Guest columns come from Vireo's stats line \
+         (its TSC): *rx* the driver's receive and recycle (empty polls included), *tx* its \
+         transmit (smoltcp writing the frame included), *kick* the ring flushes (a notification \
+         is an MMIO exit), *stack + services* the rest of the loop's passes (smoltcp, the \
+         services), *idle passes* the part of all passes spent in passes that found nothing, *spinning* the wait \
+         in the poll loop with the part the host took from it (*stolen*: gaps over 20 us), \
+         *halted* the wait in `hlt`; *yields* is how often the adaptive guard switched to \
+         halting in the whole run. The thread columns are QEMU's threads over the same run, from \
+         `/proc/PID/task/*/schedstat`: time on a CPU / time runnable but waiting for one, us \
+         per packet (time slices per packet).\n",
+        if rows == 0 { "(No guest runs.) " } else { "" }
+    );
+}
+
+/// The after/before table of `--baseline-kernel`.
+fn comparisons(out: &mut String, report: &Report) {
+    if report.comparisons.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| Mode | figure | baseline kernel | kernel under test | after / before |"
+    );
+    let _ = writeln!(out, "| --- | --- | ---: | ---: | ---: |");
+    for c in &report.comparisons {
+        let better = if c.higher_is_better {
+            c.ratio > 1.0
+        } else {
+            c.ratio < 1.0
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {:.1} | {:.2}{} |",
+            c.mode,
+            c.figure,
+            c.before,
+            c.after,
+            c.ratio,
+            if better { " (better)" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe kernel under test against `--baseline-kernel`, each mode measured with the \
+         baseline right before, in the same run and namespace.\n"
+    );
+}
+
+/// The host's CPU per echo in each pps run: the client thread, QEMU's vCPU, its I/O thread and
+/// the rest of QEMU; with every core busy, the echo rate cannot exceed the cores' time over
+/// their sum.
+fn cpu_budget(out: &mut String, report: &Report) {
+    let cores = report.environment.cpus_available.max(1) as f64;
+    let mut rows = Vec::new();
+    for system in &report.systems {
+        let Some(t) = &system.throughput else {
+            continue;
+        };
+        let client = t.result.client_cpu_us_per_echo;
+        let thread = |vcpu| thread_of(&t.threads, vcpu).map(|s| s.run_us_per_packet);
+        let (vcpu, io) = (thread(true), thread(false));
+        let rest: f64 = t
+            .threads
+            .iter()
+            .filter(|s| !is_vcpu_thread(&s.thread) && !s.thread.starts_with("qemu-system"))
+            .map(|s| s.run_us_per_packet)
+            .sum::<f64>()
+            .max(0.0);
+        let total = client.map(|c| c + vcpu.unwrap_or(0.0) + io.unwrap_or(0.0) + rest);
+        rows.push(format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            system.label,
+            t.pps(),
+            fmt_opt(client, 2),
+            fmt_opt(vcpu, 2),
+            fmt_opt(io, 2),
+            if t.threads.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{rest:.2}")
+            },
+            fmt_opt(total, 2),
+            fmt_opt(total.map(|us| cores * 1e6 / us), 0),
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| System | echo pps | client CPU/echo | vCPU | QEMU I/O thread | other QEMU threads | \
+         host CPU/echo | {cores:.0} cores / host CPU per echo |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for row in rows {
+        let _ = writeln!(out, "{row}");
+    }
+    let _ = writeln!(
+        out,
+        "\nCPU time per echo in the pps run (the measuring boot), us: the client thread's own \
+         (`/proc/thread-self/schedstat`) and QEMU's threads' (`/proc/PID/task/*/schedstat`). \
+         The last column is the echo rate at which the host's cores would all be busy with this \
+         work alone: no system can echo faster on this host without a cheaper host side.\n"
     );
 }
 

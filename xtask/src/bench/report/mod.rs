@@ -60,6 +60,76 @@ pub struct Report {
     /// The NBD section (issue 14), when it ran.
     #[serde(default)]
     pub nbd: Option<nbd::NbdSection>,
+    /// After/before figures of the kernel under test against `--baseline-kernel`, mode by mode.
+    #[serde(default)]
+    pub comparisons: Vec<Comparison>,
+}
+
+/// One figure of the kernel under test against the baseline kernel, measured in the same run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The mode (`adaptive`, ...).
+    pub mode: String,
+    /// What was compared (`UDP 64 B spin p99, us`, `echo pps`).
+    pub figure: String,
+    /// The baseline kernel's figure.
+    pub before: f64,
+    /// The kernel under test's figure.
+    pub after: f64,
+    /// `after / before`.
+    pub ratio: f64,
+    /// Whether a higher figure is better (pps) or a lower one (latency).
+    pub higher_is_better: bool,
+}
+
+/// The after/before pairs: every `vireo-MODE-baseline` system against `vireo-MODE`.
+pub fn compare_baselines(systems: &[SystemResult]) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for before in systems {
+        let Some(mode) = before
+            .id
+            .strip_prefix("vireo-")
+            .and_then(|rest| rest.strip_suffix("-baseline"))
+        else {
+            continue;
+        };
+        let Some(after) = systems.iter().find(|s| s.id == format!("vireo-{mode}")) else {
+            continue;
+        };
+        let mut push = |figure: String, b: f64, a: f64, higher_is_better: bool| {
+            if b > 0.0 && a.is_finite() {
+                out.push(Comparison {
+                    mode: mode.to_string(),
+                    figure,
+                    before: b,
+                    after: a,
+                    ratio: a / b,
+                    higher_is_better,
+                });
+            }
+        };
+        for run in &before.udp {
+            let Some(form) = run.form else { continue };
+            let Some(theirs) = after.udp_run(run.size, form) else {
+                continue;
+            };
+            for (name, b, a) in [
+                ("p50", run.stats.p50_us, theirs.stats.p50_us),
+                ("p99", run.stats.p99_us, theirs.stats.p99_us),
+            ] {
+                push(
+                    format!("UDP {} B {} {name}, us", run.size, form.as_str()),
+                    b,
+                    a,
+                    false,
+                );
+            }
+        }
+        if let (Some(b), Some(a)) = (&before.throughput, &after.throughput) {
+            push("echo pps".to_string(), b.pps(), a.pps(), true);
+        }
+    }
+    out
 }
 
 /// The run's parameters.
@@ -352,6 +422,48 @@ pub struct RttRun {
     pub overhead_ratio_vs_linux_p50: Option<f64>,
     /// This system's p99 overhead over the Linux guest's.
     pub overhead_ratio_vs_linux_p99: Option<f64>,
+    /// How QEMU's threads were scheduled over the run, per echoed packet (guests only).
+    #[serde(default)]
+    pub threads: Vec<ThreadShare>,
+}
+
+/// One QEMU thread's scheduling over a measurement, per echoed packet, from
+/// `/proc/PID/task/*/schedstat` before and after: the evidence of who had the cores.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ThreadShare {
+    /// The thread's name (`CPU 0/TCG` is the vCPU, `qemu-system-x86` the I/O thread).
+    pub thread: String,
+    /// Time on a CPU per packet, us.
+    pub run_us_per_packet: f64,
+    /// Time runnable but waiting for a CPU per packet, us.
+    pub wait_us_per_packet: f64,
+    /// Time slices per packet (sleeps and preemptions).
+    pub slices_per_packet: f64,
+}
+
+impl ThreadShare {
+    /// The change between two samples of [`crate::bench::machine::thread_schedstats`], per
+    /// packet; threads that did not run in between are left out.
+    pub fn between(
+        before: &BTreeMap<String, super::machine::SchedTotals>,
+        after: &BTreeMap<String, super::machine::SchedTotals>,
+        packets: u64,
+    ) -> Vec<ThreadShare> {
+        let per = packets.max(1) as f64;
+        after
+            .iter()
+            .filter_map(|(thread, now)| {
+                let then = before.get(thread).copied().unwrap_or_default();
+                let run = now.run_ns.checked_sub(then.run_ns)?;
+                (run > 0).then(|| ThreadShare {
+                    thread: thread.clone(),
+                    run_us_per_packet: run as f64 / 1e3 / per,
+                    wait_us_per_packet: now.wait_ns.saturating_sub(then.wait_ns) as f64 / 1e3 / per,
+                    slices_per_packet: now.slices.saturating_sub(then.slices) as f64 / per,
+                })
+            })
+            .collect()
+    }
 }
 
 impl RttRun {
@@ -391,6 +503,7 @@ impl RttRun {
             speedup_vs_linux_p50: None,
             overhead_ratio_vs_linux_p50: None,
             overhead_ratio_vs_linux_p99: None,
+            threads: Vec::new(),
         })
     }
 }
@@ -405,6 +518,9 @@ pub struct ThroughputRun {
     pub counters: Option<Counters>,
     /// This pps over the Linux guest's (medians over boots).
     pub vs_linux: Option<f64>,
+    /// How QEMU's threads were scheduled over the run, per echoed packet (guests only).
+    #[serde(default)]
+    pub threads: Vec<ThreadShare>,
     /// Echoes per second in each boot of the guest, the measuring boot first: the same
     /// throughput run repeated in every boot-time boot, because where the host's scheduler puts
     /// QEMU's threads at boot moves a run by 10% or more.
@@ -590,46 +706,49 @@ pub fn check_targets(report: &Report) -> Vec<TargetCheck> {
     if report.systems.is_empty() {
         return checks;
     }
-    // 1. Poll-mode guest overhead at most 1/3 of Linux's, p50 and p99, both client forms.
-    for &size in &report.settings.sizes {
-        for &form in &report.settings.client_forms {
-            let run = poll.and_then(|s| s.udp_run(size, form));
-            let ratios =
-                run.map(|r| (r.overhead_ratio_vs_linux_p50, r.overhead_ratio_vs_linux_p99));
-            let (measured, ok) = match ratios {
-                Some((Some(p50), Some(p99))) => (
-                    format!(
-                        "overhead p50 {} us vs Linux {} us ({p50:.2}); p99 {} us vs {} us ({p99:.2})",
-                        fmt_opt(run.and_then(|r| r.overhead_p50_us), 1),
-                        fmt_opt(
-                            linux
-                                .and_then(|l| l.udp_run(size, form))
-                                .and_then(|r| r.overhead_p50_us),
-                            1
+    // 1. Guest overhead at most 1/3 of Linux's, p50 and p99, both client forms: poll mode
+    //    (issue 6) and the default, adaptive, on this busy 2-core host (issue 15).
+    for (mode, system) in [("poll", poll), ("adaptive", adaptive)] {
+        for &size in &report.settings.sizes {
+            for &form in &report.settings.client_forms {
+                let run = system.and_then(|s| s.udp_run(size, form));
+                let ratios =
+                    run.map(|r| (r.overhead_ratio_vs_linux_p50, r.overhead_ratio_vs_linux_p99));
+                let (measured, ok) = match ratios {
+                    Some((Some(p50), Some(p99))) => (
+                        format!(
+                            "overhead p50 {} us vs Linux {} us ({p50:.2}); p99 {} us vs {} us ({p99:.2})",
+                            fmt_opt(run.and_then(|r| r.overhead_p50_us), 1),
+                            fmt_opt(
+                                linux
+                                    .and_then(|l| l.udp_run(size, form))
+                                    .and_then(|r| r.overhead_p50_us),
+                                1
+                            ),
+                            fmt_opt(run.and_then(|r| r.overhead_p99_us), 1),
+                            fmt_opt(
+                                linux
+                                    .and_then(|l| l.udp_run(size, form))
+                                    .and_then(|r| r.overhead_p99_us),
+                                1
+                            ),
                         ),
-                        fmt_opt(run.and_then(|r| r.overhead_p99_us), 1),
-                        fmt_opt(
-                            linux
-                                .and_then(|l| l.udp_run(size, form))
-                                .and_then(|r| r.overhead_p99_us),
-                            1
-                        ),
+                        Some(p50 <= 1.0 / 3.0 && p99 <= 1.0 / 3.0),
                     ),
-                    Some(p50 <= 1.0 / 3.0 && p99 <= 1.0 / 3.0),
-                ),
-                _ => (
-                    "needs Vireo poll, the Linux guest and the tap floor".to_string(),
-                    None,
-                ),
-            };
-            checks.push(TargetCheck {
+                    _ => (
+                        format!("needs Vireo {mode}, the Linux guest and the tap floor"),
+                        None,
+                    ),
+                };
+                checks.push(TargetCheck {
                 target: format!(
-                    "poll-mode guest overhead ≤ 1/3 of Linux's at p50 and p99 ({size} B, {} client)",
+                    "{mode}-mode guest overhead ≤ 1/3 of Linux's at p50 and p99 ({size} B, {} client)",
                     form.as_str()
                 ),
                 measured,
                 verdict: verdict(ok),
             });
+            }
         }
     }
     // 2a. Adaptive within 10% of poll at load (throughput).
@@ -670,16 +789,16 @@ pub fn check_targets(report: &Report) -> Vec<TargetCheck> {
         measured,
         verdict: verdict(ok),
     });
-    // 3. Echo pps at least twice Linux's (each mode).
+    // 3. Echo pps at least 15 times Linux's (issue 15; issue 6 asked for twice), each mode.
     for system in [poll, adaptive, irq].into_iter().flatten() {
         let ratio = system.throughput.as_ref().and_then(|t| t.vs_linux);
         checks.push(TargetCheck {
-            target: format!("echo pps ≥ 2× the Linux guest's ({})", system.label),
+            target: format!("echo pps ≥ 15× the Linux guest's ({})", system.label),
             measured: match (pps(Some(system)), pps(linux)) {
                 (Some(a), Some(l)) => format!("{a:.0} pps vs Linux {l:.0} pps ({:.2}×)", a / l),
                 _ => "needs the Linux guest".to_string(),
             },
-            verdict: verdict(ratio.map(|r| r >= 2.0)),
+            verdict: verdict(ratio.map(|r| r >= 15.0)),
         });
     }
     // 4. Boot-to-first-echo at least 20 times faster than Linux's.
@@ -800,9 +919,11 @@ mod tests {
                 pps: first,
                 loss_rate: 0.0,
                 window_resets: 0,
+                client_cpu_us_per_echo: None,
             },
             counters: None,
             vs_linux: None,
+            threads: Vec::new(),
             pps_per_boot: per_boot.to_vec(),
         }
     }
@@ -846,6 +967,81 @@ mod tests {
         assert_eq!(nearest_rank(&sorted, 900), Some(9));
         assert_eq!(nearest_rank(&sorted, 0), Some(1));
         assert_eq!(nearest_rank::<u64>(&[], 500), None);
+    }
+
+    fn system(id: &str, p50: f64, p99: f64, pps: f64) -> SystemResult {
+        let mut system = SystemResult::new(id, id, SystemKind::Vireo);
+        let raw = PingPong {
+            // Nearest rank over 100 samples: the 50th is p50, the 99th p99.
+            samples_ns: vec![(p50 * 1e3) as u64; 98]
+                .into_iter()
+                .chain([(p99 * 1e3) as u64; 2])
+                .collect(),
+            ..PingPong::default()
+        };
+        system.udp.push(
+            RttRun::from_ping_pong("udp", 64, Some(ClientForm::Spin), &raw).expect("samples"),
+        );
+        system.throughput = Some(run(pps, &[pps]));
+        system
+    }
+
+    #[test]
+    fn baselines_pair_with_the_same_mode_only() {
+        let systems = [
+            system("vireo-adaptive-baseline", 50.0, 2000.0, 100.0),
+            system("vireo-adaptive", 40.0, 100.0, 150.0),
+            system("vireo-irq-baseline", 60.0, 90.0, 80.0),
+            system("linux", 100.0, 300.0, 10.0),
+        ];
+        let pairs = compare_baselines(&systems);
+        assert!(pairs.iter().all(|c| c.mode == "adaptive"), "{pairs:?}");
+        let figure = |name: &str| {
+            pairs
+                .iter()
+                .find(|c| c.figure == name)
+                .unwrap_or_else(|| panic!("{name} missing from {pairs:?}"))
+        };
+        let p50 = figure("UDP 64 B spin p50, us");
+        assert_eq!((p50.before, p50.after), (50.0, 40.0));
+        assert!((p50.ratio - 0.8).abs() < 1e-9 && !p50.higher_is_better);
+        assert!((figure("UDP 64 B spin p99, us").ratio - 0.05).abs() < 1e-9);
+        let pps = figure("echo pps");
+        assert!((pps.ratio - 1.5).abs() < 1e-9 && pps.higher_is_better);
+        assert_eq!(pairs.len(), 3);
+    }
+
+    #[test]
+    fn thread_shares_are_per_packet_and_skip_idle_threads() {
+        use crate::bench::machine::SchedTotals;
+        let totals = |run_ns, wait_ns, slices| SchedTotals {
+            run_ns,
+            wait_ns,
+            slices,
+        };
+        let before = BTreeMap::from([
+            ("CPU 0/TCG".to_string(), totals(1_000, 500, 10)),
+            ("worker".to_string(), totals(7, 0, 1)),
+        ]);
+        let after = BTreeMap::from([
+            ("CPU 0/TCG".to_string(), totals(41_000, 4_500, 30)),
+            ("worker".to_string(), totals(7, 0, 1)),
+            ("qemu-system-x86".to_string(), totals(20_000, 2_000, 40)),
+        ]);
+        let shares = ThreadShare::between(&before, &after, 10);
+        assert_eq!(shares.len(), 2, "{shares:?}");
+        let vcpu = shares
+            .iter()
+            .find(|s| s.thread == "CPU 0/TCG")
+            .expect("vCPU");
+        assert!((vcpu.run_us_per_packet - 4.0).abs() < 1e-9);
+        assert!((vcpu.wait_us_per_packet - 0.4).abs() < 1e-9);
+        assert!((vcpu.slices_per_packet - 2.0).abs() < 1e-9);
+        let io = shares
+            .iter()
+            .find(|s| s.thread == "qemu-system-x86")
+            .expect("I/O");
+        assert!((io.run_us_per_packet - 2.0).abs() < 1e-9);
     }
 
     #[test]
