@@ -16,38 +16,59 @@ use xtask::{skip_or_fail_in_ci, unique_temp_path};
 /// process is left behind.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-#[test]
-fn bench_quick_writes_complete_table_json_and_svg() {
+/// One smoke run: `cargo xtask bench` with `args`, this test's kernel and a fresh output
+/// directory, after the previous run ended; `None` when it cannot run here (skipped; under
+/// CI=true that fails). Panics when the run fails or a measurement failed, and checks that no
+/// namespace of this process was left behind. The caller removes the directory (`.3`).
+fn smoke_run(
+    tag: &str,
+    args: &[&str],
+) -> Option<(
+    BenchOptions,
+    bench::report::Report,
+    bench::Outputs,
+    std::path::PathBuf,
+)> {
     if let Err(reason) = bench::available() {
         skip_or_fail_in_ci(&reason);
-        return;
+        return None;
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let out = unique_temp_path("vireo-bench-smoke", "d");
-    let args: Vec<String> = [
-        "--quick",
-        "--sections",
-        "echo",
-        "--kernel",
-        env!("CARGO_BIN_EXE_vireo"),
-        "--out",
-        &out.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let options = BenchOptions::parse(&args).expect("the --quick arguments parse");
-    assert!(options.quick && !options.linux && options.modes == ["poll"]);
+    let out = unique_temp_path(tag, "d");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    for extra in ["--kernel", env!("CARGO_BIN_EXE_vireo"), "--out", &out_arg] {
+        all.push(extra.to_string());
+    }
+    let options = BenchOptions::parse(&all).expect("the smoke run's arguments parse");
     let began = Instant::now();
     let (report, outputs, failures) = bench::run(&options).unwrap_or_else(|error| {
-        panic!("cargo xtask bench --quick failed: {error}");
+        panic!("cargo xtask bench {} failed: {error}", args.join(" "));
     });
     println!(
-        "bench --quick took {:.1} s\n{}",
+        "bench {} took {:.1} s\n{}",
+        args.join(" "),
         began.elapsed().as_secs_f64(),
         bench::report::markdown(&report)
     );
     assert!(failures.is_empty(), "measurements failed: {failures:?}");
+    assert!(
+        !xtask::list_namespaces()
+            .iter()
+            .any(|name| name.starts_with(&format!("vireo-bench-{}-", std::process::id()))),
+        "the benchmark's namespace was left behind"
+    );
+    Some((options, report, outputs, out))
+}
+
+#[test]
+fn bench_quick_writes_complete_table_json_and_svg() {
+    let Some((options, report, outputs, out)) =
+        smoke_run("vireo-bench-smoke", &["--quick", "--sections", "echo"])
+    else {
+        return;
+    };
+    assert!(options.quick && !options.linux && options.modes == ["poll"]);
     for path in [&outputs.markdown, &outputs.json, &outputs.svg] {
         let size = std::fs::metadata(path)
             .unwrap_or_else(|e| panic!("{} is missing: {e}", path.display()))
@@ -70,49 +91,18 @@ fn bench_quick_writes_complete_table_json_and_svg() {
         "the quick run must say that it skipped the Linux guest: {:?}",
         report.not_measured
     );
-    // The namespace is gone.
-    assert!(
-        !xtask::list_namespaces()
-            .iter()
-            .any(|name| name.starts_with(&format!("vireo-bench-{}-", std::process::id()))),
-        "the benchmark's namespace was left behind"
-    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
 fn bench_nbd_quick_checks_every_read_and_writes_the_nbd_table() {
-    if let Err(reason) = bench::available() {
-        skip_or_fail_in_ci(&reason);
+    let Some((options, report, outputs, out)) = smoke_run(
+        "vireo-bench-nbd-smoke",
+        &["--quick", "--nbd-only", "--nbd-secs", "0.3"],
+    ) else {
         return;
-    }
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let out = unique_temp_path("vireo-bench-nbd-smoke", "d");
-    let args: Vec<String> = [
-        "--quick",
-        "--nbd-only",
-        "--nbd-secs",
-        "0.3",
-        "--kernel",
-        env!("CARGO_BIN_EXE_vireo"),
-        "--out",
-        &out.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let options = BenchOptions::parse(&args).expect("the NBD smoke arguments parse");
+    };
     assert_eq!(options.sections, [bench::Section::Nbd]);
-    let began = Instant::now();
-    let (report, outputs, failures) = bench::run(&options).unwrap_or_else(|error| {
-        panic!("cargo xtask bench --quick --nbd-only failed: {error}");
-    });
-    println!(
-        "bench --quick --nbd-only took {:.1} s\n{}",
-        began.elapsed().as_secs_f64(),
-        bench::report::markdown(&report)
-    );
-    assert!(failures.is_empty(), "measurements failed: {failures:?}");
     assert!(report.systems.is_empty(), "the echo section ran too");
     bench::validate_nbd_outputs(&outputs, &["nbd-vireo", "nbd-host-qemu-nbd"])
         .unwrap_or_else(|problem| panic!("incomplete NBD results: {problem}"));
@@ -148,12 +138,6 @@ fn bench_nbd_quick_checks_every_read_and_writes_the_nbd_table() {
         "{:?}",
         report.targets
     );
-    assert!(
-        !xtask::list_namespaces()
-            .iter()
-            .any(|name| name.starts_with(&format!("vireo-bench-{}-", std::process::id()))),
-        "the benchmark's namespace was left behind"
-    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -162,34 +146,14 @@ fn bench_nbd_quick_checks_every_read_and_writes_the_nbd_table() {
 /// the structure and that every byte was echoed and checked, never a speed.
 #[test]
 fn bench_tcp_section_alone_checks_every_byte_and_writes_its_table_and_plot() {
-    if let Err(reason) = bench::available() {
-        skip_or_fail_in_ci(&reason);
+    let Some((options, report, outputs, out)) = smoke_run(
+        "vireo-bench-tcp-smoke",
+        &["--quick", "--sections", "tcp", "--tcp-mib", "2"],
+    ) else {
         return;
-    }
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let out = unique_temp_path("vireo-bench-tcp-smoke", "d");
-    let args: Vec<String> = [
-        "--quick",
-        "--sections",
-        "tcp",
-        "--tcp-mib",
-        "2",
-        "--kernel",
-        env!("CARGO_BIN_EXE_vireo"),
-        "--out",
-        &out.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let options = BenchOptions::parse(&args).expect("the arguments parse");
+    };
     assert_eq!(options.tcp_bytes, 2 << 20);
     assert_eq!(options.tcp_connections, [1, 8]);
-    let (report, outputs, failures) = bench::run(&options).unwrap_or_else(|error| {
-        panic!("cargo xtask bench --quick --sections tcp failed: {error}");
-    });
-    println!("{}", bench::report::markdown(&report));
-    assert!(failures.is_empty(), "measurements failed: {failures:?}");
     for id in ["vireo-poll", "floor-loopback-tcp"] {
         let system = report
             .systems

@@ -112,6 +112,15 @@ impl DiskRequests {
         !self.ready.is_empty()
     }
 
+    /// `record` is now on the device's queue (the stall clock starts with the first one).
+    fn track(&mut self, record: Record, now_ns: u64) {
+        if self.in_flight.is_empty() {
+            self.last_progress_ns = now_ns;
+        }
+        ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
+        self.in_flight.push(record);
+    }
+
     /// Whether requests have been in flight for [`STALL_NS`] with no completion.
     pub fn stalled(&self, now_ns: u64) -> bool {
         !self.in_flight.is_empty() && now_ns.saturating_sub(self.last_progress_ns) > STALL_NS
@@ -371,17 +380,14 @@ impl super::BlkDevice {
         );
         match blk.submit(driver_request) {
             Ok(driver_id) => {
-                if requests.in_flight.is_empty() {
-                    requests.last_progress_ns = now_ns;
-                }
-                ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
-                requests.in_flight.push(Record {
+                let record = Record {
                     driver_id,
                     id,
                     caller,
                     read,
                     tail,
-                });
+                };
+                requests.track(record, now_ns);
                 Ok(())
             }
             Err(rejected) => {
@@ -393,17 +399,14 @@ impl super::BlkDevice {
                         self.function.address,
                         rejected.error
                     );
-                    if requests.in_flight.is_empty() {
-                        requests.last_progress_ns = now_ns;
-                    }
-                    ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
-                    requests.in_flight.push(Record {
+                    let record = Record {
                         driver_id,
                         id,
                         caller,
                         read,
                         tail,
-                    });
+                    };
+                    requests.track(record, now_ns);
                     return Ok(());
                 }
                 let mut buffers = rejected.buffers;

@@ -148,6 +148,26 @@ fn tcp_segment(frame: &[u8]) -> Option<TcpAt> {
     })
 }
 
+/// The TCP option at `option` (before `end`, where the header ends) as its kind and length,
+/// a NOP as length 1 (RFC 9293 §3.1: kind, length, data); `None` at END_OF_OPTION_LIST, at
+/// the header's end and where the list is malformed, each of which ends a walk.
+fn option_at(frame: &[u8], option: usize, end: usize) -> Option<(u8, usize)> {
+    if option >= end {
+        return None;
+    }
+    match frame[option] {
+        OPTION_END => None,
+        OPTION_NOP => Some((OPTION_NOP, 1)),
+        kind => {
+            if option + 1 >= end {
+                return None;
+            }
+            let length = usize::from(frame[option + 1]);
+            (length >= 2 && option + length <= end).then_some((kind, length))
+        }
+    }
+}
+
 fn read_u32(frame: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]])
 }
@@ -275,26 +295,10 @@ impl IsnTranslation {
             let ack = read_u32(frame, at.tcp + 8);
             rewrite(frame, at.tcp + 8, ack.wrapping_sub(offset), at.tcp, true);
         }
-        // Options: kind, length, data (RFC 9293 §3.1); SACK blocks are pairs of 32-bit edges
-        // (RFC 2018 §3). A malformed list ends the walk.
+        // SACK blocks are pairs of 32-bit edges (RFC 2018 §3).
         let end = at.tcp + at.tcp_header;
         let mut option = at.tcp + 20;
-        while option < end {
-            let kind = frame[option];
-            if kind == OPTION_END {
-                break;
-            }
-            if kind == OPTION_NOP {
-                option += 1;
-                continue;
-            }
-            if option + 1 >= end {
-                break;
-            }
-            let length = usize::from(frame[option + 1]);
-            if length < 2 || option + length > end {
-                break;
-            }
+        while let Some((kind, length)) = option_at(frame, option, end) {
             if kind == OPTION_SACK && (length - 2) % 8 == 0 {
                 let mut edge = option + 2;
                 while edge < option + length {
@@ -349,22 +353,7 @@ impl MssRewrite {
         }
         let end = at.tcp + at.tcp_header;
         let mut option = at.tcp + 20;
-        while option < end {
-            let kind = frame[option];
-            if kind == OPTION_END {
-                break;
-            }
-            if kind == OPTION_NOP {
-                option += 1;
-                continue;
-            }
-            if option + 1 >= end {
-                break;
-            }
-            let length = usize::from(frame[option + 1]);
-            if length < 2 || option + length > end {
-                break;
-            }
+        while let Some((kind, length)) = option_at(frame, option, end) {
             // The whole option as one 32-bit field on a 16-bit boundary (always so for the
             // MSS option, which comes first), so the checksum adjusts word by word.
             if kind == OPTION_MSS && length == 4 && (option - at.tcp) % 2 == 0 {
