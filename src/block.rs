@@ -109,6 +109,17 @@ impl BlockRequest {
     }
 }
 
+impl BlockCompletion {
+    /// `request`, failed with `error` without reaching a device: its buffer handed back.
+    pub fn failed(id: u64, mut request: BlockRequest, error: BlockError) -> Self {
+        Self {
+            id,
+            result: Err(error),
+            buffer: request.take_buffer(),
+        }
+    }
+}
+
 /// The kinds of request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
@@ -330,6 +341,28 @@ impl BlockDevice for MemoryDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_failed_before_the_device_hands_its_buffer_back() {
+        let read = BlockRequest::Read {
+            offset: 512,
+            buffer: vec![7; 512],
+        };
+        let failed = BlockCompletion::failed(3, read, BlockError::Io);
+        assert_eq!(
+            failed,
+            BlockCompletion {
+                id: 3,
+                result: Err(BlockError::Io),
+                buffer: Some(vec![7; 512]),
+            }
+        );
+        let flush = BlockCompletion::failed(4, BlockRequest::Flush, BlockError::ReadOnly);
+        assert_eq!(
+            (flush.result, flush.buffer),
+            (Err(BlockError::ReadOnly), None)
+        );
+    }
 
     fn complete(disk: &mut MemoryDisk) -> Vec<BlockCompletion> {
         let mut done = Vec::new();

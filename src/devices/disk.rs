@@ -305,17 +305,8 @@ impl BlockDevice for KernelDisk {
             None => Ok(()),
         });
         if let (None, Some(request)) = (submitted.as_ref(), request) {
-            let buffer = match request {
-                BlockRequest::Read { buffer, .. } | BlockRequest::Write { buffer, .. } => {
-                    Some(buffer)
-                }
-                _ => None,
-            };
-            self.orphans.push_back(BlockCompletion {
-                id,
-                result: Err(BlockError::Io),
-                buffer,
-            });
+            self.orphans
+                .push_back(BlockCompletion::failed(id, request, BlockError::Io));
         }
         submitted.unwrap_or(Ok(()))
     }
@@ -346,17 +337,9 @@ impl super::BlkDevice {
         let requests = &mut self.requests;
         let Some(blk) = self.blk.as_mut() else {
             // Between a failed re-initialisation and the next attempt.
-            let buffer = match request {
-                BlockRequest::Read { buffer, .. } | BlockRequest::Write { buffer, .. } => {
-                    Some(buffer)
-                }
-                _ => None,
-            };
-            requests.ready.push_back(BlockCompletion {
-                id,
-                result: Err(BlockError::Io),
-                buffer,
-            });
+            requests
+                .ready
+                .push_back(BlockCompletion::failed(id, request, BlockError::Io));
             return Ok(());
         };
         let original = Original::of(&request);
