@@ -104,6 +104,11 @@ pub const STALL_FACTOR: u64 = 8;
 /// while the vCPU held one.
 pub const STALL_MIN_NS: u64 = 250_000;
 
+/// Contended epochs in a row that start a hold-off from the spinning regime (a probe needs
+/// one): a single stall in a quiet stretch is the host's hiccup (a blocking client woken late),
+/// which halting would only make worse; a busy-polling client stalls the loop in every epoch.
+pub const CONTENDED_EPOCHS: u32 = 2;
+
 /// The first hold-off after a contended epoch.
 pub const HOLDOFF_BASE_NS: u64 = 50_000_000;
 
@@ -172,6 +177,8 @@ pub struct ContentionGuard {
     probing: bool,
     /// The typical wait for a packet (weight 1/8 per observation), 0 before the first.
     typical_gap_ns: u64,
+    /// Contended epochs in a row so far (see [`CONTENDED_EPOCHS`]).
+    contended_in_a_row: u32,
 }
 
 impl Default for ContentionGuard {
@@ -192,6 +199,7 @@ impl ContentionGuard {
             epoch_began_ns: None,
             probing: false,
             typical_gap_ns: 0,
+            contended_in_a_row: 0,
         }
     }
 
@@ -278,7 +286,15 @@ impl ContentionGuard {
         let was_probe = self.probing;
         self.reset_epoch();
         self.probing = false;
+        if !contended {
+            self.contended_in_a_row = 0;
+        }
         if contended {
+            self.contended_in_a_row += 1;
+            if !was_probe && self.contended_in_a_row < CONTENDED_EPOCHS {
+                return Verdict::Unchanged;
+            }
+            self.contended_in_a_row = 0;
             if was_probe {
                 self.holdoff_ns = self.holdoff_ns.saturating_mul(2).min(HOLDOFF_MAX_NS);
             }
@@ -330,20 +346,24 @@ mod tests {
             Verdict::Unchanged
         );
         assert_eq!(guard.window_ns(10 * MS, 200 * US), 200 * US);
+        // One contended epoch is one strike: still spinning.
+        assert_eq!(guard.after_spin(11 * MS, 100 * US, 0), Verdict::Unchanged);
+        assert_eq!(guard.window_ns(11 * MS, 200 * US), 200 * US);
+        // The second in a row starts the hold-off.
         assert_eq!(
-            guard.after_spin(11 * MS, 100 * US, 0),
+            guard.after_spin(13 * MS, 2 * MS, 500 * US),
             Verdict::StartedYielding
         );
         // Stolen time: no spinning at all until the hold-off ends.
-        assert_eq!(guard.window_ns(11 * MS, 200 * US), 0);
-        assert_eq!(guard.window_ns(11 * MS + HOLDOFF_BASE_NS - 1, 200 * US), 0);
+        assert_eq!(guard.window_ns(13 * MS, 200 * US), 0);
+        assert_eq!(guard.window_ns(13 * MS + HOLDOFF_BASE_NS - 1, 200 * US), 0);
         // Spinning reported while yielding (a spell that began before) changes nothing.
         assert_eq!(
-            guard.after_spin(12 * MS, 5 * MS, 5 * MS),
+            guard.after_spin(14 * MS, 5 * MS, 5 * MS),
             Verdict::Unchanged
         );
         assert_eq!(
-            guard.window_ns(11 * MS + HOLDOFF_BASE_NS, 200 * US),
+            guard.window_ns(13 * MS + HOLDOFF_BASE_NS, 200 * US),
             200 * US
         );
     }
@@ -365,12 +385,44 @@ mod tests {
         // A wait of over eight typical gaps while spinning is a stall; the mean does not move.
         assert!(guard.observe_gap(after_halt * STALL_FACTOR, true));
         assert_eq!(guard.typical_gap_ns(), after_halt);
-        // No steal at all, yet the epoch is contended: no spinning for the hold-off.
+        // No steal at all, yet the epoch is contended: one strike.
+        assert_eq!(guard.after_spin(5 * MS, 3 * MS, 0), Verdict::Unchanged);
+        // A stall in the next epoch too: no spinning for the hold-off.
+        assert!(guard.observe_gap(after_halt * STALL_FACTOR, true));
         assert_eq!(
-            guard.after_spin(5 * MS, 3 * MS, 0),
+            guard.after_spin(8 * MS, 3 * MS, 0),
             Verdict::StartedYielding
         );
-        assert_eq!(guard.window_ns(5 * MS, 100 * MS), 0);
+        assert_eq!(guard.window_ns(8 * MS, 100 * MS), 0);
+    }
+
+    #[test]
+    fn a_lone_stall_in_a_quiet_stretch_never_yields() {
+        let mut guard = ContentionGuard::new();
+        for _ in 0..50 {
+            guard.observe_gap(30 * US, true);
+        }
+        // A blocking client woken late now and then: one stall, then clean epochs; again.
+        let mut now = 0;
+        for _ in 0..10 {
+            assert!(guard.observe_gap(MS, true));
+            now += 3 * MS;
+            assert_eq!(guard.after_spin(now, 3 * MS, 0), Verdict::Unchanged);
+            now += 3 * MS;
+            assert_eq!(guard.after_spin(now, 3 * MS, 0), Verdict::Unchanged);
+            assert_eq!(guard.regime(now), Regime::Spinning);
+        }
+        // Stalls in two epochs in a row: the host is contended.
+        assert!(guard.observe_gap(MS, true));
+        assert_eq!(
+            guard.after_spin(now + 3 * MS, 3 * MS, 0),
+            Verdict::Unchanged
+        );
+        assert!(guard.observe_gap(MS, true));
+        assert_eq!(
+            guard.after_spin(now + 6 * MS, 3 * MS, 0),
+            Verdict::StartedYielding
+        );
     }
 
     #[test]
@@ -389,6 +441,8 @@ mod tests {
         let mut guard = ContentionGuard::new();
         let mut now = 0;
         let mut holdoffs = Vec::new();
+        // The first strike; every later contended epoch is a probe's, which yields at once.
+        assert_eq!(guard.after_spin(0, 3100 * US, 3 * MS), Verdict::Unchanged);
         for _ in 0..8 {
             assert_eq!(guard.regime(now), Regime::Spinning);
             // One whole-slice steal: 3 ms of the 3.1 ms spun.
@@ -410,8 +464,12 @@ mod tests {
     fn the_first_contended_epoch_after_a_clean_one_uses_the_base_holdoff() {
         let mut guard = ContentionGuard::new();
         guard.after_spin(0, 3 * MS, 3 * MS);
-        guard.regime(HOLDOFF_BASE_NS);
-        guard.after_spin(HOLDOFF_BASE_NS, 3 * MS, 3 * MS);
+        assert_eq!(
+            guard.after_spin(3 * MS, 3 * MS, 3 * MS),
+            Verdict::StartedYielding
+        );
+        guard.regime(3 * MS + HOLDOFF_BASE_NS);
+        guard.after_spin(3 * MS + HOLDOFF_BASE_NS, 3 * MS, 3 * MS);
         assert_eq!(guard.holdoff_ns(), 2 * HOLDOFF_BASE_NS);
         // The next probe is clean; much later the host is contended again (not a probe).
         let probe_at = 4 * HOLDOFF_BASE_NS;
@@ -419,12 +477,16 @@ mod tests {
         assert_eq!(guard.after_spin(probe_at, 3 * MS, 0), Verdict::Cleared);
         assert_eq!(
             guard.after_spin(probe_at + MS, 3 * MS, 2 * MS),
+            Verdict::Unchanged
+        );
+        assert_eq!(
+            guard.after_spin(probe_at + 4 * MS, 3 * MS, 2 * MS),
             Verdict::StartedYielding
         );
         assert_eq!(
-            guard.regime(probe_at + MS),
+            guard.regime(probe_at + 4 * MS),
             Regime::Yielding {
-                until_ns: probe_at + MS + HOLDOFF_BASE_NS
+                until_ns: probe_at + 4 * MS + HOLDOFF_BASE_NS
             }
         );
     }
@@ -471,6 +533,10 @@ mod tests {
         guard.observe_gap(u64::MAX, true);
         assert!(guard.observe_gap(u64::MAX, true));
         assert_eq!(guard.typical_gap_ns(), u64::MAX);
+        assert_eq!(
+            guard.after_spin(u64::MAX, u64::MAX, u64::MAX),
+            Verdict::Unchanged
+        );
         assert_eq!(
             guard.after_spin(u64::MAX, u64::MAX, u64::MAX),
             Verdict::StartedYielding
