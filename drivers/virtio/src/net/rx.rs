@@ -10,7 +10,7 @@ use super::header::{
     ETHERNET_HEADER_LEN, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, NET_HEADER_LEN, NetHeader,
     complete_checksum, parse_header, partial_checksum_fits, verify_transport_checksum,
 };
-use super::{BROADCAST_MAC, NetError, RxChecksums, VirtioNet};
+use super::{BROADCAST_MAC, LARGE_RX_BUFFER_LEN, NetError, RxChecksums, VirtioNet};
 use crate::dma::{DmaBuf, DmaHal, Part};
 use crate::queue::CallbackState;
 use crate::transport::Transport;
@@ -117,9 +117,12 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             } else {
                 // Mergeable: the frame continues in the next `buffers - 1` used buffers
                 // (§5.1.6.4). Copy them together; they must already be in the used ring.
-                frame
-                    .merged
-                    .reserve_exact(usize::from(buffers) * self.buffer_len);
+                // Reserve for the buffers announced, but never more than one largest frame: the
+                // count is the device's word.
+                frame.merged.reserve_exact(
+                    (usize::from(buffers) * self.rx_buffer_len)
+                        .min(LARGE_RX_BUFFER_LEN.max(self.rx_buffer_len)),
+                );
                 frame
                     .merged
                     .extend_from_slice(&buf.as_bytes()[NET_HEADER_LEN..length]);

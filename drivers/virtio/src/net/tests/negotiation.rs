@@ -589,3 +589,48 @@ fn guest_tso4_is_taken_only_with_guest_csum_and_mergeable_buffers() {
         );
     }
 }
+
+#[test]
+fn with_guest_tso4_a_64_kib_segment_arrives_whole_in_one_large_buffer() {
+    use crate::net::{LARGE_RX_BUFFER_LEN, LARGE_RX_BUFFERS};
+    let world = World::new(qemu_features());
+    let model = world.model();
+    let mut net = up(&world, &model, small()).expect("up");
+    assert_ne!(net.features() & NetFeatures::GUEST_TSO4.bits(), 0);
+    let capacities = model.borrow_mut().rx_capacities();
+    assert_eq!(capacities.len(), 64);
+    assert!(
+        capacities
+            .iter()
+            .all(|&c| c as usize == LARGE_RX_BUFFER_LEN && c as usize >= 12 + 4 + 14 + 65535),
+        "{capacities:?}"
+    );
+    // The largest segment the device may send: an IPv4 packet of 65535 bytes.
+    let segment = ipv4_frame(TCP, 65535 - 40, 0, 0, 9);
+    assert_eq!(segment.len(), 14 + 65535);
+    assert_eq!(bounce(&mut net, &model, &segment), segment);
+    assert_eq!(
+        net.stats().rx_merged,
+        0,
+        "handed up in place, not copied together"
+    );
+    drop(net);
+    assert_eq!(world.dma.live_allocations(), 0);
+
+    // A large ring gets at most LARGE_RX_BUFFERS of them (not 1024 × 64 KiB).
+    let world = World::new(qemu_features());
+    world.device(|state| state.queue_max_sizes = vec![1024, 256, 64]);
+    let model = world.model();
+    let net = up(
+        &world,
+        &model,
+        NetOptions {
+            rx_queue_size: 1024,
+            ..small()
+        },
+    )
+    .expect("up");
+    assert_eq!(net.queue_sizes().0, 1024);
+    assert_eq!(model.borrow_mut().rx_capacities().len(), LARGE_RX_BUFFERS);
+    drop(net);
+}
