@@ -276,10 +276,12 @@ fn boot(start_info_address: u32) -> ! {
     );
     log::info!("virtio-net: receive filter: {}", net.rx_filter());
     log::info!(
-        "virtio-net: MTU {}, queues rx {} tx {}, link {}",
+        "virtio-net: MTU {}, queues rx {} tx {}, {} receive buffers of {} B, link {}",
         net.mtu(),
         net.queue_sizes().0,
         net.queue_sizes().1,
+        net.rx_buffers().0,
+        net.rx_buffers().1,
         if net.link_up() { "up" } else { "down" }
     );
     let mut config = config;

@@ -26,6 +26,8 @@ pub(crate) struct Fault {
 pub(crate) struct HostDma {
     live: RefCell<BTreeMap<u64, usize>>,
     fail_after: Cell<Option<usize>>,
+    /// Allocations of more pages than this fail (a guest short of memory).
+    max_pages: Cell<Option<usize>>,
     delayed_us: Cell<u64>,
     /// Device address of bus address 0 for shared buffers, when translating.
     share_window: Cell<Option<u64>>,
@@ -43,6 +45,11 @@ impl HostDma {
     /// Makes every allocation after the next `count` fail.
     pub(crate) fn fail_after(&self, count: usize) {
         self.fail_after.set(Some(count));
+    }
+
+    /// Makes every allocation of more than `pages` pages fail.
+    pub(crate) fn limit_allocations(&self, pages: usize) {
+        self.max_pages.set(Some(pages));
     }
 
     /// Total busy-wait requested through `spin_delay_us`, in microseconds.
@@ -195,6 +202,9 @@ impl Hal for HostDma {
                 return Err(failed);
             }
             self.fail_after.set(Some(left - 1));
+        }
+        if self.max_pages.get().is_some_and(|max| pages > max) {
+            return Err(failed);
         }
         let size = pages
             .checked_mul(PAGE_SIZE)

@@ -477,6 +477,8 @@ pub struct VirtioNet<H: DmaHal + Clone, T: Transport> {
     buffer_len: usize,
     /// Size of each receive buffer: `buffer_len`, or [`LARGE_RX_BUFFER_LEN`] with GUEST_TSO4.
     rx_buffer_len: usize,
+    /// How many receive buffers the driver owns (posted or lent out as frames).
+    rx_buffer_count: usize,
     /// Large transmit buffers for segmentation offload (HOST_TSO4 only; else empty).
     tso_pool: Vec<DmaBuf<H>>,
     /// HOST_TSO4 negotiated: TCP frames up to [`MAX_SEGMENTED_FRAME`] may be sent.
@@ -670,7 +672,20 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         let tx_count = tx_slot
             .as_ref()
             .map_or(0, |queue| usize::from(queue.size()));
-        let rx_buffers = DmaBuf::new(hal.clone(), rx_count * rx_buffer_len)?
+        // A guest too small for the large pool still works with MTU-sized buffers: segments
+        // then arrive as mergeable chains and are copied together (slower, never lost); the
+        // sizes in use are visible through `rx_buffers`.
+        let (rx_buffer_len, rx_count, rx_pool) =
+            match DmaBuf::new(hal.clone(), rx_count * rx_buffer_len) {
+                Ok(pool) => (rx_buffer_len, rx_count, pool),
+                Err(_) if rx_buffer_len != buffer_len => (
+                    buffer_len,
+                    ring_rx_count,
+                    DmaBuf::new(hal.clone(), ring_rx_count * buffer_len)?,
+                ),
+                Err(error) => return Err(error.into()),
+            };
+        let rx_buffers = rx_pool
             .chunks(rx_buffer_len)
             .map_err(|(_, error)| NetError::Dma(error))?;
         let tx_pool = DmaBuf::new(hal.clone(), tx_count * buffer_len)?
@@ -704,6 +719,7 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
             tx_pool,
             buffer_len,
             rx_buffer_len,
+            rx_buffer_count: rx_count,
             tso_pool,
             tso,
             mac,
@@ -930,6 +946,12 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
     /// Queue sizes (rx, tx).
     pub fn queue_sizes(&self) -> (u16, u16) {
         (self.rx.size(), self.tx.size())
+    }
+
+    /// The receive buffers posted: how many, and the size of each (with GUEST_TSO4,
+    /// [`LARGE_RX_BUFFER_LEN`] unless the guest lacked the memory for them).
+    pub fn rx_buffers(&self) -> (usize, usize) {
+        (self.rx_buffer_count, self.rx_buffer_len)
     }
 
     /// Whether TCP/UDP checksums of sent frames are left to the device.

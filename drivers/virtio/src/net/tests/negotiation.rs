@@ -632,5 +632,22 @@ fn with_guest_tso4_a_64_kib_segment_arrives_whole_in_one_large_buffer() {
     .expect("up");
     assert_eq!(net.queue_sizes().0, 1024);
     assert_eq!(model.borrow_mut().rx_capacities().len(), LARGE_RX_BUFFERS);
+    assert_eq!(net.rx_buffers(), (LARGE_RX_BUFFERS, LARGE_RX_BUFFER_LEN));
     drop(net);
+}
+
+#[test]
+fn a_guest_without_memory_for_large_receive_buffers_takes_segments_as_mergeable_chains() {
+    let world = World::new(qemu_features());
+    // 64 large buffers would take 1025 pages: refuse anything over 1024.
+    world.dma.limit_allocations(1024);
+    let model = world.model();
+    let mut net = up(&world, &model, small()).expect("up without the large pool");
+    assert_ne!(net.features() & NetFeatures::GUEST_TSO4.bits(), 0);
+    assert_eq!(net.rx_buffers(), (64, buffer_len_for_mtu(1500)));
+    let segment = ipv4_frame(TCP, 65535 - 40, 0, 0, 10);
+    assert_eq!(bounce(&mut net, &model, &segment), segment);
+    assert_eq!(net.stats().rx_merged, 1, "copied together from a chain");
+    drop(net);
+    assert_eq!(world.dma.live_allocations(), 0);
 }
