@@ -43,6 +43,10 @@ pub trait Nic {
     /// With TCP segmentation offload: the longest IPv4 TCP frame `transmit` takes for the
     /// device to cut into segments that fit [`Nic::max_frame`]; `None` without.
     fn max_segmented_frame(&self) -> Option<usize>;
+    /// Hands what is queued so far to the device now (publishes the rings, notifies if the
+    /// device asked), in the middle of a stack poll: the device starts sending the first
+    /// frames of a burst while the stack builds the rest.
+    fn publish(&mut self);
 }
 
 /// Frames one stack poll takes at most, so that a flood cannot starve transmission, timers
@@ -156,6 +160,11 @@ impl<'a, N: Nic> NicDevice<'a, N> {
 }
 
 impl<N: Nic> NicDevice<'_, N> {
+    /// Hands the frames queued so far to the device ([`Nic::publish`]).
+    pub fn publish(&self) {
+        self.nic.borrow_mut().publish();
+    }
+
     /// With TCP segmentation offload, the MSS bookkeeping between the wire and the stack:
     /// the link's MSS (the MTU's) and the stack's (the segmented frame's); `None` without.
     pub fn segmentation(&self) -> Option<crate::net::isn::MssRewrite> {

@@ -383,6 +383,11 @@ pub struct IsnDevice<'a, 'n, N: Nic> {
 }
 
 impl<'a, 'n, N: Nic> IsnDevice<'a, 'n, N> {
+    /// Hands the frames queued so far to the device ([`NicDevice::publish`]).
+    pub fn publish(&self) {
+        self.inner.publish();
+    }
+
     /// Wraps `inner` for one stack poll.
     pub fn new(inner: &'a mut NicDevice<'n, N>, translation: IsnTranslation) -> Self {
         let stack_checksum = inner.capabilities().checksum.tcp.tx();

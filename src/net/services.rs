@@ -295,11 +295,20 @@ impl Services {
             // smoltcp sends at most one segment per socket per egress pass, so pass again
             // while something goes out (bounded, like the receive budget): a burst echoed in
             // this poll leaves in this poll instead of one segment per loop iteration.
-            for _ in 0..EGRESS_PASSES {
+            // The first pass's frames are handed to the device at once: it starts sending
+            // while the later passes build the rest of the burst. Without that, the whole
+            // burst waited for the loop's flush and the echo rate with 64 datagrams in flight
+            // fell to 0.81 to 0.88 of the kernel before the repeated passes; publishing after
+            // the first pass measured 1.27 times that (poll and adaptive, one run each), and
+            // after every pass cost TCP echo up to a quarter (one doorbell per segment).
+            for pass in 0..EGRESS_PASSES {
                 if self.iface.poll_egress(now, device, &mut self.sockets)
                     == smoltcp::iface::PollResult::None
                 {
                     break;
+                }
+                if pass == 0 {
+                    device.publish();
                 }
             }
         }

@@ -184,6 +184,10 @@ impl net::device::Nic for KernelNic {
     fn max_segmented_frame(&self) -> Option<usize> {
         self.net.as_ref()?.max_segmented_frame()
     }
+
+    fn publish(&mut self) {
+        net::NicControl::flush(self);
+    }
 }
 
 impl KernelNic {
