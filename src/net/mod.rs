@@ -35,6 +35,9 @@ pub trait NicControl {
     /// Publishes refilled receive buffers and queued transmissions, notifying the device if it
     /// asked to be.
     fn flush(&mut self);
+    /// Nanoseconds spent in [`crate::net::device::Nic::publish`] so far (the flushes in the
+    /// middle of a stack poll), which the loop adds to its own flush time (`kick_ns`).
+    fn publish_ns(&self) -> u64;
     /// Handles a configuration change (link status) and device errors; called when the
     /// config interrupt fired or periodically.
     fn housekeeping(&mut self);

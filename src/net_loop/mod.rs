@@ -303,7 +303,7 @@ pub fn run<N: Nic + NicControl>(
                     arch::apic::ticks(),
                     counters.busy_ns,
                     counters.idle_pass_ns,
-                    counters.kick_ns,
+                    counters.kick_ns + nic.borrow().publish_ns(),
                     counters.spin_ns,
                     counters.halted_ns,
                     heap_used,

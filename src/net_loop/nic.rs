@@ -43,6 +43,8 @@ pub struct KernelNic {
     /// its transmit (`tx_ns`: smoltcp filling the buffer included), by the guest's TSC.
     rx_ns: u64,
     tx_ns: u64,
+    /// Nanoseconds in [`net::device::Nic::publish`] (flushes in the middle of a stack poll).
+    publish_ns: u64,
 }
 
 impl KernelNic {
@@ -69,6 +71,7 @@ impl KernelNic {
             received_since_reset: 0,
             rx_ns: 0,
             tx_ns: 0,
+            publish_ns: 0,
         }
     }
 
@@ -186,7 +189,9 @@ impl net::device::Nic for KernelNic {
     }
 
     fn publish(&mut self) {
+        let began = clock::now_ns();
         net::NicControl::flush(self);
+        self.publish_ns += clock::now_ns() - began;
     }
 }
 
@@ -236,6 +241,10 @@ impl net::NicControl for KernelNic {
         if let Err(error) = net.flush() {
             self.note(error);
         }
+    }
+
+    fn publish_ns(&self) -> u64 {
+        self.publish_ns
     }
 
     fn housekeeping(&mut self) {
