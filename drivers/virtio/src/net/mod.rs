@@ -19,8 +19,9 @@
 //! translation plugs in there; the kernel's HAL is the identity (no IOMMU is programmed).
 //!
 //! Data path, without allocation: every receive buffer and every transmit buffer is carved out
-//! of one DMA allocation per queue at start-up. A received frame is handed to the caller in
-//! place ([`RxFrame`]) and goes back to the ring when the caller recycles it; a transmitted
+//! of one DMA allocation per queue at start-up (with GUEST_TSO4 the receive buffers hold a
+//! whole 64 KiB segment, [`LARGE_RX_BUFFER_LEN`], so only a hostile device's chains are ever
+//! copied together). A received frame is handed to the caller in place ([`RxFrame`]) and goes back to the ring when the caller recycles it; a transmitted
 //! frame is written straight into a transmit buffer by a closure. Completed transmissions are
 //! reclaimed on the send path, so transmit never needs interrupts. Doorbells are batched:
 //! adds only mark the queue, and [`VirtioNet::flush`] notifies once per queue if the device
