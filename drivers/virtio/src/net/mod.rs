@@ -20,8 +20,9 @@
 //!
 //! Data path, without allocation: every receive buffer and every transmit buffer is carved out
 //! of one DMA allocation per queue at start-up (with GUEST_TSO4 the receive buffers hold a
-//! whole 64 KiB segment, [`LARGE_RX_BUFFER_LEN`], so only a hostile device's chains are ever
-//! copied together). A received frame is handed to the caller in place ([`RxFrame`]) and goes back to the ring when the caller recycles it; a transmitted
+//! whole 64 KiB segment, [`LARGE_RX_BUFFER_LEN`]; a frame spread over several buffers is
+//! copied together, which then happens only in a guest without the memory for them or with a
+//! device that splits frames it need not). A received frame is handed to the caller in place ([`RxFrame`]) and goes back to the ring when the caller recycles it; a transmitted
 //! frame is written straight into a transmit buffer by a closure. Completed transmissions are
 //! reclaimed on the send path, so transmit never needs interrupts. Doorbells are batched:
 //! adds only mark the queue, and [`VirtioNet::flush`] notifies once per queue if the device
