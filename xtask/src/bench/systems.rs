@@ -494,7 +494,8 @@ pub(super) fn measure_loopback_tcp_floor(
     let label = "Floor: host loopback TCP";
     let mut result = SystemResult::new(LOOPBACK_TCP_FLOOR, label, SystemKind::Floor);
     result.notes.push(format!(
-        "a host TCP echo server at {address} inside the namespace (a thread per connection),          same client: the host's stack and the client alone, no tap, no VM"
+        "a host TCP echo server at {address} inside the namespace (a thread per connection), \
+         same client: the host's stack and the client alone, no tap, no VM"
     ));
     let measured = measure_tcp_at(netns, label, address, None, options);
     stop.store(true, Ordering::Relaxed);
