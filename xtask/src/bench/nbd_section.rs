@@ -484,7 +484,10 @@ fn measure_guest_target(
 
 fn measure_vireo(inputs: &SectionInputs<'_>, image: &Path) -> Result<NbdTarget, BenchError> {
     let command = (inputs.base_for)(inputs.kernel)
-        .append(format!("ip={DEFAULT_GUEST_IP}/24 services=echo,stats,nbd"))
+        .append(format!(
+            "ip={DEFAULT_GUEST_IP}/24 mode={} services=echo,stats,nbd",
+            inputs.options.nbd_mode
+        ))
         .arg("-drive")
         .arg(drive_spec(image))
         .device(DISK_DEVICE);
