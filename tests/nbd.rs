@@ -40,8 +40,9 @@ use std::time::{Duration, Instant};
 
 use common::{TapGuest, boot_tap_with, count_lines, on_guest, root_networking_or_skip};
 use xtask::nbd::{
-    CMD_READ, CMD_WRITE, FLAG_READ_ONLY, NBD_EINVAL, NBD_EIO, NBD_ENOSPC, NBD_EPERM, NBD_PORT,
-    NbdClient, OPT_GO, REP_ERR_UNSUP, ensure_nbd_tools, nbd_uri, run_tool, run_tool_any,
+    CLIENT_FLAGS, CMD_READ, CMD_WRITE, EXPORT_NAME, FLAG_READ_ONLY, NBD_EINVAL, NBD_EIO,
+    NBD_ENOSPC, NBD_EPERM, NBD_PORT, NbdClient, OPT_GO, REP_ACK, REP_ERR_UNSUP, REP_FLAG_ERROR,
+    ensure_nbd_tools, go_option_data, nbd_uri, run_tool, run_tool_any,
 };
 use xtask::{
     DEFAULT_NIC, Machine, NetNs, RunError, TapConfig, UdpEchoClient, query_stats,
@@ -690,7 +691,7 @@ fn hostile_traffic_gets_the_protocol_errors_or_a_disconnect_and_a_good_client_ke
 
         // Handshake phase: bad option magic, then unknown client flags: a disconnect.
         let mut client = NbdClient::connect(address, RAW_WAIT).map_err(io)?;
-        client.send(&0b11u32.to_be_bytes()).map_err(io)?;
+        client.send(&CLIENT_FLAGS.to_be_bytes()).map_err(io)?;
         client.send(&[0xde; 16]).map_err(io)?;
         expect_disconnect(client, "a bad option magic")?;
         check_good(&mut good, "a bad option magic")?;
@@ -701,7 +702,7 @@ fn hostile_traffic_gets_the_protocol_errors_or_a_disconnect_and_a_good_client_ke
 
         // An unknown option: NBD_REP_ERR_UNSUP, and the haggling goes on to NBD_OPT_GO.
         let mut client = NbdClient::connect(address, RAW_WAIT).map_err(io)?;
-        client.send(&0b11u32.to_be_bytes()).map_err(io)?;
+        client.send(&CLIENT_FLAGS.to_be_bytes()).map_err(io)?;
         client.send_option(0x77, b"whatever").map_err(io)?;
         let reply = client.read_option_reply().map_err(io)?;
         if reply.option != 0x77 || reply.kind != REP_ERR_UNSUP {
@@ -709,17 +710,15 @@ fn hostile_traffic_gets_the_protocol_errors_or_a_disconnect_and_a_good_client_ke
                 "an unknown option got {reply:?}, not NBD_REP_ERR_UNSUP"
             ));
         }
-        let mut go = Vec::new();
-        go.extend_from_slice(&5u32.to_be_bytes());
-        go.extend_from_slice(b"vireo");
-        go.extend_from_slice(&0u16.to_be_bytes());
-        client.send_option(OPT_GO, &go).map_err(io)?;
+        client
+            .send_option(OPT_GO, &go_option_data(EXPORT_NAME, &[]))
+            .map_err(io)?;
         loop {
             let reply = client.read_option_reply().map_err(io)?;
-            if reply.kind == 1 {
+            if reply.kind == REP_ACK {
                 break;
             }
-            if reply.kind >= 1 << 31 {
+            if reply.kind >= REP_FLAG_ERROR {
                 return Err(format!("NBD_OPT_GO after an unknown option got {reply:?}"));
             }
         }
