@@ -333,8 +333,8 @@ impl BenchArgs {
             options.tcp_connections = connections.clone();
         }
         options.tcp_repeats = self.tcp_repeats.unwrap_or(options.tcp_repeats).max(1);
-        if options.sections.is_empty() || options.tcp_connections.is_empty() {
-            return Err("bench: need at least one section and one TCP connection count".into());
+        if options.tcp_connections.is_empty() {
+            return Err("bench: need at least one TCP connection count".into());
         }
         if self.no_linux {
             options.linux = false;
