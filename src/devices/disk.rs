@@ -29,7 +29,7 @@
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use vireo::block::{BlockCompletion, BlockDevice, BlockDeviceInfo, BlockError, BlockRequest};
 use virtio::blk::{BlkError, BlkRange, BlkRequest, RequestId};
@@ -50,13 +50,14 @@ const POOL_BYTES_MAX: usize = 8 << 20;
 /// poll forever).
 pub const STALL_NS: u64 = 30_000_000_000;
 
-/// Whether any disk holds requests of the export: the polling loop reads it on every spin (one
-/// load) and looks at the disks' used rings only when it is set.
-static ANY_IN_FLIGHT: AtomicBool = AtomicBool::new(false);
+/// How many requests of the export all disks hold together: the polling loop reads it on every
+/// spin (one load) and looks at the disks' used rings only when it is not zero. A count, not a
+/// flag: one disk draining its last request must not hide another disk's.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether any disk may hold requests of the export (cheap; see [`ANY_IN_FLIGHT`]).
+/// Whether any disk may hold requests of the export (cheap; see [`IN_FLIGHT`]).
 pub fn any_in_flight() -> bool {
-    ANY_IN_FLIGHT.load(Ordering::Relaxed)
+    IN_FLIGHT.load(Ordering::Relaxed) != 0
 }
 
 /// The rest of a pooled buffer whose head is lent out, and the pool class it goes back to.
@@ -117,7 +118,7 @@ impl DiskRequests {
         if self.in_flight.is_empty() {
             self.last_progress_ns = now_ns;
         }
-        ANY_IN_FLIGHT.store(true, Ordering::Relaxed);
+        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         self.in_flight.push(record);
     }
 
@@ -129,7 +130,7 @@ impl DiskRequests {
     /// The device was reset: every request it held completes with an I/O error, its caller's
     /// buffer handed back (the DMA buffers went with the old driver's queue).
     pub fn fail_all(&mut self) {
-        ANY_IN_FLIGHT.store(false, Ordering::Relaxed);
+        IN_FLIGHT.fetch_sub(self.in_flight.len(), Ordering::Relaxed);
         for record in self.in_flight.drain(..) {
             self.failed_by_reset += 1;
             self.ready.push_back(BlockCompletion {
@@ -444,9 +445,7 @@ impl super::BlkDevice {
                 continue;
             };
             let record = requests.in_flight.swap_remove(index);
-            if requests.in_flight.is_empty() {
-                ANY_IN_FLIGHT.store(false, Ordering::Relaxed);
-            }
+            IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
             let mut caller = record.caller;
             let mut buffers = completion.buffers;
             if let Some(head) = buffers.pop() {
