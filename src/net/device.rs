@@ -308,16 +308,13 @@ impl<N: Nic> phy::Device for NicDevice<'_, N> {
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
+        let nic = self.nic.borrow();
         let mut capabilities = DeviceCapabilities::default();
         capabilities.medium = Medium::Ethernet;
         // With segmentation offload the stack may build TCP segments beyond the MTU (the
         // MSS it sees and announces is adjusted in `crate::net::isn`, see `segmentation`).
-        capabilities.max_transmission_unit = {
-            let nic = self.nic.borrow();
-            nic.max_segmented_frame().unwrap_or(nic.max_frame())
-        };
+        capabilities.max_transmission_unit = nic.max_segmented_frame().unwrap_or(nic.max_frame());
         capabilities.max_burst_size = None;
-        let nic = self.nic.borrow();
         // Transmit: left to the device under offload (the driver writes the pseudo-header sum
         // and sets NEEDS_CSUM). Receive: skipped when the driver verified or the device
         // vouched (see `Nic::rx_checksums_verified`).

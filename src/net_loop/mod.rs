@@ -336,12 +336,13 @@ pub fn run<N: Nic + NicControl>(
             last_activity_ns = now_ns;
             continue;
         }
+        // Adaptive's polling window at this pass: the window itself, or nothing while the
+        // guard yields (the regime was settled for `now_ns` at the top of the pass).
+        let adaptive_window_ns = guard.window_ns(now_ns, window.current_ns());
         let keep_polling = match config.mode {
             Mode::Poll => true,
             Mode::Irq => false,
-            Mode::Adaptive => {
-                now_ns - last_activity_ns < guard.window_ns(now_ns, window.current_ns())
-            }
+            Mode::Adaptive => now_ns - last_activity_ns < adaptive_window_ns,
         };
         if keep_polling {
             if !polling {
@@ -355,13 +356,12 @@ pub fn run<N: Nic + NicControl>(
             let mut deadline = now_ns + timer_ns.min(POLL_SLICE_NS);
             if config.mode == Mode::Adaptive {
                 // Adaptive stops spinning when its window closes (at once while the guard yields).
-                deadline =
-                    deadline.min(last_activity_ns + guard.window_ns(now_ns, window.current_ns()));
+                deadline = deadline.min(last_activity_ns + adaptive_window_ns);
             }
             let spin_from = clock::now_ns();
             let (stolen_ns, steals) = arch::interrupts::enabled_during(|| {
                 let mut stolen = (0u64, 0u64);
-                let mut last = clock::now_ns();
+                let mut last = spin_from;
                 while !nic.borrow().rx_pending() && !crate::devices::blk_completions_waiting() {
                     let at = clock::now_ns();
                     if at >= deadline {
@@ -430,12 +430,13 @@ pub fn run<N: Nic + NicControl>(
         arch::idle_until_interrupt();
         nic.borrow_mut().disarm_rx_interrupt();
         crate::devices::disarm_blk_interrupts();
-        let halted_ns = clock::now_ns().saturating_sub(halt_at_ns);
+        let woke_ns = clock::now_ns();
+        let halted_ns = woke_ns.saturating_sub(halt_at_ns);
         counters.halted_ns += halted_ns;
         let packet_waiting = nic.borrow().rx_pending();
         // A packet that woke the loop tells the pace of traffic too, unless the traffic had
         // stopped (a wait longer than the largest window).
-        let gap_ns = clock::now_ns() - last_activity_ns;
+        let gap_ns = woke_ns - last_activity_ns;
         if config.mode == Mode::Adaptive && packet_waiting && gap_ns <= window.max_ns() {
             guard.observe_gap(gap_ns, false);
         }

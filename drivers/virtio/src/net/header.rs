@@ -119,11 +119,11 @@ fn fold(mut sum: u32) -> u16 {
 /// `start` to the end of the frame goes at `start + offset`. The field holds the pseudo-header
 /// sum already. Returns false (the frame is malformed) when the offsets do not fit.
 pub fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> bool {
-    let start = usize::from(start);
-    let field = start + usize::from(offset);
-    if field + 2 > frame.len() || start >= frame.len() {
+    if !partial_checksum_fits(frame.len(), start, offset) {
         return false;
     }
+    let start = usize::from(start);
+    let field = start + usize::from(offset);
     // A computed 0 goes out as 0xffff, its ones'-complement equal: for UDP a 0 field means
     // "no checksum" (RFC 768); Linux does the same (CSUM_MANGLED_0).
     let checksum = match !fold(sum_words(&frame[start..], 0)) {

@@ -557,9 +557,10 @@ impl<H: DmaHal + Clone, T: Transport> VirtioNet<H, T> {
         if !has(offered & wanted, NetFeatures::CTRL_RX.bits()) {
             wanted &= !NetFeatures::CTRL_RX_EXTRA.bits();
         }
-        // GUEST_TSO4 needs GUEST_CSUM (§5.1.3.1), and without MRG_RXBUF every receive buffer
-        // would have to hold 65562 bytes (§5.1.6.3.1): take large segments only as a chain
-        // of mergeable buffers.
+        // GUEST_TSO4 needs GUEST_CSUM (§5.1.3.1). It is also taken only with MRG_RXBUF: the
+        // receive buffers then hold a whole segment ([`LARGE_RX_BUFFER_LEN`]), and a guest
+        // without the memory for them falls back to MTU-sized buffers, which only mergeable
+        // chains make legal for 64 KiB segments (§5.1.6.3.1).
         if !has(
             offered & wanted,
             NetFeatures::GUEST_CSUM.bits() | NetFeatures::MRG_RXBUF.bits(),
