@@ -268,9 +268,13 @@ impl IsnTranslation {
     /// checksum is adjusted when `stack_checksum` (the stack computed it; false under
     /// transmit checksum offload). Returns whether the frame was a TCP segment.
     pub fn outgoing(&self, frame: &mut [u8], stack_checksum: bool) -> bool {
-        let Some(at) = tcp_segment(frame) else {
-            return false;
-        };
+        self.outgoing_segment(frame, stack_checksum).is_some()
+    }
+
+    /// [`outgoing`](Self::outgoing), returning where the TCP header lies (for the MSS rewrite
+    /// after it, which then need not parse the frame again).
+    fn outgoing_segment(&self, frame: &mut [u8], stack_checksum: bool) -> Option<TcpAt> {
+        let at = tcp_segment(frame)?;
         let offset = self.segment_offset(frame, at, true);
         let sequence = read_u32(frame, at.tcp + 4);
         rewrite(
@@ -280,16 +284,19 @@ impl IsnTranslation {
             at.tcp,
             stack_checksum,
         );
-        true
+        Some(at)
     }
 
     /// A segment from the wire to the stack: subtracts the offset from its acknowledgment
     /// number (when ACK is set) and from the edges of its SACK blocks, adjusting the TCP
     /// checksum. Returns whether the frame was a TCP segment.
     pub fn incoming(&self, frame: &mut [u8]) -> bool {
-        let Some(at) = tcp_segment(frame) else {
-            return false;
-        };
+        self.incoming_segment(frame).is_some()
+    }
+
+    /// [`incoming`](Self::incoming), returning where the TCP header lies.
+    fn incoming_segment(&self, frame: &mut [u8]) -> Option<TcpAt> {
+        let at = tcp_segment(frame)?;
         let offset = self.segment_offset(frame, at, false);
         if frame[at.tcp + 13] & TCP_ACK != 0 {
             let ack = read_u32(frame, at.tcp + 8);
@@ -309,7 +316,7 @@ impl IsnTranslation {
             }
             option += length;
         }
-        true
+        Some(at)
     }
 
     /// Whether `frame` is a segment this translation rewrites.
@@ -331,23 +338,35 @@ impl MssRewrite {
     /// A SYN from the wire: its MSS, when at least the link's, becomes the stack's. The TCP
     /// checksum is adjusted (RFC 1624). Returns whether the MSS was changed.
     pub fn incoming(&self, frame: &mut [u8]) -> bool {
-        self.rewrite(frame, true, |mss| {
-            (mss >= self.link_mss && mss < self.stack_mss).then_some(self.stack_mss)
-        })
+        tcp_segment(frame).is_some_and(|at| self.incoming_at(frame, at))
     }
 
     /// A SYN from the stack: its MSS, when above the link's, becomes the link's; the checksum
     /// is adjusted when `stack_checksum`. Returns whether the MSS was changed.
     pub fn outgoing(&self, frame: &mut [u8], stack_checksum: bool) -> bool {
-        self.rewrite(frame, stack_checksum, |mss| {
+        tcp_segment(frame).is_some_and(|at| self.outgoing_at(frame, at, stack_checksum))
+    }
+
+    /// [`incoming`](Self::incoming) for a segment already parsed.
+    fn incoming_at(&self, frame: &mut [u8], at: TcpAt) -> bool {
+        Self::rewrite_at(frame, at, true, |mss| {
+            (mss >= self.link_mss && mss < self.stack_mss).then_some(self.stack_mss)
+        })
+    }
+
+    /// [`outgoing`](Self::outgoing) for a segment already parsed.
+    fn outgoing_at(&self, frame: &mut [u8], at: TcpAt, stack_checksum: bool) -> bool {
+        Self::rewrite_at(frame, at, stack_checksum, |mss| {
             (mss > self.link_mss).then_some(self.link_mss)
         })
     }
 
-    fn rewrite(&self, frame: &mut [u8], checksum: bool, new: impl Fn(u16) -> Option<u16>) -> bool {
-        let Some(at) = tcp_segment(frame) else {
-            return false;
-        };
+    fn rewrite_at(
+        frame: &mut [u8],
+        at: TcpAt,
+        checksum: bool,
+        new: impl Fn(u16) -> Option<u16>,
+    ) -> bool {
         if frame[at.tcp + 13] & TCP_SYN == 0 {
             return false;
         }
@@ -356,7 +375,7 @@ impl MssRewrite {
         while let Some((kind, length)) = option_at(frame, option, end) {
             // The whole option as one 32-bit field on a 16-bit boundary (always so for the
             // MSS option, which comes first), so the checksum adjusts word by word.
-            if kind == OPTION_MSS && length == 4 && (option - at.tcp) % 2 == 0 {
+            if kind == OPTION_MSS && length == 4 && (option - at.tcp).is_multiple_of(2) {
                 let mss = u16::from_be_bytes([frame[option + 2], frame[option + 3]]);
                 let Some(mss) = new(mss) else {
                     return false;
@@ -424,10 +443,10 @@ impl<R: RxTokenMut> phy::RxToken for IsnRxToken<R> {
             mss,
         } = self;
         inner.consume_mut(|frame| {
-            if translation.incoming(frame)
+            if let Some(at) = translation.incoming_segment(frame)
                 && let Some(mss) = mss
             {
-                mss.incoming(frame);
+                mss.incoming_at(frame, at);
             }
             f(frame)
         })
@@ -444,10 +463,10 @@ impl<T: phy::TxToken> phy::TxToken for IsnTxToken<T> {
         } = self;
         inner.consume(length, |buffer| {
             let result = f(buffer);
-            if translation.outgoing(buffer, stack_checksum)
+            if let Some(at) = translation.outgoing_segment(buffer, stack_checksum)
                 && let Some(mss) = mss
             {
-                mss.outgoing(buffer, stack_checksum);
+                mss.outgoing_at(buffer, at, stack_checksum);
             }
             result
         })
