@@ -311,14 +311,7 @@ fn per_request(
     after: &crate::client::Stats,
     requests: u64,
 ) -> Counters {
-    let mut counters = Counters::between(before, after, requests);
-    counters.echoed = requests;
-    counters.per_packet = counters
-        .deltas
-        .iter()
-        .map(|(key, &delta)| (key.clone(), delta as f64 / requests.max(1) as f64))
-        .collect();
-    counters
+    Counters::between_per(before, after, requests)
 }
 
 fn new_target(id: &str, label: &str, kind: SystemKind, server: String) -> NbdTarget {

@@ -338,6 +338,20 @@ impl Counters {
         after: &crate::client::Stats,
         fallback_packets: u64,
     ) -> Counters {
+        let deltas = Self::deltas(before, after);
+        let echoed = deltas
+            .get("udp_echoed")
+            .map(|&d| d.max(0) as u64)
+            .filter(|&d| d > 0)
+            .unwrap_or(fallback_packets);
+        Self::per_unit(deltas, echoed)
+    }
+
+    /// The changes of every numeric key between two stats lines.
+    fn deltas(
+        before: &crate::client::Stats,
+        after: &crate::client::Stats,
+    ) -> BTreeMap<String, i64> {
         let mut deltas = BTreeMap::new();
         for (key, value) in &after.fields {
             if let (Ok(new), Some(Ok(old))) = (
@@ -347,20 +361,30 @@ impl Counters {
                 deltas.insert(key.clone(), new - old);
             }
         }
-        let echoed = deltas
-            .get("udp_echoed")
-            .map(|&d| d.max(0) as u64)
-            .filter(|&d| d > 0)
-            .unwrap_or(fallback_packets);
+        deltas
+    }
+
+    /// `deltas` divided by `units` (echoed datagrams, received frames, NBD requests), which
+    /// `echoed` then holds.
+    fn per_unit(deltas: BTreeMap<String, i64>, units: u64) -> Counters {
         let per_packet = deltas
             .iter()
-            .map(|(key, &delta)| (key.clone(), delta as f64 / echoed.max(1) as f64))
+            .map(|(key, &delta)| (key.clone(), delta as f64 / units.max(1) as f64))
             .collect();
         Counters {
-            echoed,
+            echoed: units,
             deltas,
             per_packet,
         }
+    }
+
+    /// The changes between two stats lines per NBD request, or any other count of `units`.
+    pub fn between_per(
+        before: &crate::client::Stats,
+        after: &crate::client::Stats,
+        units: u64,
+    ) -> Counters {
+        Self::per_unit(Self::deltas(before, after), units)
     }
 
     /// Deltas between two stats lines, per received frame (the `rx_packets` delta) rather than
@@ -369,18 +393,9 @@ impl Counters {
         before: &crate::client::Stats,
         after: &crate::client::Stats,
     ) -> Counters {
-        let mut counters = Counters::between(before, after, 0);
-        let frames = counters
-            .deltas
-            .get("rx_packets")
-            .map_or(0, |&d| d.max(0) as u64);
-        counters.echoed = frames;
-        counters.per_packet = counters
-            .deltas
-            .iter()
-            .map(|(key, &delta)| (key.clone(), delta as f64 / frames.max(1) as f64))
-            .collect();
-        counters
+        let deltas = Self::deltas(before, after);
+        let frames = deltas.get("rx_packets").map_or(0, |&d| d.max(0) as u64);
+        Self::per_unit(deltas, frames)
     }
 
     /// A per-packet figure.
