@@ -182,7 +182,7 @@ pub(super) fn measure_guest(
             (Vec::new(), None, None)
         };
         let tcp = if options.sections.contains(&Section::Tcp) {
-            measure_tcp(netns, &spec.label, options, true)?
+            measure_tcp_at(netns, &spec.label, guest_address(ECHO_PORT), true, options)?
         } else {
             Vec::new()
         };
@@ -392,27 +392,20 @@ fn measure_services(
     Ok((udp, icmp, throughput))
 }
 
-/// TCP echo throughput against the echo service on port 7 of `target`'s guest (or `target`
-/// itself, for the loopback floor): one run per connection count, each connection streaming
-/// `options.tcp_bytes` each way; with `counters`, the stats service is read before and after
-/// each run (counters per received frame).
+/// TCP echo throughput against the echo service at `target` (a guest's port 7, or the
+/// loopback floor's server): one run per connection count, each connection streaming
+/// `options.tcp_bytes` each way; with `guest_counters`, the guest's stats service is read
+/// before and after each run (counters per received frame).
 fn measure_tcp_at(
     netns: &NetNs,
     label: &str,
     target: SocketAddr,
-    stats_target: Option<SocketAddr>,
+    guest_counters: bool,
     options: &BenchOptions,
 ) -> Result<Vec<TcpRun>, BenchError> {
     let mut runs = Vec::new();
     let read_stats = || -> Result<Option<crate::client::Stats>, BenchError> {
-        match stats_target {
-            Some(address) => {
-                Ok(Some(netns.run(|| {
-                    query_stats(address, Duration::from_millis(500), 5)
-                })??))
-            }
-            None => Ok(None),
-        }
+        guest_counters.then(|| stats(netns)).transpose()
     };
     for &connections in &options.tcp_connections {
         let total = connections * options.tcp_bytes;
@@ -462,23 +455,6 @@ fn measure_tcp_at(
     Ok(runs)
 }
 
-/// TCP echo throughput against a guest's echo service (port 7), with its stats (port 7007)
-/// around each run when `counters`.
-fn measure_tcp(
-    netns: &NetNs,
-    label: &str,
-    options: &BenchOptions,
-    counters: bool,
-) -> Result<Vec<TcpRun>, BenchError> {
-    measure_tcp_at(
-        netns,
-        label,
-        guest_address(ECHO_PORT),
-        counters.then(|| guest_address(STATS_PORT)),
-        options,
-    )
-}
-
 /// The loopback TCP floor: the same TCP client against a thread-per-connection echo server on
 /// 127.0.0.1 inside the namespace (no tap, no VM): what the host's stack and the client alone
 /// can move, so a guest's figure is read against it.
@@ -497,7 +473,7 @@ pub(super) fn measure_loopback_tcp_floor(
         "a host TCP echo server at {address} inside the namespace (a thread per connection), \
          same client: the host's stack and the client alone, no tap, no VM"
     ));
-    let measured = measure_tcp_at(netns, label, address, None, options);
+    let measured = measure_tcp_at(netns, label, address, false, options);
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
     result.tcp = measured?;
