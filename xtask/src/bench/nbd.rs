@@ -692,7 +692,6 @@ pub fn run_phase(
         worker.client.flush()?;
         outcome.flush = Some(began.elapsed());
     }
-    outcome.latencies_ns.sort_unstable();
     Ok(outcome)
 }
 
