@@ -134,11 +134,7 @@ pub fn validate_tcp(outputs: &Outputs, expected: &[&str]) -> Result<(), String> 
         return Err("bench.md lacks the TCP throughput table".to_string());
     }
     let svg = read(&outputs.tcp_svg)?;
-    let svg_trimmed = svg.trim();
-    if !(svg_trimmed.starts_with("<svg") || svg_trimmed.starts_with("<?xml"))
-        || !svg_trimmed.ends_with("</svg>")
-        || !svg.contains("<rect")
-    {
+    if !is_complete_svg(&svg) || !svg.contains("<rect") {
         return Err("bench-tcp.svg is not a complete SVG document with bars".to_string());
     }
     let systems = json["systems"]
@@ -231,10 +227,7 @@ fn validate_latency(outputs: &Outputs, expected: &[&str], samples: u64) -> Resul
             return Err(format!("bench.md lacks the table starting {table:?}"));
         }
     }
-    let svg_trimmed = svg.trim();
-    if !(svg_trimmed.starts_with("<svg") || svg_trimmed.starts_with("<?xml"))
-        || !svg_trimmed.ends_with("</svg>")
-    {
+    if !is_complete_svg(&svg) {
         return Err("bench-cdf.svg is not a complete SVG document".to_string());
     }
     for id in expected {
@@ -353,11 +346,7 @@ pub fn validate_nbd_outputs(outputs: &Outputs, expected: &[&str]) -> Result<(), 
     if !markdown.contains("| NBD: Vireo at least matches the Linux guest") {
         return Err("bench.md lacks the NBD goal's verdict".to_string());
     }
-    let svg_trimmed = svg.trim();
-    if !(svg_trimmed.starts_with("<svg") || svg_trimmed.starts_with("<?xml"))
-        || !svg_trimmed.ends_with("</svg>")
-        || !svg.contains("<rect")
-    {
+    if !is_complete_svg(&svg) || !svg.contains("<rect") {
         return Err("bench-nbd.svg is not a complete SVG document with bars".to_string());
     }
     for id in expected {
@@ -420,4 +409,11 @@ pub fn validate_nbd_outputs(outputs: &Outputs, expected: &[&str]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Whether `svg` is a whole SVG document: it opens with `<svg` (or an XML declaration) and
+/// closes with `</svg>`.
+fn is_complete_svg(svg: &str) -> bool {
+    let trimmed = svg.trim();
+    (trimmed.starts_with("<svg") || trimmed.starts_with("<?xml")) && trimmed.ends_with("</svg>")
 }
