@@ -8,6 +8,21 @@ use super::Report;
 use super::nbd::NbdSection;
 use crate::bench::measure::ClientForm;
 
+/// The series colours of every plot, in order (matplotlib's first eight).
+const PALETTE: [plotters::style::RGBColor; 8] = {
+    use plotters::style::RGBColor;
+    [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ]
+};
+
 /// Draws the latency CDF (log-scaled x axis) of every system's UDP ping-pong at `size`, one
 /// panel per client form, into an SVG file.
 pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String> {
@@ -45,16 +60,6 @@ pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String>
         labels.dedup();
         labels
     };
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-    ];
     let width = 560 * forms.len().max(1) as u32;
     let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
     let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
@@ -93,7 +98,7 @@ pub fn plot_cdf(report: &Report, size: usize, path: &Path) -> Result<(), String>
                 continue;
             }
             let index = labels.iter().position(|l| l == label).unwrap_or(0);
-            let color = palette[index % palette.len()];
+            let color = PALETTE[index % PALETTE.len()];
             let points: Vec<(f64, f64)> = cdf
                 .iter()
                 .enumerate()
@@ -139,12 +144,6 @@ pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<
     if keys.is_empty() {
         return Err("no NBD figure to plot".to_string());
     }
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-    ];
     let error = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
     let root = SVGBackend::new(path, (1100, 760)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| error(&e))?;
@@ -187,7 +186,7 @@ pub fn plot_nbd(section: &NbdSection, accelerator: &str, path: &Path) -> Result<
             .draw()
             .map_err(|e| error(&e))?;
         for (slot, target) in section.targets.iter().enumerate() {
-            let color = palette[slot % palette.len()];
+            let color = PALETTE[slot % PALETTE.len()];
             let width = 0.8 / bars;
             let rectangles: Vec<Rectangle<(f64, f64)>> = target
                 .figures
@@ -242,16 +241,6 @@ pub fn plot_tcp(report: &Report, path: &Path) -> Result<(), String> {
         .fold(0.0, f64::max)
         .max(1.0)
         * 1.15;
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-    ];
     let slots = systems.len() + 1;
     let groups = counts.len();
     let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
@@ -285,7 +274,7 @@ pub fn plot_tcp(report: &Report, path: &Path) -> Result<(), String> {
         .draw()
         .map_err(|e| error(&e))?;
     for (index, system) in systems.iter().enumerate() {
-        let color = palette[index % palette.len()];
+        let color = PALETTE[index % PALETTE.len()];
         let bars: Vec<Rectangle<(f64, f64)>> = counts
             .iter()
             .enumerate()
